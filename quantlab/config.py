@@ -1,0 +1,115 @@
+"""Configuration types: frozen dataclasses that round-trip to JSON and hash by content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+# Bump when a change in QuantLab alters what an artifact or a measurement would be.
+ENGINE_VERSION = "1"
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_hash(value: Any, length: int = 16) -> str:
+    """Hex digest of the canonical JSON of `value`."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
+def hash_bytes(data: bytes, length: int = 16) -> str:
+    return hashlib.sha256(data).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class TechniqueSpec:
+    """One technique with its parameters, e.g. TechniqueSpec("prune", {"target_sparsity": 0.5})."""
+
+    id: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", dict(sorted(dict(self.params).items())))
+
+    def __hash__(self) -> int:
+        return hash((self.id, canonical_json(self.params)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TechniqueSpec":
+        return cls(id=str(data["id"]), params=dict(data.get("params") or {}))
+
+    @property
+    def key(self) -> str:
+        return content_hash(self.to_dict())
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a built-in baseline is trained; part of the baseline's cache key."""
+
+    epochs: int = 8
+    batch_size: int = 32
+    learning_rate: float = 0.002
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainSettings":
+        return cls(**{k: data[k] for k in ("epochs", "batch_size", "learning_rate", "seed") if k in data})
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How every variant is measured; part of each result's cache key."""
+
+    num_threads: int = 1
+    warmup_runs: int = 10
+    min_runs: int = 50
+    min_seconds: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MeasureSettings":
+        names = ("num_threads", "warmup_runs", "min_runs", "min_seconds")
+        return cls(**{k: data[k] for k in names if k in data})
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A model, a dataset and the techniques to run on them."""
+
+    model: str
+    dataset: str
+    techniques: tuple[TechniqueSpec, ...]
+    train: TrainSettings = TrainSettings()
+    measure: MeasureSettings = MeasureSettings()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "techniques": [t.to_dict() for t in self.techniques],
+            "train": self.train.to_dict(),
+            "measure": self.measure.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SweepSpec":
+        return cls(
+            model=data["model"],
+            dataset=data["dataset"],
+            techniques=tuple(TechniqueSpec.from_dict(t) for t in data["techniques"]),
+            train=TrainSettings.from_dict(data.get("train", {})),
+            measure=MeasureSettings.from_dict(data.get("measure", {})),
+        )

@@ -1,0 +1,21 @@
+"""Errors a user can act on: each message names the problem and the fix, on one line."""
+
+
+class QuantLabError(Exception):
+    """A problem with the user's input or environment; shown as one line, never as a traceback."""
+
+
+class DatasetError(QuantLabError):
+    """A dataset that cannot be loaded or does not fit the model."""
+
+
+class ModelError(QuantLabError):
+    """A model file that cannot be loaded safely, or a model a technique cannot handle."""
+
+
+class TechniqueError(QuantLabError):
+    """An unknown technique or a bad technique parameter."""
+
+
+class StoreError(QuantLabError):
+    """The results database cannot be opened or written."""

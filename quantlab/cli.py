@@ -1,0 +1,197 @@
+"""`python -m quantlab ...`: list workloads and techniques, run sweeps, read results.
+
+Domain errors become one line on stderr starting with `error:` and exit status 2; results go to
+stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cache import DEFAULT_CACHE_DIR, ArtifactCache
+from .config import MeasureSettings, SweepSpec, TrainSettings
+from .errors import QuantLabError
+from .store import DEFAULT_DB_PATH, Store
+
+TABLE_COLUMNS = ("technique", "model_bytes", "gzip_bytes", "accuracy", "agreement", "sqnr_db",
+                 "latency_p50_ms", "latency_p90_ms", "cached", "error")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise QuantLabError(f"{message}; run `python -m quantlab {self.prog.split()[-1]} --help` for usage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quantlab", description="Compare TensorFlow Lite quantization trade-offs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    listing = commands.add_parser("workloads", help="list the built-in datasets and models")
+    listing.add_argument("--json", action="store_true")
+    techniques = commands.add_parser("techniques", help="list the techniques and their parameters")
+    techniques.add_argument("--json", action="store_true")
+
+    sweep = commands.add_parser("sweep", help="convert and measure every technique on one model")
+    sweep.add_argument("--model", required=True, help="built-in model name or a model file")
+    sweep.add_argument("--dataset", required=True, help="built-in dataset name or a .npz file")
+    sweep.add_argument("--techniques", default="all",
+                       help="all, or ids separated by commas; parameters as id:name=value;name=value")
+    sweep.add_argument("--db", type=Path, default=DEFAULT_DB_PATH)
+    sweep.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR)
+    sweep.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads for latency")
+    sweep.add_argument("--workers", type=int, default=None, help="worker processes (default: up to 2)")
+    sweep.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="baseline training epochs")
+    sweep.add_argument("--min-runs", type=int, default=MeasureSettings.min_runs)
+    sweep.add_argument("--min-seconds", type=float, default=MeasureSettings.min_seconds)
+    sweep.add_argument("--json", action="store_true", help="one JSON object per variant on stdout")
+
+    results = commands.add_parser("results", help="print stored results")
+    results.add_argument("--db", type=Path, default=DEFAULT_DB_PATH)
+    results.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    results.add_argument("--latest", action="store_true", help="only the newest row per variant")
+    return parser
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def row_to_json(row: dict[str, Any]) -> str:
+    return json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str, sort_keys=False)
+
+
+def _format_progress(event: dict) -> str | None:
+    kind = event.get("type")
+    if kind in ("variant-done", "variant-failed"):
+        row = event["row"]
+        head = f"[{event['done']}/{event['total']}] {row['technique']}"
+        if row.get("error"):
+            return f"{head}: failed: {row['error']}"
+        accuracy = row.get("accuracy")
+        return (f"{head}: {row['model_bytes']:,} bytes, accuracy {accuracy:.4f}, "
+                f"p50 {row['latency_p50_ms']:.3f} ms{' (cached)' if row['cached'] else ''}")
+    if kind == "progress":
+        where = event.get("technique") or "prepare"
+        if "epoch" in event:
+            return f"  {where}: {event.get('stage', '')} epoch {event['epoch']}/{event.get('epochs', '?')}"
+        return f"  {where}: {event.get('message', event.get('stage', ''))}"
+    if kind == "sweep-start":
+        return f"sweep {event['sweep_id']}: {event['total']} variants"
+    if kind == "prepare":
+        return event["message"]
+    return None
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    from .runner import SweepOptions, guess_model_kind, resolve_model, run_sweep
+    from .techniques import parse_technique_list
+
+    if args.threads < 1 or (args.workers is not None and args.workers < 1):
+        raise QuantLabError("--threads and --workers must be at least 1")
+    kind = guess_model_kind(resolve_model(args.model))
+    spec = SweepSpec(model=args.model, dataset=args.dataset,
+                     techniques=parse_technique_list(args.techniques, kind),
+                     train=TrainSettings(epochs=args.epochs),
+                     measure=MeasureSettings(num_threads=args.threads, min_runs=args.min_runs,
+                                             min_seconds=args.min_seconds))
+
+    def on_event(event: dict) -> None:
+        line = _format_progress(event)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        if args.json and event.get("type") in ("variant-done", "variant-failed"):
+            print(row_to_json(event["row"]), flush=True)
+
+    report = run_sweep(spec, store=Store(args.db), cache=ArtifactCache(args.cache), on_event=on_event,
+                       options=SweepOptions(workers=args.workers, source="cli"))
+    if not args.json:
+        _print_table([{k: r.get(k) for k in TABLE_COLUMNS} for r in report.rows])
+    return 1 if report.failed and len(report.failed) == len(report.rows) else 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    print("(no results)" if frame.empty else frame.to_string(index=False))
+
+
+def command_results(args: argparse.Namespace) -> int:
+    store = Store(args.db, read_only=True)
+    if not store.exists():
+        raise QuantLabError(f"no results database at {args.db}; run `python -m quantlab sweep` first "
+                            f"or pass --db")
+    frame = store.results(latest_only=args.latest)
+    if args.format == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        for record in frame.to_dict(orient="records"):
+            print(row_to_json(record))
+    else:
+        columns = [c for c in ("model_name", "dataset_name", *TABLE_COLUMNS) if c in frame.columns]
+        _print_table(frame[columns].to_dict(orient="records") if not frame.empty else [])
+    return 0
+
+
+def command_workloads(args: argparse.Namespace) -> int:
+    from .workloads import BUILTIN_DATASETS, BUILTIN_MODELS
+
+    data = {"datasets": [{"name": d.name, "description": d.description, "needs_network": d.needs_network}
+                         for d in BUILTIN_DATASETS.values()],
+            "models": [{"name": m.name, "description": m.description} for m in BUILTIN_MODELS.values()]}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print("datasets:")
+    for d in data["datasets"]:
+        print(f"  {d['name']:<14} {d['description']}")
+    print("models:")
+    for m in data["models"]:
+        print(f"  {m['name']:<14} {m['description']}")
+    print("files: --model accepts .keras, .h5, SavedModel .zip or folder, .tflite; --dataset a .npz with "
+          "x_test, y_test and optionally x_train/y_train or x_calib")
+    return 0
+
+
+def command_techniques(args: argparse.Namespace) -> int:
+    from .techniques import all_techniques, unsupported_techniques
+
+    if args.json:
+        print(json.dumps({"techniques": [t.to_dict() for t in all_techniques()],
+                          "unsupported": unsupported_techniques()}, indent=2))
+        return 0
+    for technique in all_techniques():
+        print(f"{technique.id:<16} [{technique.family}] {technique.description}")
+        for param in technique.params:
+            accepted = f" one of {', '.join(map(str, param.choices))}" if param.choices else ""
+            print(f"    {param.name}={param.default!r}{accepted}: {param.help}")
+    for technique_id, reason in unsupported_techniques().items():
+        print(f"{technique_id:<16} [not available here] {reason}")
+    return 0
+
+
+COMMANDS = {"sweep": command_sweep, "results": command_results, "workloads": command_workloads,
+            "techniques": command_techniques}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except QuantLabError as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; results recorded so far are kept", file=sys.stderr)
+        return 130

@@ -1,0 +1,235 @@
+"""Worker processes that run conversions and measurements outside the calling process.
+
+TensorFlow's converter leaks memory per call and a hostile or broken model may crash the process
+that loads it, so the work runs in spawned workers. A worker imports TensorFlow once and serves many
+tasks (re-importing it per variant would cost seconds each), and is replaced after
+`max_tasks_per_worker` tasks to bound the leak. A worker that crashes, runs out of time or exceeds
+its memory limit is killed and replaced; its task fails with the reason and the others go on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import QuantLabError
+
+TaskFunction = Callable[[dict, Callable[[dict], None], Any], dict]
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """Per-task limits enforced by the parent, which kills a worker that passes one."""
+
+    task_timeout_seconds: float | None = None
+    memory_limit_mb: float | None = None
+    max_tasks_per_worker: int = 25
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    task_id: str
+    result: dict | None = None
+    error: str | None = None
+    user_error: bool = False  # the input was bad (as opposed to a crash or a bug)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _worker_main(connection: Any, task_function: TaskFunction, shared_lock: Any, warm: bool) -> None:
+    """The loop a worker runs: receive a task, stream its events, send its result or error."""
+    if warm:
+        try:
+            from .tfcompat import import_tensorflow
+            import_tensorflow()
+        except Exception:  # the task itself will report a broken install
+            pass
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        task_id, payload = message
+
+        def emit(event: dict, task_id: str = task_id) -> None:
+            connection.send(("event", task_id, event))
+
+        try:
+            result = task_function(payload, emit, shared_lock)
+            connection.send(("done", task_id, result))
+        except QuantLabError as exc:
+            connection.send(("user-error", task_id, str(exc)))
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            connection.send(("failed", task_id, f"{type(exc).__name__}: {first_line}"))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    connection: Any
+    task_id: str | None = None
+    started: float = 0.0
+    tasks_done: int = 0
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+@dataclass
+class WorkerPool:
+    """A fixed number of spawned worker processes running `task_function`."""
+
+    task_function: TaskFunction
+    size: int = 1
+    limits: PoolLimits = field(default_factory=PoolLimits)
+    warm: bool = True
+    _workers: list[_Worker] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._lock = self._context.Lock()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(target=_worker_main, daemon=True,
+                                        args=(child, self.task_function, self._lock, self.warm))
+        process.start()
+        child.close()
+        worker = _Worker(process, parent)
+        self._workers.append(worker)
+        return worker
+
+    def _retire(self, worker: _Worker, kill: bool = False) -> None:
+        self._workers.remove(worker)
+        if kill:
+            worker.process.kill()
+        else:
+            try:
+                worker.connection.send(None)
+            except OSError:
+                pass
+        worker.process.join(timeout=5 if not kill else 1)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=1)
+        worker.connection.close()
+
+    def start(self) -> None:
+        """Start the workers now (they import TensorFlow while the caller does other work)."""
+        while len(self._workers) < self.size:
+            self._spawn()
+
+    def run(self, tasks: Iterable[tuple[str, dict]],
+            on_event: Callable[[str, dict], None] | None = None) -> Iterator[TaskOutcome]:
+        """Run tasks on the workers; yields each outcome as soon as it is known."""
+        pending = list(tasks)
+        pending.reverse()
+        running = 0
+        self.start()
+        while pending or running:
+            for worker in list(self._workers):
+                if worker.task_id is None and pending:
+                    task_id, payload = pending.pop()
+                    worker.task_id, worker.started = task_id, time.monotonic()
+                    worker.connection.send((task_id, payload))
+                    running += 1
+            busy = [w for w in self._workers if w.task_id is not None]
+            handles = {}
+            for worker in busy:
+                handles[worker.connection] = worker
+                handles[worker.process.sentinel] = worker
+            for handle in wait(list(handles), timeout=0.25):
+                worker = handles[handle]
+                if worker not in self._workers or worker.task_id is None:
+                    continue
+                outcome = self._receive(worker, handle, on_event)
+                if outcome is not None:
+                    running -= 1
+                    yield outcome
+            for worker in [w for w in self._workers if w.task_id is not None]:
+                reason = self._limit_passed(worker)
+                if reason:
+                    task_id = worker.task_id
+                    self._retire(worker, kill=True)
+                    running -= 1
+                    yield TaskOutcome(task_id, error=reason)
+            while pending and len(self._workers) < self.size:
+                self._spawn()
+
+    def _receive(self, worker: _Worker, handle: Any,
+                 on_event: Callable[[str, dict], None] | None) -> TaskOutcome | None:
+        task_id = worker.task_id
+        assert task_id is not None
+        try:
+            while worker.connection.poll():
+                kind, message_task, body = worker.connection.recv()
+                if kind == "event":
+                    if on_event:
+                        on_event(message_task, body)
+                    continue
+                worker.task_id = None
+                worker.tasks_done += 1
+                if worker.tasks_done >= self.limits.max_tasks_per_worker:
+                    self._retire(worker)
+                if kind == "done":
+                    return TaskOutcome(task_id, result=body)
+                return TaskOutcome(task_id, error=body, user_error=kind == "user-error")
+        except (EOFError, OSError):
+            pass
+        if worker.process.is_alive() and handle is not worker.process.sentinel:
+            return None
+        worker.process.join(timeout=1)
+        code = worker.process.exitcode
+        self._retire(worker, kill=True)
+        how = {-9: "was killed (SIGKILL, e.g. out of memory)", -11: "crashed (segmentation fault)",
+               -6: "aborted (SIGABRT)"}.get(code if code is not None else 0, f"exited with code {code}")
+        return TaskOutcome(task_id, error=f"the worker process {how} while running this variant; "
+                                          f"the model may be too large or broken")
+
+    def _limit_passed(self, worker: _Worker) -> str | None:
+        limits = self.limits
+        elapsed = time.monotonic() - worker.started
+        if limits.task_timeout_seconds and elapsed > limits.task_timeout_seconds:
+            return (f"stopped after {limits.task_timeout_seconds:.0f} s (the time limit per variant); "
+                    f"raise the limit or use a smaller model")
+        if limits.memory_limit_mb:
+            rss = _rss_mb(worker.process.pid)
+            if rss > limits.memory_limit_mb:
+                return (f"stopped at {rss:.0f} MB of memory (the limit is {limits.memory_limit_mb:.0f} MB); "
+                        f"raise the limit or use a smaller model")
+        return None
+
+    def close(self) -> None:
+        for worker in list(self._workers):
+            self._retire(worker, kill=worker.task_id is not None)
+
+
+def default_worker_count() -> int:
+    return max(1, min(2, os.cpu_count() or 1))

@@ -1,0 +1,227 @@
+"""Sweep orchestration: what is cached, what runs in workers, and one store row per variant.
+
+A warm re-run of the same sweep imports no TensorFlow here: every key is computed from names,
+file hashes and settings, and every cached result is read from JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .cache import ArtifactCache
+from .config import ENGINE_VERSION, SweepSpec, TechniqueSpec, content_hash
+from .errors import QuantLabError
+from .pool import PoolLimits, WorkerPool, default_worker_count
+from .store import Store, new_id
+from .techniques import get_technique
+from .workloads import BUILTIN_DATASETS, BUILTIN_MODELS
+
+OnEvent = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """A built-in name, or a user file with the hash of its content."""
+
+    name: str
+    path: str | None = None
+    hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "hash": self.hash}
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What determines the work: the name for built-ins, the content for files."""
+        return {"builtin": self.name} if self.path is None else {"file": self.hash}
+
+
+def hash_path(path: Path) -> str:
+    """SHA-256 of a file, or of every file (name and content) in a folder."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _resolve(text: str, builtins: dict, what: str, suffixes: str) -> InputRef:
+    if text in builtins:
+        return InputRef(text)
+    path = Path(text)
+    if not path.exists():
+        raise QuantLabError(f"{what} {text!r} is neither a built-in {what} ({', '.join(builtins)}) "
+                            f"nor an existing file; pass one of those names or a path to {suffixes}")
+    return InputRef(path.name, str(path.resolve()), hash_path(path))
+
+
+def resolve_model(text: str) -> InputRef:
+    return _resolve(text, BUILTIN_MODELS, "model", "a .keras, .h5, SavedModel .zip/folder or .tflite file")
+
+
+def resolve_dataset(text: str) -> InputRef:
+    return _resolve(text, BUILTIN_DATASETS, "dataset", "a .npz file")
+
+
+def guess_model_kind(ref: InputRef) -> str:
+    """keras or tflite, from the name; a Keras 3 file turns out a savedmodel only once prepared."""
+    return "tflite" if ref.path and ref.path.lower().endswith(".tflite") else "keras"
+
+
+def result_key(manifest: dict, technique: TechniqueSpec, measure: dict) -> str:
+    return content_hash({"engine": ENGINE_VERSION, "model": manifest["model_hash"],
+                         "dataset": manifest["dataset_hash"], "technique": technique.to_dict(),
+                         "measure": measure})
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    workers: int | None = None
+    limits: PoolLimits = PoolLimits()
+    source: str = "cli"
+
+
+@dataclass
+class SweepReport:
+    sweep_id: str | None = None
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [row for row in self.rows if row.get("error")]
+
+
+def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: OnEvent | None = None,
+              options: SweepOptions = SweepOptions(), cancel: threading.Event | None = None) -> SweepReport:
+    """Run every technique of `spec`, reuse what is cached, and store one row per variant.
+
+    Bad input raises a QuantLabError before anything is written. A variant that fails gets a row
+    with `error` set; the others go on.
+    """
+    emit = on_event or (lambda event: None)
+    model_ref, dataset_ref = resolve_model(spec.model), resolve_dataset(spec.dataset)
+    for technique in spec.techniques:
+        get_technique(technique.id)
+    if dataset_ref.path:
+        from .uploads import check_dataset_file
+        check_dataset_file(Path(dataset_ref.path))
+    store._require_writable()
+
+    pool: WorkerPool | None = None
+    measure_settings = spec.measure.to_dict()
+    try:
+        prepare_key = content_hash({"engine": ENGINE_VERSION, "model": model_ref.identity,
+                                    "dataset": dataset_ref.identity, "train": spec.train.to_dict()})
+        manifest = _cached_manifest(cache, prepare_key)
+        pending = spec.techniques
+        if manifest is None:
+            pool = _make_pool(options, len(spec.techniques))
+            emit({"type": "prepare", "message": "preparing the dataset and the baseline model"})
+            payload = {"kind": "prepare", "cache_dir": str(cache.root), "model": model_ref.to_dict(),
+                       "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict()}
+            outcome = next(pool.run([("prepare", payload)],
+                                    lambda task, event: emit({"type": "progress", "technique": None,
+                                                              **event})))
+            if not outcome.ok:
+                raise QuantLabError(outcome.error if outcome.user_error else
+                                    f"preparing {model_ref.name} on {dataset_ref.name} failed: {outcome.error}")
+            manifest = outcome.result
+            cache.write_json("prepared", prepare_key, manifest)
+
+        report = SweepReport(store.start_sweep(manifest["model_name"], manifest["dataset_name"],
+                                               spec.to_dict(), options.source))
+        emit({"type": "sweep-start", "sweep_id": report.sweep_id, "total": len(pending),
+              "manifest": manifest})
+
+        def record(technique: TechniqueSpec, key: str, body: dict, cached: bool, error: str | None) -> dict:
+            row = _make_row(report.sweep_id, manifest, technique, key, body, cached, error)
+            store.insert_result(row)
+            report.rows.append(row)
+            emit({"type": "variant-failed" if error else "variant-done", "technique": technique.id,
+                  "cached": cached, "row": row, "done": len(report.rows), "total": len(pending)})
+            return row
+
+        to_run: list[tuple[str, dict]] = []
+        keyed: dict[str, TechniqueSpec] = {}
+        for technique in pending:
+            key = result_key(manifest, technique, measure_settings)
+            body = cache.read_json("results", key)
+            if body is not None and Path(body.get("artifact_path", "")).exists():
+                record(technique, key, body, cached=True, error=None)
+                continue
+            keyed[key] = technique
+            to_run.append((key, {"kind": "variant", "cache_dir": str(cache.root), "manifest": manifest,
+                                 "technique": technique.to_dict(), "measure": measure_settings,
+                                 "result_key": key}))
+        if to_run:
+            pool = pool or _make_pool(options, len(to_run))
+            for key, _ in to_run:
+                emit({"type": "variant-queued", "technique": keyed[key].id})
+
+            def forward(key: str, event: dict) -> None:
+                emit({"type": "progress", "technique": keyed[key].id, **event})
+
+            for outcome in pool.run(to_run, forward):
+                technique = keyed[outcome.task_id]
+                if outcome.ok:
+                    cache.write_json("results", outcome.task_id, outcome.result)
+                    record(technique, outcome.task_id, outcome.result, cached=False, error=None)
+                else:
+                    record(technique, outcome.task_id, {}, cached=False, error=outcome.error)
+                if cancel is not None and cancel.is_set():
+                    break
+        store.finish_sweep(report.sweep_id, "cancelled" if cancel is not None and cancel.is_set() else "done")
+        emit({"type": "sweep-done", "sweep_id": report.sweep_id, "rows": len(report.rows)})
+        return report
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _make_pool(options: SweepOptions, tasks: int) -> WorkerPool:
+    from .tasks import run_task
+
+    size = max(1, min(options.workers or default_worker_count(), max(tasks, 1)))
+    pool = WorkerPool(run_task, size=size, limits=options.limits)
+    pool.start()
+    return pool
+
+
+def _cached_manifest(cache: ArtifactCache, key: str) -> dict | None:
+    manifest = cache.read_json("prepared", key)
+    if manifest is None:
+        return None
+    needed = [manifest.get("model_path"), manifest.get("dataset_path"), manifest.get("reference_path")]
+    if all(path is None or Path(path).exists() for path in needed):
+        return manifest
+    return None
+
+
+def _make_row(sweep_id: str | None, manifest: dict, technique: TechniqueSpec, key: str, body: dict,
+              cached: bool, error: str | None) -> dict:
+    """A complete store row: identity and provenance of the variant, then what was measured."""
+    row = {
+        "row_id": new_id(), "sweep_id": sweep_id, "recorded_at": datetime.now(timezone.utc),
+        "result_key": key, "cached": cached, "error": error,
+        "model_name": manifest["model_name"], "model_hash": manifest["model_hash"],
+        "dataset_name": manifest["dataset_name"], "dataset_hash": manifest["dataset_hash"],
+        "technique": technique.id, "family": get_technique(technique.id).family,
+        "params": dict(technique.params),
+    }
+    measured = {k: v for k, v in body.items() if k not in row}
+    row.update(measured)
+    provenance = dict(row.get("provenance") or {})
+    provenance.update({"result_key": key, "model_hash": manifest["model_hash"],
+                       "dataset_hash": manifest["dataset_hash"], "technique": technique.to_dict(),
+                       "engine_version": ENGINE_VERSION})
+    row["provenance"] = provenance
+    return row

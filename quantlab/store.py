@@ -1,0 +1,240 @@
+"""The DuckDB results store: schema, migrations and queries.
+
+Every variant of every sweep is one row that says how its numbers were obtained. Connections are
+short-lived and retried while another process holds the file's write lock, so the dashboard, its
+sweeps and the CLI can share one database file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import StoreError
+
+DEFAULT_DB_PATH = Path("cache") / "quantlab.duckdb"
+LOCK_TIMEOUT_SECONDS = 60.0
+
+RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("row_id", "VARCHAR PRIMARY KEY"),
+    ("sweep_id", "VARCHAR NOT NULL"),
+    ("recorded_at", "TIMESTAMPTZ NOT NULL"),
+    ("result_key", "VARCHAR NOT NULL"),
+    ("cached", "BOOLEAN NOT NULL"),
+    ("measured_at", "TIMESTAMPTZ"),
+    ("model_name", "VARCHAR NOT NULL"),
+    ("model_hash", "VARCHAR"),
+    ("dataset_name", "VARCHAR NOT NULL"),
+    ("dataset_hash", "VARCHAR"),
+    ("technique", "VARCHAR NOT NULL"),
+    ("family", "VARCHAR NOT NULL"),
+    ("params", "VARCHAR NOT NULL"),
+    ("model_bytes", "BIGINT"),
+    ("gzip_bytes", "BIGINT"),
+    ("accuracy", "DOUBLE"),
+    ("agreement", "DOUBLE"),
+    ("sqnr_db", "DOUBLE"),
+    ("latency_p50_ms", "DOUBLE"),
+    ("latency_p90_ms", "DOUBLE"),
+    ("latency_mean_ms", "DOUBLE"),
+    ("latency_std_ms", "DOUBLE"),
+    ("latency_runs", "INTEGER"),
+    ("num_threads", "INTEGER"),
+    ("latency_method", "VARCHAR"),
+    ("conversion_seconds", "DOUBLE"),
+    ("input_dtype", "VARCHAR"),
+    ("output_dtype", "VARCHAR"),
+    ("float_ops", "INTEGER"),
+    ("total_ops", "INTEGER"),
+    ("artifact_path", "VARCHAR"),
+    ("error", "VARCHAR"),
+    ("provenance", "VARCHAR"),
+    ("details", "VARCHAR"),
+)
+COLUMN_NAMES = tuple(name for name, _ in RESULT_COLUMNS)
+JSON_COLUMNS = ("params", "provenance", "details")
+
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "results and sweeps tables", (
+        "CREATE TABLE results (" + ", ".join(f"{n} {t}" for n, t in RESULT_COLUMNS) + ")",
+        "CREATE TABLE sweeps (sweep_id VARCHAR PRIMARY KEY, started_at TIMESTAMPTZ NOT NULL, "
+        "finished_at TIMESTAMPTZ, model_name VARCHAR, dataset_name VARCHAR, spec VARCHAR, "
+        "status VARCHAR NOT NULL, source VARCHAR)",
+    )),
+)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text or "already open" in text
+
+
+@dataclass(frozen=True)
+class Store:
+    """A DuckDB file of results. `read_only` stores never write (for viewers of a hosted demo)."""
+
+    path: Path = DEFAULT_DB_PATH
+    read_only: bool = False
+
+    @contextmanager
+    def connect(self) -> Iterator[Any]:
+        """A short-lived connection, waiting while another process holds the write lock."""
+        import duckdb
+
+        deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+        delay = 0.02
+        while True:
+            try:
+                if not self.read_only:
+                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                connection = duckdb.connect(str(self.path), read_only=self.read_only)
+                break
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc) or time.monotonic() > deadline:
+                    raise StoreError(f"cannot open the results database {self.path}: "
+                                     f"{str(exc).splitlines()[0]}; close other programs using it "
+                                     f"or pass another file with --db") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def exists(self) -> bool:
+        return Path(self.path).exists()
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations not yet recorded; returns the versions applied."""
+        if self.read_only:
+            return []
+        applied = []
+        with self.connect() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                        "description VARCHAR, applied_at TIMESTAMPTZ)")
+            done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+            for version, description, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    for statement in statements:
+                        con.execute(statement)
+                    con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                                [version, description, now_utc()])
+                    con.execute("COMMIT")
+                except Exception:
+                    con.execute("ROLLBACK")
+                    raise
+                applied.append(version)
+        return applied
+
+    def schema_versions(self) -> list[int]:
+        if not self.exists():
+            return []
+        with self.connect() as con:
+            return [r[0] for r in con.execute("SELECT version FROM schema_migrations ORDER BY 1").fetchall()]
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def start_sweep(self, model_name: str, dataset_name: str, spec: dict, source: str) -> str:
+        self._require_writable()
+        self.migrate()
+        sweep_id = new_id()
+        with self.connect() as con:
+            con.execute("INSERT INTO sweeps VALUES (?, ?, NULL, ?, ?, ?, 'running', ?)",
+                        [sweep_id, now_utc(), model_name, dataset_name, json.dumps(spec), source])
+        return sweep_id
+
+    def finish_sweep(self, sweep_id: str, status: str = "done") -> None:
+        with self.connect() as con:
+            con.execute("UPDATE sweeps SET finished_at = ?, status = ? WHERE sweep_id = ?",
+                        [now_utc(), status, sweep_id])
+
+    def insert_result(self, row: dict[str, Any]) -> str:
+        """Insert one complete row in one statement (all or nothing); returns its row_id."""
+        self._require_writable()
+        values = dict(row)
+        values.setdefault("row_id", new_id())
+        values.setdefault("recorded_at", now_utc())
+        for name in JSON_COLUMNS:
+            if not isinstance(values.get(name), str):
+                values[name] = json.dumps(values.get(name) or {}, sort_keys=True, default=str)
+        unknown = set(values) - set(COLUMN_NAMES)
+        if unknown:
+            raise ValueError(f"unknown result columns: {sorted(unknown)}")
+        placeholders = ", ".join("?" for _ in COLUMN_NAMES)
+        with self.connect() as con:
+            con.execute(f"INSERT INTO results ({', '.join(COLUMN_NAMES)}) VALUES ({placeholders})",
+                        [values.get(name) for name in COLUMN_NAMES])
+        return values["row_id"]
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"the results database {self.path} is open read-only (demo mode); "
+                             f"results can be viewed here but not added")
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run a parameterized read query; returns a pandas DataFrame (empty if no store yet)."""
+        import pandas as pd
+
+        if not self.exists():
+            return pd.DataFrame()
+        with self.connect() as con:
+            if not con.execute("SELECT count(*) FROM information_schema.tables "
+                               "WHERE table_name = 'results'").fetchone()[0]:
+                return pd.DataFrame()
+            return con.execute(sql, list(params)).df()
+
+    def results(self, *, latest_only: bool = False, model_name: str | None = None,
+                dataset_name: str | None = None, sweep_id: str | None = None,
+                include_errors: bool = True, limit: int | None = None) -> Any:
+        """Result rows, newest first; `latest_only` keeps the newest row per measured variant."""
+        where, params = ["TRUE"], []
+        for column, value in (("model_name", model_name), ("dataset_name", dataset_name),
+                              ("sweep_id", sweep_id)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if not include_errors:
+            where.append("error IS NULL")
+        sql = f"SELECT * FROM results WHERE {' AND '.join(where)}"
+        if latest_only:
+            sql += (" QUALIFY row_number() OVER (PARTITION BY model_hash, dataset_hash, technique, "
+                    "params, coalesce(error, '') ORDER BY recorded_at DESC) = 1")
+        sql += " ORDER BY recorded_at DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return self.query(sql, params)
+
+    def row(self, row_id: str) -> dict[str, Any] | None:
+        frame = self.query("SELECT * FROM results WHERE row_id = ?", [row_id])
+        if frame.empty:
+            return None
+        record = frame.iloc[0].to_dict()
+        for name in JSON_COLUMNS:
+            record[name] = json.loads(record[name] or "{}")
+        return record
+
+    def sweeps(self) -> Any:
+        return self.query("SELECT * FROM sweeps ORDER BY started_at DESC")
+
+    def count(self) -> int:
+        frame = self.query("SELECT count(*) AS n FROM results")
+        return 0 if frame.empty else int(frame["n"].iloc[0])

@@ -1,0 +1,278 @@
+"""What a worker process does: prepare a workload, then produce and measure one variant.
+
+Runs inside pool workers (see pool.py), where importing TensorFlow is expected. Each function takes
+a JSON-able payload and returns a JSON-able dict, so results can be cached and stored as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .cache import ArtifactCache
+from .config import MeasureSettings, TechniqueSpec, TrainSettings
+from .errors import ModelError, TechniqueError
+from .tfcompat import library_versions
+from .workloads import Dataset, baseline_key, load_builtin_dataset, train_baseline
+
+Emit = Callable[[dict], None]
+
+# Worker-local memory of loaded datasets and models, keyed by path: a worker serves many variants.
+_MEMO: dict[str, Any] = {}
+
+
+def run_task(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
+    """Entry point for pool workers."""
+    if payload["kind"] == "prepare":
+        return prepare_workload(payload, emit)
+    if payload["kind"] == "variant":
+        return measure_variant(payload, emit, shared_lock)
+    raise ValueError(f"unknown task kind {payload['kind']!r}")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(settings: MeasureSettings) -> dict[str, Any]:
+    return {"versions": library_versions(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "num_threads": settings.num_threads, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+# --- prepare ------------------------------------------------------------------------------------
+
+
+def _load_dataset(path: str) -> Dataset:
+    if path not in _MEMO:
+        _MEMO[path] = Dataset.load(Path(path))
+    return _MEMO[path]
+
+
+def _load_keras(path: str) -> Any:
+    """Load a Keras file QuantLab itself wrote into the cache (uploads were re-saved after checks)."""
+    if path not in _MEMO:
+        from .tfcompat import import_tensorflow
+
+        _, tf_keras = import_tensorflow()
+        _MEMO[path] = tf_keras.models.load_model(path, compile=False)
+    return _MEMO[path]
+
+
+def predict_keras(model: Any, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict(x, batch_size=256, verbose=0), dtype=np.float32)
+
+
+def prepare_workload(payload: dict, emit: Emit) -> dict:
+    """Load or build the dataset and the baseline model, and the float reference outputs."""
+    cache = ArtifactCache(Path(payload["cache_dir"]))
+    model_ref, dataset_ref = payload["model"], payload["dataset"]
+    emit({"stage": "prepare", "message": f"loading dataset {dataset_ref['name']}"})
+    if dataset_ref["path"]:
+        from .uploads import load_uploaded_dataset
+        dataset = load_uploaded_dataset(Path(dataset_ref["path"]))
+    else:
+        dataset = load_builtin_dataset(dataset_ref["name"], cache.root)
+    dataset_hash = dataset.hash
+    dataset_path = cache.path("datasets", f"{dataset.name}-{dataset_hash}", ".npz")
+    if not dataset_path.exists():
+        dataset_path.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save(dataset_path)
+
+    notes: list[str] = []
+    trained_seconds = None
+    if model_ref["path"] is None:
+        train = TrainSettings.from_dict(payload["train"])
+        model_hash = baseline_key(model_ref["name"], dataset_hash, train)
+        model_path = cache.path("models", model_hash, ".keras")
+        kind = "keras"
+        if not model_path.exists():
+            emit({"stage": "train baseline", "message": f"training {model_ref['name']}"})
+            started = time.perf_counter()
+            model = train_baseline(model_ref["name"], dataset, train, on_progress=emit)
+            trained_seconds = time.perf_counter() - started
+            _save_keras(model, model_path)
+    else:
+        from .uploads import prepare_uploaded_model
+        prepared = prepare_uploaded_model(Path(model_ref["path"]), model_ref["hash"], dataset, cache)
+        model_hash, model_path, kind = model_ref["hash"], prepared.path, prepared.kind
+        notes.extend(prepared.notes)
+
+    reference_path = cache.path("references", f"{model_hash}-{dataset_hash}", ".npy")
+    if kind == "keras" and not reference_path.exists():
+        emit({"stage": "prepare", "message": "computing the float reference outputs"})
+        reference = predict_keras(_load_keras(str(model_path)), dataset.x_test)
+        reference_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = reference_path.with_name(reference_path.name + ".tmp.npy")
+        np.save(tmp, reference)
+        tmp.replace(reference_path)
+    return {
+        "model_name": model_ref["name"], "model_kind": kind, "model_path": str(model_path),
+        "model_hash": model_hash, "dataset_name": dataset.name, "dataset_path": str(dataset_path),
+        "dataset_hash": dataset_hash, "dataset_source": dataset.source,
+        "split_sizes": dataset.split_sizes, "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "reference_path": str(reference_path) if reference_path.exists() else None,
+        "train_seconds": trained_seconds, "notes": notes,
+    }
+
+
+def _save_keras(model: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    model.save(tmp)
+    tmp.replace(path)
+
+
+# --- variants -----------------------------------------------------------------------------------
+
+
+def _make_converter(manifest: dict) -> Callable[[Any], Any]:
+    def make(model: Any = None) -> Any:
+        from .tfcompat import import_tensorflow
+
+        tf, _ = import_tensorflow()
+        if model is not None:
+            return tf.lite.TFLiteConverter.from_keras_model(model)
+        if manifest["model_kind"] == "keras":
+            return tf.lite.TFLiteConverter.from_keras_model(_load_keras(manifest["model_path"]))
+        if manifest["model_kind"] == "savedmodel":
+            return tf.lite.TFLiteConverter.from_saved_model(manifest["model_path"])
+        raise ModelError(f"{manifest['model_name']} is a TensorFlow Lite file; it can be measured "
+                         f"as it is but not converted again: upload the Keras model to convert it")
+    return make
+
+
+def measure_keras_latency(model: Any, sample: np.ndarray, settings: MeasureSettings) -> dict:
+    """Batch-1 latency of the Keras model through a compiled tf.function, same run counts as TFLite."""
+    from .tfcompat import import_tensorflow
+
+    tf, _ = import_tensorflow()
+    call = tf.function(lambda x: model(x, training=False))
+    x = tf.constant(sample[None].astype(np.float32))
+    for _ in range(max(1, settings.warmup_runs)):
+        call(x).numpy()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < settings.min_runs or time.perf_counter() - started < settings.min_seconds:
+        t0 = time.perf_counter()
+        call(x).numpy()
+        times.append((time.perf_counter() - t0) * 1000)
+    samples = np.asarray(times)
+    return {"p50_ms": float(np.percentile(samples, 50)), "p90_ms": float(np.percentile(samples, 90)),
+            "mean_ms": float(samples.mean()), "std_ms": float(samples.std()), "runs": len(times),
+            "num_threads": None, "samples_ms": [round(t, 4) for t in times]}
+
+
+KERAS_LATENCY_METHOD = ("Keras model called through tf.function at batch 1 (TensorFlow's own thread pools), "
+                        "after warm-up runs; at least the same run count and duration as TFLite variants")
+
+
+def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
+    """Produce one variant and measure size, accuracy, agreement, SQNR, latency and ops."""
+    from . import measure
+    from .techniques import BuildContext, get_technique
+
+    manifest = payload["manifest"]
+    spec = TechniqueSpec.from_dict(payload["technique"])
+    settings = MeasureSettings.from_dict(payload["measure"])
+    cache = ArtifactCache(Path(payload["cache_dir"]))
+    technique = get_technique(spec.id)
+    if manifest["model_kind"] not in technique.sources:
+        raise TechniqueError(f"{spec.id} cannot run on {manifest['model_name']} "
+                             f"({_KIND_WORDS[manifest['model_kind']]}); it needs "
+                             f"{' or '.join(_KIND_WORDS[k] for k in technique.sources)}")
+    dataset = _load_dataset(manifest["dataset_path"])
+    reference = np.load(manifest["reference_path"]) if manifest.get("reference_path") else None
+    context = BuildContext(load_keras_model=lambda: _load_keras(manifest["model_path"]),
+                           make_converter=_make_converter(manifest), dataset=dataset,
+                           on_progress=emit, cache=cache, manifest=manifest)
+
+    emit({"stage": "convert", "message": f"producing {spec.id}"})
+    started = time.perf_counter()
+    produced = technique.produce(context, dict(spec.params))
+    conversion_seconds = time.perf_counter() - started
+    details: dict[str, Any] = {"split_sizes": manifest["split_sizes"], **produced.details}
+    row: dict[str, Any] = {"conversion_seconds": conversion_seconds}
+
+    emit({"stage": "measure", "message": f"measuring {spec.id}"})
+    if produced.tflite is None:
+        model = produced.keras_model
+        outputs = predict_keras(model, dataset.x_test)
+        artifact = Path(manifest["model_path"])
+        row["conversion_seconds"] = None
+        with _held(shared_lock):
+            latency = measure_keras_latency(model, dataset.x_test[0], settings)
+        row.update(model_bytes=artifact.stat().st_size, gzip_bytes=measure.gzip_size(artifact.read_bytes()),
+                   latency_method=KERAS_LATENCY_METHOD, input_dtype="float32", output_dtype="float32",
+                   float_ops=None, total_ops=None)
+        details["keras_layers"] = [f"{layer.__class__.__name__}:{layer.name}" for layer in model.layers]
+    else:
+        artifact = cache.write_bytes("artifacts", payload["result_key"], ".tflite", produced.tflite)
+        outputs = measure.predict_tflite(produced.tflite, dataset.x_test, num_threads=settings.num_threads)
+        with _held(shared_lock):
+            latency = measure.measure_latency(produced.tflite, dataset.x_test[0], settings).to_dict()
+        inspection = measure.inspect_tflite(produced.tflite)
+        details["inspection"] = inspection.to_dict()
+        row.update(model_bytes=len(produced.tflite), gzip_bytes=measure.gzip_size(produced.tflite),
+                   latency_method=measure.LATENCY_METHOD,
+                   input_dtype=inspection.inputs[0]["dtype"], output_dtype=inspection.outputs[0]["dtype"],
+                   float_ops=inspection.float_ops, total_ops=inspection.total_ops)
+    details["latency_samples_ms"] = latency.pop("samples_ms", [])
+    row.update(
+        accuracy=measure.accuracy(outputs, dataset.y_test),
+        agreement=measure.agreement(outputs, reference) if reference is not None else None,
+        sqnr_db=measure.sqnr_db(outputs, reference) if reference is not None else None,
+        latency_p50_ms=latency["p50_ms"], latency_p90_ms=latency["p90_ms"],
+        latency_mean_ms=latency["mean_ms"], latency_std_ms=latency["std_ms"],
+        latency_runs=latency["runs"], num_threads=latency.get("num_threads"),
+        artifact_path=str(artifact),
+        measured_at=datetime.now(timezone.utc).isoformat(),
+        provenance=provenance(settings), details=details,
+    )
+    return row
+
+
+_KIND_WORDS = {"keras": "a tf_keras model", "savedmodel": "a SavedModel",
+               "tflite": "a TensorFlow Lite file"}
+
+
+class _held:
+    """Hold the pool's shared lock (if any): two latency measurements never overlap."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        if self.lock is not None:
+            self.lock.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def copy_into_cache(source: Path, target: Path) -> Path:
+    """Copy a file or folder into the cache atomically (rename of a finished temporary copy)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    if source.is_dir():
+        shutil.copytree(source, tmp)
+    else:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,274 @@
+"""The technique registry: technique id -> its parameters and how it produces a .tflite model.
+
+Listing techniques and checking parameters import no TensorFlow; producing a model does, and runs
+in a worker process (see runner.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .config import TechniqueSpec
+from .errors import TechniqueError
+
+PTQ_MODES = ("float32", "dynamic", "float16", "int8-fallback", "int8-only", "uint8-only", "int16x8")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A technique parameter: its default, its type, and the values it accepts."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.choices:
+            return "choice"
+        return type(self.default).__name__  # int, float or bool
+
+    def coerce(self, value: Any, technique: str) -> Any:
+        """Check and convert `value`; raise a TechniqueError that names the accepted values."""
+        where = f"{technique}: parameter {self.name}"
+        if self.choices:
+            if value not in self.choices:
+                raise TechniqueError(f"{where} must be one of {', '.join(map(str, self.choices))}, "
+                                     f"not {value!r}")
+            return value
+        try:
+            if isinstance(self.default, bool):
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.lower() in ("true", "1", "yes")
+                converted: Any = bool(value)
+            elif isinstance(self.default, int):
+                converted = int(value)
+                if converted != float(value):
+                    raise ValueError(value)
+            else:
+                converted = float(value)
+        except (TypeError, ValueError):
+            raise TechniqueError(f"{where} must be a {self.kind}, not {value!r}") from None
+        if self.minimum is not None and converted < self.minimum or \
+                self.maximum is not None and converted > self.maximum:
+            raise TechniqueError(f"{where} must be between {self.minimum} and {self.maximum}, "
+                                 f"not {value!r}")
+        return converted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "default": self.default, "help": self.help, "kind": self.kind,
+                "choices": list(self.choices), "minimum": self.minimum, "maximum": self.maximum}
+
+
+@dataclass(frozen=True)
+class Produced:
+    """What a technique made: the .tflite bytes (None for the Keras baseline) and facts about it."""
+
+    tflite: bytes | None
+    details: dict[str, Any] = field(default_factory=dict)
+    keras_model: Any = None
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a technique may use: the baseline (loaded lazily), the dataset, a progress channel."""
+
+    load_keras_model: Callable[[], Any]
+    make_converter: Callable[[Any], Any]
+    dataset: Any
+    on_progress: Callable[[dict], None] = lambda event: None
+    cache: Any = None
+    manifest: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Technique:
+    id: str
+    family: str
+    label: str
+    description: str
+    produce: Callable[[BuildContext, dict], Produced] = field(repr=False)
+    params: tuple[Param, ...] = ()
+    needs_calibration: bool = False
+    fine_tunes: bool = False
+    integer_only: bool = False
+    sources: tuple[str, ...] = ("keras", "savedmodel")  # the model kinds it can start from
+
+    def resolve(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Parameters with defaults filled in, each checked; unknown names are refused."""
+        given = dict(given or {})
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            accepted = ", ".join(known) or "none"
+            raise TechniqueError(f"{self.id} has no parameter {unknown[0]!r}; it accepts: {accepted}")
+        return {name: p.coerce(given[name], self.id) if name in given else p.default
+                for name, p in known.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "family": self.family, "label": self.label,
+                "description": self.description, "params": [p.to_dict() for p in self.params],
+                "needs_calibration": self.needs_calibration, "fine_tunes": self.fine_tunes,
+                "integer_only": self.integer_only, "sources": list(self.sources)}
+
+
+# --- post-training quantization ---------------------------------------------------------------
+
+
+def representative_dataset(x: np.ndarray) -> Callable[[], Any]:
+    """The calibration samples, one at a time, as the converter expects."""
+    def generate() -> Any:
+        for sample in x:
+            yield [np.asarray(sample, dtype=np.float32)[None]]
+    return generate
+
+
+def configure_converter(converter: Any, mode: str, calibration: np.ndarray | None) -> Any:
+    """Set a TFLiteConverter up for one post-training quantization mode."""
+    from .tfcompat import import_tensorflow
+
+    tf, _ = import_tensorflow()
+    if mode not in PTQ_MODES:
+        raise TechniqueError(f"unknown conversion mode {mode!r}; use one of {', '.join(PTQ_MODES)}")
+    if mode == "float32":
+        return converter
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode in ("int8-fallback", "int8-only", "uint8-only", "int16x8"):
+        if calibration is None or len(calibration) == 0:
+            raise TechniqueError(f"{mode} needs representative (calibration) data; "
+                                 f"provide x_calib or x_train in the dataset")
+        converter.representative_dataset = representative_dataset(calibration)
+    if mode in ("int8-only", "uint8-only"):
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io_type = tf.int8 if mode == "int8-only" else tf.uint8
+        converter.inference_input_type = io_type
+        converter.inference_output_type = io_type
+    if mode == "int16x8":
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    return converter
+
+
+def convert_model(context: BuildContext, model: Any, mode: str) -> bytes:
+    """Convert `model` (a Keras model, or None for the context's own source) in one PTQ mode."""
+    converter = configure_converter(context.make_converter(model), mode, context.dataset.x_calib)
+    return converter.convert()
+
+
+def _ptq(mode: str) -> Callable[[BuildContext, dict], Produced]:
+    def produce(context: BuildContext, params: dict) -> Produced:
+        return Produced(tflite=convert_model(context, None, mode), details={"conversion": mode})
+    return produce
+
+
+def _baseline(context: BuildContext, params: dict) -> Produced:
+    return Produced(tflite=None, keras_model=context.load_keras_model())
+
+
+def _as_uploaded(context: BuildContext, params: dict) -> Produced:
+    from pathlib import Path
+
+    return Produced(tflite=Path(context.manifest["model_path"]).read_bytes(),
+                    details={"conversion": "none: the uploaded .tflite as it is"})
+
+
+_REGISTRY: dict[str, Technique] = {}
+
+
+def register(technique: Technique) -> Technique:
+    if technique.id in _REGISTRY:
+        raise ValueError(f"technique {technique.id} registered twice")
+    _REGISTRY[technique.id] = technique
+    return technique
+
+
+for _technique in (
+    Technique("baseline", "baseline", "Keras baseline",
+              "the trained Keras model itself, measured in Keras (the reference)", _baseline,
+              sources=("keras",)),
+    Technique("as-uploaded", "uploaded", "Uploaded .tflite",
+              "a ready TensorFlow Lite file, measured as it is (no float reference to agree with)",
+              _as_uploaded, sources=("tflite",)),
+    Technique("float32", "float", "TFLite float32",
+              "plain conversion, no quantization: the TFLite reference", _ptq("float32")),
+    Technique("dynamic", "ptq", "Dynamic range",
+              "int8 weights, float activations quantized on the fly; no data needed (~4x smaller)",
+              _ptq("dynamic")),
+    Technique("float16", "ptq", "Float16",
+              "float16 weights (~2x smaller); GPU delegates run them natively", _ptq("float16")),
+    Technique("int8-fallback", "ptq", "Full integer, float fallback",
+              "int8 weights and activations from calibration data; float input/output, float ops "
+              "where no int8 kernel exists", _ptq("int8-fallback"), needs_calibration=True),
+    Technique("int8-only", "ptq", "Integer only (int8 I/O)",
+              "every op int8, int8 input/output: for Edge TPU and microcontrollers",
+              _ptq("int8-only"), needs_calibration=True, integer_only=True),
+    Technique("uint8-only", "ptq", "Integer only (uint8 I/O)",
+              "every op int8, uint8 input/output: for older accelerators that expect uint8",
+              _ptq("uint8-only"), needs_calibration=True, integer_only=True),
+    Technique("int16x8", "ptq", "16x8 (int16 activations)",
+              "int16 activations, int8 weights: better accuracy than int8, reference kernels (slow)",
+              _ptq("int16x8"), needs_calibration=True, integer_only=True),
+):
+    register(_technique)
+
+
+def all_techniques() -> list[Technique]:
+    return list(_REGISTRY.values())
+
+
+def get_technique(technique_id: str) -> Technique:
+    try:
+        return _REGISTRY[technique_id]
+    except KeyError:
+        raise TechniqueError(f"unknown technique {technique_id!r}; run `python -m quantlab techniques` "
+                             f"to list them ({', '.join(_REGISTRY)})") from None
+
+
+def resolve_spec(spec: TechniqueSpec) -> TechniqueSpec:
+    """The spec with every parameter filled in and checked: equal work gives an equal spec."""
+    return TechniqueSpec(spec.id, get_technique(spec.id).resolve(spec.params))
+
+
+def techniques_for(model_kind: str) -> list[Technique]:
+    """The techniques that can start from a model of this kind (keras, savedmodel or tflite)."""
+    return [t for t in all_techniques() if model_kind in t.sources]
+
+
+def parse_technique_list(text: str, model_kind: str = "keras") -> tuple[TechniqueSpec, ...]:
+    """`all` or `id,id,...` (an id may carry parameters: `prune:target_sparsity=0.8`)."""
+    text = (text or "all").strip()
+    if text == "all":
+        return tuple(resolve_spec(TechniqueSpec(t.id)) for t in techniques_for(model_kind))
+    specs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        technique_id, _, rest = item.partition(":")
+        params = {}
+        for assignment in filter(None, rest.split(";")):
+            name, sep, value = assignment.partition("=")
+            if not sep:
+                raise TechniqueError(f"cannot read parameter {assignment!r} of {technique_id}; "
+                                     f"write it as name=value, e.g. prune:target_sparsity=0.8")
+            params[name.strip()] = value.strip()
+        specs.append(resolve_spec(TechniqueSpec(technique_id.strip(), params)))
+    if not specs:
+        raise TechniqueError("no techniques given; use --techniques all or a list such as dynamic,float16")
+    return tuple(dict.fromkeys(specs))
+
+
+def unsupported_techniques() -> dict[str, str]:
+    """Techniques QuantLab knows of but cannot run with these library versions, with the reason."""
+    try:
+        from .finetune import UNSUPPORTED
+    except ImportError:
+        return {}
+    return dict(UNSUPPORTED)

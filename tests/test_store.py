@@ -1,0 +1,90 @@
+"""The DuckDB store: migrations, complete rows, filters, read-only mode, two writers."""
+
+import multiprocessing
+
+import pytest
+
+from quantlab.errors import StoreError
+from quantlab.store import MIGRATIONS, Store
+
+
+def make_row(technique: str = "dynamic", **overrides) -> dict:
+    row = {"sweep_id": "s1", "result_key": f"k-{technique}", "cached": False, "model_name": "m",
+           "model_hash": "mh", "dataset_name": "d", "dataset_hash": "dh", "technique": technique,
+           "family": "ptq", "params": {}, "model_bytes": 1000, "accuracy": 0.9}
+    row.update(overrides)
+    return row
+
+
+def test_migrations_are_recorded_once(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    assert store.migrate() == [v for v, _, _ in MIGRATIONS]
+    assert store.migrate() == []
+    assert store.schema_versions() == [v for v, _, _ in MIGRATIONS]
+
+
+def test_inserted_row_reads_back_with_json_columns(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    row_id = store.insert_result(make_row(params={"bits": 8}, details={"ops": ["CONV_2D"]}))
+    row = store.row(row_id)
+    assert row["technique"] == "dynamic"
+    assert row["params"] == {"bits": 8}
+    assert row["details"] == {"ops": ["CONV_2D"]}
+
+
+def test_a_row_with_an_unknown_column_is_refused_whole(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    with pytest.raises(ValueError):
+        store.insert_result(make_row(bogus=1))
+    assert store.count() == 0
+
+
+def test_latest_only_keeps_the_newest_row_per_variant(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    store.insert_result(make_row(accuracy=0.5))
+    store.insert_result(make_row(accuracy=0.7))
+    store.insert_result(make_row("float16"))
+    latest = store.results(latest_only=True)
+    assert sorted(latest["technique"]) == ["dynamic", "float16"]
+    assert latest.loc[latest.technique == "dynamic", "accuracy"].item() == 0.7
+    assert len(store.results()) == 3
+
+
+def test_filters_are_parameters_not_sql(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    store.insert_result(make_row())
+    assert store.results(model_name="m' OR '1'='1").empty
+    assert len(store.results(model_name="m")) == 1
+
+
+def test_read_only_store_refuses_writes_and_reads_a_missing_file_as_empty(tmp_path):
+    missing = Store(tmp_path / "none.duckdb", read_only=True)
+    assert missing.results().empty
+    writable = Store(tmp_path / "q.duckdb")
+    writable.migrate()
+    with pytest.raises(StoreError, match="read-only"):
+        Store(tmp_path / "q.duckdb", read_only=True).insert_result(make_row())
+
+
+def _write_rows(path: str, prefix: str, count: int) -> None:
+    store = Store(path)
+    store.migrate()
+    for i in range(count):
+        store.insert_result(make_row(f"{prefix}{i}"))
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    path = str(tmp_path / "q.duckdb")
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_rows, args=(path, p, 25)) for p in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(120)
+    assert [w.exitcode for w in writers] == [0, 0]
+    techniques = Store(path).results()["technique"]
+    assert len(techniques) == 50 and techniques.nunique() == 50

@@ -1,0 +1,61 @@
+"""Worker pool: results, events, and a failing, crashing or slow task failing alone."""
+
+import os
+import time
+
+from quantlab.errors import QuantLabError
+from quantlab.pool import PoolLimits, WorkerPool
+
+
+def sample_task(payload: dict, emit, lock) -> dict:
+    action = payload["action"]
+    emit({"stage": "start", "action": action})
+    if action == "raise":
+        raise RuntimeError("boom\nsecond line")
+    if action == "user-error":
+        raise QuantLabError("the dataset is wrong; fix it")
+    if action == "crash":
+        os._exit(7)
+    if action == "sleep":
+        time.sleep(30)
+    if action == "allocate":
+        blob = bytearray(300 * 1024 * 1024)
+        blob[::4096] = b"x" * len(blob[::4096])
+        time.sleep(5)
+    return {"pid": os.getpid(), "value": payload.get("value")}
+
+
+def run(tasks, **kwargs):
+    events = []
+    with WorkerPool(sample_task, warm=False, **kwargs) as pool:
+        outcomes = {o.task_id: o for o in pool.run(tasks, lambda t, e: events.append((t, e)))}
+    return outcomes, events
+
+
+def test_results_and_events_come_back_per_task():
+    outcomes, events = run([(f"t{i}", {"action": "ok", "value": i}) for i in range(4)], size=2)
+    assert {k: o.result["value"] for k, o in outcomes.items()} == {"t0": 0, "t1": 1, "t2": 2, "t3": 3}
+    assert sorted(t for t, _ in events) == ["t0", "t1", "t2", "t3"]
+
+
+def test_workers_are_reused_across_tasks():
+    outcomes, _ = run([(f"t{i}", {"action": "ok"}) for i in range(4)], size=1)
+    assert len({o.result["pid"] for o in outcomes.values()}) == 1
+
+
+def test_exceptions_crashes_and_timeouts_fail_only_their_task():
+    tasks = [("raise", {"action": "raise"}), ("user", {"action": "user-error"}),
+             ("crash", {"action": "crash"}), ("slow", {"action": "sleep"}), ("ok", {"action": "ok"})]
+    outcomes, _ = run(tasks, size=2, limits=PoolLimits(task_timeout_seconds=3))
+    assert outcomes["ok"].ok
+    assert outcomes["raise"].error == "RuntimeError: boom" and not outcomes["raise"].user_error
+    assert outcomes["user"].error == "the dataset is wrong; fix it" and outcomes["user"].user_error
+    assert "exited with code 7" in outcomes["crash"].error
+    assert "time limit" in outcomes["slow"].error
+
+
+def test_a_worker_over_its_memory_limit_is_stopped():
+    outcomes, _ = run([("big", {"action": "allocate"}), ("ok", {"action": "ok"})], size=1,
+                      limits=PoolLimits(memory_limit_mb=200))
+    assert "memory" in outcomes["big"].error
+    assert outcomes["ok"].ok

@@ -106,9 +106,20 @@ def command_sweep(args: argparse.Namespace) -> int:
                      measure=MeasureSettings(num_threads=args.threads, min_runs=args.min_runs,
                                              min_seconds=args.min_seconds))
 
+    # Checking the inputs happens in a worker; until it passes (training starts or the sweep does),
+    # progress is held back so that a refused input prints exactly one `error:` line.
+    held: list[str] | None = []
+
     def on_event(event: dict) -> None:
+        nonlocal held
         line = _format_progress(event)
-        if line:
+        if held is not None and (event.get("type") == "sweep-start" or "epoch" in event):
+            if held:
+                print("\n".join(held), file=sys.stderr, flush=True)
+            held = None
+        if line and held is not None:
+            held.append(line)
+        elif line:
             print(line, file=sys.stderr, flush=True)
         if args.json and event.get("type") in ("variant-done", "variant-failed"):
             print(row_to_json(event["row"]), flush=True)

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator
@@ -44,8 +45,22 @@ class TaskOutcome:
         return self.error is None
 
 
-def _worker_main(connection: Any, task_function: TaskFunction, shared_lock: Any, warm: bool) -> None:
+def _redirect_output(log_path: str) -> None:
+    """Send the worker's stdout/stderr (TensorFlow's C++ logging, tracebacks) to a log file."""
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+
+def _worker_main(connection: Any, task_function: TaskFunction, shared_lock: Any, warm: bool,
+                 log_path: str | None = None) -> None:
     """The loop a worker runs: receive a task, stream its events, send its result or error."""
+    if log_path:
+        _redirect_output(log_path)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore")
     if warm:
         try:
             from .tfcompat import import_tensorflow
@@ -104,6 +119,7 @@ class WorkerPool:
     size: int = 1
     limits: PoolLimits = field(default_factory=PoolLimits)
     warm: bool = True
+    log_path: str | None = None  # where workers write TensorFlow's logs and tracebacks
     _workers: list[_Worker] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
@@ -119,7 +135,8 @@ class WorkerPool:
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=_worker_main, daemon=True,
-                                        args=(child, self.task_function, self._lock, self.warm))
+                                        args=(child, self.task_function, self._lock, self.warm,
+                                              self.log_path))
         process.start()
         child.close()
         worker = _Worker(process, parent)

@@ -124,7 +124,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
         manifest = _cached_manifest(cache, prepare_key)
         pending = spec.techniques
         if manifest is None:
-            pool = _make_pool(options, len(spec.techniques))
+            pool = _make_pool(options, len(spec.techniques), cache)
             emit({"type": "prepare", "message": "preparing the dataset and the baseline model"})
             payload = {"kind": "prepare", "cache_dir": str(cache.root), "model": model_ref.to_dict(),
                        "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict()}
@@ -163,7 +163,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
                                  "technique": technique.to_dict(), "measure": measure_settings,
                                  "result_key": key}))
         if to_run:
-            pool = pool or _make_pool(options, len(to_run))
+            pool = pool or _make_pool(options, len(to_run), cache)
             for key, _ in to_run:
                 emit({"type": "variant-queued", "technique": keyed[key].id})
 
@@ -187,11 +187,12 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             pool.close()
 
 
-def _make_pool(options: SweepOptions, tasks: int) -> WorkerPool:
+def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> WorkerPool:
     from .tasks import run_task
 
     size = max(1, min(options.workers or default_worker_count(), max(tasks, 1)))
-    pool = WorkerPool(run_task, size=size, limits=options.limits)
+    pool = WorkerPool(run_task, size=size, limits=options.limits,
+                      log_path=str(Path(cache.root) / "logs" / "workers.log"))
     pool.start()
     return pool
 

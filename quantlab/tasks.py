@@ -87,17 +87,14 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
         dataset = load_uploaded_dataset(Path(dataset_ref["path"]))
     else:
         dataset = load_builtin_dataset(dataset_ref["name"], cache.root)
-    dataset_hash = dataset.hash
-    dataset_path = cache.path("datasets", f"{dataset.name}-{dataset_hash}", ".npz")
-    if not dataset_path.exists():
-        dataset_path.parent.mkdir(parents=True, exist_ok=True)
-        dataset.save(dataset_path)
-
     notes: list[str] = []
     trained_seconds = None
     if model_ref["path"] is None:
+        if dataset_ref["path"]:
+            from .uploads import check_dataset_for_builtin_model
+            check_dataset_for_builtin_model(dataset)
         train = TrainSettings.from_dict(payload["train"])
-        model_hash = baseline_key(model_ref["name"], dataset_hash, train)
+        model_hash = baseline_key(model_ref["name"], dataset.hash, train)
         model_path = cache.path("models", model_hash, ".keras")
         kind = "keras"
         if not model_path.exists():
@@ -108,14 +105,21 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
             _save_keras(model, model_path)
     else:
         from .uploads import prepare_uploaded_model
+        emit({"stage": "prepare", "message": f"checking {model_ref['name']}"})
         prepared = prepare_uploaded_model(Path(model_ref["path"]), model_ref["hash"], dataset, cache)
         model_hash, model_path, kind = model_ref["hash"], prepared.path, prepared.kind
+        dataset = prepared.dataset
         notes.extend(prepared.notes)
 
+    dataset_hash = dataset.hash
+    dataset_path = cache.path("datasets", f"{dataset.name}-{dataset_hash}", ".npz")
+    if not dataset_path.exists():
+        dataset_path.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save(dataset_path)
     reference_path = cache.path("references", f"{model_hash}-{dataset_hash}", ".npy")
-    if kind == "keras" and not reference_path.exists():
+    if kind in ("keras", "savedmodel") and not reference_path.exists():
         emit({"stage": "prepare", "message": "computing the float reference outputs"})
-        reference = predict_keras(_load_keras(str(model_path)), dataset.x_test)
+        reference = _reference_outputs(kind, str(model_path), dataset)
         reference_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = reference_path.with_name(reference_path.name + ".tmp.npy")
         np.save(tmp, reference)
@@ -129,6 +133,18 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
         "reference_path": str(reference_path) if reference_path.exists() else None,
         "train_seconds": trained_seconds, "notes": notes,
     }
+
+
+def _reference_outputs(kind: str, model_path: str, dataset: Dataset) -> np.ndarray:
+    """The float model's outputs on the test split: Keras, or for a SavedModel its float32 TFLite."""
+    if kind == "keras":
+        return predict_keras(_load_keras(model_path), dataset.x_test)
+    from . import measure
+    from .tfcompat import import_tensorflow
+
+    tf, _ = import_tensorflow()
+    float_model = tf.lite.TFLiteConverter.from_saved_model(model_path).convert()
+    return measure.predict_tflite(float_model, dataset.x_test)
 
 
 def _save_keras(model: Any, path: Path) -> None:

@@ -8,6 +8,7 @@ tensorflow-model-optimization can wrap.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +53,7 @@ class Dataset:
 
     def save(self, path: Path) -> None:
         """Write the dataset as .npz atomically (a reader never sees half a file)."""
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, name=np.array(self.name), source=np.array(self.source),
                  num_classes=np.array(self.num_classes), **{k: getattr(self, k) for k in _ARRAY_KEYS})
         tmp.replace(path)

@@ -1,0 +1,118 @@
+"""User files as workloads: a checked .npz becomes a Dataset, a checked model file a cached model.
+
+The checks themselves live in safe_load.py; this module decides what an accepted file becomes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cache import ArtifactCache, write_atomically
+from .errors import DatasetError
+from .safe_load import (load_keras_model, load_npz_dataset, load_tflite_bytes,
+                        validate_dataset_for_model)
+from .workloads import CALIBRATION_SIZE, SPLIT_SEED, Dataset
+
+
+def check_dataset_file(path: Path) -> None:
+    """Refuse a bad .npz before any work starts (no TensorFlow needed)."""
+    load_npz_dataset(path)
+
+
+def dataset_from_arrays(name: str, arrays: dict[str, np.ndarray]) -> Dataset:
+    """Split user arrays: test as given; calibration from x_calib, else from train, else from test."""
+    x_test, y_test = arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int64)
+    x_train = arrays.get("x_train", x_test[:0]).astype(np.float32)
+    y_train = arrays.get("y_train", y_test[:0]).astype(np.int64)
+    source = f"uploaded {name}"
+    if "x_calib" in arrays:
+        x_calib = arrays["x_calib"].astype(np.float32)
+        y_calib = np.full(len(x_calib), -1, dtype=np.int64)  # calibration needs no labels
+    elif len(x_train) >= 2 * CALIBRATION_SIZE:
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(x_train))
+        calib, train = order[:CALIBRATION_SIZE], order[CALIBRATION_SIZE:]
+        x_calib, y_calib, x_train, y_train = x_train[calib], y_train[calib], x_train[train], y_train[train]
+    elif len(x_train):
+        x_calib, y_calib = x_train, y_train
+        source += "; calibration set = the train split (no x_calib given)"
+    else:
+        x_calib, y_calib = x_test[:CALIBRATION_SIZE], y_test[:CALIBRATION_SIZE]
+        source += "; calibration set drawn from the test split (no x_calib or x_train given)"
+    num_classes = int(max(y_test.max(), y_train.max() if len(y_train) else 0)) + 1
+    return Dataset(name=name, source=source, num_classes=num_classes, x_train=x_train, y_train=y_train,
+                   x_calib=x_calib, y_calib=y_calib, x_test=x_test, y_test=y_test)
+
+
+def load_uploaded_dataset(path: Path) -> Dataset:
+    arrays = load_npz_dataset(path)
+    for key in [k for k in arrays if k.startswith("x_")]:
+        if arrays[key].ndim == 4 and arrays[key].shape[-1] == 1:
+            arrays[key] = arrays[key][..., 0]  # (N, H, W, 1) images are stored as (N, H, W)
+    return dataset_from_arrays(path.stem, arrays)
+
+
+def fit_dataset_to_model(dataset: Dataset, input_shape: tuple[int, ...], num_classes: int) -> Dataset:
+    """The dataset reshaped for the model's input (a missing channel of 1 added), labels checked."""
+    arrays = {k: getattr(dataset, k) for k in ("x_train", "x_calib", "x_test")}
+    arrays.update(y_test=dataset.y_test, y_train=dataset.y_train)
+    fitted = validate_dataset_for_model(arrays, input_shape, num_classes)
+    return Dataset(name=dataset.name, source=dataset.source, num_classes=num_classes,
+                   x_train=fitted["x_train"], y_train=dataset.y_train, x_calib=fitted["x_calib"],
+                   y_calib=dataset.y_calib, x_test=fitted["x_test"], y_test=dataset.y_test)
+
+
+def check_dataset_for_builtin_model(dataset: Dataset) -> None:
+    if len(dataset.input_shape) != 2:
+        raise DatasetError(f"{dataset.name}: built-in models take grayscale images of shape (N, H, W), "
+                           f"not samples of shape {dataset.input_shape}; reshape the arrays or "
+                           f"upload your own model")
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """An accepted upload, copied into the cache as something QuantLab itself wrote."""
+
+    path: Path
+    kind: str  # keras | savedmodel | tflite
+    dataset: Dataset
+    notes: tuple[str, ...] = ()
+
+
+def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: ArtifactCache) -> PreparedModel:
+    """Check an uploaded model safely, fit the dataset to it, and keep a trusted copy in the cache."""
+    if path.suffix.lower() == ".tflite":
+        data = load_tflite_bytes(path)
+        from .measure import inspect_tflite
+
+        inspection = inspect_tflite(data)
+        shape = tuple(inspection.inputs[0]["shape"][1:])
+        classes = int(inspection.outputs[0]["shape"][-1])
+        target = cache.path("models", f"upload-{file_hash}", ".tflite")
+        write_atomically(target, data)
+        return PreparedModel(target, "tflite", fit_dataset_to_model(dataset, shape, classes),
+                             ("a .tflite upload is measured as it is; there is no float model to agree with",))
+    workdir = cache.path("uploads-work", file_hash, "")
+    loaded = load_keras_model(path, workdir)
+    fitted = fit_dataset_to_model(dataset, loaded.input_shape, loaded.num_classes)
+    if loaded.kind == "tf_keras":
+        target = cache.path("models", f"upload-{file_hash}", ".keras")
+        _save_model(loaded.keras_model, target)
+        return PreparedModel(target, "keras", fitted, tuple(loaded.notes))
+    from .tasks import copy_into_cache
+
+    target = cache.path("models", f"upload-{file_hash}", "")
+    if not target.exists():
+        copy_into_cache(Path(loaded.saved_model_dir), target)
+    notes = (*loaded.notes, "post-training techniques only; the float32 TFLite conversion is the reference")
+    return PreparedModel(target, "savedmodel", fitted, notes)
+
+
+def _save_model(model: Any, target: Path) -> None:
+    from .tasks import _save_keras
+
+    if not target.exists():
+        _save_keras(model, target)

@@ -1,0 +1,160 @@
+"""The engine end to end through its CLI contract: real conversions, measurements, cache and store."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_ARGS, TINY_TECHNIQUES, run_cli
+from quantlab.cache import ArtifactCache
+from quantlab.config import MeasureSettings, SweepSpec, TrainSettings
+from quantlab.pool import PoolLimits
+from quantlab.runner import SweepOptions, run_sweep
+from quantlab.store import Store
+from quantlab.techniques import parse_technique_list
+
+REQUIRED_KEYS = {"technique", "params", "model_bytes", "gzip_bytes", "accuracy", "agreement",
+                 "latency_p50_ms", "latency_p90_ms", "cached", "error"}
+
+
+def json_rows(stdout: str) -> dict[str, dict]:
+    rows = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    return {row["technique"]: row for row in rows}
+
+
+def test_every_post_training_variant_gets_a_full_row(tiny_sweep):
+    rows = json_rows(tiny_sweep["stdout"])
+    assert set(rows) == set(TINY_TECHNIQUES.split(","))
+    for technique, row in rows.items():
+        assert REQUIRED_KEYS <= set(row), technique
+        assert row["error"] is None, (technique, row["error"])
+        assert row["model_bytes"] > 0 and 0 < row["gzip_bytes"]
+        assert 0 <= row["latency_p50_ms"] <= row["latency_p90_ms"]
+        assert row["latency_runs"] >= 5
+        assert row["provenance"]["versions"]["tf-keras"]
+        assert row["provenance"]["model_hash"] and row["provenance"]["dataset_hash"]
+
+
+def test_float32_tflite_agrees_with_keras(tiny_sweep):
+    rows = json_rows(tiny_sweep["stdout"])
+    assert rows["float32"]["agreement"] == 1.0
+    assert rows["float32"]["sqnr_db"] > 60
+    assert rows["float32"]["accuracy"] == pytest.approx(rows["baseline"]["accuracy"])
+
+
+def test_sizes_are_plausible(tiny_sweep):
+    rows = json_rows(tiny_sweep["stdout"])
+    float32 = rows["float32"]["model_bytes"]
+    assert 2.5 < float32 / rows["dynamic"]["model_bytes"] < 4.5
+    assert 1.6 < float32 / rows["float16"]["model_bytes"] < 2.2
+    assert rows["float32"]["float_ops"] > 0
+
+
+def test_integer_only_variants_have_integer_io_and_no_float_ops(tiny_sweep):
+    rows = json_rows(tiny_sweep["stdout"])
+    assert (rows["int8-only"]["input_dtype"], rows["int8-only"]["output_dtype"]) == ("int8", "int8")
+    assert (rows["uint8-only"]["input_dtype"], rows["uint8-only"]["output_dtype"]) == ("uint8", "uint8")
+    assert rows["int8-only"]["float_ops"] == 0
+    assert rows["int8-fallback"]["input_dtype"] == "float32"
+    assert rows["int8-only"]["agreement"] > 0.9
+
+
+def test_store_holds_exactly_the_printed_rows(tiny_sweep):
+    frame = Store(tiny_sweep["db"]).results()
+    printed = json_rows(tiny_sweep["stdout"])
+    assert sorted(frame["row_id"]) == sorted(r["row_id"] for r in printed.values())
+
+
+def test_warm_rerun_is_all_cached_and_imports_no_tensorflow(tiny_sweep):
+    code = ("import sys; from quantlab.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)")
+    args = ["sweep", *TINY_ARGS, "--techniques", TINY_TECHNIQUES, "--db", str(tiny_sweep["db"]),
+            "--cache", str(tiny_sweep["cache"]), "--json"]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = json_rows(result.stdout)
+    assert len(rows) == len(TINY_TECHNIQUES.split(","))
+    assert all(row["cached"] for row in rows.values())
+    first = json_rows(tiny_sweep["stdout"])
+    assert {t: r["accuracy"] for t, r in rows.items()} == {t: r["accuracy"] for t, r in first.items()}
+
+
+def test_results_command_prints_csv_and_json(tiny_sweep):
+    csv = run_cli("results", "--db", str(tiny_sweep["db"]), "--format", "csv", check=True).stdout
+    assert csv.splitlines()[0].startswith("row_id,")
+    lines = run_cli("results", "--db", str(tiny_sweep["db"]), "--format", "json", "--latest",
+                    check=True).stdout.splitlines()
+    assert len(lines) == len(TINY_TECHNIQUES.split(","))
+
+
+def test_a_killed_worker_leaves_an_error_row_and_the_sweep_goes_on(tiny_sweep, tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    spec = SweepSpec("seed-cnn", "digits-28", parse_technique_list("dynamic,float16"),
+                     train=TrainSettings(epochs=3), measure=MeasureSettings(min_runs=7, min_seconds=0.05))
+    report = run_sweep(spec, store=store, cache=ArtifactCache(tiny_sweep["cache"]),
+                       options=SweepOptions(workers=1, limits=PoolLimits(task_timeout_seconds=0.01)))
+    assert len(report.rows) == 2
+    assert all("time limit" in row["error"] for row in report.rows)
+    assert store.results()["error"].notna().all()
+
+
+# --- bad input: exit status 2, one line starting with "error:", store unchanged --------------------
+
+
+def assert_refused(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def write_pickled_npz(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        with archive.open("x_test.npy", "w") as handle:
+            np.lib.format.write_array(handle, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        with archive.open("y_test.npy", "w") as handle:
+            np.lib.format.write_array(handle, np.zeros(1, dtype=np.int64))
+
+
+@pytest.mark.parametrize("case", ["unknown-model", "unknown-dataset", "unknown-technique", "bad-param",
+                                  "pickled-npz", "garbage-h5", "bad-threads", "missing-option"])
+def test_bad_input_is_refused_in_one_line_and_the_store_is_unchanged(tiny_sweep, tmp_path, case):
+    before = Store(tiny_sweep["db"]).count()
+    base = ["sweep", "--db", str(tiny_sweep["db"]), "--cache", str(tiny_sweep["cache"])]
+    if case == "unknown-model":
+        result = run_cli(*base, "--model", "resnet9000", "--dataset", "digits")
+        assert_refused(result, "resnet9000", "seed-cnn")
+    elif case == "unknown-dataset":
+        result = run_cli(*base, "--model", "seed-cnn", "--dataset", "imagenet")
+        assert_refused(result, "imagenet", ".npz")
+    elif case == "unknown-technique":
+        result = run_cli(*base, "--model", "seed-cnn", "--dataset", "digits", "--techniques", "int3")
+        assert_refused(result, "int3")
+    elif case == "bad-param":
+        result = run_cli(*base, "--model", "seed-cnn", "--dataset", "digits", "--techniques",
+                         "dynamic:bits=4")
+        assert_refused(result, "bits")
+    elif case == "pickled-npz":
+        npz = tmp_path / "evil.npz"
+        write_pickled_npz(npz)
+        result = run_cli(*base, "--model", "seed-cnn", "--dataset", str(npz))
+        assert_refused(result, "evil.npz")
+    elif case == "garbage-h5":
+        model = tmp_path / "model.h5"
+        model.write_bytes(b"this is not an HDF5 file" * 10)
+        result = run_cli(*base, "--model", str(model), "--dataset", "digits", "--techniques", "dynamic")
+        assert_refused(result, "model.h5")
+    elif case == "bad-threads":
+        result = run_cli(*base, "--model", "seed-cnn", "--dataset", "digits", "--threads", "0")
+        assert_refused(result, "--threads")
+    else:
+        result = run_cli("sweep", "--model", "seed-cnn")
+        assert_refused(result, "--dataset")
+    assert Store(tiny_sweep["db"]).count() == before

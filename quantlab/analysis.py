@@ -1,0 +1,462 @@
+"""Baseline-relative comparison of stored variants: the frame every chart and table is drawn from.
+
+Everything row-wise happens in DuckDB SQL, so a store of thousands of rows is read in one query.
+Python only post-processes the handful of rows that survive the filters (labels, sorting).
+
+Terms used on screen and here:
+- the *reference* of a row is the `baseline` row (the Keras model) of the same model hash and
+  dataset hash; when a sweep measured no baseline, the TFLite `float32` row stands in and the
+  `reference_technique` column says so;
+- `x_smaller` = reference bytes / bytes, `speedup` = reference p50 / p50,
+  `accuracy_change_points` = (accuracy - reference accuracy) * 100 (negative = worse).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from .store import Store
+
+BASELINE_TECHNIQUE = "baseline"
+FALLBACK_REFERENCE = "float32"
+REFERENCE_NOTES = {
+    BASELINE_TECHNIQUE: "Keras baseline",
+    FALLBACK_REFERENCE: "TFLite float32 (no baseline row measured)",
+}
+# Families in the order they are listed; a family not named here comes after, alphabetically.
+FAMILY_ORDER = ("baseline", "float", "uploaded", "ptq", "qat", "cluster", "prune", "cqat", "pqat",
+                "pcqat")
+OBJECTIVES = {"size": "smallest", "latency": "fastest", "accuracy": "most accurate"}
+SWEEP_LIST_LIMIT = 500
+
+# One query: filter, keep the newest row per variant, find each row's reference, divide.
+_COMPARE_SQL = """
+WITH filtered AS (
+    SELECT * FROM results WHERE {where}
+),
+newest_version AS (   -- the model/dataset version (hashes) measured last, per model and dataset
+    SELECT model_name, dataset_name, model_hash, dataset_hash FROM filtered
+    QUALIFY row_number() OVER (PARTITION BY model_name, dataset_name ORDER BY recorded_at DESC) = 1
+),
+picked AS (
+    SELECT f.* FROM filtered f
+    {version_join}
+    {latest_qualify}
+),
+refs AS (   -- per version: the baseline row if any, else the float32 row; newest first
+    SELECT model_hash, dataset_hash, technique AS reference_technique, row_id AS reference_row_id,
+           model_bytes AS ref_bytes, gzip_bytes AS ref_gzip_bytes, latency_p50_ms AS ref_p50_ms,
+           accuracy AS ref_accuracy, latency_method AS reference_latency_method
+    FROM results
+    WHERE technique IN ('{baseline}', '{fallback}') AND error IS NULL AND {ref_where}
+    QUALIFY row_number() OVER (PARTITION BY model_hash, dataset_hash
+                               ORDER BY technique = '{baseline}' DESC, {ref_sweep_order}
+                                        recorded_at DESC) = 1
+),
+f32 AS (   -- the TFLite float32 row: same runtime as the other variants, for a like-for-like speedup
+    SELECT model_hash, dataset_hash, latency_p50_ms AS f32_p50_ms FROM results
+    WHERE technique = '{fallback}' AND error IS NULL AND {ref_where}
+    QUALIFY row_number() OVER (PARTITION BY model_hash, dataset_hash
+                               ORDER BY {ref_sweep_order} recorded_at DESC) = 1
+)
+SELECT
+    p.*,
+    CASE WHEN p.params IN ('{{}}', '') THEN p.technique
+         ELSE p.technique || ' (' || regexp_replace(trim(p.params, '{{}}'), '"', '', 'g') || ')'
+    END AS variant,
+    r.reference_technique,
+    r.reference_row_id,
+    r.reference_latency_method,
+    r.ref_bytes::DOUBLE / NULLIF(p.model_bytes, 0) AS x_smaller,
+    r.ref_gzip_bytes::DOUBLE / NULLIF(p.gzip_bytes, 0) AS x_smaller_gzip,
+    r.ref_p50_ms / NULLIF(p.latency_p50_ms, 0) AS speedup,
+    f.f32_p50_ms / NULLIF(p.latency_p50_ms, 0) AS speedup_vs_float32,
+    (p.accuracy - r.ref_accuracy) * 100 AS accuracy_change_points
+FROM picked p
+LEFT JOIN refs r ON p.model_hash IS NOT DISTINCT FROM r.model_hash
+                AND p.dataset_hash IS NOT DISTINCT FROM r.dataset_hash
+LEFT JOIN f32 f ON p.model_hash IS NOT DISTINCT FROM f.model_hash
+               AND p.dataset_hash IS NOT DISTINCT FROM f.dataset_hash
+ORDER BY p.model_name, p.dataset_name, p.model_bytes DESC NULLS LAST, p.technique
+"""
+
+COMPARE_COLUMNS = ("variant", "reference_technique", "reference_note", "reference_row_id",
+                   "reference_latency_method", "x_smaller", "x_smaller_gzip", "speedup",
+                   "speedup_vs_float32", "accuracy_change_points", "label")
+
+
+def _label_map() -> dict[str, str]:
+    from .techniques import all_techniques
+
+    return {t.id: t.label for t in all_techniques()}
+
+
+def technique_label(technique_id: str) -> str:
+    """The registry's label, or the id itself for a technique this install does not know."""
+    return _label_map().get(technique_id, technique_id)
+
+
+def compare_frame(store: Store, *, model: str | None, dataset: str | None,
+                  sweep_id: str | None = None, latest_only: bool = True,
+                  include_errors: bool = False) -> pd.DataFrame:
+    """Stored rows of one model on one dataset with baseline-relative columns computed in SQL.
+
+    `model`/`dataset` None means every model/dataset. With `latest_only` and no sweep, only the
+    newest version (model and dataset hash) of each model/dataset pair is shown, one row per
+    variant (technique + params), the newest. Failed rows are left out unless `include_errors`.
+    Columns: every `results` column, then COMPARE_COLUMNS. Empty frame when nothing matches.
+    """
+    where, params = ["TRUE"], []
+    for column, value in (("model_name", model), ("dataset_name", dataset), ("sweep_id", sweep_id)):
+        if value:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if not include_errors:
+        where.append("error IS NULL")
+    ref_where, ref_params = ["TRUE"], []
+    for column, value in (("model_name", model), ("dataset_name", dataset)):
+        if value:
+            ref_where.append(f"{column} = ?")
+            ref_params.append(value)
+    ref_sweep_order = ""
+    if sweep_id:
+        ref_sweep_order = "(sweep_id = ?) DESC,"
+    version_join = latest_qualify = ""
+    if latest_only and not sweep_id:
+        version_join = ("SEMI JOIN newest_version n ON f.model_name = n.model_name "
+                        "AND f.dataset_name = n.dataset_name "
+                        "AND f.model_hash IS NOT DISTINCT FROM n.model_hash "
+                        "AND f.dataset_hash IS NOT DISTINCT FROM n.dataset_hash")
+    if latest_only:
+        latest_qualify = ("QUALIFY row_number() OVER (PARTITION BY f.model_hash, f.dataset_hash, "
+                          "f.technique, f.params, coalesce(f.error, '') "
+                          "ORDER BY f.recorded_at DESC) = 1")
+    sql = _COMPARE_SQL.format(where=" AND ".join(where), version_join=version_join,
+                              latest_qualify=latest_qualify, ref_where=" AND ".join(ref_where),
+                              ref_sweep_order=ref_sweep_order, baseline=BASELINE_TECHNIQUE,
+                              fallback=FALLBACK_REFERENCE)
+    sweep_params = [sweep_id] if sweep_id else []
+    all_params = params + ref_params + sweep_params + ref_params + sweep_params
+    frame = store.query(sql, all_params)
+    if frame.empty:
+        return _empty_compare_frame()
+    frame["reference_note"] = frame["reference_technique"].map(REFERENCE_NOTES).fillna(
+        "no reference measured (run the baseline or float32 technique)")
+    frame["label"] = frame["technique"].map(_label_map()).fillna(frame["technique"])
+    return frame.reset_index(drop=True)
+
+
+def _empty_compare_frame() -> pd.DataFrame:
+    from .store import COLUMN_NAMES
+
+    return pd.DataFrame(columns=[*COLUMN_NAMES, *COMPARE_COLUMNS])
+
+
+def family_rank(families: pd.Series) -> pd.Series:
+    """Sort key: FAMILY_ORDER first, unknown families after them."""
+    order = {name: i for i, name in enumerate(FAMILY_ORDER)}
+    return families.map(order).fillna(len(FAMILY_ORDER))
+
+
+# --- Pareto front and the sweet spot --------------------------------------------------------------
+
+
+def pareto_mask(frame: pd.DataFrame, x: str, y: str, minimize_x: bool = True,
+                maximize_y: bool = True) -> pd.Series:
+    """True for the rows no other row beats on both x and y (rows missing x or y are False)."""
+    mask = pd.Series(False, index=frame.index)
+    data = frame[[x, y]].apply(pd.to_numeric, errors="coerce").dropna()
+    if data.empty:
+        return mask
+    xs = data[x].to_numpy(dtype=float) * (1 if minimize_x else -1)
+    ys = data[y].to_numpy(dtype=float) * (1 if maximize_y else -1)
+    order = np.lexsort((-ys, xs))              # best x first; on equal x, best y first
+    ys_sorted = ys[order]
+    best_before = np.concatenate(([-np.inf], np.maximum.accumulate(ys_sorted)[:-1]))
+    on_front = ys_sorted > best_before
+    mask.loc[data.index[order[on_front]]] = True
+    return mask
+
+
+def pareto_front(frame: pd.DataFrame, x: str, y: str, minimize_x: bool = True,
+                 maximize_y: bool = True) -> pd.DataFrame:
+    """The non-dominated rows, sorted along x (best x first)."""
+    front = frame[pareto_mask(frame, x, y, minimize_x, maximize_y)]
+    return front.sort_values(x, ascending=minimize_x)
+
+
+@dataclass(frozen=True)
+class SweetSpot:
+    """The best variant inside the budgets, or None with the reason nothing fits."""
+
+    row: dict[str, Any] | None
+    reason: str
+    candidates: int = 0          # rows inside both budgets
+    objective: str = "size"
+
+    @property
+    def found(self) -> bool:
+        return self.row is not None
+
+    @property
+    def row_id(self) -> str | None:
+        return None if self.row is None else self.row["row_id"]
+
+    def headline(self) -> str:
+        if self.row is None:
+            return f"None fits, because {self.reason}."
+        return f"Best inside your budget: {self.row['label']} — {describe_gain(self.row)}"
+
+
+def points(value: float) -> str:
+    """`1 point`, `0.5 points`, `2 points`."""
+    return f"{value:g} point" + ("" if value == 1 else "s")
+
+
+def _fmt_ms(value: float) -> str:
+    return f"{value:.3g} ms"
+
+
+def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
+               max_accuracy_drop_points: float | None, objective: str = "size") -> SweetSpot:
+    """The best deployable variant (any technique but the Keras baseline) inside both budgets.
+
+    `objective`: size (fewest bytes), latency (lowest p50) or accuracy (highest). A None budget
+    is no constraint. Ties go to the faster, then the smaller, then the more accurate row.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    if frame is None or frame.empty:
+        return SweetSpot(None, "nothing is measured for this selection yet; run a sweep first",
+                         objective=objective)
+    usable = frame[(frame["technique"] != BASELINE_TECHNIQUE) & frame["error"].isna()]
+    if usable.empty:
+        return SweetSpot(None, "only the Keras baseline is measured here; run some TFLite "
+                               "techniques", objective=objective)
+    latency = pd.to_numeric(usable["latency_p50_ms"], errors="coerce")
+    change = pd.to_numeric(usable["accuracy_change_points"], errors="coerce")
+    fast = latency <= latency_budget_ms if latency_budget_ms is not None else pd.Series(True, usable.index)
+    if max_accuracy_drop_points is not None:
+        if change.isna().all():
+            return SweetSpot(None, "there is no baseline or float32 row to measure the accuracy "
+                                   "drop against; add the baseline technique to the sweep",
+                             objective=objective)
+        accurate = change >= -float(max_accuracy_drop_points) - 1e-9
+    else:
+        accurate = pd.Series(True, usable.index)
+    inside = usable[fast & accurate]
+    if inside.empty:
+        return SweetSpot(None, _why_none(usable, fast, accurate, latency, change, latency_budget_ms,
+                                         max_accuracy_drop_points), objective=objective)
+    keys = {"size": (["model_bytes", "latency_p50_ms", "accuracy"], [True, True, False]),
+            "latency": (["latency_p50_ms", "model_bytes", "accuracy"], [True, True, False]),
+            "accuracy": (["accuracy", "latency_p50_ms", "model_bytes"], [False, True, True])}
+    columns, ascending = keys[objective]
+    best = inside.sort_values(columns, ascending=ascending, na_position="last").iloc[0]
+    budget_words = []
+    if latency_budget_ms is not None:
+        budget_words.append(f"p50 within {_fmt_ms(latency_budget_ms)}")
+    if max_accuracy_drop_points is not None:
+        budget_words.append(f"losing at most {points(max_accuracy_drop_points)}")
+    reason = (f"the {OBJECTIVES[objective]} of {len(inside)} variant(s) "
+              f"{' and '.join(budget_words) or 'measured (no budget set)'}")
+    return SweetSpot(best.to_dict(), reason, candidates=len(inside), objective=objective)
+
+
+def _why_none(usable: pd.DataFrame, fast: pd.Series, accurate: pd.Series, latency: pd.Series,
+              change: pd.Series, budget: float | None, tolerance: float | None) -> str:
+    def name(index: Any) -> str:
+        return str(usable.at[index, "label"])
+
+    if not fast.any():
+        if latency.isna().all():
+            return "no variant has a latency measurement"
+        fastest = latency.idxmin()
+        return (f"no variant runs within {_fmt_ms(budget)} (fastest: {name(fastest)} at "
+                f"{_fmt_ms(latency[fastest])})")
+    if not accurate.any():
+        closest = change.idxmax()
+        return (f"every variant loses more than {points(tolerance)} (smallest loss: "
+                f"{name(closest)}, {change[closest]:+.1f} points)")
+    fast_best = change[fast].idxmax()
+    accurate_fastest = latency[accurate].idxmin()
+    return (f"the {int(fast.sum())} variant(s) within {_fmt_ms(budget)} each lose more than "
+            f"{points(tolerance)} (best of them: {name(fast_best)}, {change[fast_best]:+.1f} points), "
+            f"and the {int(accurate.sum())} within the accuracy tolerance are too slow (fastest: "
+            f"{name(accurate_fastest)} at {_fmt_ms(latency[accurate_fastest])})")
+
+
+# --- words ---------------------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) and \
+        not pd.isna(value)
+
+
+def describe_gain(row: Mapping[str, Any]) -> str:
+    """`3.9x smaller, -0.4 points, 1.8x faster` from one compare_frame row."""
+    parts = []
+    smaller = row.get("x_smaller")
+    if _is_number(smaller):
+        parts.append(f"{smaller:.1f}x smaller" if smaller >= 1 else f"{1 / smaller:.1f}x larger")
+    change = row.get("accuracy_change_points")
+    if _is_number(change):
+        parts.append("±0.0 points" if round(change, 1) == 0 else f"{change:+.1f} points")
+    else:
+        parts.append("accuracy change unknown")
+    speedup = row.get("speedup")
+    if _is_number(speedup):
+        parts.append(f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower")
+    return ", ".join(parts)
+
+
+def measurement_note(frame: pd.DataFrame) -> str:
+    """How the latencies of these rows were measured, from their own latency_method and threads."""
+    if frame is None or frame.empty:
+        return ""
+    measured = frame[frame["latency_method"].notna()]
+    if measured.empty:
+        return "No latency measurements in these rows."
+    methods = measured.groupby(measured["technique"] == BASELINE_TECHNIQUE)["latency_method"].agg(
+        lambda s: sorted(set(s)))
+    parts = []
+    for is_baseline, names in methods.items():
+        parts.append(("Keras baseline: " if is_baseline else "TFLite variants: ") + "; ".join(names))
+    threads = sorted({int(t) for t in measured["num_threads"].dropna()})
+    runs = pd.to_numeric(measured["latency_runs"], errors="coerce").dropna()
+    extra = []
+    if threads:
+        extra.append(f"interpreter threads: {', '.join(map(str, threads))}")
+    if not runs.empty:
+        extra.append(f"{int(runs.min())}–{int(runs.max())} timed runs per variant"
+                     if runs.min() != runs.max() else f"{int(runs.min())} timed runs per variant")
+    cpu = _first_provenance(measured, "cpu_model")
+    if cpu:
+        extra.append(f"CPU: {cpu}")
+    text = " ".join(p.rstrip(".") + "." for p in parts)
+    if extra:
+        text += " " + "; ".join(extra) + "."
+    if measured["technique"].eq(BASELINE_TECHNIQUE).any():
+        text += (" The speedup column divides by the Keras baseline's p50 (a different runtime); "
+                 "speedup_vs_float32 compares within LiteRT.")
+    return text
+
+
+def _first_provenance(frame: pd.DataFrame, key: str) -> str | None:
+    for text in frame["provenance"].dropna().head(5):
+        try:
+            value = json.loads(text).get(key)
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if value:
+            return str(value)
+    return None
+
+
+# --- filters -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the filter widgets offer: models, datasets, their pairs, and sweeps (newest first)."""
+
+    models: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sweeps: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def empty(self) -> bool:
+        return not self.models
+
+    def datasets_for(self, model: str | None) -> list[str]:
+        if self.pairs.empty:
+            return []
+        if not model:
+            return list(self.datasets)
+        return list(self.pairs.loc[self.pairs["model_name"] == model, "dataset_name"])
+
+    def sweeps_for(self, model: str | None, dataset: str | None) -> pd.DataFrame:
+        if self.sweeps.empty:
+            return self.sweeps
+        keep = pd.Series(True, index=self.sweeps.index)
+        if model:
+            keep &= self.sweeps["model_name"] == model
+        if dataset:
+            keep &= self.sweeps["dataset_name"] == dataset
+        return self.sweeps[keep]
+
+
+def list_filters(store: Store) -> Filters:
+    """Distinct models, datasets, model/dataset pairs and sweeps, in one connection."""
+    if not store.exists():
+        return Filters()
+    with store.connect() as con:
+        has_table = con.execute("SELECT count(*) FROM information_schema.tables "
+                                "WHERE table_name = 'results'").fetchone()[0]
+        if not has_table:
+            return Filters()
+        models = [r[0] for r in con.execute(
+            "SELECT DISTINCT model_name FROM results ORDER BY model_name").fetchall()]
+        datasets = [r[0] for r in con.execute(
+            "SELECT DISTINCT dataset_name FROM results ORDER BY dataset_name").fetchall()]
+        pairs = con.execute(
+            "SELECT model_name, dataset_name, count(*) AS rows, max(recorded_at) AS last_recorded "
+            "FROM results GROUP BY model_name, dataset_name ORDER BY last_recorded DESC").df()
+        sweeps = con.execute(
+            "SELECT sweep_id, model_name, dataset_name, min(recorded_at) AS started_at, "
+            "count(*) AS variants, count(error) AS failed FROM results "
+            "GROUP BY sweep_id, model_name, dataset_name ORDER BY started_at DESC "
+            f"LIMIT {SWEEP_LIST_LIMIT}").df()
+    return Filters(models, datasets, pairs, sweeps)
+
+
+def sweep_label(sweep: Mapping[str, Any]) -> str:
+    """`2025-05-01 14:03 · 8 variants (1 failed) · 3f2a9c1b` for a sweep selectbox."""
+    started = pd.Timestamp(sweep["started_at"])
+    failed = int(sweep.get("failed") or 0)
+    return (f"{started:%Y-%m-%d %H:%M} · {int(sweep['variants'])} variants"
+            + (f" ({failed} failed)" if failed else "") + f" · {str(sweep['sweep_id'])[:8]}")
+
+
+TABLE_COLUMNS = ("label", "variant", "family", "model_bytes", "x_smaller", "gzip_bytes",
+                 "x_smaller_gzip", "accuracy", "accuracy_change_points", "agreement", "sqnr_db",
+                 "latency_p50_ms", "latency_p90_ms", "speedup", "speedup_vs_float32", "num_threads",
+                 "input_dtype", "output_dtype", "cached", "recorded_at", "row_id")
+
+
+def table_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The baseline-relative table: the columns a reader compares, families in their order."""
+    if frame.empty:
+        return pd.DataFrame(columns=list(TABLE_COLUMNS))
+    ordered = frame.assign(_rank=family_rank(frame["family"])).sort_values(
+        ["_rank", "model_bytes"], ascending=[True, False])
+    return ordered[[c for c in TABLE_COLUMNS if c in ordered.columns]].reset_index(drop=True)
+
+
+def last_sweep_spec(store: Store, model: str | None, dataset: str | None) -> dict[str, Any] | None:
+    """The spec (JSON) of the newest sweep of this model on this dataset, to rerun with the same
+    model file, training and measurement settings; None if there is none."""
+    if not model or not dataset or not store.exists():
+        return None
+    with store.connect() as con:
+        if not con.execute("SELECT count(*) FROM information_schema.tables "
+                           "WHERE table_name = 'sweeps'").fetchone()[0]:
+            return None
+        found = con.execute("SELECT spec FROM sweeps WHERE model_name = ? AND dataset_name = ? "
+                            "AND spec IS NOT NULL ORDER BY started_at DESC LIMIT 1",
+                            [model, dataset]).fetchone()
+    if not found:
+        return None
+    try:
+        spec = json.loads(found[0])
+    except (TypeError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None

@@ -1,0 +1,368 @@
+"""Plotly figure builders: pure functions of data frames (no store, no Streamlit).
+
+Every point carries its store row_id as the first element of `customdata`, so a click on it can
+open that row's details; its hover shows every measured figure of the row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .analysis import BASELINE_TECHNIQUE, family_rank, pareto_front, points
+
+# One colour per technique family, stable across pages and sessions (colour-blind-safe Okabe-Ito
+# first, then Tableau); a family not listed gets a colour from EXTRA_COLORS by a hash of its name.
+FAMILY_COLORS = {
+    "baseline": "#000000", "float": "#0072B2", "uploaded": "#999999", "ptq": "#E69F00",
+    "qat": "#009E73", "cluster": "#CC79A7", "prune": "#D55E00", "cqat": "#56B4E9",
+    "pqat": "#F0E442", "pcqat": "#8c564b",
+}
+EXTRA_COLORS = ("#17becf", "#bcbd22", "#7f7f7f", "#9467bd", "#e377c2", "#aec7e8", "#98df8a")
+FAMILY_SYMBOLS = {"baseline": "diamond", "float": "square"}
+MODEL_COLORS = ("#33415c", "#2a9d8f")
+PATH_COLOR = "#d62828"
+MUTED = "#b0b0b0"
+BUDGET_COLOR = "#6c757d"
+WEBGL_ABOVE = 1000          # points per trace above which scatter traces use WebGL
+LABEL_POINTS_UP_TO = 30     # write technique names next to points up to this many rows
+HOVER_TEMPLATE = "%{hovertext}<extra></extra>"
+
+
+def family_color(family: str) -> str:
+    if family in FAMILY_COLORS:
+        return FAMILY_COLORS[family]
+    return EXTRA_COLORS[zlib.crc32(str(family).encode()) % len(EXTRA_COLORS)]
+
+
+# --- formatting (vectorised over columns) ----------------------------------------------------------
+
+
+def _fmt(series: pd.Series, fmt: str, unit: str = "", missing: str = "—") -> pd.Series:
+    numbers = pd.to_numeric(series, errors="coerce")
+    return numbers.map(lambda v: missing if pd.isna(v) else format(v, fmt) + unit)
+
+
+def format_bytes(series: pd.Series) -> pd.Series:
+    numbers = pd.to_numeric(series, errors="coerce")
+
+    def one(v: float) -> str:
+        if pd.isna(v):
+            return "—"
+        for unit, size in (("MB", 1 << 20), ("KB", 1 << 10)):
+            if v >= size:
+                return f"{v / size:.1f} {unit}"
+        return f"{int(v)} B"
+    return numbers.map(one)
+
+
+def _params_text(series: pd.Series) -> pd.Series:
+    def one(text: Any) -> str:
+        try:
+            params = json.loads(text) if isinstance(text, str) else (text or {})
+        except ValueError:
+            return str(text)
+        return ", ".join(f"{k}={v}" for k, v in params.items()) or "none"
+    return series.map(one)
+
+
+def hover_text(frame: pd.DataFrame) -> pd.Series:
+    """One hover block per row: identity, then every measured figure, then where it came from."""
+    get = lambda name: frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)  # noqa: E731
+    label = get("label").fillna(get("technique")).astype(str)
+    change = pd.to_numeric(get("accuracy_change_points"), errors="coerce")
+    change_text = change.map(lambda v: "" if pd.isna(v) else f" ({v:+.2f} points)")
+    cached = get("cached").map(lambda v: "yes" if v is True or v == 1 else "no")
+    return ("<b>" + label + "</b> · " + get("family").astype(str)
+            + "<br>size " + format_bytes(get("model_bytes")) + " (" + _fmt(get("x_smaller"), ".2f", "x") + " smaller)"
+            + " · gzip " + format_bytes(get("gzip_bytes")) + " (" + _fmt(get("x_smaller_gzip"), ".2f", "x") + ")"
+            + "<br>accuracy " + _fmt(get("accuracy") * 100, ".2f", "%") + change_text
+            + " · agreement " + _fmt(get("agreement") * 100, ".2f", "%")
+            + " · SQNR " + _fmt(get("sqnr_db"), ".1f", " dB")
+            + "<br>latency p50 " + _fmt(get("latency_p50_ms"), ".3g", " ms") + " · p90 "
+            + _fmt(get("latency_p90_ms"), ".3g", " ms") + " (" + _fmt(get("speedup"), ".2f", "x") + " vs baseline)"
+            + " · threads " + _fmt(get("num_threads"), ".0f")
+            + "<br>params " + _params_text(get("params")) + " · cached " + cached
+            + "<br>row " + get("row_id").astype(str).str[:12])
+
+
+# --- trade-off scatter --------------------------------------------------------------------------
+
+
+def _plottable(frame: pd.DataFrame, x: str) -> pd.DataFrame:
+    if frame is None or frame.empty:
+        return pd.DataFrame(columns=list(frame.columns) if frame is not None else [])
+    keep = frame["accuracy"].notna() & frame[x].notna() & (pd.to_numeric(frame[x], errors="coerce") > 0)
+    if "error" in frame.columns:
+        keep &= frame["error"].isna()
+    return frame[keep]
+
+
+def _scatter_class(points: int) -> type:
+    return go.Scattergl if points > WEBGL_ABOVE else go.Scatter
+
+
+def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | None = None,
+                    sweet_spot_row_id: str | None = None, x_budget: float | None = None,
+                    x_budget_name: str = "budget {:g}", max_accuracy_drop_points: float | None = None,
+                    title: str = "", show_front: bool = True) -> go.Figure:
+    """Accuracy (%) against column `x` (smaller is better): one trace per family, the Pareto
+    front as a line, the sweet spot ringed, budgets as dashed lines. log_x None: log when the
+    values span more than 10x."""
+    data = _plottable(frame, x)
+    fig = go.Figure()
+    fig.update_layout(title=title or None, height=470, margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0),
+                      xaxis_title=x_title, yaxis_title="Accuracy (%)", clickmode="event+select",
+                      uirevision=x, hovermode="closest")
+    if data.empty:
+        fig.add_annotation(text="Nothing measured to plot yet", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
+        return fig
+    xs = pd.to_numeric(data[x], errors="coerce")
+    if log_x is None:
+        log_x = bool(xs.max() / xs.min() > 10)
+    if log_x:
+        fig.update_xaxes(type="log")
+    hover = hover_text(data)
+    label_points = len(data) <= LABEL_POINTS_UP_TO
+    scatter = _scatter_class(len(data))
+    families = data["family"].drop_duplicates()
+    for family in families.iloc[np.argsort(family_rank(families).to_numpy(), kind="stable")]:
+        part = data[data["family"] == family]
+        fig.add_trace(scatter(
+            x=part[x], y=part["accuracy"] * 100, name=str(family), legendgroup=str(family),
+            mode="markers+text" if label_points else "markers",
+            text=part["technique"] if label_points else None, textposition="top center",
+            textfont=dict(size=10),
+            marker=dict(color=family_color(family), size=11, line=dict(width=1, color="white"),
+                        symbol=FAMILY_SYMBOLS.get(family, "circle")),
+            customdata=part[["row_id", "technique"]].to_numpy(),
+            hovertext=hover.loc[part.index], hovertemplate=HOVER_TEMPLATE))
+    if show_front:
+        front = pareto_front(data, x, "accuracy")
+        if len(front) > 1:
+            fig.add_trace(go.Scatter(
+                x=front[x], y=front["accuracy"] * 100, mode="lines", name="Pareto front",
+                line=dict(color="#555555", width=1.5), hoverinfo="skip"))
+    if sweet_spot_row_id is not None and (data["row_id"] == sweet_spot_row_id).any():
+        best = data[data["row_id"] == sweet_spot_row_id]
+        fig.add_trace(go.Scatter(
+            x=best[x], y=best["accuracy"] * 100, mode="markers", name="Best inside budget",
+            marker=dict(symbol="star", size=24, color="rgba(0,0,0,0)",
+                        line=dict(width=2.5, color=PATH_COLOR)),
+            customdata=best[["row_id", "technique"]].to_numpy(),
+            hovertext=hover.loc[best.index], hovertemplate=HOVER_TEMPLATE))
+    y_values = data["accuracy"] * 100
+    floor = accuracy_floor(data, max_accuracy_drop_points)
+    y_low = min(y_values.min(), floor if floor is not None else math.inf)
+    y_high = y_values.max()
+    pad = max((y_high - y_low) * 0.08, 0.5)
+    if x_budget is not None and x_budget > 0:
+        fig.add_trace(go.Scatter(
+            x=[x_budget, x_budget], y=[y_low - pad, y_high + pad], mode="lines",
+            name=x_budget_name.format(x_budget), hoverinfo="skip",
+            line=dict(color=BUDGET_COLOR, dash="dash", width=1.5)))
+    if floor is not None:
+        x_low, x_high = min(xs.min(), x_budget or math.inf), max(xs.max(), x_budget or 0)
+        fig.add_trace(go.Scatter(
+            x=[x_low * (0.8 if log_x else 1), x_high * (1.25 if log_x else 1)], y=[floor, floor],
+            mode="lines", name=f"accuracy floor (-{points(max_accuracy_drop_points)})",
+            hoverinfo="skip", line=dict(color=BUDGET_COLOR, dash="dot", width=1.5)))
+    return fig
+
+
+def log_ticks(values: pd.Series, unit: str = "") -> tuple[list[float], list[str]]:
+    """Tick positions at 1-2-5 steps covering `values` on a log axis, with short labels (25k, 0.5)."""
+    numbers = pd.to_numeric(values, errors="coerce").dropna()
+    numbers = numbers[numbers > 0]
+    if numbers.empty:
+        return [], []
+    low, high = numbers.min() / 1.25, numbers.max() * 1.25
+    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+             for m in (1, 2, 5) if low <= m * 10.0 ** e <= high]
+
+    def label(v: float) -> str:
+        for suffix, size in (("M", 1e6), ("k", 1e3)):
+            if unit == "bytes" and v >= size:
+                return f"{v / size:g}{suffix}"
+        return f"{v:g}"
+    return ticks, [label(v) for v in ticks]
+
+
+def accuracy_floor(frame: pd.DataFrame, max_accuracy_drop_points: float | None) -> float | None:
+    """Reference accuracy (%) minus the tolerance, or None without a tolerance or reference."""
+    if max_accuracy_drop_points is None or frame.empty or "accuracy_change_points" not in frame:
+        return None
+    reference = (frame["accuracy"] * 100 - frame["accuracy_change_points"]).dropna()
+    if reference.empty:
+        return None
+    return float(reference.iloc[0]) - float(max_accuracy_drop_points)
+
+
+def accuracy_vs_size(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = None,
+                     max_accuracy_drop_points: float | None = None, gzip: bool = False) -> go.Figure:
+    column = "gzip_bytes" if gzip else "model_bytes"
+    fig = tradeoff_figure(frame, column, "Model size, bytes" + (" (gzip)" if gzip else "") + " (log)",
+                          log_x=True, sweet_spot_row_id=sweet_spot_row_id,
+                          max_accuracy_drop_points=max_accuracy_drop_points, title="Accuracy vs size")
+    ticks, labels = log_ticks(_plottable(frame, column)[column], "bytes")
+    return fig.update_xaxes(tickvals=ticks, ticktext=labels) if ticks else fig
+
+
+def accuracy_vs_latency(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = None,
+                        latency_budget_ms: float | None = None,
+                        max_accuracy_drop_points: float | None = None) -> go.Figure:
+    data = _plottable(frame, "latency_p50_ms")
+    log_x = bool(not data.empty and data["latency_p50_ms"].max() / data["latency_p50_ms"].min() > 10)
+    fig = tradeoff_figure(frame, "latency_p50_ms",
+                          "Latency p50, ms (batch 1)" + (" (log)" if log_x else ""), log_x=log_x,
+                          sweet_spot_row_id=sweet_spot_row_id, x_budget=latency_budget_ms,
+                          x_budget_name="latency budget {:g} ms",
+                          max_accuracy_drop_points=max_accuracy_drop_points,
+                          title="Accuracy vs latency")
+    if log_x:
+        ticks, labels = log_ticks(pd.concat([data["latency_p50_ms"], pd.Series([latency_budget_ms])]))
+        fig.update_xaxes(tickvals=ticks, ticktext=labels)
+    return fig
+
+
+# --- two models side by side ----------------------------------------------------------------------
+
+
+RELATIVE_METRICS = (("x_smaller", "x smaller"), ("speedup", "x faster (vs baseline)"),
+                    ("accuracy_change_points", "accuracy change, points"))
+
+
+def model_comparison_figure(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a: str,
+                            name_b: str) -> go.Figure:
+    """Baseline-relative figures of the same techniques on two models: one bar group per
+    technique in three panels (smaller, faster, accuracy change). Relative numbers compare fairly
+    across models of different sizes."""
+    fig = make_subplots(rows=1, cols=len(RELATIVE_METRICS), shared_yaxes=True,
+                        subplot_titles=[title for _, title in RELATIVE_METRICS],
+                        horizontal_spacing=0.04)
+    frames = [(f, n, c) for f, n, c in ((frame_a, name_a, MODEL_COLORS[0]),
+                                         (frame_b, name_b, MODEL_COLORS[1]))
+              if f is not None and not f.empty]
+    order = _technique_order([f for f, _, _ in frames])
+    prepared = []
+    for frame, name, color in frames:  # one row per technique, in the shared order; hover once
+        rows = (_one_per_technique(frame).set_index("technique").reindex(order)
+                .dropna(subset=["row_id"]).reset_index())
+        prepared.append((rows, hover_text(rows).to_numpy(), rows[["row_id"]].to_numpy(), name, color))
+    for col, (metric, _) in enumerate(RELATIVE_METRICS, start=1):
+        for rows, hover, custom, name, color in prepared:
+            fig.add_trace(go.Bar(
+                y=rows["label"], x=rows[metric], orientation="h", name=name, legendgroup=name,
+                showlegend=col == 1, marker_color=color, customdata=custom, hovertext=hover,
+                hovertemplate=HOVER_TEMPLATE), row=1, col=col)
+    fig.update_layout(barmode="group", height=max(260, 60 + 42 * max(len(order), 1)),
+                      margin=dict(l=10, r=10, t=70, b=10), title=f"{name_a} vs {name_b}",
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
+    fig.update_yaxes(autorange="reversed")
+    if not frames:
+        fig.add_annotation(text="Nothing measured to compare yet", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
+    return fig
+
+
+def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
+    keep = frame["technique"] != BASELINE_TECHNIQUE
+    if "error" in frame.columns:
+        keep &= frame["error"].isna()
+    return frame[keep]
+
+
+def _one_per_technique(frame: pd.DataFrame) -> pd.DataFrame:
+    """The most accurate row of each technique (a technique swept with several params)."""
+    rows = _comparable(frame).sort_values("accuracy", ascending=False, na_position="last")
+    return rows.drop_duplicates("technique")
+
+
+def _technique_order(frames: Iterable[pd.DataFrame]) -> list[str]:
+    rows = pd.concat([_comparable(f)[["technique", "family", "model_bytes"]] for f in frames]) \
+        if frames else pd.DataFrame(columns=["technique", "family", "model_bytes"])
+    if rows.empty:
+        return []
+    rows = rows.assign(_rank=family_rank(rows["family"])).sort_values(
+        ["_rank", "model_bytes"], ascending=[True, False])
+    return list(dict.fromkeys(rows["technique"]))
+
+
+def side_by_side_tradeoff(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a: str, name_b: str,
+                          x: str = "model_bytes") -> go.Figure:
+    """Accuracy vs `x` for two models in two panels, same family colours, legend shown once."""
+    x_title = {"model_bytes": "Model size, bytes (log)",
+               "latency_p50_ms": "Latency p50, ms (log)"}.get(x, x)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[name_a, name_b], horizontal_spacing=0.08)
+    seen: set[str] = set()
+    for col, frame in enumerate((frame_a, frame_b), start=1):
+        panel = tradeoff_figure(frame if frame is not None else pd.DataFrame(), x, x_title, log_x=True)
+        for trace in panel.data:
+            trace.showlegend = trace.name not in seen
+            seen.add(trace.name)
+            fig.add_trace(trace, row=1, col=col)
+        fig.update_xaxes(type="log", title_text=x_title, row=1, col=col)
+    fig.update_yaxes(title_text="Accuracy (%)", row=1, col=1)
+    fig.update_layout(height=470, margin=dict(l=10, r=10, t=40, b=10), clickmode="event+select",
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
+    return fig
+
+
+# --- the decision tree ---------------------------------------------------------------------------
+
+
+def decision_tree_figure(nodes: pd.DataFrame, edges: pd.DataFrame) -> go.Figure:
+    """The tree from recommend.tree_frames: questions as boxes, leaves as techniques, the
+    answered path (nodes and edges flagged `on_path`) drawn in red, the chosen leaf filled."""
+    fig = go.Figure()
+    for on_path, color, width in ((False, MUTED, 1.2), (True, PATH_COLOR, 3.5)):
+        part = edges[edges["on_path"] == on_path]
+        xs = np.column_stack([part["x0"], part["x1"], np.full(len(part), np.nan)]).ravel()
+        ys = np.column_stack([part["y0"], part["y1"], np.full(len(part), np.nan)]).ravel()
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                 line=dict(color=color, width=width),
+                                 name="answered path" if on_path else "other branches"))
+    for edge in edges.itertuples():
+        fig.add_annotation(x=(edge.x0 + edge.x1) / 2, y=(edge.y0 + edge.y1) / 2, text=edge.label,
+                           showarrow=False, bgcolor="white", borderpad=1,
+                           font=dict(size=10, color=PATH_COLOR if edge.on_path else "#666666"))
+    for _, node in nodes.iterrows():
+        leaf = node["kind"] == "leaf"
+        fill = PATH_COLOR if node["chosen"] else ("#fde2e2" if node["on_path"] else "white")
+        fig.add_annotation(
+            x=node["x"], y=node["y"], text=_wrap(node["label"] if leaf and pd.notna(node["technique"]) else node["text"], 14),
+            showarrow=False, font=dict(size=11, color="white" if node["chosen"] else "#222222"),
+            bgcolor=fill, borderpad=4, borderwidth=2 if node["on_path"] else 1,
+            bordercolor=PATH_COLOR if node["on_path"] else ("#888888" if leaf else "#bbbbbb"))
+    fig.add_trace(go.Scatter(
+        x=nodes["x"], y=nodes["y"], mode="markers", showlegend=False, marker=dict(size=30, opacity=0),
+        customdata=nodes[["id", "technique"]].to_numpy(),
+        hovertext=nodes["text"] + np.where(nodes["technique"].notna(),
+                                           "<br>technique: " + nodes["technique"].fillna(""), ""),
+        hovertemplate=HOVER_TEMPLATE))
+    fig.update_xaxes(visible=False, range=[nodes["x"].min() - 0.7, nodes["x"].max() + 0.7])
+    fig.update_yaxes(visible=False, range=[nodes["y"].min() - 0.6, nodes["y"].max() + 0.5])
+    fig.update_layout(height=560, margin=dict(l=5, r=5, t=10, b=5), plot_bgcolor="white",
+                      dragmode=False)
+    return fig
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = str(text).split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    return "<br>".join(lines)

@@ -1,0 +1,57 @@
+"""QuantLab: compare TensorFlow Lite quantization trade-offs of Keras models.
+
+The entry point: page configuration, navigation, and the sidebar every page shares.
+Run with `streamlit run app.py`.
+"""
+
+from pathlib import Path
+
+import streamlit as st
+
+from quantlab import share, sweeps
+from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
+from ui.share import current_view, url_params
+
+HERE = Path(__file__).parent
+
+# URL name -> (file, title, icon). A page whose file does not exist yet is left out.
+PAGES = {
+    "run": ("pages/run.py", "Run", ":material/play_circle:"),
+    "compare": ("pages/compare.py", "Compare", ":material/scatter_plot:"),
+    "recommend": ("pages/recommend.py", "Recommend", ":material/recommend:"),
+    "details": ("pages/details.py", "Variant details", ":material/info:"),
+    "lab": ("pages/lab.py", "Quantization lab", ":material/science:"),
+}
+
+st.set_page_config(page_title="QuantLab", page_icon=":material/tune:", layout="wide")
+
+settings = AppSettings.from_env()
+sweeps.configure(max_concurrent=settings.max_concurrent)
+store = settings.store()
+has_results = store.count() > 0
+
+# An empty store opens on Run (the default sweep is one click away); otherwise on Compare.
+default_page = "compare" if has_results and (HERE / PAGES["compare"][0]).exists() else "run"
+pages = {name: st.Page(file, title=title, icon=icon, url_path=name, default=name == default_page)
+         for name, (file, title, icon) in PAGES.items() if (HERE / file).exists()}
+current = st.navigation(list(pages.values()))
+
+# A shared link may name its page in the query (?page=details&row=...): open that page once.
+wanted = share.decode(url_params()).page
+if wanted in pages and pages[wanted] is not current and not st.session_state.get("opened_linked_page"):
+    st.session_state["opened_linked_page"] = True
+    st.switch_page(pages[wanted], query_params={k: v for k, v in url_params().items() if k != "page"})
+st.session_state["opened_linked_page"] = True
+
+sidebar = st.sidebar.container()
+current.run()
+
+# The sidebar is drawn after the page so that it shows the page's current choices.
+with sidebar:
+    view = current_view()
+    st.markdown(f"**Model:** {view.model or DEFAULT_MODEL}  \n**Dataset:** {view.dataset or DEFAULT_DATASET}")
+    st.caption(f"Results: `{settings.db_path}` ({store.count()} rows)  \nArtifacts: `{settings.cache_dir}`")
+    for handle in sweeps.active_sweeps():
+        st.caption(f"Sweep {handle.label}: {handle.snapshot().summary()}")
+    for line in settings.mode_lines():
+        st.caption(line)

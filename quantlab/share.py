@@ -1,0 +1,368 @@
+"""Sharing a view: its state to and from URL query parameters, and the results as files.
+
+Pure functions, no Streamlit. `decode` never raises: a parameter that is unknown, malformed or out
+of range is dropped (and reported by `decode_with_report`), so a hand-edited or stale link still
+opens the app. Exports turn a results frame (columns of store.COLUMN_NAMES) into CSV, JSON or a
+self-contained HTML report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlencode
+
+# The app's pages, by the name used in URLs (app.py maps each to its file).
+PAGE_NAMES = ("run", "compare", "recommend", "details", "lab")
+
+# Numeric result columns a chart may put on an axis.
+METRIC_COLUMNS = ("model_bytes", "gzip_bytes", "accuracy", "agreement", "sqnr_db", "latency_p50_ms",
+                  "latency_p90_ms", "latency_mean_ms", "conversion_seconds", "float_ops", "total_ops")
+
+MAX_TEXT_LENGTH = 120
+MAX_LATENCY_BUDGET_MS = 1e6
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+()\-]*$")  # no slashes: never a server path
+ID_PATTERN = re.compile(r"^[0-9a-f]{8,64}$")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+# Columns exported first and shown in the report table, in this order.
+REPORT_COLUMNS = ("model_name", "dataset_name", "technique", "family", "params", "model_bytes",
+                  "gzip_bytes", "accuracy", "agreement", "sqnr_db", "latency_p50_ms", "latency_p90_ms",
+                  "latency_runs", "num_threads", "input_dtype", "output_dtype", "float_ops", "total_ops",
+                  "cached", "error", "recorded_at", "row_id")
+JSON_TEXT_COLUMNS = ("params", "provenance", "details")
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """What a link reproduces: the page, the workload, the selection and the decision thresholds.
+
+    `accuracy_drop_pp` is the tolerated accuracy drop in percentage points (1.0 = one point).
+    """
+
+    page: str | None = None
+    model: str | None = None
+    dataset: str | None = None
+    techniques: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()
+    include_errors: bool | None = None
+    latest_only: bool | None = None
+    x_metric: str | None = None
+    y_metric: str | None = None
+    latency_budget_ms: float | None = None
+    accuracy_drop_pp: float | None = None
+    row: str | None = None
+    sweep: str | None = None
+
+    def merged(self, newer: "ViewState") -> "ViewState":
+        """This state with every field that `newer` sets taken from `newer`."""
+        changes = {name: getattr(newer, name) for name in self.__dataclass_fields__
+                   if getattr(newer, name) not in (None, ())}
+        return replace(self, **changes)
+
+    def with_(self, **changes: Any) -> "ViewState":
+        return replace(self, **changes)
+
+
+# URL parameter name -> ViewState field
+PARAM_FIELDS = {"page": "page", "model": "model", "dataset": "dataset", "techniques": "techniques",
+                "families": "families", "errors": "include_errors", "latest": "latest_only",
+                "x": "x_metric", "y": "y_metric", "budget": "latency_budget_ms",
+                "drop": "accuracy_drop_pp", "row": "row", "sweep": "sweep"}
+FIELD_PARAMS = {value: key for key, value in PARAM_FIELDS.items()}
+
+
+def _known_techniques() -> tuple[set[str], set[str]]:
+    from .techniques import all_techniques
+
+    techniques = all_techniques()
+    return {t.id for t in techniques}, {t.family for t in techniques}
+
+
+def _values(raw: Any) -> list[str]:
+    """A parameter's values as strings: one value, a list of values, or comma-separated text."""
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    values = []
+    for item in items:
+        if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+            continue
+        values.extend(part.strip() for part in str(item).split(","))
+    return [v for v in values if v]
+
+
+def _one(raw: Any) -> str | None:
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    for item in reversed(items):  # the last value wins, as in st.query_params
+        if isinstance(item, (str, int, float)) and not isinstance(item, bool):
+            text = str(item).strip()
+            return text or None
+    return None
+
+
+def _name(text: str | None) -> str | None:
+    if text and len(text) <= MAX_TEXT_LENGTH and NAME_PATTERN.match(text) and ".." not in text:
+        return text
+    return None
+
+
+def _number(text: str | None, low: float, high: float) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    if value is None or not math.isfinite(value) or not low <= value <= high:
+        return None
+    return value
+
+
+def _flag(text: str | None) -> bool | None:
+    if text is None:
+        return None
+    text = text.lower()
+    return True if text in TRUE_WORDS else False if text in FALSE_WORDS else None
+
+
+def _choices(raw: Any, allowed: set[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v for v in _values(raw) if v in allowed))
+
+
+def decode_with_report(params: Mapping[str, Any] | None) -> tuple[ViewState, list[str]]:
+    """The view state in `params` (a st.query_params-like mapping) and the names of dropped params."""
+    technique_ids, families = _known_techniques()
+    fields: dict[str, Any] = {}
+    dropped: list[str] = []
+    try:
+        items = list((params or {}).items())
+    except Exception:  # not a mapping at all
+        return ViewState(), ["(unreadable parameters)"]
+    for key, raw in items:
+        name = PARAM_FIELDS.get(str(key))
+        if name is None:
+            dropped.append(str(key))
+            continue
+        text = _one(raw)
+        if name == "page":
+            value: Any = text if text in PAGE_NAMES else None
+        elif name in ("model", "dataset"):
+            value = _name(text)
+        elif name == "techniques":
+            value = _choices(raw, technique_ids) or None
+        elif name == "families":
+            value = _choices(raw, families) or None
+        elif name in ("include_errors", "latest_only"):
+            value = _flag(text)
+        elif name in ("x_metric", "y_metric"):
+            value = text if text in METRIC_COLUMNS else None
+        elif name == "latency_budget_ms":
+            value = _number(text, 0.0, MAX_LATENCY_BUDGET_MS)
+            value = value if value else None  # a budget of 0 ms admits nothing
+        elif name == "accuracy_drop_pp":
+            value = _number(text, 0.0, 100.0)
+        else:  # row, sweep
+            value = text.lower() if text and ID_PATTERN.match(text.lower()) else None
+        if value is None:
+            dropped.append(str(key))
+        else:
+            fields[name] = value
+    return ViewState(**fields), dropped
+
+
+def decode(params: Mapping[str, Any] | None) -> ViewState:
+    """The view state in `params`; whatever is not valid is left out."""
+    return decode_with_report(params)[0]
+
+
+def _format_number(value: float) -> str:
+    return f"{value:g}" if abs(value) < 1e15 else repr(value)
+
+
+def encode(state: ViewState, fields: Iterable[str] | None = None) -> dict[str, str]:
+    """Query parameters for `state` (only set fields; `fields` limits which), in a stable order."""
+    wanted = set(fields) if fields is not None else None
+    params: dict[str, str] = {}
+    for name, key in FIELD_PARAMS.items():
+        if wanted is not None and name not in wanted:
+            continue
+        value = getattr(state, name)
+        if value is None or value == ():
+            continue
+        if isinstance(value, bool):
+            params[key] = "1" if value else "0"
+        elif isinstance(value, float):
+            params[key] = _format_number(value)
+        elif isinstance(value, tuple):
+            params[key] = ",".join(value)
+        else:
+            params[key] = str(value)
+    return params
+
+
+def query_string(state: ViewState, fields: Iterable[str] | None = None) -> str:
+    return urlencode(encode(state, fields), safe=",")
+
+
+def share_url(base_url: str | None, state: ViewState, fields: Iterable[str] | None = None) -> str:
+    """`base_url` (the page's address, without a query) with the state as its query."""
+    base = (base_url or "").split("?", 1)[0].split("#", 1)[0]
+    query = query_string(state, fields)
+    return f"{base}?{query}" if query else base
+
+
+# --- exports --------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe version of one cell: NaN and NaT become None, timestamps ISO text."""
+    if value is None:
+        return None
+    if hasattr(value, "isoformat"):
+        try:
+            return value.isoformat()
+        except ValueError:  # NaT
+            return None
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        try:
+            value = value.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    try:
+        import pandas as pd
+
+        if not isinstance(value, (list, dict, tuple)) and pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return value
+
+
+def _ordered(frame: Any) -> Any:
+    first = [c for c in REPORT_COLUMNS if c in frame.columns]
+    return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def export_csv(frame: Any) -> bytes:
+    """The frame as UTF-8 CSV, the most useful columns first; JSON columns stay JSON text."""
+    if frame is None or len(frame.columns) == 0:
+        return b""
+    return _ordered(frame).to_csv(index=False).encode("utf-8")
+
+
+def export_records(frame: Any) -> list[dict[str, Any]]:
+    """The frame as a list of dicts with JSON columns decoded and every value JSON-safe."""
+    if frame is None or len(frame.columns) == 0:
+        return []
+    records = []
+    for record in _ordered(frame).to_dict(orient="records"):
+        row = {}
+        for key, value in record.items():
+            if key in JSON_TEXT_COLUMNS and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            row[str(key)] = _plain(value)
+        records.append(row)
+    return records
+
+
+def export_json(frame: Any) -> bytes:
+    """The frame as a UTF-8 JSON array of objects (JSON columns as nested objects)."""
+    return json.dumps(export_records(frame), indent=1, default=str).encode("utf-8")
+
+
+def measurement_methods(frame: Any) -> list[str]:
+    """The distinct latency methods of the rows, each with its thread counts and run counts."""
+    if frame is None or "latency_method" not in getattr(frame, "columns", ()):
+        return []
+    lines = []
+    for method, group in frame.dropna(subset=["latency_method"]).groupby("latency_method", sort=True):
+        parts = [str(method)]
+        if "num_threads" in group and group["num_threads"].notna().any():
+            threads = sorted({int(t) for t in group["num_threads"].dropna()})
+            parts.append(f"threads: {', '.join(map(str, threads))}")
+        if "latency_runs" in group and group["latency_runs"].notna().any():
+            runs = group["latency_runs"].dropna()
+            parts.append(f"runs per variant: {int(runs.min())}-{int(runs.max())}"
+                         if runs.min() != runs.max() else f"runs per variant: {int(runs.min())}")
+        lines.append("; ".join(parts))
+    return lines
+
+
+METRIC_NOTES = (
+    "accuracy: top-1 accuracy on the dataset's test split",
+    "agreement: share of test samples whose top-1 class equals the float reference model's",
+    "SQNR: signal-to-quantization-noise ratio of the outputs against the float reference, in dB",
+    "size: bytes of the .tflite file (gzip: the same file gzip-compressed, a proxy for download size)",
+)
+
+
+def _report_table(frame: Any) -> str:
+    if frame is None or frame.empty:
+        return "<p>No results.</p>"
+    columns = [c for c in REPORT_COLUMNS if c in frame.columns and c not in ("row_id",)]
+    table = frame[columns].copy()
+    for column in table.columns:
+        table[column] = [_plain(v) for v in table[column]]
+        table[column] = ["" if v is None else f"{v:.4g}" if isinstance(v, float) else v
+                         for v in table[column]]
+    return table.to_html(index=False, escape=True, border=0, classes="results", na_rep="")
+
+
+REPORT_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#222}
+h1{margin-bottom:.2rem} .meta{color:#666;margin-top:0}
+table.results{border-collapse:collapse;font-size:.85rem}
+table.results th,table.results td{padding:.25rem .5rem;border-bottom:1px solid #ddd;text-align:right}
+table.results th{background:#f4f4f4}
+table.results td:nth-child(-n+5){text-align:left}
+"""
+
+
+def export_html_report(frame: Any, figures: Sequence[Any] = (), title: str = "QuantLab report", *,
+                       generated_at: datetime | None = None, notes: Sequence[str] = ()) -> str:
+    """A self-contained HTML page: the figures (plotly.js embedded once), the table, the method."""
+    generated = (generated_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    parts = [
+        "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{REPORT_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='meta'>Generated {generated.strftime('%Y-%m-%d %H:%M:%S')} UTC by QuantLab; "
+        f"{0 if frame is None else len(frame)} result rows.</p>",
+    ]
+    parts.extend(f"<p>{html.escape(str(note))}</p>" for note in notes)
+    embedded = False
+    for figure in figures or ():
+        if figure is None:
+            continue
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=not embedded))
+        embedded = True
+    parts.append("<h2>Results</h2>")
+    parts.append(_report_table(frame))
+    parts.append("<h2>How these numbers were measured</h2><ul>")
+    methods = measurement_methods(frame)
+    parts.extend(f"<li>latency: {html.escape(line)}</li>" for line in methods)
+    if not methods:
+        parts.append("<li>latency: no latency method recorded for these rows</li>")
+    parts.extend(f"<li>{html.escape(line)}</li>" for line in METRIC_NOTES)
+    parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def export_file_name(state: ViewState, suffix: str) -> str:
+    """A file name that says what the export holds, e.g. quantlab-seed-cnn-digits-28.csv."""
+    words = ["quantlab", state.model or "", state.dataset or ""]
+    stem = "-".join(re.sub(r"[^A-Za-z0-9._-]+", "_", w) for w in words if w)
+    return f"{stem}.{suffix.lstrip('.')}"
+
+
+__all__ = ["PAGE_NAMES", "METRIC_COLUMNS", "ViewState", "decode", "decode_with_report", "encode",
+           "query_string", "share_url", "export_csv", "export_json", "export_records",
+           "export_html_report", "measurement_methods", "export_file_name"]

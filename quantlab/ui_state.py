@@ -1,0 +1,651 @@
+"""What the dashboard pages decide, without Streamlit: settings, choices, uploads, row views.
+
+The pages in pages/ draw widgets; every default, grouping, check and table they show comes from here,
+so it can be tested without a browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .cache import DEFAULT_CACHE_DIR, ArtifactCache
+from .config import MeasureSettings, SweepSpec, TechniqueSpec, TrainSettings
+from .errors import QuantLabError
+from .pool import PoolLimits
+from .runner import SweepOptions
+from .store import DEFAULT_DB_PATH, Store
+from .techniques import Param, Technique, all_techniques, get_technique
+
+DEFAULT_MODEL = "seed-cnn"
+DEFAULT_DATASET = "digits-28"
+MODEL_SUFFIXES = (".keras", ".h5", ".zip", ".tflite")
+DATASET_SUFFIXES = (".npz",)
+DEFAULT_MAX_UPLOAD_MB = 200
+DEMO_MAX_UPLOAD_MB = 20
+DEMO_TASK_TIMEOUT_SECONDS = 600.0
+DEMO_MEMORY_LIMIT_MB = 4000.0
+
+FAMILY_TITLES = {
+    "baseline": "Baseline (Keras)",
+    "uploaded": "Uploaded TensorFlow Lite file",
+    "float": "TFLite float",
+    "ptq": "Post-training quantization",
+    "qat": "Quantization-aware training",
+    "cluster": "Weight clustering",
+    "clustering": "Weight clustering",
+    "prune": "Pruning",
+    "pruning": "Pruning",
+}
+MODEL_KIND_WORDS = {"keras": "a Keras model", "savedmodel": "a SavedModel", "tflite": "a .tflite file"}
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    text = environ.get(name, "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
+def _positive_int(environ: Mapping[str, str], name: str, default: int, notes: list[str]) -> int:
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(float(text))
+        if value < 1 or not math.isfinite(float(text)):
+            raise ValueError
+        return value
+    except ValueError:
+        notes.append(f"{name}={text!r} is not a whole number of at least 1; using {default}")
+        return default
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """How this dashboard is set up, from the environment.
+
+    QUANTLAB_DB (results database), QUANTLAB_CACHE (artifacts folder), QUANTLAB_DEMO=1 (a hosted
+    demo: smaller uploads, per-variant time and memory limits), QUANTLAB_READ_ONLY=1 (view results,
+    run nothing), QUANTLAB_UPLOADS=0 (built-in models and datasets only), QUANTLAB_MAX_UPLOAD_MB,
+    QUANTLAB_MAX_SWEEPS (sweeps run at once; more wait in a queue).
+    """
+
+    db_path: Path = DEFAULT_DB_PATH
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    demo: bool = False
+    read_only: bool = False
+    uploads_enabled: bool = True
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    max_concurrent: int = 1
+    notes: tuple[str, ...] = ()  # settings that were ignored, in words
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "AppSettings":
+        env = os.environ if environ is None else environ
+        notes: list[str] = []
+        demo = _flag(env, "QUANTLAB_DEMO", False)
+        cache_dir = Path(env.get("QUANTLAB_CACHE") or DEFAULT_CACHE_DIR)
+        db_default = cache_dir / DEFAULT_DB_PATH.name if env.get("QUANTLAB_CACHE") else DEFAULT_DB_PATH
+        return cls(
+            db_path=Path(env.get("QUANTLAB_DB") or db_default),
+            cache_dir=cache_dir,
+            demo=demo,
+            read_only=_flag(env, "QUANTLAB_READ_ONLY", False),
+            uploads_enabled=_flag(env, "QUANTLAB_UPLOADS", True),
+            max_upload_mb=_positive_int(env, "QUANTLAB_MAX_UPLOAD_MB",
+                                        DEMO_MAX_UPLOAD_MB if demo else DEFAULT_MAX_UPLOAD_MB, notes),
+            max_concurrent=_positive_int(env, "QUANTLAB_MAX_SWEEPS", 1, notes),
+            notes=tuple(notes),
+        )
+
+    def store(self) -> Store:
+        return Store(self.db_path, read_only=self.read_only)
+
+    def cache(self) -> ArtifactCache:
+        return ArtifactCache(self.cache_dir)
+
+    def upload_limits(self) -> Any:
+        """safe_load.UploadLimits with this upload cap (None if safe_load is not available)."""
+        try:
+            from .safe_load import UploadLimits
+        except ImportError:
+            return None
+        return UploadLimits(max_bytes=self.max_upload_mb * 1024 * 1024)
+
+    def sweep_options(self) -> SweepOptions:
+        limits = PoolLimits(task_timeout_seconds=DEMO_TASK_TIMEOUT_SECONDS,
+                            memory_limit_mb=DEMO_MEMORY_LIMIT_MB) if self.demo else PoolLimits()
+        return SweepOptions(limits=limits, source="app")
+
+    @property
+    def can_run(self) -> bool:
+        return not self.read_only
+
+    def mode_lines(self) -> list[str]:
+        """What is restricted here, in words (empty for a normal local run)."""
+        lines = []
+        if self.demo:
+            lines.append(f"Demo: uploads up to {self.max_upload_mb} MB, each variant limited to "
+                         f"{DEMO_TASK_TIMEOUT_SECONDS / 60:.0f} min and {DEMO_MEMORY_LIMIT_MB / 1000:.0f} GB.")
+        if self.read_only:
+            lines.append("Read-only: stored results can be viewed, new sweeps cannot be run.")
+        if not self.uploads_enabled:
+            lines.append("Uploads are turned off: built-in models and datasets only.")
+        return lines + list(self.notes)
+
+
+# --- choosing techniques --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TechniqueChoice:
+    technique: Technique
+    available: bool
+    reason: str = ""          # why it cannot run on this model, when not available
+    default_selected: bool = False
+
+
+@dataclass(frozen=True)
+class TechniqueGroup:
+    family: str
+    title: str
+    choices: tuple[TechniqueChoice, ...]
+
+
+def family_title(family: str) -> str:
+    return FAMILY_TITLES.get(family, family.replace("-", " ").replace("_", " ").capitalize())
+
+
+def technique_groups(model_kind: str = "keras") -> list[TechniqueGroup]:
+    """Every registered technique, grouped by family in registry order, marked runnable or not.
+
+    Selected by default: what runs on this model without re-training (one click gives a full
+    post-training comparison); techniques that fine-tune are offered but left for the user to tick.
+    """
+    groups: dict[str, list[TechniqueChoice]] = {}
+    for technique in all_techniques():
+        available = model_kind in technique.sources
+        reason = "" if available else (
+            f"needs {' or '.join(MODEL_KIND_WORDS.get(s, s) for s in technique.sources)}; "
+            f"the current model is {MODEL_KIND_WORDS.get(model_kind, model_kind)}")
+        groups.setdefault(technique.family, []).append(
+            TechniqueChoice(technique, available, reason, available and not technique.fine_tunes))
+    return [TechniqueGroup(family, family_title(family), tuple(choices)) for family, choices in groups.items()]
+
+
+def unavailable_techniques() -> dict[str, str]:
+    """Techniques QuantLab knows of but cannot run with the installed libraries, with the reason."""
+    from .techniques import unsupported_techniques
+
+    return unsupported_techniques()
+
+
+def technique_tags(technique: Technique) -> list[str]:
+    """Short facts shown next to a technique's name."""
+    tags = []
+    if technique.needs_calibration:
+        tags.append("uses calibration data")
+    if technique.fine_tunes:
+        tags.append("re-trains (slower)")
+    if technique.integer_only:
+        tags.append("integer only")
+    return tags
+
+
+@dataclass(frozen=True)
+class ParamInput:
+    """How to draw one technique parameter as a widget."""
+
+    widget: str               # selectbox, checkbox, int, float
+    label: str
+    help: str
+    default: Any
+    options: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+
+
+def param_input(param: Param) -> ParamInput:
+    label = param.name.replace("_", " ")
+    if param.choices:
+        return ParamInput("selectbox", label, param.help, param.default, tuple(param.choices))
+    if isinstance(param.default, bool):
+        return ParamInput("checkbox", label, param.help, param.default)
+    if isinstance(param.default, int):
+        return ParamInput("int", label, param.help, param.default,
+                          minimum=None if param.minimum is None else int(math.ceil(param.minimum)),
+                          maximum=None if param.maximum is None else int(param.maximum), step=1)
+    default = float(param.default)
+    span = (param.maximum - param.minimum) if param.minimum is not None and param.maximum is not None else None
+    step = span / 100 if span else (abs(default) / 10 if default else 0.01)
+    return ParamInput("float", label, param.help, default, minimum=param.minimum, maximum=param.maximum,
+                      step=step)
+
+
+def build_technique_specs(choices: Mapping[str, Mapping[str, Any]]
+                          ) -> tuple[tuple[TechniqueSpec, ...], dict[str, str]]:
+    """Specs for the chosen techniques (id -> parameter values), checked; errors per technique id."""
+    specs: list[TechniqueSpec] = []
+    errors: dict[str, str] = {}
+    for technique_id, params in choices.items():
+        try:
+            technique = get_technique(technique_id)
+            specs.append(TechniqueSpec(technique_id, technique.resolve(params)))
+        except QuantLabError as exc:
+            errors[technique_id] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return tuple(dict.fromkeys(specs)), errors
+
+
+def make_sweep_spec(model: str, dataset: str, techniques: Sequence[TechniqueSpec], *,
+                    epochs: int = TrainSettings.epochs, num_threads: int = 1,
+                    min_runs: int = MeasureSettings.min_runs,
+                    min_seconds: float = MeasureSettings.min_seconds) -> SweepSpec:
+    return SweepSpec(model=model, dataset=dataset, techniques=tuple(techniques),
+                     train=TrainSettings(epochs=int(epochs)),
+                     measure=MeasureSettings(num_threads=int(num_threads), min_runs=int(min_runs),
+                                             min_seconds=float(min_seconds)))
+
+
+def model_kind_of(model: str) -> str:
+    """keras or tflite, from the name (a Keras 3 file becomes a SavedModel only once prepared)."""
+    return "tflite" if str(model).lower().endswith(".tflite") else "keras"
+
+
+def keras3_note() -> str:
+    """What a Keras 3 upload can do, from the registry (techniques that cannot start from a SavedModel)."""
+    keras_only = [t.label for t in all_techniques() if "keras" in t.sources and "savedmodel" not in t.sources]
+    text = ("A Keras 3 .keras file is checked, then exported to a SavedModel: every post-training "
+            "technique runs on it.")
+    if keras_only:
+        text += (f" These need a tf_keras (Keras 2) model and fail with a reason on a Keras 3 file: "
+                 f"{', '.join(keras_only)}.")
+    return text
+
+
+# --- uploads --------------------------------------------------------------------------------------
+
+
+def safe_file_name(name: str, fallback: str = "upload") -> str:
+    """A plain file name (no folders, no leading dots) that keeps the original suffix."""
+    base = Path(str(name).replace("\\", "/")).name
+    base = re.sub(r"[^A-Za-z0-9._+\- ]+", "_", base).strip(" .")
+    return base[:120] or fallback
+
+
+def save_upload(data: bytes, name: str, cache_dir: Path) -> Path:
+    """Write uploaded bytes to cache/uploads/<content hash>/<name>, once; returns the path."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    path = Path(cache_dir) / "uploads" / digest / safe_file_name(name)
+    if not path.exists() or path.stat().st_size != len(data):
+        from .cache import write_atomically
+        write_atomically(path, data)
+    return path
+
+
+def _size_check(path: Path, max_mb: int, what: str) -> None:
+    size = path.stat().st_size
+    if size == 0:
+        raise QuantLabError(f"{path.name} is empty; upload the file again")
+    if size > max_mb * 1024 * 1024:
+        raise QuantLabError(f"{path.name} is {size / 1024 / 1024:.1f} MB, over the {max_mb} MB limit "
+                            f"for {what}; upload a smaller file")
+
+
+def check_uploaded_model(path: Path, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB) -> None:
+    """Cheap checks of an uploaded model (the full, safe load happens when the sweep prepares it)."""
+    path = Path(path)
+    if path.suffix.lower() not in MODEL_SUFFIXES:
+        raise QuantLabError(f"{path.name} is not a model file QuantLab reads; upload "
+                            f"{', '.join(MODEL_SUFFIXES)} (a SavedModel as a .zip of its folder)")
+    _size_check(path, max_upload_mb, "models")
+    head = path.read_bytes()[:8] if path.stat().st_size < 1 << 16 else path.open("rb").read(8)
+    if path.suffix.lower() == ".tflite" and head[4:8] != b"TFL3":
+        raise QuantLabError(f"{path.name} is not a TensorFlow Lite file (no 'TFL3' identifier); upload "
+                            f"a file written by TFLiteConverter.convert()")
+    if path.suffix.lower() in (".keras", ".zip") and not head.startswith(b"PK"):
+        raise QuantLabError(f"{path.name} is not a zip archive, so it is not a {path.suffix} file; "
+                            f"save the model again (model.save('model.keras')) and upload that")
+    if path.suffix.lower() == ".h5" and not head.startswith(b"\x89HDF"):
+        raise QuantLabError(f"{path.name} is not an HDF5 file; save the model again with "
+                            f"model.save('model.h5') and upload that")
+
+
+def check_uploaded_dataset(path: Path, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB) -> None:
+    """Check an uploaded .npz dataset fully (arrays, shapes, labels) without running anything in it."""
+    path = Path(path)
+    if path.suffix.lower() not in DATASET_SUFFIXES:
+        raise QuantLabError(f"{path.name} is not a .npz file; save the arrays with "
+                            f"np.savez('data.npz', x_test=x, y_test=y) and upload that")
+    _size_check(path, max_upload_mb, "datasets")
+    try:
+        from .uploads import check_dataset_file
+    except ImportError:
+        check_dataset_file = None
+    if check_dataset_file is not None:
+        check_dataset_file(path)
+        return
+    try:
+        from .safe_load import UploadLimits, load_npz_dataset
+    except ImportError:
+        return
+    load_npz_dataset(path, UploadLimits(max_bytes=max_upload_mb * 1024 * 1024))
+
+
+def is_upload(path_or_name: str | None, cache_dir: Path) -> bool:
+    if not path_or_name:
+        return False
+    try:
+        return Path(path_or_name).resolve().is_relative_to((Path(cache_dir) / "uploads").resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def blame_upload(error: str | None, model_uploaded: bool, dataset_uploaded: bool) -> str | None:
+    """Which upload a sweep's error is about: "model", "dataset" or None (not an upload's fault)."""
+    if not error or not (model_uploaded or dataset_uploaded):
+        return None
+    if model_uploaded != dataset_uploaded:
+        return "model" if model_uploaded else "dataset"
+    text = error.lower()
+    return "dataset" if ("dataset" in text or ".npz" in text or "x_test" in text or "label" in text) else "model"
+
+
+# --- a sweep's rows as a table --------------------------------------------------------------------
+
+
+def format_bytes(value: Any) -> str:
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return ""
+    value = float(value)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:,.0f} {unit}" if unit == "bytes" else f"{value:,.1f} {unit}"
+        value /= 1024
+    return ""
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def params_text(params: Any) -> str:
+    if isinstance(params, str):
+        try:
+            params = json.loads(params or "{}")
+        except ValueError:
+            return params
+    return ", ".join(f"{k}={v}" for k, v in (params or {}).items())
+
+
+def results_table(rows: Iterable[Mapping[str, Any]], details_link: str | None = None) -> Any:
+    """Finished variants, one line each: what was measured, or that it came from the cache or failed.
+
+    The "row" column holds the row id, or `details_link` + the row id (a link to the details page).
+    """
+    import pandas as pd
+
+    lines = []
+    for row in rows:
+        error = row.get("error")
+        lines.append({
+            "technique": row.get("technique"),
+            "params": params_text(row.get("params")),
+            "result": f"failed: {error}" if error else "cached" if row.get("cached") else "measured",
+            "size": format_bytes(row.get("model_bytes")),
+            "accuracy": _number(row.get("accuracy")),
+            "agreement": _number(row.get("agreement")),
+            "p50 latency (ms)": _number(row.get("latency_p50_ms")),
+            "row": f"{details_link}{row.get('row_id')}" if details_link else row.get("row_id"),
+        })
+    return pd.DataFrame(lines, columns=["technique", "params", "result", "size", "accuracy", "agreement",
+                                        "p50 latency (ms)", "row"])
+
+
+# --- one stored row -------------------------------------------------------------------------------
+
+
+def _as_dict(value: Any) -> dict:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            decoded = json.loads(value or "{}")
+            return decoded if isinstance(decoded, dict) else {}
+        except ValueError:
+            return {}
+    return {}
+
+
+def row_label(record: Mapping[str, Any]) -> str:
+    """e.g. "int8-only · seed-cnn on digits-28 · acc 0.962 · 2026-01-02 10:11"."""
+    parts = [str(record.get("technique"))]
+    params = params_text(record.get("params"))
+    if params:
+        parts[0] += f" ({params})"
+    parts.append(f"{record.get('model_name')} on {record.get('dataset_name')}")
+    if record.get("error"):
+        parts.append("failed")
+    elif _number(record.get("accuracy")) is not None:
+        parts.append(f"acc {float(record['accuracy']):.3f}")
+    recorded = record.get("recorded_at")
+    if recorded is not None and hasattr(recorded, "strftime"):
+        try:
+            parts.append(recorded.strftime("%Y-%m-%d %H:%M"))
+        except ValueError:
+            pass
+    parts.append(str(record.get("row_id", ""))[:8])
+    return " · ".join(parts)
+
+
+def tensor_table(details: Mapping[str, Any]) -> Any:
+    """The model's inputs and outputs: name, shape, dtype, scale and zero point (for quantized I/O)."""
+    import pandas as pd
+
+    inspection = _as_dict(details.get("inspection"))
+    lines = []
+    for role in ("inputs", "outputs"):
+        for tensor in inspection.get(role) or []:
+            if not isinstance(tensor, Mapping):
+                continue
+            quant = _as_dict(tensor.get("quantization"))
+            scale = tensor.get("scale", quant.get("scale", quant.get("scales")))
+            zero_point = tensor.get("zero_point", quant.get("zero_point", quant.get("zero_points")))
+            lines.append({"role": role[:-1], "name": tensor.get("name"),
+                          "shape": str(list(tensor["shape"])) if tensor.get("shape") is not None else "",
+                          "dtype": tensor.get("dtype"),
+                          "scale": _scalar_text(scale), "zero point": _scalar_text(zero_point)})
+    return pd.DataFrame(lines, columns=["role", "name", "shape", "dtype", "scale", "zero point"])
+
+
+def _scalar_text(value: Any) -> str:
+    if value is None or value == [] or value == ():
+        return ""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            value = value[0]
+        else:
+            return f"{len(value)} values (per channel)"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+FLOAT_DTYPES = ("float32", "float16", "float64", "bfloat16")
+
+
+def _dtypes(items: Any) -> list[str]:
+    out = []
+    for item in items or []:
+        if isinstance(item, Mapping):
+            item = item.get("dtype")
+        if item:
+            out.append(str(item))
+    return out
+
+
+def ops_table(details: Mapping[str, Any]) -> Any:
+    """Every op with its input and output types, and whether it computes in float.
+
+    An op computes in float when an output is a float tensor and it is not a QUANTIZE/DEQUANTIZE
+    conversion (measure.inspect_tflite records this as `computes_in_float`).
+    """
+    import pandas as pd
+
+    inspection = _as_dict(details.get("inspection"))
+    ops = inspection.get("ops") or []
+    if isinstance(ops, Mapping):  # {op name: count}
+        ops = [{"op": name, "count": count} for name, count in ops.items()]
+    lines = []
+    for index, op in enumerate(ops):
+        if not isinstance(op, Mapping):
+            op = {"op": str(op)}
+        name = next((op[k] for k in ("op", "name", "opcode", "op_name", "builtin", "type") if op.get(k)), "?")
+        inputs = _dtypes(op.get("input_dtypes") or op.get("inputs"))
+        outputs = _dtypes(op.get("output_dtypes") or op.get("outputs"))
+        listed = _dtypes(op.get("dtypes"))
+        explicit = next((op[k] for k in ("computes_in_float", "is_float", "float") if k in op), None)
+        all_types = inputs + outputs + listed
+        is_float = bool(explicit) if explicit is not None else any(t in FLOAT_DTYPES for t in all_types)
+        line = {"#": op.get("index", index), "op": str(name),
+                "input types": ", ".join(dict.fromkeys(inputs or listed)),
+                "output types": ", ".join(dict.fromkeys(outputs)),
+                "computes in float": is_float}
+        if "count" in op:
+            line["count"] = op["count"]
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def float_ops_summary(row: Mapping[str, Any], ops: Any) -> str:
+    """e.g. "2 of 7 ops compute in float: FULLY_CONNECTED, SOFTMAX"."""
+    total, float_ops = _number(row.get("total_ops")), _number(row.get("float_ops"))
+    names: list[str] = []
+    if ops is not None and len(ops) and "computes in float" in ops:
+        names = list(dict.fromkeys(ops.loc[ops["computes in float"], "op"]))
+        if total is None:
+            total, float_ops = float(len(ops)), float(int(ops["computes in float"].sum()))
+    if total is None:
+        return "No op list was recorded for this variant."
+    text = f"{int(float_ops or 0)} of {int(total)} ops compute in float"
+    return text + (f": {', '.join(names)}" if names and float_ops else "") + "."
+
+
+def latency_summary(row: Mapping[str, Any]) -> str:
+    values = [(name, _number(row.get(key))) for name, key in
+              (("p50", "latency_p50_ms"), ("p90", "latency_p90_ms"), ("mean", "latency_mean_ms"),
+               ("std", "latency_std_ms"))]
+    parts = [f"{name} {value:.3f} ms" for name, value in values if value is not None]
+    runs, threads = _number(row.get("latency_runs")), _number(row.get("num_threads"))
+    if runs:
+        parts.append(f"{int(runs)} runs")
+    if threads:
+        parts.append(f"{int(threads)} thread{'s' if threads != 1 else ''}")
+    return ", ".join(parts) if parts else "No latency was measured."
+
+
+def latency_histogram(samples: Sequence[float], row: Mapping[str, Any] | None = None) -> Any:
+    """A Plotly histogram of per-run latencies, with the p50 and p90 marked."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure(go.Histogram(x=list(samples), nbinsx=min(60, max(10, len(samples) // 5)),
+                                    name="runs", marker_color="#4C78A8"))
+    for name, key, dash in (("p50", "latency_p50_ms", "solid"), ("p90", "latency_p90_ms", "dash")):
+        value = _number((row or {}).get(key))
+        if value is not None:
+            figure.add_vline(x=value, line_dash=dash, line_color="#E45756",
+                             annotation_text=f"{name} {value:.3f} ms", annotation_position="top")
+    figure.update_layout(xaxis_title="latency per inference (ms)", yaxis_title="runs", bargap=0.05,
+                         margin=dict(l=10, r=10, t=30, b=10), height=320, showlegend=False)
+    return figure
+
+
+def provenance_table(row: Mapping[str, Any]) -> Any:
+    """Where the numbers come from: versions, hashes, CPU, threads and times, as field/value lines."""
+    import pandas as pd
+
+    provenance = _as_dict(row.get("provenance"))
+    lines: list[tuple[str, str]] = []
+
+    def add(name: str, value: Any) -> None:
+        if value is not None and value != "" and value != {}:
+            lines.append((name, value if isinstance(value, str) else json.dumps(value, default=str)))
+
+    add("recorded at", str(row.get("recorded_at") or ""))
+    add("measured at", str(row.get("measured_at") or ""))
+    add("row id", row.get("row_id"))
+    add("sweep id", row.get("sweep_id"))
+    add("result key", row.get("result_key") or provenance.get("result_key"))
+    add("model hash", row.get("model_hash") or provenance.get("model_hash"))
+    add("dataset hash", row.get("dataset_hash") or provenance.get("dataset_hash"))
+    add("engine version", provenance.get("engine_version"))
+    add("technique", provenance.get("technique"))
+    add("CPU", provenance.get("cpu_model"))
+    add("CPU count", provenance.get("cpu_count"))
+    threads = provenance.get("num_threads", row.get("num_threads"))
+    add("interpreter threads", None if threads is None else str(threads))
+    add("python", provenance.get("python"))
+    add("platform", provenance.get("platform"))
+    for library, version in sorted(_as_dict(provenance.get("versions")).items()):
+        add(f"version: {library}", str(version))
+    shown = {"result_key", "model_hash", "dataset_hash", "engine_version", "technique", "cpu_model",
+             "cpu_count", "num_threads", "python", "platform", "versions"}
+    for key, value in sorted(provenance.items()):
+        if key not in shown:
+            add(key.replace("_", " "), value)
+    return pd.DataFrame(lines, columns=["field", "value"])
+
+
+STANDARD_DETAIL_KEYS = ("inspection", "latency_samples_ms", "split_sizes", "conversion", "keras_layers")
+
+
+def extra_details(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Details beyond the standard ones: what a technique recorded about itself (e.g. fine-tuning)."""
+    details = _as_dict(row.get("details"))
+    return {k: v for k, v in details.items() if k not in STANDARD_DETAIL_KEYS}
+
+
+def row_frame(store: Store, row_id: str) -> Any:
+    """One stored row as a one-line frame, JSON columns as stored text (what the exports expect)."""
+    return store.query("SELECT * FROM results WHERE row_id = ?", [row_id])
+
+
+def is_fine_tuned(row: Mapping[str, Any]) -> bool:
+    try:
+        return get_technique(str(row.get("technique"))).fine_tunes
+    except QuantLabError:
+        return False
+
+
+def downloadable_artifact(row: Mapping[str, Any], cache_dir: Path) -> Path | None:
+    """The row's artifact if it is an existing file inside the cache folder, else None."""
+    text = row.get("artifact_path")
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        path = Path(text).resolve(strict=True)
+        root = Path(cache_dir).resolve()
+    except (OSError, RuntimeError):
+        return None
+    if not path.is_file() or not path.is_relative_to(root):
+        return None
+    return path
+

@@ -1,0 +1,313 @@
+"""The Run and Variant details pages, headless through Streamlit's AppTest (app.py as the entry point).
+
+The engine behind them is tested elsewhere (tests/test_sweeps.py runs real sweeps); here the store
+holds hand-made rows, and where a sweep must run, a stand-in `run_sweep` plays its events.
+"""
+
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from quantlab import sweeps
+from quantlab.store import Store
+from quantlab.techniques import all_techniques
+from quantlab.ui_state import AppSettings, blame_upload, downloadable_artifact, save_upload
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+TIMEOUT = 30
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """An empty store and cache for the app, and no sweeps left over from other tests."""
+    monkeypatch.setenv("QUANTLAB_DB", str(tmp_path / "q.duckdb"))
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    for name in ("QUANTLAB_DEMO", "QUANTLAB_READ_ONLY", "QUANTLAB_UPLOADS", "QUANTLAB_MAX_UPLOAD_MB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sweeps, "_DEFAULT", sweeps.SweepManager())
+    return tmp_path
+
+
+def run_app(**query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params.update(query)
+    return at.run()
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def labels(elements) -> list[str]:
+    return [e.label for e in elements]
+
+
+def add_row(tmp_path, technique="int8-only", artifact_inside_cache=True, **overrides) -> str:
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    folder = tmp_path / "cache" / "artifacts" if artifact_inside_cache else tmp_path / "elsewhere"
+    folder.mkdir(parents=True, exist_ok=True)
+    artifact = folder / f"{technique}.tflite"
+    artifact.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(100))
+    row = {
+        "sweep_id": "s1", "result_key": f"k-{technique}", "cached": False, "model_name": "seed-cnn",
+        "model_hash": "mh123", "dataset_name": "digits-28", "dataset_hash": "dh456",
+        "technique": technique, "family": "ptq", "params": {}, "model_bytes": 9_876, "gzip_bytes": 8_000,
+        "accuracy": 0.9512, "agreement": 0.99, "sqnr_db": 31.5, "latency_p50_ms": 0.123,
+        "latency_p90_ms": 0.2, "latency_mean_ms": 0.13, "latency_std_ms": 0.01, "latency_runs": 60,
+        "num_threads": 1, "latency_method": "one invoke() at batch 1, timed with perf_counter",
+        "input_dtype": "int8", "output_dtype": "int8", "float_ops": 1, "total_ops": 3,
+        "artifact_path": str(artifact),
+        "provenance": {"versions": {"tensorflow": "2.21.0"}, "cpu_model": "Test CPU", "num_threads": 1,
+                       "engine_version": "1"},
+        "details": {"inspection": {
+            "inputs": [{"name": "input", "dtype": "int8", "shape": [1, 28, 28], "scale": 0.0039,
+                        "zero_point": -128}],
+            "outputs": [{"name": "logits", "dtype": "int8", "shape": [1, 10], "scale": 0.1, "zero_point": 5}],
+            "ops": [{"index": 0, "op_name": "CONV_2D", "input_dtypes": ["int8"], "output_dtypes": ["int8"],
+                     "computes_in_float": False},
+                    {"index": 1, "op_name": "SOFTMAX_FLOAT_OP", "input_dtypes": ["float32"],
+                     "output_dtypes": ["float32"], "computes_in_float": True},
+                    {"index": 2, "op_name": "QUANTIZE", "input_dtypes": ["float32"],
+                     "output_dtypes": ["int8"], "computes_in_float": False}]},
+            "latency_samples_ms": [0.12, 0.13, 0.12, 0.2, 0.11] * 10},
+    }
+    row.update(overrides)
+    return store.insert_result(row)
+
+
+# --- Run --------------------------------------------------------------------------------------------
+
+
+def test_an_empty_store_opens_on_run_with_the_default_ready(env):
+    at = run_app()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Run a sweep"]
+    assert "seed-cnn" in texts(at.info) and "digits-28" in texts(at.info)
+    assert at.selectbox(key="run_model").value == "seed-cnn"
+    assert at.selectbox(key="run_dataset").value == "digits-28"
+    run = at.button(key="run_start")
+    assert run.label == "Run sweep" and not run.disabled
+    assert at.checkbox(key="run_technique_dynamic").value is True
+    assert at.query_params["model"] == "seed-cnn"
+
+
+def test_the_technique_list_shows_every_registered_technique(env):
+    at = run_app()
+    shown = " ".join(labels(at.checkbox))
+    for technique in all_techniques():
+        assert f"`{technique.id}`" in shown, technique.id
+    # one that cannot start from a Keras model is shown, disabled, with the reason
+    tflite_only = [t for t in all_techniques() if "keras" not in t.sources]
+    for technique in tflite_only:
+        assert at.checkbox(key=f"run_technique_{technique.id}").disabled
+    if tflite_only:
+        assert "Not for this model" in texts(at.caption)
+
+
+def test_a_link_naming_a_model_and_techniques_preselects_them(env):
+    at = run_app(model="mlp", dataset="digits", techniques="float16,dynamic")
+    assert at.selectbox(key="run_model").value == "mlp"
+    assert at.selectbox(key="run_dataset").value == "digits"
+    assert at.checkbox(key="run_technique_float16").value and at.checkbox(key="run_technique_dynamic").value
+    assert not at.checkbox(key="run_technique_float32").value
+    at.checkbox(key="run_technique_float32").check().run()  # the user's changes then win
+    assert at.checkbox(key="run_technique_float32").value
+    assert at.query_params["techniques"] == "float32,dynamic,float16"
+
+
+def test_every_declared_parameter_gets_a_widget(env):
+    at = run_app()
+    keys = {w.key for w in [*at.selectbox, *at.number_input, *at.checkbox] if w.key}
+    for technique in all_techniques():
+        if "keras" in technique.sources:
+            for param in technique.params:
+                assert f"run_param_{technique.id}_{param.name}" in keys
+
+
+def test_a_bad_model_upload_is_explained_in_words(env):
+    at = run_app()
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_model_file").set_value(("model.tflite", b"this is not a model", "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    assert "model.tflite" in texts(at.error) and "not a TensorFlow Lite file" in texts(at.error)
+    assert at.button(key="run_start").disabled
+
+
+def test_a_bad_dataset_upload_is_explained_in_words(env):
+    at = run_app()
+    at.radio(key="run_dataset_source").set_value("Upload a file").run()
+    buffer = io.BytesIO()
+    np.savez(buffer, x_test=np.zeros((4, 8, 8), np.float32))  # no labels
+    at.file_uploader(key="run_dataset_file").set_value(("data.npz", buffer.getvalue(), "application/zip"))
+    at.run()
+    assert not at.exception
+    assert "y_test" in texts(at.error)
+    assert "Traceback" not in texts(at.error)
+    assert at.button(key="run_start").disabled
+
+
+def test_read_only_mode_says_so_and_runs_nothing(env, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_READ_ONLY", "1")
+    at = run_app()
+    assert at.button(key="run_start").disabled
+    assert "Read-only" in texts(at.info)
+
+
+def test_a_running_sweep_shows_each_variant_and_survives_a_page_switch(env, monkeypatch):
+    release = threading.Event()
+
+    def play(spec, *, store, cache, on_event, options, cancel):
+        rows = [{"row_id": "a" * 32, "technique": "float32", "params": {}, "cached": True, "error": None,
+                 "model_bytes": 1000, "accuracy": 0.9, "model_name": "seed-cnn", "dataset_name": "digits-28"},
+                {"row_id": "b" * 32, "technique": "dynamic", "params": {}, "cached": False,
+                 "error": "conversion crashed; try another mode", "model_name": "seed-cnn",
+                 "dataset_name": "digits-28"}]
+        on_event({"type": "sweep-start", "sweep_id": "s1", "total": len(spec.techniques)})
+        on_event({"type": "variant-done", "technique": "float32", "cached": True, "row": rows[0], "done": 1,
+                  "total": len(spec.techniques)})
+        on_event({"type": "variant-failed", "technique": "dynamic", "cached": False, "row": rows[1], "done": 2,
+                  "total": len(spec.techniques)})
+        release.wait(20)
+        on_event({"type": "sweep-done", "sweep_id": "s1", "rows": 2})
+
+    monkeypatch.setattr(sweeps, "run_sweep", play)
+    at = run_app()
+    for checkbox in at.checkbox:
+        if checkbox.key and checkbox.key.startswith("run_technique_") and not checkbox.disabled:
+            checkbox.set_value(checkbox.key in ("run_technique_float32", "run_technique_dynamic"))
+    at.run()
+    at.button(key="run_start").click().run()
+    handle = sweeps.list_sweeps()[0]
+    for _ in range(50):
+        if handle.snapshot().done == 2:
+            break
+        threading.Event().wait(0.1)
+    at.run()
+    assert not at.exception
+    assert "running: 2 of 2 variants (1 cached, 1 failed)" in " ".join(s.label for s in at.status)
+    table = at.dataframe[0].value
+    assert list(table["result"]) == ["cached", "failed: conversion crashed; try another mode"]
+    assert "dynamic failed: conversion crashed; try another mode" in texts(at.error)
+    assert at.button(key=f"run_cancel_{handle.id}")
+
+    at.switch_page("pages/details.py").run()
+    at.switch_page("pages/run.py").run()
+    assert "2 of 2 variants" in " ".join(s.label for s in at.status)  # shown again on return
+
+    release.set()
+    assert handle.wait(10)
+    at.run()
+    assert "done: 2 of 2 variants" in " ".join(s.label for s in at.status)
+
+
+# --- Variant details -------------------------------------------------------------------------------
+
+
+def test_a_stored_row_renders_in_details(env):
+    row_id = add_row(env)
+    at = run_app(page="details")
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Variant details"]
+    assert "Integer only (int8 I/O)" in texts(at.subheader)
+    tensors = at.dataframe[0].value
+    assert list(tensors["scale"]) == ["0.0039", "0.1"] and list(tensors["zero point"]) == ["-128", "5"]
+    ops = at.dataframe[1].value
+    assert list(ops.loc[ops["computes in float"], "op"]) == ["SOFTMAX_FLOAT_OP"]
+    assert "1 of 3 ops compute in float: SOFTMAX_FLOAT_OP." in texts(at.caption)
+    assert "Method: one invoke() at batch 1, timed with perf_counter" in texts(at.caption)
+    provenance = at.dataframe[2].value
+    assert "Test CPU" in set(provenance["value"]) and "version: tensorflow" in set(provenance["field"])
+    assert at.get("plotly_chart")
+    assert at.download_button(key="details_download").label.startswith("Download the .tflite file")
+    assert at.query_params["row"] == row_id
+
+
+def test_the_row_query_parameter_selects_the_row(env):
+    first = add_row(env, technique="dynamic")
+    add_row(env, technique="float16")  # newer: the default without a parameter
+    assert run_app(page="details").selectbox(key="details_row").value != first
+    at = run_app(page="details", row=first)
+    assert at.selectbox(key="details_row").value == first
+    assert "Dynamic range" in texts(at.subheader)
+
+
+def test_an_unknown_row_is_said_not_to_exist(env):
+    add_row(env)
+    at = run_app(page="details", row="0" * 32)
+    assert not at.exception
+    assert "No stored result has the id" in texts(at.warning)
+
+
+def test_no_download_for_a_file_outside_the_cache(env):
+    add_row(env, artifact_inside_cache=False)
+    at = run_app(page="details")
+    assert "details_download" not in [button.key for button in at.download_button]
+    assert "No model file to download" in texts(at.caption)
+
+
+def test_a_failed_row_says_why(env):
+    add_row(env, error="int8-only: no int8 kernel for op FOO; use int8-fallback", details={},
+            artifact_path=None)
+    at = run_app(page="details")
+    assert not at.exception
+    assert "This variant failed: int8-only: no int8 kernel" in texts(at.error)
+
+
+def test_uploads_can_be_turned_off(env, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_UPLOADS", "0")
+    at = run_app()
+    assert at.radio(key="run_model_source").options == ["Built-in"]
+    assert "Uploads are turned off" in texts(at.info)
+
+
+# --- the helpers behind the pages ----------------------------------------------------------------
+
+
+def test_settings_come_from_the_environment():
+    settings = AppSettings.from_env({"QUANTLAB_CACHE": "/data/c", "QUANTLAB_DEMO": "1",
+                                     "QUANTLAB_READ_ONLY": "yes", "QUANTLAB_UPLOADS": "0",
+                                     "QUANTLAB_MAX_SWEEPS": "two"})
+    assert settings.db_path == Path("/data/c/quantlab.duckdb") and settings.cache_dir == Path("/data/c")
+    assert settings.demo and settings.read_only and not settings.uploads_enabled and not settings.can_run
+    assert settings.max_upload_mb == 20 and settings.max_concurrent == 1
+    assert "QUANTLAB_MAX_SWEEPS='two'" in settings.notes[0]
+    assert settings.sweep_options().limits.task_timeout_seconds
+    assert AppSettings.from_env({}) == AppSettings()
+
+
+def test_an_upload_is_kept_under_the_cache_whatever_its_name(tmp_path):
+    path = save_upload(b"data", "../../etc/passwd.npz", tmp_path / "cache")
+    assert path.read_bytes() == b"data"
+    assert path.parent.parent == tmp_path / "cache" / "uploads" and path.name == "passwd.npz"
+    assert save_upload(b"data", "x.npz", tmp_path / "cache").parent == path.parent  # by content
+
+
+def test_only_files_inside_the_cache_can_be_downloaded(tmp_path):
+    cache = tmp_path / "cache"
+    inside = cache / "artifacts" / "a.tflite"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(b"x")
+    outside = tmp_path / "secret.tflite"
+    outside.write_bytes(b"x")
+    link = cache / "artifacts" / "link.tflite"
+    link.symlink_to(outside)
+    assert downloadable_artifact({"artifact_path": str(inside)}, cache) == inside.resolve()
+    assert downloadable_artifact({"artifact_path": str(outside)}, cache) is None
+    assert downloadable_artifact({"artifact_path": str(link)}, cache) is None
+    assert downloadable_artifact({"artifact_path": str(cache / "artifacts" / ".." / ".." / "secret.tflite")},
+                                 cache) is None
+    assert downloadable_artifact({"artifact_path": str(cache / "missing.tflite")}, cache) is None
+    assert downloadable_artifact({"artifact_path": None}, cache) is None
+
+
+def test_a_sweep_error_is_put_next_to_the_upload_it_concerns():
+    assert blame_upload("x.npz is missing y_test", True, True) == "dataset"
+    assert blame_upload("model.keras uses a Lambda layer", True, True) == "model"
+    assert blame_upload("anything", False, True) == "dataset"
+    assert blame_upload("anything", False, False) is None

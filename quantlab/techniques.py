@@ -272,3 +272,23 @@ def unsupported_techniques() -> dict[str, str]:
     except ImportError:
         return {}
     return dict(UNSUPPORTED)
+
+
+# --- int8 with the most sensitive layers kept in float (quantlab.sensitivity) --------------------
+
+
+def _int8_selective(context: BuildContext, params: dict) -> Produced:
+    from .sensitivity import produce_selective
+
+    tflite, details = produce_selective(context, params["keep_float"])
+    return Produced(tflite=tflite, details=details)
+
+
+register(Technique(
+    "int8-selective", "ptq", "Int8, sensitive layers in float",
+    "int8 with float fallback, except the N layers with the largest quantization error (TFLite's "
+    "QuantizationDebugger: RMSE / scale on the calibration data), which stay float",
+    _int8_selective,
+    params=(Param("keep_float", 2, "how many of the most sensitive layers stay float", minimum=0,
+                  maximum=1000),),
+    needs_calibration=True))

@@ -1,0 +1,297 @@
+"""Calibration lab: one tensor under every calibrator, the whole model under fake quantization, and the
+layers int8 hurts most, for a model and dataset a sweep has prepared.
+
+Everything here is numpy from quantlab.lab; TensorFlow work (extracting tensors, evaluating, TFLite's
+quantization debugger) runs in a worker process and is cached under cache/lab/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from quantlab import lab
+from quantlab.calibrate import CALIBRATORS, KMEANS_MAX_BITS, SUPPORTED_BITS, WEIGHT_BITS, QuantConfig
+from quantlab.errors import QuantLabError
+
+CONTEXT = lab.app_context()
+STORE, CACHE = CONTEXT.store, CONTEXT.cache
+METHOD_LABELS = {"linear": "Linear (evenly spaced levels)", "kmeans": "k-means (2^bits centroids)"}
+SOURCE_LABELS = {"weights": "Weights of a layer", "activations": "Activations on the calibration split"}
+CALIBRATOR_HELP = ("max: the full range · percentile: a percentile of |x| · kl: TensorRT's entropy "
+                   "threshold · mse: the range with the smallest squared error")
+
+
+# --- cached loaders (pure quantlab functions; the keys include the file's mtime) -------------------
+
+
+def file_stamp(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def load_workloads(db_path: str, cache_dir: str) -> list[lab.Workload]:
+    return lab.list_workloads(STORE, CACHE)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def load_tensors(path: str, stamp: float) -> lab.LabTensors:
+    return lab.load_tensors(Path(path))
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def tensor_sample(path: str, stamp: float, name: str, axis: int):
+    return lab.analysis_sample(load_tensors(path, stamp).get(name), axis)
+
+
+@st.cache_data(max_entries=2048, show_spinner=False)
+def calibrator_run(path: str, stamp: float, name: str, axis: int, config: dict) -> lab.CalibratorRun:
+    return lab.run_calibrator(tensor_sample(path, stamp, name, axis), QuantConfig.from_dict(config))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def tensor_analysis(path: str, stamp: float, name: str, config: dict, channel: int) -> lab.TensorAnalysis:
+    config_ = QuantConfig.from_dict(config)
+    return lab.analyze_tensor(load_tensors(path, stamp).get(name), config_, channel,
+                              sample=tensor_sample(path, stamp, name, config_.axis),
+                              run=lambda sample, c: calibrator_run(path, stamp, name, config_.axis, c.to_dict()))
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def int8_rows(db_path: str, model_hash: str, dataset_hash: str):
+    return lab.converted_int8_rows(STORE, {"model_hash": model_hash, "dataset_hash": dataset_hash})
+
+
+# --- page -------------------------------------------------------------------------------------------
+
+lab.warm_up()
+st.title("Calibration lab")
+st.caption("How a calibrator, a bit width or per-channel scales change one tensor's quantization error, "
+           "what fake quantization does to the model's accuracy, and which layers int8 hurts most.")
+
+workloads = load_workloads(str(STORE.path), str(CACHE.root))
+if not workloads:
+    st.info("Nothing to open yet: the Lab works on a model and dataset that a sweep has prepared. "
+            "Run a sweep (for example seed-cnn on digits-28) and come back.")
+    st.stop()
+
+workload = st.selectbox("Workload: a model and dataset a sweep prepared", workloads,
+                        format_func=lambda w: w.label, key="lab_workload")
+manifest = workload.manifest
+if not workload.usable:
+    st.warning(workload.reason)
+    st.stop()
+
+if not lab.tensors_ready(CACHE, manifest):
+    samples = (manifest.get("split_sizes") or {}).get("calibration", "the")
+    st.info(f"The weights and activations of {manifest['model_name']} are not extracted yet. Extraction "
+            f"loads the model once in a worker process and runs the {samples} calibration samples "
+            f"through it; the Lab then works from the saved arrays.")
+    if st.button("Extract weights and activations", key="lab_extract", type="primary"):
+        try:
+            with st.spinner("Extracting in a worker process (the first run starts TensorFlow)..."):
+                lab.extract_tensors(manifest, CACHE)
+            st.rerun()
+        except QuantLabError as exc:
+            st.error(str(exc))
+    st.stop()
+
+weights_file = lab.weights_path(CACHE, manifest)
+activations_file = lab.activations_path(CACHE, manifest)
+weights = load_tensors(str(weights_file), file_stamp(weights_file))
+
+# The quantizer, shared by the tensor view and the model view.
+with st.container(border=True):
+    st.markdown("**Quantizer**")
+    col_bits, col_method, col_shape, col_calibrator = st.columns([1, 1.4, 1, 1.4])
+    bits = col_bits.selectbox("Bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(8), key="lab_bits")
+    method = col_method.radio("Levels", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="lab_method")
+    kmeans = method == "kmeans"
+    symmetric = col_shape.toggle("Symmetric", value=True, key="lab_symmetric", disabled=kmeans,
+                                 help="Symmetric: zero point 0, range [-t, t] (TFLite weights). "
+                                      "Asymmetric: a zero point, range [low, high] (TFLite activations).")
+    per_channel = col_shape.toggle("Per-channel", value=False, key="lab_per_channel", disabled=kmeans,
+                                   help="One scale per output channel (TFLite's conv and dense weights).")
+    calibrator = col_calibrator.selectbox("Calibrator", CALIBRATORS, key="lab_calibrator", disabled=kmeans,
+                                          help=CALIBRATOR_HELP)
+    percentile = 99.99
+    if calibrator == "percentile" and not kmeans:
+        percentile = col_calibrator.number_input("Percentile", min_value=50.0, max_value=100.0, value=99.99,
+                                                 step=0.01, format="%.2f", key="lab_percentile")
+
+tensor_tab, model_tab, sensitivity_tab = st.tabs(["Tensor", "Model accuracy", "Per-layer sensitivity"])
+
+
+def tensor_view() -> None:
+    source = st.radio("Tensor", list(SOURCE_LABELS), format_func=SOURCE_LABELS.get, horizontal=True,
+                      key="lab_source")
+    path = weights_file if source == "weights" else activations_file
+    stamp = file_stamp(path)
+    tensors = load_tensors(str(path), stamp)
+    name = st.selectbox("Layer", tensors.names, format_func=lambda n: tensors.info(n).label,
+                        key=f"lab_tensor_{source}")
+    info = tensors.info(name)
+    if source == "activations":
+        st.caption(f"Output of {info.layer} on {info.samples} calibration samples"
+                   + (f" (of {manifest['split_sizes']['calibration']}, to keep the file small)"
+                      if info.samples and info.samples < (manifest.get("split_sizes") or {}).get("calibration", 0)
+                      else "") + ".")
+    elif not info.quantized:
+        st.caption("TFLite keeps this vector in higher precision (int32 biases, folded batch norm); "
+                   "it is shown here for comparison.")
+    try:
+        config, notes = lab.make_config(bits, symmetric, per_channel, calibrator, method, percentile,
+                                        axis=info.channel_axis)
+    except QuantLabError as exc:
+        st.warning(str(exc))
+        return
+    channel = 0
+    col_channel, col_log = st.columns([2, 1])
+    if config.per_channel and info.channels > 1:
+        channel = int(col_channel.number_input(f"Channel shown (of {info.channels}, axis {info.channel_axis})",
+                                               min_value=0, max_value=info.channels - 1, value=0, step=1,
+                                               key="lab_channel"))
+    log_scale = col_log.toggle("Log-scale counts", value=False, key="lab_log_scale")
+    analysis = tensor_analysis(str(path), stamp, name, config.to_dict(), channel)
+    title = f"{name}" + (f", channel {analysis.channel}" if config.per_channel else "")
+    st.plotly_chart(lab.histogram_figure(analysis, log_scale, title), key="lab_histogram")
+    for note in notes + list(analysis.notes):
+        st.caption(note)
+    st.markdown("**Every calibrator at these settings** (error over the whole tensor; SQNR: signal to "
+                "quantization noise)")
+    st.dataframe(analysis.table(), hide_index=True, key="lab_calibrator_table",
+                 column_config={"low": st.column_config.NumberColumn(format="%.4g"),
+                                "high": st.column_config.NumberColumn(format="%.4g"),
+                                "MSE": st.column_config.NumberColumn(format="%.3e"),
+                                "SQNR (dB)": st.column_config.NumberColumn(format="%.2f"),
+                                "clipped %": st.column_config.NumberColumn(format="%.3f"),
+                                "time (ms)": st.column_config.NumberColumn(format="%.1f")})
+
+
+def model_view() -> None:
+    split = (manifest.get("split_sizes") or {}).get("test", "the")
+    st.markdown(f"Accuracy of the Keras model on the {split} test samples with every kernel fake-quantized "
+                f"by the quantizer above, at each layer's bit width (32 = float). Biases stay float, as "
+                f"in TFLite; batch norm is not folded into the kernels first, unlike TFLite.")
+    default_bits = bits if bits in WEIGHT_BITS and not (kmeans and bits > KMEANS_MAX_BITS) else 8
+    table = lab.layer_table(weights, default_bits)
+    edited = st.data_editor(
+        table, hide_index=True, key=f"lab_layer_bits_{default_bits}",
+        disabled=["layer", "type", "quantized params", "float params"],
+        column_config={"bits": st.column_config.SelectboxColumn(
+            "bits", options=list(WEIGHT_BITS), required=True,
+            help="This layer's kernel bit width; 32 keeps it float")})
+    size = lab.weight_size(edited)
+    col_size, col_float, col_ratio = st.columns(3)
+    col_size.metric("Weights at these bit widths", f"{size.total_bytes:,} bytes",
+                    help="calibrate.weight_bytes of the kernels, plus float32 biases and vectors")
+    col_float.metric("All float32", f"{size.float32_bytes:,} bytes")
+    col_ratio.metric("Smaller by", f"{size.ratio:.2f}×")
+    col_act, col_act_bits = st.columns([2, 1])
+    activations = col_act.toggle("Fake-quantize activations too", value=False, key="lab_activations",
+                                 help="The input and every layer's output, per tensor and asymmetric (as "
+                                      "TFLite's int8 activations), with ranges the calibrator finds on "
+                                      "the calibration split.")
+    activation_bits = 8
+    if activations:
+        activation_bits = col_act_bits.selectbox("Activation bits", SUPPORTED_BITS,
+                                                 index=SUPPORTED_BITS.index(8), key="lab_activation_bits")
+    try:
+        request = lab.FakeQuantRequest(lab.bits_from_table(edited), symmetric=symmetric,
+                                       per_channel=per_channel, calibrator=calibrator, percentile=percentile,
+                                       method=method, activations=activations,
+                                       activation_bits=activation_bits)
+    except QuantLabError as exc:
+        st.warning(str(exc))
+        return
+    result = lab.cached_evaluation(CACHE, manifest, request)
+    if result is None:
+        st.caption("Not evaluated at these settings yet (about a second on a small model, in a worker).")
+        if st.button("Evaluate these settings", key="lab_evaluate", type="primary"):
+            try:
+                with st.spinner("Evaluating the fake-quantized model in a worker process..."):
+                    result = lab.evaluate(manifest, CACHE, request)
+            except QuantLabError as exc:
+                st.error(str(exc))
+    rows = int8_rows(str(STORE.path), manifest["model_hash"], manifest["dataset_hash"])
+    columns = st.columns(2 + len(rows))
+    if result is not None:
+        columns[0].metric("Predicted (fake-quantized)", f"{result['accuracy']:.4f}",
+                          delta=f"{result['accuracy'] - result['float_accuracy']:+.4f} vs float",
+                          help=f"Agreement with the float model: {result['agreement']:.4f}")
+        columns[1].metric("Float (Keras)", f"{result['float_accuracy']:.4f}")
+    for column, row in zip(columns[2:], rows.to_dict("records") if len(rows) else []):
+        label = row["technique"] + (f" ({lab.params_text(row['params'])})" if row["technique"] ==
+                                    lab.SELECTIVE_TECHNIQUE else "")
+        column.metric(f"Converted: {label}", f"{row['accuracy']:.4f}",
+                      help=f"Measured TFLite model, store row {str(row['row_id'])[:8]}")
+    if result is not None and not len(rows):
+        st.caption("No converted int8 variant of this model is stored yet: run int8-fallback on the Run "
+                   "page to compare the prediction with the real thing.")
+
+
+def sensitivity_view() -> None:
+    st.markdown("Per layer, the error TFLite's int8 conversion (float fallback) adds to the layer's output: "
+                "RMSE against the float model divided by the output's quantization scale, measured by "
+                "TFLite's QuantizationDebugger on the calibration split. Pure rounding gives about 0.29 "
+                "(1/√12); more means clipping or accumulated error.")
+    result = lab.cached_sensitivity(CACHE, manifest)
+    if result is None:
+        if st.button("Measure per-layer sensitivity", key="lab_sensitivity", type="primary"):
+            try:
+                with st.spinner("Running TFLite's quantization debugger in a worker process..."):
+                    lab.compute_sensitivity(manifest, CACHE)
+                st.rerun()
+            except QuantLabError as exc:
+                st.error(str(exc))
+        return
+    ranked = len(result.get("ranking", []))
+    keep_float = int(st.number_input("Keep the N most sensitive layers in float", min_value=0,
+                                     max_value=max(ranked, 1), value=min(2, ranked), step=1,
+                                     key="lab_keep_float"))
+    frame = lab.sensitivity_frame(result, keep_float)
+    st.plotly_chart(lab.sensitivity_figure(frame), key="lab_sensitivity_chart")
+    st.caption(f"Red: the {keep_float} most sensitive layer(s), which int8-selective(keep_float={keep_float}) "
+               f"keeps in float. Measured on {result.get('calibration_samples')} calibration samples.")
+    st.dataframe(frame.sort_values("rank", na_position="last"), hide_index=True, key="lab_sensitivity_table",
+                 column_config={"rmse/scale": st.column_config.NumberColumn(format="%.3f"),
+                                "scale": st.column_config.NumberColumn(format="%.3g")})
+    reason = ("" if CONTEXT.can_run else "This dashboard is read-only.") or \
+             ("" if workload.spec else "No stored sweep of this workload to repeat its settings from.")
+    if st.button(f"Measure int8 with the {keep_float} most sensitive layer(s) in float", key="lab_run_selective",
+                 disabled=bool(reason), help=reason or "Runs int8-selective as a sweep with this workload's "
+                                                       "settings; the result appears on the Compare page."):
+        try:
+            st.session_state["lab_selective"] = lab.start_selective_sweep(
+                workload, keep_float, STORE, CACHE, CONTEXT.sweep_options)
+            st.session_state["lab_selective_shown"] = False
+        except QuantLabError as exc:
+            st.error(str(exc))
+    sweep = st.session_state.get("lab_selective")
+    if sweep is not None:
+        st.fragment(selective_status, run_every=None if sweep.finished else 2.0)()
+
+
+def selective_status() -> None:
+    sweep = st.session_state.get("lab_selective")
+    st.markdown(f"**int8-selective (keep_float={sweep.keep_float})**: {sweep.summary()}")
+    for row in sweep.rows():
+        if row.get("error"):
+            st.error(f"{row.get('technique')}: {row['error']}")
+        else:
+            st.success(f"{row.get('technique')} (keep_float={sweep.keep_float}): accuracy "
+                       f"{row.get('accuracy'):.4f}, {row.get('float_ops')} of {row.get('total_ops')} ops "
+                       f"float. It is on the Compare page with the other variants.")
+    if sweep.finished and not st.session_state.get("lab_selective_shown"):
+        st.session_state["lab_selective_shown"] = True   # redraw the whole page once with the new row
+        int8_rows.clear()
+        st.rerun(scope="app")
+
+
+with tensor_tab:
+    tensor_view()
+with model_tab:
+    model_view()
+with sensitivity_tab:
+    sensitivity_view()

@@ -1,0 +1,868 @@
+"""What the Calibration lab page asks: prepared workloads, their tensors, calibrator comparisons,
+fake-quantized accuracy, per-layer sensitivity and the "keep N layers in float" sweep.
+
+No TensorFlow and no Streamlit here. TensorFlow work (extracting tensors, evaluating a fake-quantized
+model, running TFLite's QuantizationDebugger) runs in one long-lived worker process (quantlab.sensitivity)
+and its results are cached under cache/lab/:
+
+    weights-<model hash>.npz                      every layer's weights
+    activations-<model hash>-<dataset hash>.npz   every layer's output on the calibration split
+    sensitivity-<key>.json                        per-layer rmse/scale of the int8 conversion
+    evaluate-<key>.json                           accuracy with fake-quantized weights/activations
+
+so that the page itself works from numpy: every redraw quantizes one tensor with quantlab.calibrate.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import sys
+import threading
+import time
+import types
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .cache import ArtifactCache, write_atomically
+from .calibrate import (
+    CALIBRATORS,
+    KMEANS_MAX_BITS,
+    SUPPORTED_BITS,
+    WEIGHT_BITS,
+    CalibratorRow,
+    QuantConfig,
+    compute_scale_zero_point,
+    fake_quantize,
+    integer_range,
+    weight_bytes,
+)
+from .config import ENGINE_VERSION, SweepSpec, TechniqueSpec, content_hash
+from .errors import QuantLabError
+from .store import Store
+
+LAB_DIR = "lab"
+LAB_FORMAT = 1                       # bump when the .npz / .json layout below changes
+HISTOGRAM_BINS = 120
+MAX_LEVEL_LINES = 256                # more levels than this (16 bit) are thinned out on the chart
+MAX_ANALYSIS_VALUES = 100_000        # larger tensors are compared on a seeded sample (extremes kept)
+SAMPLE_SEED = 0
+IDEAL_RMSE_SCALE = 1 / math.sqrt(12)  # rmse/scale of pure rounding error (~0.29)
+INT8_TECHNIQUES = ("int8-fallback", "int8-only")
+SELECTIVE_TECHNIQUE = "int8-selective"
+CALIBRATOR_COLORS = {"max": "#E45756", "percentile": "#F58518", "kl": "#54A24B", "mse": "#B279A2",
+                     "kmeans": "#9D755D"}
+WORKER_TIMEOUT_SECONDS = 900.0
+
+
+# --- where things live ----------------------------------------------------------------------------
+
+
+def lab_file(cache: ArtifactCache, name: str) -> Path:
+    return Path(cache.root) / LAB_DIR / name
+
+
+def weights_path(cache: ArtifactCache, manifest: Mapping[str, Any]) -> Path:
+    return lab_file(cache, f"weights-{manifest['model_hash']}.npz")
+
+
+def activations_path(cache: ArtifactCache, manifest: Mapping[str, Any]) -> Path:
+    return lab_file(cache, f"activations-{manifest['model_hash']}-{manifest['dataset_hash']}.npz")
+
+
+def sensitivity_path(cache: ArtifactCache, manifest: Mapping[str, Any]) -> Path:
+    key = content_hash({"format": LAB_FORMAT, "engine": ENGINE_VERSION, "model": manifest["model_hash"],
+                        "dataset": manifest["dataset_hash"], "conversion": "int8-fallback"})
+    return lab_file(cache, f"sensitivity-{key}.json")
+
+
+def evaluation_path(cache: ArtifactCache, manifest: Mapping[str, Any], request: "FakeQuantRequest") -> Path:
+    key = content_hash({"format": LAB_FORMAT, "engine": ENGINE_VERSION, "model": manifest["model_hash"],
+                        "dataset": manifest["dataset_hash"], "request": request.to_dict()})
+    return lab_file(cache, f"evaluate-{key}.json")
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        Path(path).unlink(missing_ok=True)   # a damaged entry is recomputed, never trusted
+        return None
+
+
+def write_json(path: Path, value: Mapping[str, Any]) -> Path:
+    write_atomically(Path(path), json.dumps(value, sort_keys=True, default=str).encode())
+    return Path(path)
+
+
+# --- where the dashboard keeps its store and cache ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabContext:
+    """The store and cache the page reads, the options its sweeps run with, and whether it may run."""
+
+    store: Store
+    cache: ArtifactCache
+    sweep_options: Any = None
+    can_run: bool = True
+
+
+def app_context() -> LabContext:
+    """From the dashboard's settings (QUANTLAB_DB, QUANTLAB_CACHE, ...; see quantlab.ui_state)."""
+    try:
+        from .ui_state import AppSettings
+    except ImportError:
+        return LabContext(Store(), ArtifactCache())
+    settings = AppSettings.from_env()
+    return LabContext(settings.store(), settings.cache(), settings.sweep_options(), settings.can_run)
+
+
+# --- prepared workloads ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model + dataset prepared by a sweep: its manifest, and the spec of its latest stored sweep."""
+
+    manifest: dict = field(hash=False, compare=False)
+    spec: dict | None = field(default=None, hash=False, compare=False)
+    model_hash: str = ""
+    dataset_hash: str = ""
+
+    @property
+    def label(self) -> str:
+        m = self.manifest
+        return f"{m['model_name']} on {m['dataset_name']} · model {self.model_hash[:8]}"
+
+    @property
+    def usable(self) -> bool:
+        return self.manifest.get("model_kind") == "keras"
+
+    @property
+    def reason(self) -> str:
+        """Why the Lab cannot open this workload ('' when it can)."""
+        if self.usable:
+            return ""
+        kind = self.manifest.get("model_kind")
+        return (f"{self.manifest.get('model_name')} is {'a TensorFlow Lite file' if kind == 'tflite' else 'a SavedModel'}"
+                f": the Lab reads layers and weights from tf_keras models only")
+
+
+def read_manifests(cache: ArtifactCache) -> list[dict]:
+    """Every prepared workload under cache/prepared/ whose model and dataset files still exist."""
+    manifests = []
+    for path in sorted((Path(cache.root) / "prepared").glob("*.json"), key=lambda p: p.stat().st_mtime,
+                       reverse=True):
+        manifest = read_json(path)
+        if not manifest or "model_hash" not in manifest or "dataset_hash" not in manifest:
+            continue
+        if all(manifest.get(k) and Path(manifest[k]).exists() for k in ("model_path", "dataset_path")):
+            manifests.append(manifest)
+    return manifests
+
+
+def stored_specs(store: Store) -> dict[tuple[str, str], dict]:
+    """(model hash, dataset hash) -> the sweep spec of the latest sweep with a row for that pair."""
+    frame = store.query(
+        "SELECT r.model_hash, r.dataset_hash, s.spec FROM results r JOIN sweeps s USING (sweep_id) "
+        "WHERE r.model_hash IS NOT NULL QUALIFY row_number() OVER "
+        "(PARTITION BY r.model_hash, r.dataset_hash ORDER BY r.recorded_at DESC) = 1")
+    specs = {}
+    for row in frame.to_dict("records") if len(frame) else []:
+        try:
+            specs[(row["model_hash"], row["dataset_hash"])] = json.loads(row["spec"])
+        except (TypeError, ValueError):
+            continue
+    return specs
+
+
+def list_workloads(store: Store, cache: ArtifactCache) -> list[Workload]:
+    """Prepared workloads, those with stored results first (newest first within each group)."""
+    specs = stored_specs(store)
+    seen, swept, unswept = set(), [], []
+    for manifest in read_manifests(cache):
+        pair = (manifest["model_hash"], manifest["dataset_hash"])
+        if pair in seen:
+            continue
+        seen.add(pair)
+        workload = Workload(manifest, specs.get(pair), *pair)
+        (swept if workload.spec else unswept).append(workload)
+    return swept + unswept
+
+
+# --- tensors (.npz written by the worker, read here) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One extracted tensor: a layer's weight, or a layer's output on the calibration split."""
+
+    key: str
+    name: str
+    layer: str
+    layer_class: str
+    kind: str            # weight | activation
+    role: str            # kernel, bias, ... or output
+    shape: tuple[int, ...]
+    size: int
+    channel_axis: int
+    quantized: bool      # quantized by TFLite (kernels, activations) or kept float (biases)
+    samples: int | None = None
+
+    @property
+    def label(self) -> str:
+        shape = "×".join(map(str, self.shape))
+        return f"{self.name} ({self.layer_class}, {shape})"
+
+    @property
+    def channels(self) -> int:
+        return int(self.shape[self.channel_axis]) if self.shape else 1
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TensorInfo":
+        return cls(key=data["key"], name=data["name"], layer=data["layer"], layer_class=data["layer_class"],
+                   kind=data["kind"], role=data["role"], shape=tuple(int(d) for d in data["shape"]),
+                   size=int(data["size"]), channel_axis=int(data["channel_axis"]),
+                   quantized=bool(data["quantized"]), samples=data.get("samples"))
+
+
+@dataclass(frozen=True, eq=False)
+class LabTensors:
+    """The tensors of one .npz file: what they are, and their values."""
+
+    infos: tuple[TensorInfo, ...]
+    arrays: Mapping[str, np.ndarray]
+    path: str
+
+    def get(self, name: str) -> np.ndarray:
+        for info in self.infos:
+            if info.name == name:
+                return self.arrays[info.key]
+        raise QuantLabError(f"no tensor named {name!r}; pick one of {', '.join(i.name for i in self.infos)}")
+
+    def info(self, name: str) -> TensorInfo:
+        for info in self.infos:
+            if info.name == name:
+                return info
+        raise QuantLabError(f"no tensor named {name!r}; pick one of {', '.join(i.name for i in self.infos)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [info.name for info in self.infos]
+
+
+def save_tensors(path: Path, arrays: Mapping[str, np.ndarray], infos: Sequence[Mapping[str, Any]],
+                 manifest: Mapping[str, Any]) -> Path:
+    """Write tensors and their description as one .npz, atomically."""
+    meta = {"format": LAB_FORMAT, "model_hash": manifest["model_hash"],
+            "dataset_hash": manifest["dataset_hash"], "tensors": list(infos)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{threading.get_ident()}.tmp.npz")
+    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_tensors(path: Path) -> LabTensors:
+    """Read a tensors .npz written by save_tensors (no pickles)."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["__meta__"]))
+        if meta.get("format") != LAB_FORMAT:
+            raise QuantLabError(f"{Path(path).name} was written by another QuantLab version; "
+                                f"delete it and extract the tensors again")
+        infos = tuple(TensorInfo.from_dict(item) for item in meta["tensors"])
+        arrays = {info.key: data[info.key] for info in infos}
+    return LabTensors(infos, arrays, str(path))
+
+
+def tensors_ready(cache: ArtifactCache, manifest: Mapping[str, Any]) -> bool:
+    ok = True
+    for path in (weights_path(cache, manifest), activations_path(cache, manifest)):
+        if not path.exists():
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                ok = ok and json.loads(str(data["__meta__"])).get("format") == LAB_FORMAT
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)
+            return False
+    return ok
+
+
+def extract_tensors(manifest: Mapping[str, Any], cache: ArtifactCache,
+                    on_event: Callable[[dict], None] | None = None) -> tuple[Path, Path]:
+    """Weights and calibration activations as .npz (extracted once, in a worker); their paths."""
+    if not tensors_ready(cache, manifest):
+        check_usable(manifest)
+        run_in_worker({"kind": "lab-extract", "cache_dir": str(cache.root), "manifest": dict(manifest)},
+                      on_event)
+    return weights_path(cache, manifest), activations_path(cache, manifest)
+
+
+def check_usable(manifest: Mapping[str, Any]) -> None:
+    reason = Workload(dict(manifest)).reason
+    if reason:
+        raise QuantLabError(reason)
+
+
+# --- one tensor: histogram, levels, thresholds, calibrator table ----------------------------------
+
+
+def make_config(bits: int, symmetric: bool, per_channel: bool, calibrator: str, method: str,
+                percentile: float = 99.99, axis: int = -1) -> tuple[QuantConfig, list[str]]:
+    """A QuantConfig from the page's controls, adjusted where k-means cannot follow; notes say how."""
+    notes = []
+    if method == "kmeans":
+        if per_channel:
+            per_channel = False
+            notes.append("k-means is per-tensor: per-channel is ignored.")
+        if bits > KMEANS_MAX_BITS:
+            raise QuantLabError(f"k-means quantization goes up to {KMEANS_MAX_BITS} bits; "
+                                f"choose 8 bits or fewer, or linear quantization for 16 bits")
+    return QuantConfig(bits=bits, symmetric=symmetric, per_channel=per_channel, axis=axis,
+                       calibrator=calibrator, percentile=percentile, method=method), notes
+
+
+def channel_rows(values: np.ndarray, axis: int) -> np.ndarray:
+    """The tensor as (channels, values per channel)."""
+    moved = np.moveaxis(np.asarray(values), axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def analysis_sample(values: np.ndarray, axis: int = -1, limit: int = MAX_ANALYSIS_VALUES,
+                    seed: int = SAMPLE_SEED) -> np.ndarray:
+    """`values` itself when small; else a seeded sample of whole positions (all channels of each),
+    always including each channel's minimum and maximum, returned with the channel axis last.
+
+    Keeping the extremes keeps the `max` calibrator's range exact; sampling positions (not values)
+    keeps every channel equally represented for per-channel quantization.
+    """
+    values = np.asarray(values)
+    if values.size <= limit or values.ndim == 0:
+        return values
+    by_position = channel_rows(values, axis).T                  # (positions, channels)
+    positions, channels = by_position.shape
+    wanted = max(1, limit // max(channels, 1))
+    chosen = np.random.default_rng(seed).choice(positions, size=min(wanted, positions), replace=False)
+    extremes = np.concatenate([by_position.argmin(axis=0), by_position.argmax(axis=0)])
+    return by_position[np.unique(np.concatenate([chosen, extremes]))]
+
+
+@dataclass(frozen=True, eq=False)
+class CalibratorRun:
+    """One calibrator on one tensor: its comparison row, its range per channel and its levels
+    (k-means only: the centroids; linear levels follow from the range)."""
+
+    row: CalibratorRow
+    low: np.ndarray
+    high: np.ndarray
+    centroids: np.ndarray | None = None
+
+
+def calibrator_configs(config: QuantConfig) -> list[QuantConfig]:
+    """The configs compare_calibrators runs for `config`'s settings: every linear calibrator, then
+    k-means (per-tensor) up to 8 bits. Settings that do not change a run are normalised, so equal
+    runs have equal configs (and share a cache entry)."""
+    default_percentile = QuantConfig().percentile
+    configs = [QuantConfig(bits=config.bits, symmetric=config.symmetric, per_channel=config.per_channel,
+                           axis=config.axis if config.per_channel else -1, calibrator=name,
+                           percentile=config.percentile if name == "percentile" else default_percentile)
+               for name in CALIBRATORS]
+    if config.bits <= KMEANS_MAX_BITS:
+        configs.append(QuantConfig(bits=config.bits, method="kmeans"))
+    return configs
+
+
+def run_calibrator(sample: np.ndarray, config: QuantConfig) -> CalibratorRun:
+    """Quantize `sample` once with `config` (timed), as calibrate.compare_calibrators does per row."""
+    started = time.perf_counter()
+    result = fake_quantize(sample, config)
+    seconds = time.perf_counter() - started
+    kmeans = config.method == "kmeans"
+    row = CalibratorRow(method=config.method, calibrator="kmeans" if kmeans else config.calibrator,
+                        per_channel=config.per_channel, low=float(result.low[0]), high=float(result.high[0]),
+                        mse=result.errors.mse, sqnr_db=result.errors.sqnr_db,
+                        clipped_share=result.errors.clipped_share, seconds=seconds)
+    return CalibratorRun(row, np.asarray(result.low), np.asarray(result.high),
+                         np.asarray(result.levels) if kmeans else None)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorAnalysis:
+    """Everything the tensor view draws: a histogram, the chosen grid, every calibrator's range."""
+
+    counts: np.ndarray
+    edges: np.ndarray
+    levels: np.ndarray            # the representable values of the chosen config (thinned)
+    level_step: int               # every level_step-th level is in `levels`
+    level_count: int              # how many levels there are in all
+    thresholds: dict[str, tuple[float, float]]   # calibrator -> (low, high) for the shown channel
+    rows: list[CalibratorRow]
+    config: QuantConfig
+    channel: int
+    channels: int
+    sampled_values: int           # values the calibrators compared (== tensor size unless sampled)
+    total_values: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def chosen(self) -> str:
+        return "kmeans" if self.config.method == "kmeans" else self.config.calibrator
+
+    def table(self) -> Any:
+        """The calibrators side by side (pandas), the chosen one marked."""
+        import pandas as pd
+
+        lines = [{"calibrator": r.calibrator, "chosen": r.calibrator == self.chosen,
+                  "method": r.method, "low": r.low, "high": r.high, "MSE": r.mse,
+                  "SQNR (dB)": r.sqnr_db, "clipped %": 100 * r.clipped_share, "time (ms)": 1000 * r.seconds}
+                 for r in self.rows]
+        return pd.DataFrame(lines, columns=["calibrator", "chosen", "method", "low", "high", "MSE",
+                                            "SQNR (dB)", "clipped %", "time (ms)"])
+
+
+def analyze_tensor(values: np.ndarray, config: QuantConfig, channel: int = 0,
+                   limit: int = MAX_ANALYSIS_VALUES,
+                   run: Callable[[np.ndarray, QuantConfig], CalibratorRun] = run_calibrator,
+                   sample: np.ndarray | None = None) -> TensorAnalysis:
+    """Histogram of the tensor (or of one channel, per-channel), the chosen config's levels, and
+    every calibrator's range and error figures (the rows of calibrate.compare_calibrators).
+
+    The calibrators run on `analysis_sample(values)` (the tensor itself up to `limit` values); `run`
+    and `sample` let a caller cache both.
+    """
+    values = np.asarray(values)
+    notes: list[str] = []
+    if sample is None:
+        sample = analysis_sample(values, config.axis, limit)
+    sampled = sample.size < values.size
+    if sampled:
+        notes.append(f"Calibrators compared on a seeded sample of {sample.size:,} of {values.size:,} values "
+                     f"(every channel's minimum and maximum kept).")
+    per_channel = config.per_channel and values.ndim > 0
+    sample_config = replace(config, axis=-1) if sampled else config
+    runs = [run(sample, c) for c in calibrator_configs(replace(sample_config, per_channel=per_channel))]
+    shown_rows = channel_rows(values, config.axis) if per_channel else values.reshape(1, -1)
+    channels = len(shown_rows)
+    channel = int(min(max(channel, 0), channels - 1))
+    shown = shown_rows[channel]
+    thresholds = {}
+    for item in runs:
+        index = channel if len(item.low) > 1 else 0
+        thresholds[item.row.calibrator] = (float(item.low[index]), float(item.high[index]))
+    chosen = "kmeans" if config.method == "kmeans" else config.calibrator
+    chosen_run = next(item for item in runs if item.row.calibrator == chosen)
+    if chosen_run.centroids is not None:
+        levels = chosen_run.centroids
+    else:
+        low, high = thresholds[chosen]
+        scale, zero_point = compute_scale_zero_point(low, high, config.bits, config.symmetric)
+        qmin, qmax = integer_range(config.bits, config.symmetric)
+        levels = (np.arange(qmin, qmax + 1) - zero_point) * scale
+    level_count = len(levels)
+    step = max(1, math.ceil(level_count / MAX_LEVEL_LINES))
+    if step > 1:
+        notes.append(f"{level_count:,} levels: every {step}th is drawn.")
+    span_low = float(min([shown.min()] + [t[0] for t in thresholds.values()]))
+    span_high = float(max([shown.max()] + [t[1] for t in thresholds.values()]))
+    if span_high <= span_low:
+        span_low, span_high = span_low - 0.5, span_high + 0.5
+    counts, edges = np.histogram(shown, bins=HISTOGRAM_BINS, range=(span_low, span_high))
+    return TensorAnalysis(counts=counts, edges=edges, levels=np.asarray(levels)[::step], level_step=step,
+                          level_count=level_count, thresholds=thresholds, rows=[item.row for item in runs],
+                          config=config, channel=channel, channels=channels, sampled_values=int(sample.size),
+                          total_values=int(values.size), notes=tuple(notes))
+
+
+def histogram_figure(analysis: TensorAnalysis, log_scale: bool = False, title: str = "") -> Any:
+    """A Plotly histogram with the chosen grid's levels (thin grey lines) and every calibrator's
+    clipping range (dashed lines, one colour each; the chosen calibrator solid)."""
+    import plotly.graph_objects as go
+
+    centers = (analysis.edges[:-1] + analysis.edges[1:]) / 2
+    figure = go.Figure(go.Bar(x=centers, y=analysis.counts, width=np.diff(analysis.edges), name="values",
+                              marker_color="#4C78A8", opacity=0.85,
+                              hovertemplate="%{x:.4g}: %{y} values<extra></extra>"))
+    level_x = np.repeat(analysis.levels, 3).astype(object)
+    level_x[2::3] = None
+    level_y = np.tile(np.array([0.0, 1.0, None], dtype=object), len(analysis.levels))
+    level_name = "levels" if analysis.level_step == 1 else f"levels (every {analysis.level_step}th)"
+    figure.add_trace(go.Scatter(x=level_x, y=level_y, mode="lines", yaxis="y2", name=level_name,
+                                line=dict(color="rgba(90,90,90,0.35)", width=1), hoverinfo="skip"))
+    chosen = "kmeans" if analysis.config.method == "kmeans" else analysis.config.calibrator
+    for name, (low, high) in analysis.thresholds.items():
+        figure.add_trace(go.Scatter(
+            x=[low, low, None, high, high], y=[0, 1, None, 0, 1], mode="lines", yaxis="y2",
+            name=f"{name} range" + (" (chosen)" if name == chosen else ""),
+            line=dict(color=CALIBRATOR_COLORS.get(name, "#333"), width=2.5 if name == chosen else 1.5,
+                      dash="solid" if name == chosen else "dash"),
+            hovertemplate=f"{name}: %{{x:.4g}}<extra></extra>"))
+    figure.update_layout(
+        title=title or None, bargap=0, height=380, margin=dict(l=10, r=10, t=40 if title else 10, b=10),
+        xaxis_title="value", yaxis=dict(title="count" + (" (log)" if log_scale else ""),
+                                        type="log" if log_scale else "linear"),
+        yaxis2=dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+    return figure
+
+
+# --- model level: fake-quantized accuracy ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeQuantRequest:
+    """How to fake-quantize a model: bits per layer (32 = float) and the quantizer settings."""
+
+    weight_bits: Mapping[str, int]
+    symmetric: bool = True
+    per_channel: bool = False
+    calibrator: str = "max"
+    percentile: float = 99.99
+    method: str = "linear"
+    activations: bool = False
+    activation_bits: int = 8
+
+    def __post_init__(self) -> None:
+        bits = {}
+        for layer, value in sorted(dict(self.weight_bits).items()):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value) or value != int(value) or int(value) not in WEIGHT_BITS:
+                raise QuantLabError(f"layer {layer!r} has bit width {value!r}; choose one of "
+                                    f"{', '.join(map(str, WEIGHT_BITS))}")
+            bits[str(layer)] = int(value)
+            if self.method == "kmeans" and KMEANS_MAX_BITS < value < 32:
+                raise QuantLabError(f"layer {layer!r} has {value} bits but k-means goes up to "
+                                    f"{KMEANS_MAX_BITS}; lower it, keep it float (32) or use linear")
+        object.__setattr__(self, "weight_bits", bits)
+        if int(self.activation_bits) not in SUPPORTED_BITS:
+            raise QuantLabError(f"activation bit width {self.activation_bits} is not supported; choose one "
+                                f"of {', '.join(map(str, SUPPORTED_BITS))}")
+        self.weight_config(8, -1)   # check the settings once, with a clear error
+        self.activation_config()
+
+    def weight_config(self, bits: int, axis: int) -> QuantConfig:
+        return QuantConfig(bits=bits, symmetric=self.symmetric,
+                           per_channel=self.per_channel and self.method == "linear", axis=axis,
+                           calibrator=self.calibrator, percentile=self.percentile, method=self.method)
+
+    def activation_config(self) -> QuantConfig:
+        """Per-tensor, asymmetric, linear (as TFLite's int8 activations), with the chosen calibrator."""
+        return QuantConfig(bits=int(self.activation_bits), symmetric=False, per_channel=False,
+                           calibrator=self.calibrator, percentile=self.percentile)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["weight_bits"] = dict(self.weight_bits)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FakeQuantRequest":
+        names = ("weight_bits", "symmetric", "per_channel", "calibrator", "percentile", "method",
+                 "activations", "activation_bits")
+        return cls(**{k: data[k] for k in names if k in data})
+
+
+def layer_table(weights: LabTensors, default_bits: int) -> Any:
+    """One line per layer with a kernel: its quantized and float parameter counts and a bit width."""
+    import pandas as pd
+
+    lines: dict[str, dict[str, Any]] = {}
+    for info in weights.infos:
+        line = lines.setdefault(info.layer, {"layer": info.layer, "type": info.layer_class,
+                                             "quantized params": 0, "float params": 0, "bits": default_bits})
+        line["quantized params" if info.quantized else "float params"] += info.size
+    kept = [line for line in lines.values() if line["quantized params"] > 0]
+    return pd.DataFrame(kept, columns=["layer", "type", "quantized params", "float params", "bits"])
+
+
+def bits_from_table(table: Any) -> dict[str, int]:
+    return {str(row["layer"]): int(row["bits"]) for row in table.to_dict("records")}
+
+
+@dataclass(frozen=True)
+class WeightSize:
+    quantized_bytes: int       # kernels at their bit widths (calibrate.weight_bytes)
+    float_bytes: int           # biases and other vectors, float32
+    float32_bytes: int         # everything float32, for comparison
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.float_bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.float32_bytes / self.total_bytes if self.total_bytes else math.nan
+
+
+def weight_size(table: Any) -> WeightSize:
+    records = table.to_dict("records")
+    counts = {str(r["layer"]): int(r["quantized params"]) for r in records}
+    bits = {str(r["layer"]): int(r["bits"]) for r in records}
+    other = sum(int(r["float params"]) for r in records)
+    return WeightSize(quantized_bytes=weight_bytes(counts, bits), float_bytes=4 * other,
+                      float32_bytes=4 * (sum(counts.values()) + other))
+
+
+def cached_evaluation(cache: ArtifactCache, manifest: Mapping[str, Any], request: FakeQuantRequest) -> dict | None:
+    return read_json(evaluation_path(cache, manifest, request))
+
+
+def evaluate(manifest: Mapping[str, Any], cache: ArtifactCache, request: FakeQuantRequest,
+             on_event: Callable[[dict], None] | None = None) -> dict:
+    """Test accuracy with fake-quantized weights (and activations): cached, else computed in a worker."""
+    path = evaluation_path(cache, manifest, request)
+    result = read_json(path)
+    if result is None:
+        check_usable(manifest)
+        result = run_in_worker({"kind": "lab-evaluate", "cache_dir": str(cache.root),
+                                "manifest": dict(manifest), "request": request.to_dict()}, on_event)
+        write_json(path, result)
+    return result
+
+
+def converted_int8_rows(store: Store, manifest: Mapping[str, Any]) -> Any:
+    """The latest successful int8-fallback / int8-only / int8-selective rows for this model+dataset."""
+    return store.query(
+        "SELECT technique, params, accuracy, agreement, model_bytes, float_ops, total_ops, row_id, "
+        "recorded_at FROM results WHERE model_hash = ? AND dataset_hash = ? AND error IS NULL "
+        "AND technique IN (?, ?, ?) QUALIFY row_number() OVER (PARTITION BY technique, params "
+        "ORDER BY recorded_at DESC) = 1 ORDER BY technique, params",
+        [manifest["model_hash"], manifest["dataset_hash"], *INT8_TECHNIQUES, SELECTIVE_TECHNIQUE])
+
+
+def params_text(params: Any) -> str:
+    """A store row's parameters as "name=value, ..." (the column holds JSON)."""
+    if isinstance(params, str):
+        try:
+            params = json.loads(params or "{}")
+        except ValueError:
+            return params
+    return ", ".join(f"{k}={v}" for k, v in dict(params or {}).items())
+
+
+# --- per-layer sensitivity ------------------------------------------------------------------------
+
+
+def cached_sensitivity(cache: ArtifactCache, manifest: Mapping[str, Any]) -> dict | None:
+    return read_json(sensitivity_path(cache, manifest))
+
+
+def compute_sensitivity(manifest: Mapping[str, Any], cache: ArtifactCache,
+                        on_event: Callable[[dict], None] | None = None) -> dict:
+    """Per-layer rmse/scale of the int8 conversion: cached, else TFLite's debugger in a worker."""
+    path = sensitivity_path(cache, manifest)
+    result = read_json(path)
+    if result is None:
+        result = run_in_worker({"kind": "lab-sensitivity", "cache_dir": str(cache.root),
+                                "manifest": dict(manifest)}, on_event)
+        write_json(path, result)
+    return result
+
+
+def short_layer_name(tensor_name: str) -> str:
+    """A readable name for a TFLite tensor: 'seed_cnn/conv2d/Relu;...' -> 'conv2d'."""
+    first = str(tensor_name).split(";")[0]
+    parts = first.split("/")
+    if first.startswith("StatefulPartitionedCall") or first.startswith("PartitionedCall"):
+        return "model output" if len(parts) == 1 else parts[-1]
+    return parts[1] if len(parts) > 2 else parts[-1]
+
+
+def sensitivity_frame(result: Mapping[str, Any], keep_float: int = 0) -> Any:
+    """Layers in graph order with rmse/scale, rank (1 = most sensitive) and whether N would keep them float."""
+    import pandas as pd
+
+    ranking = {name: index + 1 for index, name in enumerate(result.get("ranking", []))}
+    lines = []
+    for index, layer in enumerate(result.get("layers", [])):
+        rank = ranking.get(layer["tensor_name"])
+        lines.append({"#": index, "layer": f"{index}: {short_layer_name(layer['tensor_name'])}",
+                      "op": layer["op_name"], "rmse/scale": layer["rmse_scale"], "rank": rank,
+                      "kept float": rank is not None and rank <= keep_float,
+                      "scale": layer["scale"], "tensor": layer["tensor_name"]})
+    return pd.DataFrame(lines, columns=["#", "layer", "op", "rmse/scale", "rank", "kept float", "scale", "tensor"])
+
+
+def sensitivity_figure(frame: Any) -> Any:
+    """Bars of rmse/scale per layer (graph order); the layers to keep in float in red; a line at 0.29."""
+    import plotly.graph_objects as go
+
+    colors = ["#E45756" if kept else "#4C78A8" for kept in frame["kept float"]]
+    figure = go.Figure(go.Bar(x=frame["layer"], y=frame["rmse/scale"], marker_color=colors,
+                              customdata=np.stack([frame["op"], frame["rank"].astype(object)], axis=-1)
+                              if len(frame) else None,
+                              hovertemplate="%{x} (%{customdata[0]}): %{y:.3f}, rank %{customdata[1]}"
+                                            "<extra></extra>"))
+    figure.add_hline(y=IDEAL_RMSE_SCALE, line_dash="dot", line_color="#54A24B",
+                     annotation_text="ideal rounding ≈ 0.29", annotation_position="top left")
+    figure.update_layout(height=360, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
+                         xaxis_title="layer (graph order)", yaxis_title="RMSE / scale")
+    return figure
+
+
+# --- keep the N most sensitive layers in float: a sweep ------------------------------------------
+
+
+def selective_spec(workload: Workload, keep_float: int) -> SweepSpec:
+    """The workload's latest sweep with only int8-selective(keep_float=N): same model, dataset,
+    training and measurement settings, so it reuses the prepared baseline and compares like for like."""
+    if not workload.spec:
+        raise QuantLabError("this workload has no stored sweep to repeat; run a sweep of it on the "
+                            "Run page first (its settings are reused here)")
+    spec = SweepSpec.from_dict(workload.spec)
+    return replace(spec, techniques=(TechniqueSpec(SELECTIVE_TECHNIQUE, {"keep_float": int(keep_float)}),))
+
+
+@dataclass
+class SelectiveSweep:
+    """A running "keep N in float" sweep: a quantlab.sweeps handle, or a plain thread."""
+
+    keep_float: int
+    handle: Any = None
+    thread: threading.Thread | None = None
+    outcome: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        if self.handle is not None:
+            return bool(self.handle.finished)
+        return self.thread is not None and not self.thread.is_alive()
+
+    def summary(self) -> str:
+        if self.handle is not None:
+            return self.handle.snapshot().summary()
+        if not self.finished:
+            return "running"
+        if self.outcome.get("error"):
+            return f"failed: {self.outcome['error']}"
+        return f"done: {self.outcome.get('rows', 0)} variant(s) measured"
+
+    def rows(self) -> list[dict]:
+        if self.handle is not None:
+            return list(self.handle.snapshot().rows)
+        return list(self.outcome.get("row_list", []))
+
+
+def start_selective_sweep(workload: Workload, keep_float: int, store: Store, cache: ArtifactCache,
+                          options: Any = None) -> SelectiveSweep:
+    """Run int8-selective(keep_float=N) as a sweep in the background; it lands in the store like any variant."""
+    spec = selective_spec(workload, keep_float)
+    try:
+        from . import sweeps
+    except ImportError:
+        sweeps = None
+    if sweeps is not None and hasattr(sweeps, "start_sweep"):
+        label = f"{workload.manifest['model_name']}: keep {keep_float} layer(s) in float"
+        return SelectiveSweep(keep_float, handle=sweeps.start_sweep(spec, store, cache, options, label=label))
+    from .runner import SweepOptions, run_sweep
+
+    sweep = SelectiveSweep(keep_float)
+
+    def run() -> None:
+        try:
+            report = run_sweep(spec, store=store, cache=cache, options=options or SweepOptions(source="app"))
+            sweep.outcome.update(rows=len(report.rows), row_list=report.rows)
+        except QuantLabError as exc:
+            sweep.outcome["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    sweep.thread = threading.Thread(target=run, name="quantlab-lab-selective", daemon=True)
+    sweep.thread.start()
+    return sweep
+
+
+# --- warming up -----------------------------------------------------------------------------------
+
+_WARMED = threading.Event()
+
+
+def warm_up() -> None:
+    """Import what the first k-means row and chart need in a background thread, once per process
+    (scikit-learn alone takes seconds to import on a busy machine)."""
+    if _WARMED.is_set():
+        return
+    _WARMED.set()
+
+    def load() -> None:
+        try:
+            import plotly.graph_objects  # noqa: F401
+            import sklearn.cluster  # noqa: F401
+            import threadpoolctl  # noqa: F401
+        except ImportError:
+            pass
+    threading.Thread(target=load, name="quantlab-lab-warm-up", daemon=True).start()
+
+
+# --- the Lab's worker process ---------------------------------------------------------------------
+
+_WORKER_LOCK = threading.Lock()
+_POOL: Any = None
+
+
+def run_in_worker(payload: dict, on_event: Callable[[dict], None] | None = None) -> dict:
+    """Run one Lab task (quantlab.sensitivity.run_task) in the Lab's worker process; one at a time.
+
+    The worker is started on first use and kept (TensorFlow is imported once, not per click); the pool
+    replaces it after PoolLimits.max_tasks_per_worker tasks to bound TensorFlow's leaks.
+    """
+    global _POOL
+    from .pool import PoolLimits, WorkerPool
+    from .sensitivity import run_task
+
+    with _WORKER_LOCK:
+        if _POOL is None:
+            _POOL = WorkerPool(run_task, size=1, limits=PoolLimits(task_timeout_seconds=WORKER_TIMEOUT_SECONDS))
+        with neutral_main():
+            _POOL.start()      # spawns only when no worker is alive; run() then finds one waiting
+        outcome = None
+        for outcome in _POOL.run([(payload["kind"], payload)],
+                                 (lambda task, event: on_event(event)) if on_event else None):
+            pass
+    if outcome is None or not outcome.ok:
+        error = outcome.error if outcome is not None else "no result"
+        if outcome is not None and outcome.user_error:
+            raise QuantLabError(error)
+        raise QuantLabError(f"the Lab's worker failed ({payload['kind']}): {error}")
+    return outcome.result
+
+
+@contextmanager
+def neutral_main() -> Iterator[None]:
+    """Hide a script-like __main__ from multiprocessing's spawn while workers start.
+
+    Streamlit runs the app script in a module it installs as sys.modules["__main__"] with the script's
+    __file__; a spawned child would then execute the whole script again (as __mp_main__) before it
+    runs its task. A stand-in __main__ without __file__ makes the child import nothing of it.
+    """
+    main = sys.modules.get("__main__")
+    script_like = main is not None and getattr(main, "__spec__", None) is None and \
+        getattr(main, "__file__", None) is not None
+    if not script_like:
+        yield
+        return
+    stand_in = types.ModuleType("__main__")
+    sys.modules["__main__"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("__main__") is stand_in:
+            sys.modules["__main__"] = main
+
+
+def close_worker() -> None:
+    """Stop the Lab's worker process (it is started again when needed)."""
+    global _POOL
+    with _WORKER_LOCK:
+        if _POOL is not None:
+            _POOL.close()
+            _POOL = None
+
+
+atexit.register(close_worker)
+

@@ -1,0 +1,214 @@
+"""Worker-side Lab tasks on a real (tiny) model: tensors extracted, fake-quantized accuracy, TFLite's
+per-layer sensitivity, and the int8-selective technique.
+
+The model is the seed CNN trained for 2 epochs on scikit-learn's 8x8 digits (a few seconds); these tests
+import TensorFlow in the test process, except the one that goes through a worker pool.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantlab import lab, sensitivity
+from quantlab.cache import ArtifactCache
+from quantlab.config import TrainSettings
+from quantlab.measure import accuracy, inspect_tflite, predict_tflite
+from quantlab.pool import WorkerPool
+from quantlab.techniques import BuildContext, configure_converter, get_technique
+from quantlab.workloads import load_digits, train_baseline
+
+NO_EVENTS = lambda event: None  # noqa: E731
+# TensorFlow's QuantizationDebugger uses the deprecated tf.lite.Interpreter and warns about it.
+pytestmark = [pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")]
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    """A trained seed CNN and the digits dataset saved as a prepared workload would be."""
+    root = tmp_path_factory.mktemp("sensitivity")
+    dataset = load_digits()
+    model = train_baseline("seed-cnn", dataset, TrainSettings(epochs=2))
+    model_path, dataset_path = root / "seed-cnn.keras", root / "digits.npz"
+    model.save(model_path)
+    dataset.save(dataset_path)
+    manifest = {"model_name": "seed-cnn", "model_kind": "keras", "model_path": str(model_path),
+                "model_hash": "tinyseedcnn00001", "dataset_name": "digits", "dataset_path": str(dataset_path),
+                "dataset_hash": "digits0000000001", "split_sizes": dataset.split_sizes}
+    return {"root": root, "manifest": manifest, "model": model, "dataset": dataset}
+
+
+@pytest.fixture(scope="module")
+def extracted(workload):
+    result = sensitivity.extract_tensors({"manifest": workload["manifest"], "cache_dir": str(workload["root"])},
+                                         NO_EVENTS)
+    return result
+
+
+@pytest.fixture(scope="module")
+def sensitivity_result(workload):
+    return sensitivity.layer_sensitivity({"manifest": workload["manifest"]}, NO_EVENTS)
+
+
+def build_context(workload) -> BuildContext:
+    from quantlab.tfcompat import import_tensorflow
+
+    tf, _ = import_tensorflow()
+    model = sensitivity.load_model(workload["manifest"])
+    return BuildContext(load_keras_model=lambda: model,
+                        make_converter=lambda m=None: tf.lite.TFLiteConverter.from_keras_model(m or model),
+                        dataset=workload["dataset"], manifest=workload["manifest"])
+
+
+# --- extraction -----------------------------------------------------------------------------------
+
+
+def test_extracted_weights_are_the_models_own(workload, extracted):
+    weights = lab.load_tensors(Path(extracted["weights_path"]))
+    by_layer = {layer.name: layer for layer in workload["model"].layers}
+    kernel = weights.get("conv2d/kernel")
+    np.testing.assert_array_equal(kernel, by_layer["conv2d"].get_weights()[0])
+    np.testing.assert_array_equal(weights.get("dense/kernel"), by_layer["dense"].get_weights()[0])
+    np.testing.assert_array_equal(weights.get("dense/bias"), by_layer["dense"].get_weights()[1])
+    info = weights.info("conv2d/kernel")
+    assert info.quantized and info.channel_axis == -1 and info.channels == 12
+    assert not weights.info("conv2d/bias").quantized
+    assert Path(extracted["weights_path"]) == lab.weights_path(ArtifactCache(workload["root"]), workload["manifest"])
+
+
+def test_activations_have_the_calibration_batch_and_match_the_model(workload, extracted):
+    activations = lab.load_tensors(Path(extracted["activations_path"]))
+    calibration = workload["dataset"].x_calib
+    names = activations.names
+    assert names[-1] == "dense" and {"conv2d", "max_pooling2d", "flatten"} <= set(names)
+    for info in activations.infos:
+        assert info.shape[0] == len(calibration) == info.samples
+    logits = workload["model"](calibration, training=False).numpy()
+    np.testing.assert_allclose(activations.get("dense"), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(activations.get(names[0]), calibration)
+
+
+def test_forward_with_no_change_equals_calling_the_model(workload):
+    x = workload["dataset"].x_test[:32]
+    seen = []
+    out = sensitivity.forward(workload["model"], x, lambda name, value: seen.append(name))
+    np.testing.assert_allclose(out, workload["model"](x, training=False).numpy(), rtol=1e-6, atol=1e-6)
+    assert seen[1:] == ["reshape", "conv2d", "max_pooling2d", "flatten", "dense"]
+
+
+# --- fake-quantized accuracy ----------------------------------------------------------------------
+
+
+def evaluate(workload, bits: int, **settings) -> dict:
+    layers = ["conv2d", "dense"]
+    request = lab.FakeQuantRequest({name: bits for name in layers}, **settings)
+    return sensitivity.evaluate_fake_quant({"manifest": workload["manifest"], "request": request.to_dict()},
+                                           NO_EVENTS)
+
+
+def test_fake_quantized_weights_cost_little_at_8_bits_and_more_at_2(workload):
+    eight, two = evaluate(workload, 8), evaluate(workload, 2)
+    float_accuracy = accuracy(workload["model"](workload["dataset"].x_test).numpy(), workload["dataset"].y_test)
+    assert eight["float_accuracy"] == pytest.approx(float_accuracy)
+    assert abs(eight["accuracy"] - eight["float_accuracy"]) <= 0.03
+    assert eight["agreement"] >= 0.95
+    assert two["accuracy"] < eight["accuracy"] - 0.05
+    assert eight["quantized_layers"] == ["conv2d", "dense"]
+
+
+def test_float_layers_and_fake_quantized_activations(workload):
+    untouched = evaluate(workload, 32)
+    assert untouched["accuracy"] == untouched["float_accuracy"] and untouched["quantized_layers"] == []
+    both = evaluate(workload, 8, activations=True, activation_bits=8, per_channel=True)
+    assert abs(both["accuracy"] - both["float_accuracy"]) <= 0.05
+    assert set(both["activation_ranges"]) >= {"conv2d", "dense"}
+    low, high = both["activation_ranges"]["conv2d"]
+    assert low <= 0 <= high   # after a ReLU: the range includes 0 (asymmetric)
+
+
+# --- per-layer sensitivity ------------------------------------------------------------------------
+
+
+def test_debugger_gives_finite_non_negative_rmse_over_scale_and_a_sorted_ranking(sensitivity_result):
+    layers = sensitivity_result["layers"]
+    assert [layer["op_name"] for layer in layers if layer["op_name"] in ("CONV_2D", "FULLY_CONNECTED")] == \
+        ["CONV_2D", "FULLY_CONNECTED"]
+    values = [layer["rmse_scale"] for layer in layers]
+    assert all(v is not None and math.isfinite(v) and v >= 0 for v in values)
+    by_name = {layer["tensor_name"]: layer["rmse_scale"] for layer in layers}
+    ranking = sensitivity_result["ranking"]
+    assert sorted(ranking) == sorted(by_name)
+    ranked = [by_name[name] for name in ranking]
+    assert ranked == sorted(ranked, reverse=True)
+    # a quantized conv or dense output carries at least rounding-size error, not orders of magnitude more
+    conv = next(layer for layer in layers if layer["op_name"] == "CONV_2D")
+    assert 0.05 < conv["rmse_scale"] < 5
+
+
+def test_sensitivity_frame_flags_the_top_layers(sensitivity_result):
+    frame = lab.sensitivity_frame(sensitivity_result, keep_float=2)
+    assert int(frame["kept float"].sum()) == 2
+    top = set(frame.loc[frame["kept float"], "tensor"])
+    assert top == set(sensitivity_result["ranking"][:2])
+    assert len(lab.sensitivity_figure(frame).data) == 1
+
+
+# --- int8-selective -----------------------------------------------------------------------------
+
+
+def test_selective_variant_keeps_more_ops_float_than_int8_fallback_and_is_measurable(workload):
+    from ai_edge_litert.interpreter import Interpreter
+
+    context = build_context(workload)
+    technique = get_technique("int8-selective")
+    produced = technique.produce(context, technique.resolve({"keep_float": 2}))
+    baseline = configure_converter(context.make_converter(None), "int8-fallback",
+                                   workload["dataset"].x_calib).convert()
+
+    def float_ops(model: bytes) -> int:
+        interpreter = Interpreter(model_content=model)
+        ops = interpreter._get_ops_details()
+        return sum(1 for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")
+                   and any(np.dtype(t) == np.float32 for t in op.get("result_types", [])))
+
+    assert float_ops(produced.tflite) > float_ops(baseline)
+    assert inspect_tflite(produced.tflite).float_ops > inspect_tflite(baseline).float_ops
+    assert len(produced.details["kept_float"]) == 2
+    dataset = workload["dataset"]
+    selective_accuracy = accuracy(predict_tflite(produced.tflite, dataset.x_test), dataset.y_test)
+    float_accuracy = accuracy(workload["model"](dataset.x_test).numpy(), dataset.y_test)
+    assert abs(selective_accuracy - float_accuracy) <= 0.05
+
+
+def test_keeping_more_layers_than_there_are_keeps_them_all(workload, sensitivity_result):
+    context = build_context(workload)
+    produced = get_technique("int8-selective").produce(context, {"keep_float": 1000})
+    assert len(produced.details["kept_float"]) == len(sensitivity_result["ranking"])
+    assert inspect_tflite(produced.tflite).float_ops >= 2
+
+
+def test_int8_selective_is_registered_with_its_parameter():
+    technique = get_technique("int8-selective")
+    assert technique.needs_calibration and technique.family == "ptq"
+    assert technique.resolve({}) == {"keep_float": 2}
+    assert technique.resolve({"keep_float": "3"}) == {"keep_float": 3}
+
+
+# --- through a worker pool ------------------------------------------------------------------------
+
+
+def test_run_task_serves_lab_kinds_in_a_worker(workload, tmp_path):
+    manifest = dict(workload["manifest"], model_hash="tinyseedcnn00002")
+    tasks = [("extract", {"kind": "lab-extract", "cache_dir": str(tmp_path), "manifest": manifest}),
+             ("bad", {"kind": "lab-nothing"})]
+    with WorkerPool(sensitivity.run_task, size=1, warm=False) as pool:
+        with lab.neutral_main():   # an AppTest earlier in this process may have left a page as __main__
+            pool.start()
+        outcomes = {o.task_id: o for o in pool.run(tasks)}
+    assert outcomes["extract"].ok, outcomes["extract"].error
+    assert lab.tensors_ready(ArtifactCache(tmp_path), manifest)
+    assert "unknown lab task kind" in outcomes["bad"].error

@@ -11,7 +11,8 @@ from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
                                keras3_note, make_sweep_spec, model_kind_of, param_input, results_table,
-                               save_upload, technique_groups, technique_tags, unavailable_techniques)
+                               save_upload, stored_name, technique_groups, technique_tags,
+                               unavailable_techniques)
 from quantlab.workloads import BUILTIN_DATASETS, BUILTIN_MODELS
 from ui.share import sync_view, update_view, url_params, write_view
 
@@ -62,7 +63,10 @@ def save_and_check(kind):
         error = None
     except QuantLabError as exc:
         error = str(exc).splitlines()[0]
-    form[f"{kind}_upload"] = {"path": str(path), "name": path.name, "error": error}
+    except Exception as exc:  # an unexpected reader failure is still reported in words
+        error = f"could not be read ({type(exc).__name__}); check that it is a valid {path.suffix} file"
+    form[f"{kind}_upload"] = {"path": str(path), "name": path.name, "stored_as": stored_name(kind, path),
+                              "error": error}
 
 
 def choose_input(kind, builtins, default, suffixes, help_text):
@@ -88,10 +92,10 @@ def choose_input(kind, builtins, default, suffixes, help_text):
         return None, None, False
     if upload.get("error"):
         st.error(f"{upload['name']}: {upload['error']}", icon=":material/error:")
-        return upload["path"], upload["name"], False
+        return upload["path"], upload["stored_as"], False
     st.caption(f"Using **{upload['name']}** (checked; it is loaded safely, in a separate process, "
                f"when the sweep starts).")
-    return upload["path"], upload["name"], True
+    return upload["path"], upload["stored_as"], True
 
 
 def choose_techniques(model_kind):

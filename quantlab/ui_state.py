@@ -295,6 +295,12 @@ def save_upload(data: bytes, name: str, cache_dir: Path) -> Path:
     return path
 
 
+def stored_name(kind: str, path: Path | str) -> str:
+    """The name the store will record for an uploaded file: a model by its file name, a dataset by
+    its stem (as runner.resolve_model and uploads.load_uploaded_dataset name them)."""
+    return Path(path).stem if kind == "dataset" else Path(path).name
+
+
 def _size_check(path: Path, max_mb: int, what: str) -> None:
     size = path.stat().st_size
     if size == 0:

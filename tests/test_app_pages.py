@@ -152,6 +152,20 @@ def test_a_bad_dataset_upload_is_explained_in_words(env):
     assert at.button(key="run_start").disabled
 
 
+def test_a_good_dataset_upload_is_ready_to_run(env):
+    at = run_app()
+    at.radio(key="run_dataset_source").set_value("Upload a file").run()
+    buffer = io.BytesIO()
+    np.savez(buffer, x_test=np.zeros((4, 8, 8), np.float32), y_test=np.arange(4))
+    at.file_uploader(key="run_dataset_file").set_value(("my data.npz", buffer.getvalue(), "application/zip"))
+    at.run()
+    assert not at.exception and not at.error
+    assert "Using **my data.npz**" in texts(at.caption)
+    assert not at.button(key="run_start").disabled
+    assert at.query_params["dataset"] == "my data"  # the name the store will record
+    assert list((env / "cache" / "uploads").glob("*/my data.npz"))
+
+
 def test_read_only_mode_says_so_and_runs_nothing(env, monkeypatch):
     monkeypatch.setenv("QUANTLAB_READ_ONLY", "1")
     at = run_app()

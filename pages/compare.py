@@ -1,0 +1,202 @@
+"""Compare: every variant of one model on one dataset, measured against its baseline.
+
+Filters (model, dataset, sweep), then your budgets (latency, accuracy drop), then the best variant
+inside them, accuracy against size and against latency, the baseline-relative table, two models side
+by side, exports, and how the numbers were measured. A click on a point or a table row opens the
+variant's details.
+"""
+
+import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
+
+from quantlab import analysis, charts
+from quantlab.ui_state import AppSettings
+from ui.share import share_controls, sync_view, update_view, write_view
+
+SHARED_FIELDS = ("model", "dataset", "sweep", "latency_budget_ms", "accuracy_drop_pp")
+DEFAULT_DROP_POINTS = 1.0
+OBJECTIVE_LABELS = {"size": "Smallest", "latency": "Fastest", "accuracy": "Most accurate"}
+TABLE_COLUMNS = {
+    "label": st.column_config.TextColumn("Technique", pinned=True),
+    "variant": st.column_config.TextColumn("Variant (id, params)"),
+    "family": st.column_config.TextColumn("Family"),
+    "model_bytes": st.column_config.NumberColumn("Size (bytes)", format="localized"),
+    "x_smaller": st.column_config.NumberColumn("x smaller", format="%.2fx"),
+    "gzip_bytes": st.column_config.NumberColumn("gzip (bytes)", format="localized"),
+    "x_smaller_gzip": st.column_config.NumberColumn("x smaller (gzip)", format="%.2fx"),
+    "accuracy": st.column_config.NumberColumn("Accuracy", format="percent"),
+    "accuracy_change_points": st.column_config.NumberColumn("Δ accuracy (points)", format="%+.2f"),
+    "agreement": st.column_config.NumberColumn("Agreement", format="percent"),
+    "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
+    "latency_p50_ms": st.column_config.NumberColumn("p50 (ms)", format="%.3f"),
+    "latency_p90_ms": st.column_config.NumberColumn("p90 (ms)", format="%.3f"),
+    "speedup": st.column_config.NumberColumn("x faster (vs baseline)", format="%.2fx"),
+    "speedup_vs_float32": st.column_config.NumberColumn("x faster (vs TFLite float32)", format="%.2fx"),
+    "num_threads": st.column_config.NumberColumn("Threads"),
+    "input_dtype": st.column_config.TextColumn("Input"),
+    "output_dtype": st.column_config.TextColumn("Output"),
+    "cached": st.column_config.CheckboxColumn("Cached"),
+    "recorded_at": st.column_config.DatetimeColumn("Recorded", format="YYYY-MM-DD HH:mm"),
+    "row_id": st.column_config.TextColumn("Row"),
+}
+
+
+def page_link(page: str, label: str, **kwargs) -> None:
+    """A link to another page of the app, or plain words when that page is not in this app."""
+    try:
+        st.page_link(page, label=label, **kwargs)
+    except StreamlitPageNotFoundError:
+        st.caption(f"{label} (that page is not part of this app yet)")
+
+
+def open_details(row_id: str) -> None:
+    """Go to the details page of one stored row."""
+    try:
+        st.switch_page("pages/details.py", query_params={"row": row_id})
+    except StreamlitPageNotFoundError:
+        st.info(f"Row `{row_id}` picked; the details page is not part of this app yet.")
+
+
+def picked_point(event) -> str | None:
+    """The row_id of the first clicked point that carries one (budget lines and the front do not)."""
+    for point in (event or {}).get("selection", {}).get("points", []):
+        custom = point.get("customdata")
+        if isinstance(custom, (list, tuple)) and custom:
+            return str(custom[0])
+        if isinstance(custom, str):
+            return custom
+    return None
+
+
+settings = AppSettings.from_env()
+store = settings.store()
+view = sync_view("compare")
+
+st.title("Compare variants")
+st.caption("Every variant of a model measured against its Keras baseline: how much smaller, how much "
+           "faster, how many accuracy points it costs.")
+
+filters = analysis.list_filters(store)
+if filters.empty:
+    st.info("No results yet. Run a sweep first: the Run page converts and measures every technique on a "
+            "model in one click, then come back here to compare them.", icon=":material/info:")
+    page_link("pages/run.py", label="Open the Run page", icon=":material/play_circle:")
+    st.stop()
+
+# --- what to compare -----------------------------------------------------------------------------
+with st.container(horizontal=True):
+    newest_model = filters.pairs["model_name"].iloc[0]
+    model = st.selectbox("Model", filters.models, key="compare_model",
+                         index=filters.models.index(view.model if view.model in filters.models
+                                                    else newest_model))
+    datasets = filters.datasets_for(model)
+    dataset = st.selectbox("Dataset", datasets, key="compare_dataset",
+                           index=datasets.index(view.dataset) if view.dataset in datasets else 0)
+    sweeps = filters.sweeps_for(model, dataset)
+    sweep_labels = {row.sweep_id: analysis.sweep_label(row._asdict()) for row in sweeps.itertuples()}
+    sweep_options = [None, *sweep_labels]
+    sweep_id = st.selectbox("Sweep", sweep_options, key="compare_sweep",
+                            index=sweep_options.index(view.sweep) if view.sweep in sweep_labels else 0,
+                            format_func=lambda s: "Newest result of every variant" if s is None
+                            else sweep_labels[s])
+
+with st.container(horizontal=True):
+    budget = st.number_input("Latency budget, p50 ms (empty: none)", min_value=0.0, value=view.latency_budget_ms,
+                             step=0.1, format="%.3f", key="compare_budget", placeholder="no budget",
+                             help="Batch-1 median latency each variant must stay within")
+    drop = st.number_input("Accuracy drop you accept, points", min_value=0.0, max_value=100.0,
+                           value=view.accuracy_drop_pp if view.accuracy_drop_pp is not None
+                           else DEFAULT_DROP_POINTS, step=0.1, key="compare_drop",
+                           help="Points of accuracy below the baseline (1.0 = 95.0% -> 94.0%)")
+    objective = st.radio("Among those, pick the", list(OBJECTIVE_LABELS), key="compare_objective",
+                         format_func=OBJECTIVE_LABELS.get, horizontal=True)
+
+view = update_view(model=model, dataset=dataset, sweep=sweep_id, latency_budget_ms=budget or None,
+                   accuracy_drop_pp=drop)
+write_view(view, SHARED_FIELDS)
+
+everything = analysis.compare_frame(store, model=model, dataset=dataset, sweep_id=sweep_id,
+                                    latest_only=True, include_errors=True)
+frame = everything[everything["error"].isna()]
+failed = everything[everything["error"].notna()]
+
+# --- the answer ----------------------------------------------------------------------------------
+spot = analysis.sweet_spot(frame, budget or None, drop, objective)
+if spot.found:
+    st.success(f"**{spot.headline()}**", icon=":material/verified:")
+    st.caption(f"{spot.reason[:1].upper()}{spot.reason[1:]}; relative to the {spot.row['reference_note']}.")
+    if st.button(f"Open the details of {spot.row['label']}", key="compare_open_best"):
+        open_details(spot.row_id)
+else:
+    st.warning(spot.headline(), icon=":material/block:")
+
+if not frame.empty and frame["reference_technique"].isna().all():
+    st.info("No baseline or float32 row is measured for this model, so the relative columns are empty: "
+            "add the baseline technique to a sweep.")
+
+# --- the trade-off charts -------------------------------------------------------------------------
+size_figure = charts.accuracy_vs_size(frame, sweet_spot_row_id=spot.row_id, max_accuracy_drop_points=drop)
+latency_figure = charts.accuracy_vs_latency(frame, sweet_spot_row_id=spot.row_id,
+                                            latency_budget_ms=budget or None,
+                                            max_accuracy_drop_points=drop)
+left, right = st.columns(2)
+with left:
+    size_click = st.plotly_chart(size_figure, key="compare_size_chart", on_select="rerun",
+                                 selection_mode="points")
+with right:
+    latency_click = st.plotly_chart(latency_figure, key="compare_latency_chart", on_select="rerun",
+                                    selection_mode="points")
+st.caption("Click a point to open its details. The line joins the Pareto front: no variant is both "
+           "smaller (or faster) and more accurate than a point on it. Dashed: your budgets.")
+clicked = picked_point(size_click) or picked_point(latency_click)
+if clicked:
+    open_details(clicked)
+
+# --- the table -----------------------------------------------------------------------------------
+st.subheader("Against the baseline")
+table = analysis.table_frame(frame)
+picked = st.dataframe(table, key="compare_table", on_select="rerun", selection_mode="single-row",
+                      hide_index=True, column_config=TABLE_COLUMNS, width="stretch")
+st.caption("Sort by any column header; select a row to open its details.")
+if picked and picked.selection.rows:
+    open_details(table["row_id"].iloc[picked.selection.rows[0]])
+
+if not failed.empty:
+    with st.expander(f"{len(failed)} variant(s) failed in this selection"):
+        st.dataframe(failed[["technique", "variant", "error", "recorded_at", "row_id"]], hide_index=True,
+                     key="compare_failed")
+
+# --- two models side by side ----------------------------------------------------------------------
+st.subheader("Two models side by side")
+others = [m for m in filters.models if m != model]
+if not others:
+    st.caption("Only one model is measured so far: run a sweep on another model to compare them here.")
+else:
+    with st.container(horizontal=True):
+        other_model = st.selectbox("Compare with model", others, key="compare_other_model")
+        other_datasets = filters.datasets_for(other_model)
+        other_dataset = st.selectbox("on dataset", other_datasets, key="compare_other_dataset",
+                                     index=other_datasets.index(dataset) if dataset in other_datasets else 0)
+    other_frame = analysis.compare_frame(store, model=other_model, dataset=other_dataset)
+    name_a, name_b = f"{model} on {dataset}", f"{other_model} on {other_dataset}"
+    shown = st.radio("Show", ["Relative to each baseline", "Accuracy vs size"], horizontal=True,
+                     key="compare_two_models_view", label_visibility="collapsed")
+    if shown == "Relative to each baseline":
+        st.plotly_chart(charts.model_comparison_figure(frame, other_frame, name_a, name_b),
+                        key="compare_two_models_bars")
+    else:
+        st.plotly_chart(charts.side_by_side_tradeoff(frame, other_frame, name_a, name_b),
+                        key="compare_two_models_scatter")
+
+# --- share and how it was measured ---------------------------------------------------------------
+st.subheader("Share and export")
+share_controls(view.with_(page="compare"), ("page", *SHARED_FIELDS), frame=frame,
+               figures=[size_figure, latency_figure], title=f"QuantLab: {model} on {dataset}",
+               key="compare_share")
+
+with st.container(border=True):
+    st.markdown("**How these numbers were measured**")
+    st.caption(analysis.measurement_note(frame) or "Nothing measured in this selection.")
+    st.caption("Latency is single-sample (batch 1) inference on this machine's CPU with the LiteRT "
+               "interpreter; accuracy is top-1 on the dataset's test split; agreement is the share of "
+               "test samples whose top-1 class matches the float reference.")

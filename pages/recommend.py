@@ -1,0 +1,142 @@
+"""Recommend: which quantization to try first, and what this model's measurements say about it.
+
+The questions of TensorFlow Lite's post-training quantization decision tree, the tree drawn with your
+answers highlighted, the technique it leads to with its reason and fallbacks, then this model's
+measured numbers for it, or a button that measures what is missing.
+"""
+
+import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
+
+from quantlab import analysis, charts, recommend, sweeps
+from quantlab.errors import QuantLabError
+from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
+from ui.share import sync_view, update_view, write_view
+
+SHARED_FIELDS = ("model", "dataset", "accuracy_drop_pp")
+DEFAULT_DROP_POINTS = 1.0
+SWEEP_KEY = "recommend_sweep_handle"
+BACKING_STYLE = {"fits": st.success, "exceeds": st.warning, "not-measured": st.info,
+                 "no-reference": st.info, "blocked": st.warning}
+
+
+def page_link(page: str, label: str, **kwargs) -> None:
+    """A link to another page of the app, or plain words when that page is not in this app."""
+    try:
+        st.page_link(page, label=label, **kwargs)
+    except StreamlitPageNotFoundError:
+        st.caption(f"{label} (that page is not part of this app yet)")
+
+
+settings = AppSettings.from_env()
+store = settings.store()
+view = sync_view("recommend")
+
+st.title("Which quantization should I try?")
+st.caption(f"An interactive version of the post-training quantization decision tree in the "
+           f"[TensorFlow Lite docs]({recommend.DOCS_URL}), checked against what was measured on your model.")
+
+questions, answer = st.columns([2, 3], gap="large")
+
+# --- the questions -------------------------------------------------------------------------------
+with questions:
+    st.subheader("Your deployment")
+    hardware = st.radio("Target hardware", list(recommend.HARDWARE), key="recommend_hardware",
+                        format_func=recommend.HARDWARE.get)
+    integer_target = hardware in recommend.INTEGER_HARDWARE
+    integer_io = st.toggle("Integer-only input/output required", key="recommend_integer_io",
+                           disabled=hardware != "cpu",
+                           help="Edge TPUs and microcontrollers always need integer I/O; on a CPU it is "
+                                "a choice (e.g. a pipeline that feeds raw uint8 camera frames)")
+    accuracy_drop_ok = st.toggle("Some accuracy drop is acceptable", value=True, key="recommend_drop_ok")
+    max_drop = st.number_input("How much, in accuracy points", min_value=0.0, max_value=100.0, step=0.1,
+                               value=view.accuracy_drop_pp if view.accuracy_drop_pp is not None
+                               else DEFAULT_DROP_POINTS, key="recommend_drop",
+                               disabled=not accuracy_drop_ok,
+                               help="Used to check this model's measured rows (1.0 = 95.0% -> 94.0%)")
+    representative_data = st.toggle("Representative data available (about 100-500 samples)", value=True,
+                                    key="recommend_data")
+    can_retrain = st.toggle("Retraining (fine-tuning) is possible", key="recommend_retrain")
+    uint8_io = st.toggle("The toolchain expects uint8 input/output (older accelerators)",
+                         key="recommend_uint8", disabled=not (integer_target or integer_io))
+
+answers = recommend.Answers(hardware=hardware, accuracy_drop_ok=accuracy_drop_ok, max_drop_points=max_drop,
+                            representative_data=representative_data, can_retrain=can_retrain,
+                            integer_io=integer_io and hardware == "cpu",
+                            uint8_io=uint8_io and (integer_target or integer_io))
+advice = recommend.recommend(answers)
+
+# --- the recommendation, then the tree ------------------------------------------------------------
+with answer:
+    st.subheader("Recommendation")
+    if advice.technique:
+        st.markdown(f"### Try **{advice.label}** (`{advice.technique}`)")
+    else:
+        st.markdown(f"### {recommend.NODE_BY_ID[advice.leaf].text}")
+    st.markdown(f"Because {advice.reason}.")
+    st.caption("Your path: " + " → ".join(f"{step.question} **{step.answer}**" for step in advice.path))
+    if advice.fallbacks:
+        st.markdown("If it loses more accuracy than you accept, try next:\n" + "\n".join(
+            f"{i}. **{recommend.technique_label(f.technique)}** (`{f.technique}`): {f.why}"
+            for i, f in enumerate(advice.fallbacks, start=1)))
+
+st.markdown("**The decision tree**, your answers in red:")
+nodes, edges = recommend.tree_frames(advice)
+st.plotly_chart(charts.decision_tree_figure(nodes, edges), key="recommend_tree",
+                config={"displayModeBar": False})
+
+# --- what this model's measurements say -------------------------------------------------------------
+st.subheader("On your model")
+filters = analysis.list_filters(store)
+models = filters.models or [view.model or DEFAULT_MODEL]
+with st.container(horizontal=True):
+    model = st.selectbox("Model", models, key="recommend_model",
+                         index=models.index(view.model) if view.model in models else 0)
+    datasets = filters.datasets_for(model) or [view.dataset or DEFAULT_DATASET]
+    dataset = st.selectbox("Dataset", datasets, key="recommend_dataset",
+                           index=datasets.index(view.dataset) if view.dataset in datasets else 0)
+view = update_view(model=model, dataset=dataset, accuracy_drop_pp=max_drop)
+write_view(view, SHARED_FIELDS)
+
+frame = analysis.compare_frame(store, model=model, dataset=dataset)
+backing = recommend.back_with_measurements(advice, frame)
+BACKING_STYLE.get(backing.status, st.info)(backing.text)
+if backing.row_id and st.button("Open the measured row", key="recommend_open_row"):
+    try:
+        st.switch_page("pages/details.py", query_params={"row": backing.row_id})
+    except StreamlitPageNotFoundError:
+        st.info(f"Row `{backing.row_id}`; the details page is not part of this app yet.")
+
+if backing.to_run:
+    runnable, unknown = recommend.runnable_techniques(backing.to_run)
+    if unknown:
+        st.caption(f"Not available in this QuantLab install yet: {', '.join(unknown)}.")
+    if runnable and settings.can_run:
+        if st.button(f"Measure {', '.join(runnable)} on {model}", key="recommend_run", type="primary",
+                     icon=":material/play_arrow:"):
+            try:
+                spec = recommend.follow_up_spec(analysis.last_sweep_spec(store, model, dataset), model,
+                                                dataset, runnable)
+                sweeps.check_spec(spec, store)
+                handle = sweeps.start_sweep(spec, store, settings.cache(), settings.sweep_options(),
+                                            label=f"{', '.join(runnable)} on {model}")
+                st.session_state[SWEEP_KEY] = handle.id
+            except QuantLabError as exc:
+                st.error(str(exc))
+    elif runnable:
+        st.caption("This dashboard is read-only: run these techniques where results can be written.")
+    linked = {"model": model, "dataset": dataset, **({"techniques": ",".join(runnable)} if runnable else {})}
+    page_link("pages/run.py", label="Or choose settings on the Run page", icon=":material/play_circle:",
+              query_params=linked)
+
+handle = sweeps.get_sweep(st.session_state.get(SWEEP_KEY))
+if handle is not None:
+    finished_before = handle.finished
+
+    @st.fragment(run_every=None if finished_before else 2)
+    def sweep_status() -> None:
+        snapshot = handle.snapshot()
+        st.caption(f"Sweep {snapshot.label}: {snapshot.summary()}")
+        if snapshot.finished and not finished_before:
+            st.rerun()  # the whole page, to show the new measurements
+    sweep_status()

@@ -1,0 +1,192 @@
+"""The Compare and Recommend pages, headless (AppTest), on an empty and a filled store.
+
+The filled store holds synthetic rows (made-up figures for two made-up models): they exercise the
+pages' logic and words, not any real measurement. No test here starts a sweep.
+"""
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from quantlab.store import COLUMN_NAMES, Store
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPARE = str(ROOT / "pages" / "compare.py")
+RECOMMEND = str(ROOT / "pages" / "recommend.py")
+TIMEOUT = 60
+SWEEP = "5" * 32
+T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+# technique, family, bytes, accuracy, p50 ms
+SYNTHETIC = (("baseline", "baseline", 400_000, 0.950, 2.0),
+             ("float32", "float", 100_000, 0.950, 1.0),
+             ("float16", "ptq", 50_000, 0.950, 1.0),
+             ("dynamic", "ptq", 26_000, 0.948, 0.8),
+             ("int8-only", "ptq", 25_000, 0.930, 0.5))
+
+
+def synthetic_rows(model, accuracy_offset=0.0):
+    return [{"row_id": uuid.uuid4().hex, "sweep_id": SWEEP, "recorded_at": T0 + timedelta(seconds=i),
+             "result_key": f"{model}-{t}", "cached": False, "model_name": model, "model_hash": f"{model}-hash",
+             "dataset_name": "synthetic-digits", "dataset_hash": "dh", "technique": t, "family": f,
+             "params": "{}", "model_bytes": b, "gzip_bytes": b // 2, "accuracy": a + accuracy_offset,
+             "agreement": 0.99, "latency_p50_ms": p, "latency_p90_ms": p * 1.2, "latency_runs": 50,
+             "num_threads": 1, "latency_method": "synthetic timing, batch 1", "provenance": "{}",
+             "details": "{}"} for i, (t, f, b, a, p) in enumerate(SYNTHETIC)]
+
+
+@pytest.fixture
+def empty_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_DB", str(tmp_path / "q.duckdb"))
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    return Store(tmp_path / "q.duckdb")
+
+
+@pytest.fixture
+def store(empty_store):
+    empty_store.migrate()
+    frame = pd.DataFrame(synthetic_rows("synthetic-a") + synthetic_rows("synthetic-b", -0.01))
+    frame = frame.reindex(columns=list(COLUMN_NAMES))
+    with empty_store.connect() as con:
+        con.register("incoming", frame)
+        con.execute("INSERT INTO results SELECT * FROM incoming")
+    return empty_store
+
+
+def run(path, **query):
+    app = AppTest.from_file(path, default_timeout=TIMEOUT)
+    for key, value in query.items():
+        app.query_params[key] = value
+    app.run()
+    assert not app.exception, app.exception
+    return app
+
+
+def texts(elements):
+    return [element.value for element in elements]
+
+
+def charts_of(app):
+    return app.get("plotly_chart")
+
+
+# --- Compare ----------------------------------------------------------------------------------------
+
+
+def test_compare_on_an_empty_store_points_to_the_run_page(empty_store):
+    app = run(COMPARE)
+    assert any("No results yet" in text and "Run page" in text for text in texts(app.info))
+    assert not charts_of(app)
+
+
+def test_compare_shows_the_sweet_spot_charts_table_and_method(store):
+    app = run(COMPARE)
+    assert texts(app.success) == [
+        "**Best inside your budget: Dynamic range — 15.4x smaller, -0.2 points, 2.5x faster**"]
+    assert app.selectbox(key="compare_model").value == "synthetic-a"
+    assert len(charts_of(app)) >= 2
+    assert len(app.dataframe) >= 1
+    assert any("synthetic timing, batch 1" in text for text in texts(app.caption))
+    assert app.query_params["model"] == "synthetic-a"
+
+
+def test_compare_says_why_none_fits(store):
+    app = run(COMPARE)
+    app.number_input(key="compare_budget").set_value(0.1).run()
+    assert not app.success
+    assert texts(app.warning) == ["None fits, because no variant runs within 0.1 ms (fastest: "
+                                  "Integer only (int8 I/O) at 0.5 ms)."]
+    assert app.query_params["budget"] == "0.1"
+
+
+def test_compare_objective_and_tolerance_change_the_answer(store):
+    app = run(COMPARE)
+    app.number_input(key="compare_drop").set_value(5.0).run()
+    assert "Integer only (int8 I/O)" in texts(app.success)[0]
+    app.radio(key="compare_objective").set_value("accuracy").run()
+    assert "Float16" in texts(app.success)[0]
+
+
+def test_compare_opens_the_view_a_link_describes(store):
+    app = run(COMPARE, model="synthetic-b", drop="5", sweep=SWEEP)
+    assert app.selectbox(key="compare_model").value == "synthetic-b"
+    assert app.selectbox(key="compare_sweep").value == SWEEP
+    assert app.number_input(key="compare_drop").value == 5.0
+    assert "Integer only (int8 I/O)" in texts(app.success)[0]
+
+
+def test_compare_puts_two_models_side_by_side(store):
+    app = run(COMPARE)
+    assert app.selectbox(key="compare_other_model").value == "synthetic-b"
+    assert len(charts_of(app)) == 3
+    app.radio(key="compare_two_models_view").set_value("Accuracy vs size").run()
+    assert not app.exception and len(charts_of(app)) == 3
+
+
+# --- Recommend --------------------------------------------------------------------------------------
+
+
+def recommendation(app):
+    return next(text for text in texts(app.markdown) if text.startswith("### "))
+
+
+def test_recommend_starts_from_a_cpu_and_offers_to_measure_what_is_missing(store):
+    app = run(RECOMMEND)
+    assert recommendation(app) == "### Try **Full integer, float fallback** (`int8-fallback`)"
+    assert texts(app.info) == ["Not measured yet on this model: run int8-fallback."]
+    assert [b.label for b in app.button] == ["Measure int8-fallback on synthetic-a"]
+    assert charts_of(app)  # the tree
+
+
+def test_recommend_changes_with_the_answers_and_quotes_measurements(store):
+    app = run(RECOMMEND)
+    app.radio(key="recommend_hardware").set_value("gpu").run()
+    assert recommendation(app) == "### Try **Float16** (`float16`)"
+    assert texts(app.success) == ["On this model: Float16 is 8.0x smaller, ±0.0 points, 2.0x faster "
+                                  "(vs the Keras baseline)."]
+    app.radio(key="recommend_hardware").set_value("edgetpu").run()
+    assert recommendation(app) == "### Try **Integer only (int8 I/O)** (`int8-only`)"
+    assert "loses 2.0 points" in texts(app.warning)[0]
+    app.number_input(key="recommend_drop").set_value(3.0).run()
+    assert texts(app.success)[0].startswith("On this model: Integer only (int8 I/O) is 16.0x smaller")
+
+
+def test_recommend_with_no_data_and_no_retraining_is_blocked(store):
+    app = run(RECOMMEND)
+    app.radio(key="recommend_hardware").set_value("mcu").run()
+    app.toggle(key="recommend_data").set_value(False).run()
+    assert recommendation(app) == "### Collect data or retrain first"
+    assert texts(app.warning)[0].startswith("Nothing to measure yet")
+    app.toggle(key="recommend_retrain").set_value(True).run()
+    assert "qat-int8" in recommendation(app)
+
+
+def test_recommend_on_an_empty_store(empty_store):
+    app = run(RECOMMEND)
+    assert texts(app.info) == ["Not measured yet on this model: run int8-fallback (fallbacks: dynamic, float16)."]
+    assert app.button[0].label.startswith("Measure baseline, int8-fallback")
+
+
+def test_pages_run_inside_the_app_navigation(store):
+    if not (ROOT / "app.py").exists():
+        pytest.skip("app.py is not there yet")
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    assert not app.exception
+    assert texts(app.title) == ["Compare variants"]
+    app.switch_page("pages/recommend.py").run()
+    assert not app.exception
+    assert texts(app.title) == ["Which quantization should I try?"]
+
+
+def test_measuring_a_model_that_cannot_be_found_says_why_and_starts_nothing(store):
+    from quantlab import sweeps
+
+    before = len(sweeps.list_sweeps())
+    app = run(RECOMMEND)
+    app.button(key="recommend_run").click().run()
+    assert not app.exception
+    assert "neither a built-in model" in texts(app.error)[0]
+    assert len(sweeps.list_sweeps()) == before

@@ -1,0 +1,577 @@
+"""Measure a .tflite model given as bytes: outputs and accuracy, size, latency, and what runs in float.
+
+Only numpy, the standard library and LiteRT (`ai_edge_litert`, imported inside the functions) are used:
+no TensorFlow, no Streamlit, so a measurement process starts fast and stays small.
+
+Evaluation (`predict_tflite`) is built on three facts measured on the 2-core machines QuantLab runs on
+(see `benchmarks/bench_evaluate.py`):
+
+- LiteRT's `Interpreter.invoke()` releases the GIL (a pure-Python loop in the main thread finishes while
+  one long `invoke()` is still running in another thread), so interpreters in threads run in parallel.
+  The per-sample Python work around `invoke()` (set_tensor / get_tensor) holds the GIL, so threads only
+  pay off when that work is small next to `invoke()`.
+- Neither per-sample invocation nor batching is always faster: on a small MobileNet (28x28, float32)
+  batch 1 ran at ~97 us/sample and batch 128 at ~216 us/sample, while on the seed CNN batch 16 was ~2x
+  faster than batch 1 (6 vs 11 us/sample) and on an MLP batch 128 ~5x faster. So the batch size is
+  chosen per model by a short probe (`probe_batch_size`), never by a fixed rule.
+- Batched outputs were bitwise equal to per-sample outputs on every model tried (float32, dynamic
+  range, int8, 16x8), and the probe checks this again on the model at hand: a batch size is only used
+  when its outputs on the probe samples are bitwise equal to the per-sample outputs.
+"""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import MeasureSettings
+from .errors import DatasetError, ModelError
+
+# Batch sizes the probe tries; 1 (one invoke per sample, the reference) is always among them.
+PROBE_BATCH_SIZES = (1, 8, 32)
+# Samples the probe runs each candidate on (outputs of the batch-1 run are kept, not thrown away).
+PROBE_SAMPLES = 128
+# Each candidate runs over the probe samples until it has taken this long, at most PROBE_MAX_PASSES times.
+PROBE_MIN_SECONDS = 0.01
+PROBE_MAX_PASSES = 5
+# Below this many samples the probe would cost more than it can save: batch 1 is used.
+PROBE_MIN_SAMPLES = 4 * PROBE_SAMPLES
+# With workers=None, each worker thread gets at least this many samples (an interpreter costs ~1 ms).
+MIN_SAMPLES_PER_WORKER = 256
+# With workers=None, a model the probe runs one sample at a time faster than this gets one worker:
+# the GIL-held Python work around each invoke() then dominates and threads contend for the GIL
+# (seed CNN 28x28, float32, batch 1: 0.15 s for 10,000 samples on one thread, 0.23 s on two).
+MIN_PARALLEL_SECONDS_PER_SAMPLE = 20e-6
+# samples_ms keeps at most this many timings (evenly spaced); the statistics use every timed run.
+MAX_KEPT_LATENCY_SAMPLES = 1000
+
+LATENCY_METHOD = (
+    "Latency is the wall-clock time of one LiteRT Interpreter.invoke() on a single sample (batch 1), "
+    "measured with time.perf_counter() around invoke() only: the input is set once before timing and "
+    "the output is not read. The interpreter uses the measurement settings' thread count and LiteRT's "
+    "default CPU kernels (the XNNPACK delegate where it supports the model). The warm-up runs are not "
+    "timed; then invoke() is timed until at least the minimum number of runs and at least the minimum "
+    "seconds are reached, with Python's garbage collector paused. p50 and p90 are percentiles with "
+    "linear interpolation, mean and std (sample standard deviation) are over every timed run. "
+    "Timings are from this machine and include interference from anything else running on it."
+)
+
+_INT_DTYPES = (np.int8, np.uint8, np.int16)
+
+
+def _invalid_model(reason: Any) -> ModelError:
+    text = " ".join(str(reason).split())[:300] or type(reason).__name__
+    return ModelError(f"the model is not a valid TensorFlow Lite model: {text}; "
+                      f"re-export it with TFLiteConverter")
+
+
+def _cannot_run(reason: Any) -> ModelError:
+    text = " ".join(str(reason).split())[:300] or type(reason).__name__
+    return ModelError(f"LiteRT could not run the model: {text}; check the conversion settings "
+                      f"(for example 16x8 quantization of an untrained model) and re-export it")
+
+
+def create_interpreter(model_bytes: bytes, num_threads: int = 1, *, resolver: str = "default") -> Any:
+    """A LiteRT Interpreter for `model_bytes`, tensors allocated.
+
+    `resolver="default"` applies LiteRT's default delegate (XNNPACK) as deployments do;
+    `resolver="plain"` keeps the model's own operator graph (used for inspection).
+    Raises ModelError when the bytes are not a loadable TensorFlow Lite model.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    if not isinstance(model_bytes, (bytes, bytearray, memoryview)) or len(model_bytes) == 0:
+        raise _invalid_model("no model bytes were given")
+    op_resolver = (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if resolver == "plain"
+                   else OpResolverType.AUTO)
+    try:
+        interpreter = Interpreter(model_content=bytes(model_bytes), num_threads=int(num_threads),
+                                  experimental_op_resolver_type=op_resolver)
+    except Exception as exc:  # LiteRT raises ValueError, RuntimeError, UnicodeDecodeError...
+        raise _invalid_model(exc) from None
+    try:
+        interpreter.allocate_tensors()
+    except Exception as exc:
+        raise _cannot_run(exc) from None
+    return interpreter
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """The single input and the (first) output of a model, as evaluation needs them."""
+
+    input_index: int
+    input_dtype: np.dtype
+    sample_shape: tuple[int, ...]  # input shape without the batch dimension
+    input_scale: float
+    input_zero_point: int
+    output_index: int
+    output_dtype: np.dtype
+    output_scale: float
+    output_zero_point: int
+
+
+def _signature(interpreter: Any) -> _Signature:
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(inputs) != 1 or not outputs:
+        raise ModelError(f"the model has {len(inputs)} inputs and {len(outputs)} outputs; QuantLab "
+                         f"evaluates classifiers with one image input and one output")
+    inp, out = inputs[0], outputs[0]
+    in_scale, in_zp = inp["quantization"]
+    out_scale, out_zp = out["quantization"]
+    return _Signature(
+        input_index=int(inp["index"]), input_dtype=np.dtype(inp["dtype"]),
+        sample_shape=tuple(int(d) for d in inp["shape"][1:]),
+        input_scale=float(in_scale), input_zero_point=int(in_zp),
+        output_index=int(out["index"]), output_dtype=np.dtype(out["dtype"]),
+        output_scale=float(out_scale), output_zero_point=int(out_zp),
+    )
+
+
+def quantize_input(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int) -> np.ndarray:
+    """Float values to a LiteRT integer tensor: round(x / scale) + zero_point, clipped to the dtype.
+
+    Rounds half away from zero like LiteRT's own QUANTIZE kernel. A scale of 0 (an integer input that
+    is not quantized) only rounds and clips.
+    """
+    dtype = np.dtype(dtype)
+    x = np.asarray(x, dtype=np.float32)
+    scaled = x / np.float32(scale) if scale else x
+    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
+    info = np.iinfo(dtype)
+    return np.clip(rounded.astype(np.float64) + zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantize_output(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """A LiteRT integer tensor to float32: (q - zero_point) * scale (a scale of 0 only casts)."""
+    if not scale:
+        return np.asarray(q).astype(np.float32)
+    return ((np.asarray(q).astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
+
+
+def _prepare_inputs(x: Any, sig: _Signature) -> np.ndarray:
+    """Float samples (N, ...) to a contiguous (N, *sample_shape) array of the input dtype."""
+    x = np.asarray(x)
+    per_sample = int(np.prod(sig.sample_shape, dtype=np.int64))
+    if x.ndim == 0:
+        raise DatasetError("a single number is not a batch of samples; pass an array (N, ...)")
+    if len(x) == 0:
+        return np.zeros((0, *sig.sample_shape), sig.input_dtype)
+    sample_size = int(np.prod(x.shape[1:], dtype=np.int64))
+    if sample_size != per_sample:
+        raise DatasetError(f"samples of shape {tuple(x.shape[1:])} ({sample_size} values) do not fit "
+                           f"the model input {list(sig.sample_shape)} ({per_sample} values); resize the "
+                           f"dataset to the model's input shape")
+    x = x.reshape((x.shape[0], *sig.sample_shape))
+    if sig.input_dtype.type in _INT_DTYPES:
+        return np.ascontiguousarray(
+            quantize_input(x, sig.input_dtype, sig.input_scale, sig.input_zero_point))
+    return np.ascontiguousarray(x, dtype=sig.input_dtype)
+
+
+def _raw_to_float(raw: np.ndarray, sig: _Signature) -> np.ndarray:
+    raw = raw.reshape(raw.shape[0], -1)
+    if sig.output_dtype.kind in "iu":
+        return dequantize_output(raw, sig.output_scale, sig.output_zero_point)
+    return raw.astype(np.float32, copy=False)
+
+
+def _run(model_bytes: bytes, xq: np.ndarray, batch: int, num_threads: int,
+         interpreter: Any = None) -> np.ndarray:
+    """Raw outputs (n, *output sample shape) of `xq` run in batches of `batch` on one interpreter.
+
+    The last batch is padded with zeros so the interpreter is allocated once; padded rows are dropped.
+    """
+    interp = interpreter if interpreter is not None else create_interpreter(model_bytes, num_threads)
+    sig = _signature(interp)
+    n = len(xq)
+    try:
+        if int(interp.get_input_details()[0]["shape"][0]) != batch:
+            interp.resize_tensor_input(sig.input_index, [batch, *sig.sample_shape])
+            interp.allocate_tensors()
+        n_batches = -(-n // batch)
+        padded = np.zeros((n_batches * batch, *sig.sample_shape), sig.input_dtype)
+        padded[:n] = xq
+        xb = padded.reshape((n_batches, batch, *sig.sample_shape))
+        # Output shapes of models with shape-computing ops are only known after an invoke().
+        interp.set_tensor(sig.input_index, xb[0])
+        interp.invoke()
+        first = interp.get_tensor(sig.output_index)
+        if first.shape[0] != batch:
+            raise ModelError(f"the model's output has batch dimension {first.shape[0]} for {batch} "
+                             f"inputs; evaluate it with batch_size=1")
+        out = np.empty((n_batches * batch, *first.shape[1:]), first.dtype)
+        out[:batch] = first
+        # tensor() views copy straight into and out of the interpreter's buffers: a third less
+        # GIL-held Python time per invoke() than set_tensor / get_tensor. Each view is dropped at
+        # the end of its statement, as invoke() requires.
+        input_view, output_view, invoke = (interp.tensor(sig.input_index),
+                                           interp.tensor(sig.output_index), interp.invoke)
+        for k in range(1, n_batches):
+            input_view()[...] = xb[k]
+            invoke()
+            out[k * batch:(k + 1) * batch] = output_view()
+    except ModelError:
+        raise
+    except Exception as exc:  # RuntimeError from a kernel's Prepare/Eval, ValueError from resize
+        raise _cannot_run(exc) from None
+    return out[:n]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the probe measured: the chosen batch size and seconds per sample of each candidate.
+
+    `seconds_per_sample[b]` is None for a candidate that failed or whose outputs were not bitwise
+    equal to batch 1's (such a candidate is never chosen).
+    """
+
+    batch_size: int
+    samples: int
+    seconds_per_sample: dict[int, float | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "samples": self.samples,
+                "seconds_per_sample": {str(k): v for k, v in self.seconds_per_sample.items()}}
+
+
+def _probe(model_bytes: bytes, xq: np.ndarray, num_threads: int) -> tuple[ProbeResult, np.ndarray]:
+    """Time each candidate batch size on the same samples; return the result and batch 1's outputs."""
+    timings: dict[int, float | None] = {}
+    reference = None
+    for batch in PROBE_BATCH_SIZES:
+        if batch > len(xq):
+            continue
+        try:
+            interp = create_interpreter(model_bytes, num_threads)
+            _run(model_bytes, xq[:batch], batch, num_threads, interpreter=interp)  # warm-up, resize
+            # Best of up to PROBE_MAX_PASSES passes, stopping once a candidate has run for
+            # PROBE_MIN_SECONDS: one pass on a large model, several on a tiny one whose single pass
+            # lasts about a millisecond and is at the mercy of the scheduler.
+            passes: list[float] = []
+            while len(passes) < PROBE_MAX_PASSES and sum(passes) < PROBE_MIN_SECONDS:
+                start = time.perf_counter()
+                raw = _run(model_bytes, xq, batch, num_threads, interpreter=interp)
+                passes.append(time.perf_counter() - start)
+            elapsed = min(passes)
+        except ModelError:
+            if batch == 1:
+                raise
+            timings[batch] = None
+            continue
+        if batch == 1:
+            reference = raw
+        elif not np.array_equal(raw, reference):
+            timings[batch] = None
+            continue
+        timings[batch] = elapsed / len(xq)
+    usable = {b: t for b, t in timings.items() if t is not None}
+    best = min(usable, key=lambda b: (usable[b], b))
+    assert reference is not None
+    return ProbeResult(best, len(xq), timings), reference
+
+
+def probe_batch_size(model_bytes: bytes, x: Any, *, num_threads: int = 1) -> ProbeResult:
+    """Measure which of PROBE_BATCH_SIZES evaluates this model fastest on the first PROBE_SAMPLES of x.
+
+    `predict_tflite` does this itself when batch_size is None; call it to see (and record) the choice.
+    """
+    sig = _signature(create_interpreter(model_bytes, num_threads))
+    xq = _prepare_inputs(x, sig)[:PROBE_SAMPLES]
+    if len(xq) == 0:
+        raise DatasetError("no samples to probe; pass at least one sample")
+    return _probe(model_bytes, xq, num_threads)[0]
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one, else os.cpu_count())."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """How predict_tflite ran: batch size, worker threads, and the probe that chose the batch size."""
+
+    batch_size: int
+    workers: int
+    samples: int
+    probe: ProbeResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "workers": self.workers, "samples": self.samples,
+                "probe": self.probe.to_dict() if self.probe else None}
+
+
+def predict_tflite(model_bytes: bytes, x: Any, *, num_threads: int = 1, workers: int | None = None,
+                   batch_size: int | None = None) -> np.ndarray:
+    """Float32 outputs (N, C) of the model for float samples `x` (N, ...); see predict_tflite_with_plan."""
+    return predict_tflite_with_plan(model_bytes, x, num_threads=num_threads, workers=workers,
+                                    batch_size=batch_size)[0]
+
+
+def predict_tflite_with_plan(model_bytes: bytes, x: Any, *, num_threads: int = 1,
+                             workers: int | None = None, batch_size: int | None = None
+                             ) -> tuple[np.ndarray, EvalPlan]:
+    """Float32 outputs (N, C) of the model for float samples `x` (N, ...), and how they were computed.
+
+    Integer inputs (int8 / uint8 / int16) are quantized with the input tensor's (scale, zero_point),
+    rounding and clipping; integer outputs are dequantized with the output's. Samples are reshaped to
+    the model's input shape when the number of values matches, so (N, H, W) data runs on a (1, H, W, 1)
+    input. Only the model's first output is returned.
+
+    The samples are split into `workers` contiguous chunks, each run by its own Interpreter in a thread
+    (`invoke()` releases the GIL). `workers=None` uses every available core, with at least
+    MIN_SAMPLES_PER_WORKER samples per worker (and one worker for a model the probe found both fastest
+    at batch 1 and faster than MIN_PARALLEL_SECONDS_PER_SAMPLE per sample). `batch_size=None` lets a probe on the first PROBE_SAMPLES
+    samples choose among PROBE_BATCH_SIZES (skipped, batch 1, below PROBE_MIN_SAMPLES samples).
+    The outputs are equal to a per-sample loop: batching is only chosen when bitwise equal on the probe.
+    """
+    if workers is not None and workers < 1:
+        raise ValueError("workers must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    interp = create_interpreter(model_bytes, num_threads)
+    sig = _signature(interp)
+    xq = _prepare_inputs(x, sig)
+    n = len(xq)
+    if n == 0:
+        out_shape = interp.get_output_details()[0]["shape"][1:]
+        empty = np.zeros((0, int(np.prod(out_shape, dtype=np.int64))), np.float32)
+        return empty, EvalPlan(batch_size or 1, 0, 0, None)
+
+    parts: list[np.ndarray] = []
+    start = 0
+    probe = None
+    if batch_size is None:
+        if n >= PROBE_MIN_SAMPLES:
+            probe, reference = _probe(model_bytes, xq[:PROBE_SAMPLES], num_threads)
+            batch_size, start = probe.batch_size, PROBE_SAMPLES
+            parts.append(reference)
+        else:
+            batch_size = 1
+
+    rest = xq[start:]
+    if workers is None:
+        workers = min(available_cores(), max(1, len(rest) // MIN_SAMPLES_PER_WORKER))
+        if (probe is not None and probe.batch_size == 1
+                and (probe.seconds_per_sample[1] or 0.0) < MIN_PARALLEL_SECONDS_PER_SAMPLE):
+            workers = 1
+    workers = max(1, min(workers, len(rest)))
+    chunks: list[np.ndarray] = []
+    if len(rest):
+        bounds = np.linspace(0, len(rest), workers + 1).astype(int)
+        chunks = [rest[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        if len(chunks) == 1:
+            parts.append(_run(model_bytes, chunks[0], batch_size, num_threads))
+        else:
+            with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="quantlab-eval") as pool:
+                futures = [pool.submit(_run, model_bytes, c, batch_size, num_threads) for c in chunks]
+                parts.extend(f.result() for f in futures)
+    plan = EvalPlan(batch_size=batch_size, workers=max(1, len(chunks)), samples=n, probe=probe)
+    return _raw_to_float(np.concatenate(parts), sig), plan
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def _check_lengths(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    if len(a) != len(b):
+        raise DatasetError(f"{len(a)} outputs but {len(b)} {what}; pass one per sample")
+    if len(a) == 0:
+        raise DatasetError(f"no outputs to compare with {what}")
+
+
+def accuracy(outputs: Any, labels: Any) -> float:
+    """Share of samples whose top-1 class (argmax of the outputs) equals the label."""
+    outputs, labels = np.asarray(outputs), np.asarray(labels).reshape(-1)
+    _check_lengths(outputs, labels, "labels")
+    return float(np.mean(outputs.reshape(len(outputs), -1).argmax(axis=1) == labels))
+
+
+def agreement(outputs: Any, reference_outputs: Any) -> float:
+    """Share of samples whose top-1 class equals the reference model's top-1 class."""
+    outputs, reference = np.asarray(outputs), np.asarray(reference_outputs)
+    _check_lengths(outputs, reference, "reference outputs")
+    top = outputs.reshape(len(outputs), -1).argmax(axis=1)
+    ref_top = reference.reshape(len(reference), -1).argmax(axis=1)
+    return float(np.mean(top == ref_top))
+
+
+def sqnr_db(outputs: Any, reference: Any) -> float | None:
+    """Signal-to-quantization-noise ratio in dB: 10 * log10(sum(reference^2) / sum((out - ref)^2)).
+
+    Returns None when it is undefined: when the outputs equal the reference exactly (no noise: an
+    infinite SQNR; show it as "identical") or when the reference is all zeros (no signal). Computed in
+    float64 over every output value.
+    """
+    out = np.asarray(outputs, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    if out.shape != ref.shape:
+        raise DatasetError(f"outputs of shape {out.shape} cannot be compared with a reference of "
+                           f"shape {ref.shape}; evaluate both on the same samples")
+    signal = float(np.sum(ref * ref))
+    noise = float(np.sum((out - ref) ** 2))
+    if noise == 0.0 or signal == 0.0:
+        return None
+    return 10.0 * math.log10(signal / noise)
+
+
+# --- size -----------------------------------------------------------------------------------------
+
+
+def gzip_size(data: bytes) -> int:
+    """Bytes of `data` gzipped at level 9 with mtime 0 (deterministic: equal input, equal size)."""
+    return len(gzip.compress(bytes(data), compresslevel=9, mtime=0))
+
+
+# --- latency --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Batch-1 invoke() latency; see LATENCY_METHOD. `samples_ms` holds at most
+    MAX_KEPT_LATENCY_SAMPLES timings (evenly spaced over the run); the statistics use all `runs`."""
+
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    runs: int
+    seconds: float
+    num_threads: int
+    warmup_runs: int
+    samples_ms: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["samples_ms"] = list(self.samples_ms)
+        return data
+
+
+def _one_sample(sample: Any, sig: _Signature) -> np.ndarray:
+    sample = np.asarray(sample)
+    per_sample = int(np.prod(sig.sample_shape, dtype=np.int64))
+    if sample.size == 0 or sample.size % per_sample:
+        raise DatasetError(f"a sample of shape {tuple(sample.shape)} does not fit the model input "
+                           f"{list(sig.sample_shape)}; pass one sample of the model's input shape")
+    return _prepare_inputs(sample.reshape(-1, *sig.sample_shape)[:1], sig)
+
+
+def measure_latency(model_bytes: bytes, sample: Any, settings: MeasureSettings = MeasureSettings()
+                    ) -> LatencyStats:
+    """Time invoke() on one sample (batch 1) as described in LATENCY_METHOD."""
+    interp = create_interpreter(model_bytes, settings.num_threads)
+    sig = _signature(interp)
+    interp.set_tensor(sig.input_index, _one_sample(sample, sig))
+    invoke, clock = interp.invoke, time.perf_counter
+    min_runs, min_seconds = max(1, int(settings.min_runs)), float(settings.min_seconds)
+    times: list[float] = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(int(settings.warmup_runs)):
+            invoke()
+        start = clock()
+        while len(times) < min_runs or clock() - start < min_seconds:
+            t0 = clock()
+            invoke()
+            times.append(clock() - t0)
+        seconds = clock() - start
+    except Exception as exc:
+        raise _cannot_run(exc) from None
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    ms = np.asarray(times) * 1e3
+    if len(ms) > MAX_KEPT_LATENCY_SAMPLES:
+        kept = ms[np.linspace(0, len(ms) - 1, MAX_KEPT_LATENCY_SAMPLES).round().astype(int)]
+    else:
+        kept = ms
+    return LatencyStats(
+        p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
+        mean_ms=float(ms.mean()), std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+        runs=len(ms), seconds=seconds, num_threads=int(settings.num_threads),
+        warmup_runs=int(settings.warmup_runs), samples_ms=tuple(float(v) for v in kept),
+    )
+
+
+# --- inspection -----------------------------------------------------------------------------------
+
+_CONVERSION_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
+
+
+@dataclass(frozen=True)
+class TfliteInspection:
+    """The model's inputs, outputs and operators as stored in the file (before any delegate).
+
+    An op `computes_in_float` when one of its outputs is a float tensor and it is not a QUANTIZE or
+    DEQUANTIZE conversion; `float_ops` counts such ops (a dynamic-range op, int8 weights with float
+    activations, counts as float).
+    """
+
+    inputs: tuple[dict[str, Any], ...]
+    outputs: tuple[dict[str, Any], ...]
+    ops: tuple[dict[str, Any], ...]
+    float_ops: int
+    total_ops: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": [dict(d) for d in self.inputs], "outputs": [dict(d) for d in self.outputs],
+                "ops": [dict(d) for d in self.ops], "float_ops": self.float_ops,
+                "total_ops": self.total_ops}
+
+    @property
+    def op_counts(self) -> dict[str, int]:
+        """Number of ops per op name, in first-seen order."""
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
+        return counts
+
+
+def _dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
+
+
+def _io_dict(detail: dict[str, Any]) -> dict[str, Any]:
+    scale, zero_point = detail["quantization"]
+    quantized = bool(scale)
+    return {"name": str(detail["name"]), "dtype": _dtype_name(detail["dtype"]),
+            "shape": [int(d) for d in detail["shape"]],
+            "scale": float(scale) if quantized else None,
+            "zero_point": int(zero_point) if quantized else None}
+
+
+def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
+    """Inputs, outputs and per-op dtypes of the model's own graph (XNNPACK not applied)."""
+    interp = create_interpreter(model_bytes, resolver="plain")
+    try:
+        op_details = interp._get_ops_details()  # LiteRT 2.x: index, op_name, operand/result types
+    except Exception as exc:
+        raise _invalid_model(exc) from None
+    ops = []
+    for op in op_details:
+        name = str(op["op_name"])
+        outs = [_dtype_name(t) for t in op.get("result_types", [])]
+        ops.append({
+            "index": int(op["index"]), "op_name": name,
+            "input_dtypes": [_dtype_name(t) for t in op.get("operand_types", [])],
+            "output_dtypes": outs,
+            "computes_in_float": name not in _CONVERSION_OPS and any(d.startswith("float") for d in outs),
+        })
+    return TfliteInspection(
+        inputs=tuple(_io_dict(d) for d in interp.get_input_details()),
+        outputs=tuple(_io_dict(d) for d in interp.get_output_details()),
+        ops=tuple(ops), float_ops=sum(op["computes_in_float"] for op in ops), total_ops=len(ops),
+    )

@@ -104,7 +104,7 @@ weights = load_tensors(str(weights_file), file_stamp(weights_file))
 # The quantizer, shared by the tensor view and the model view.
 with st.container(border=True):
     st.markdown("**Quantizer**")
-    col_bits, col_method, col_shape, col_calibrator = st.columns([1, 1.4, 1, 1.4])
+    col_bits, col_method, col_shape, col_calibrator = st.columns([0.8, 1.5, 1.2, 1.3])
     bits = col_bits.selectbox("Bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(8), key="lab_bits")
     method = col_method.radio("Levels", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="lab_method")
     kmeans = method == "kmeans"
@@ -211,7 +211,8 @@ def model_view() -> None:
         if st.button("Evaluate these settings", key="lab_evaluate", type="primary"):
             try:
                 with st.spinner("Evaluating the fake-quantized model in a worker process..."):
-                    result = lab.evaluate(manifest, CACHE, request)
+                    lab.evaluate(manifest, CACHE, request)
+                st.rerun()
             except QuantLabError as exc:
                 st.error(str(exc))
     rows = int8_rows(str(STORE.path), manifest["model_hash"], manifest["dataset_hash"])

@@ -505,12 +505,14 @@ def histogram_figure(analysis: TensorAnalysis, log_scale: bool = False, title: s
             line=dict(color=CALIBRATOR_COLORS.get(name, "#333"), width=2.5 if name == chosen else 1.5,
                       dash="solid" if name == chosen else "dash"),
             hovertemplate=f"{name}: %{{x:.4g}}<extra></extra>"))
+    pad = 0.03 * (analysis.edges[-1] - analysis.edges[0])     # range lines at the data's ends stay visible
     figure.update_layout(
-        title=title or None, bargap=0, height=380, margin=dict(l=10, r=10, t=40 if title else 10, b=10),
-        xaxis_title="value", yaxis=dict(title="count" + (" (log)" if log_scale else ""),
-                                        type="log" if log_scale else "linear"),
+        title=dict(text=title, x=0, xanchor="left") if title else None, bargap=0, height=420,
+        margin=dict(l=10, r=10, t=40 if title else 10, b=10),
+        xaxis=dict(title="value", range=[analysis.edges[0] - pad, analysis.edges[-1] + pad]),
+        yaxis=dict(title="count" + (" (log)" if log_scale else ""), type="log" if log_scale else "linear"),
         yaxis2=dict(overlaying="y", range=[0, 1], visible=False, fixedrange=True),
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+        legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
     return figure
 
 

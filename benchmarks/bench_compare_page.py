@@ -5,8 +5,9 @@
 Builds two throw-away stores of synthetic rows (made-up figures: this times queries and drawing, not
 models), runs pages/compare.py headless with AppTest (one warm-up run each, then --runs timed runs
 each, interleaved so that load from other processes slows both alike), and prints the median script
-times, their ratio (goal: at most 2x), and the time of the page's two queries alone. The 10,000 rows are 10 models x 200 sweeps x 5 techniques, so the page's model has
-1,000 rows in 200 sweeps to filter, de-duplicate and relate to its baseline.
+times, their ratio (goal: at most 2x), and the time of the page's two queries alone. The 10,000 rows
+are 10 models x 200 sweeps x 5 techniques, so the page's model has 1,000 rows in 200 sweeps to
+filter, de-duplicate and relate to its baseline.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def main() -> int:
         for name, store in stores.items():
             page = times[name]
             figures[name] = statistics.median(page)
-            print(f"{name:>12}: {store.count():>6} stored rows; page script median {figures[name] * 1000:7.0f} ms "
+            print(f"{name:>12}: {store.count():>6} stored rows; "
+                  f"page script median {figures[name] * 1000:7.0f} ms "
                   f"(min {min(page) * 1000:.0f}, max {max(page) * 1000:.0f}, {len(page)} runs); "
                   f"its queries alone {time_queries(store, args.runs) * 1000:6.1f} ms")
     ratio = figures["10,000 rows"] / figures["10 rows"]

@@ -13,7 +13,7 @@ from quantlab import analysis, charts
 from quantlab.ui_state import AppSettings
 from ui.share import share_controls, sync_view, update_view, write_view
 
-SHARED_FIELDS = ("model", "dataset", "sweep", "latency_budget_ms", "accuracy_drop_pp")
+SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp")
 DEFAULT_DROP_POINTS = 1.0
 OBJECTIVE_LABELS = {"size": "Smallest", "latency": "Fastest", "accuracy": "Most accurate"}
 TABLE_COLUMNS = {
@@ -110,13 +110,16 @@ with st.container(horizontal=True):
                            help="Points of accuracy below the baseline (1.0 = 95.0% -> 94.0%)")
     objective = st.radio("Among those, pick the", list(OBJECTIVE_LABELS), key="compare_objective",
                          format_func=OBJECTIVE_LABELS.get, horizontal=True)
+every_row = st.checkbox("Show every stored measurement, not only the newest of each variant",
+                        value=view.latest_only is False, key="compare_every_row",
+                        help="Repeated sweeps measure a variant again: see how much its numbers vary")
 
 view = update_view(model=model, dataset=dataset, sweep=sweep_id, latency_budget_ms=budget or None,
-                   accuracy_drop_pp=drop)
+                   accuracy_drop_pp=drop, latest_only=False if every_row else None)
 write_view(view, SHARED_FIELDS)
 
 everything = analysis.compare_frame(store, model=model, dataset=dataset, sweep_id=sweep_id,
-                                    latest_only=True, include_errors=True)
+                                    latest_only=not every_row, include_errors=True)
 frame = everything[everything["error"].isna()]
 failed = everything[everything["error"].notna()]
 

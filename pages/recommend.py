@@ -10,6 +10,7 @@ from streamlit.errors import StreamlitPageNotFoundError
 
 from quantlab import analysis, charts, recommend, sweeps
 from quantlab.errors import QuantLabError
+from quantlab.techniques import unsupported_techniques
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
 from ui.share import sync_view, update_view, write_view
 
@@ -110,7 +111,9 @@ if backing.row_id and st.button("Open the measured row", key="recommend_open_row
 if backing.to_run:
     runnable, unknown = recommend.runnable_techniques(backing.to_run)
     if unknown:
-        st.caption(f"Not available in this QuantLab install yet: {', '.join(unknown)}.")
+        reasons = unsupported_techniques()
+        st.caption("Not available in this QuantLab install: " + "; ".join(
+            f"{t} ({reasons[t]})" if t in reasons else f"{t} (not registered yet)" for t in unknown) + ".")
     if runnable and settings.can_run:
         if st.button(f"Measure {', '.join(runnable)} on {model}", key="recommend_run", type="primary",
                      icon=":material/play_arrow:"):

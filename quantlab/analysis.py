@@ -301,7 +301,8 @@ def _is_number(value: Any) -> bool:
 
 
 def describe_gain(row: Mapping[str, Any]) -> str:
-    """`3.9x smaller, -0.4 points, 1.8x faster` from one compare_frame row."""
+    """`3.9x smaller, -0.4 points, 1.8x faster` from one compare_frame row; when the speedup is
+    against the Keras baseline (another runtime), the speedup against TFLite float32 follows."""
     parts = []
     smaller = row.get("x_smaller")
     if _is_number(smaller):
@@ -313,8 +314,18 @@ def describe_gain(row: Mapping[str, Any]) -> str:
         parts.append("accuracy change unknown")
     speedup = row.get("speedup")
     if _is_number(speedup):
-        parts.append(f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower")
+        text = _times(speedup, "faster", "slower")
+        like_for_like = row.get("speedup_vs_float32")
+        if row.get("reference_technique") == BASELINE_TECHNIQUE and _is_number(like_for_like) \
+                and row.get("technique") != FALLBACK_REFERENCE:
+            # The Keras baseline runs in TensorFlow: also say the speedup within LiteRT.
+            text += f" ({_times(like_for_like, 'faster', 'slower')} than TFLite float32)"
+        parts.append(text)
     return ", ".join(parts)
+
+
+def _times(ratio: float, more: str, less: str) -> str:
+    return f"{ratio:.1f}x {more}" if ratio >= 1 else f"{1 / ratio:.1f}x {less}"
 
 
 def measurement_note(frame: pd.DataFrame) -> str:

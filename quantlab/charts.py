@@ -75,21 +75,23 @@ def _params_text(series: pd.Series) -> pd.Series:
 
 def hover_text(frame: pd.DataFrame) -> pd.Series:
     """One hover block per row: identity, then every measured figure, then where it came from."""
-    get = lambda name: frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)  # noqa: E731
+    def get(name: str) -> pd.Series:
+        return frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
+
     label = get("label").fillna(get("technique")).astype(str)
     change = pd.to_numeric(get("accuracy_change_points"), errors="coerce")
     change_text = change.map(lambda v: "" if pd.isna(v) else f" ({v:+.2f} points)")
     cached = get("cached").map(lambda v: "yes" if v is True or v == 1 else "no")
-    return ("<b>" + label + "</b> · " + get("family").astype(str)
-            + "<br>size " + format_bytes(get("model_bytes")) + " (" + _fmt(get("x_smaller"), ".2f", "x") + " smaller)"
-            + " · gzip " + format_bytes(get("gzip_bytes")) + " (" + _fmt(get("x_smaller_gzip"), ".2f", "x") + ")"
-            + "<br>accuracy " + _fmt(get("accuracy") * 100, ".2f", "%") + change_text
-            + " · agreement " + _fmt(get("agreement") * 100, ".2f", "%")
-            + " · SQNR " + _fmt(get("sqnr_db"), ".1f", " dB")
-            + "<br>latency p50 " + _fmt(get("latency_p50_ms"), ".3g", " ms") + " · p90 "
-            + _fmt(get("latency_p90_ms"), ".3g", " ms") + " (" + _fmt(get("speedup"), ".2f", "x") + " vs baseline)"
-            + " · threads " + _fmt(get("num_threads"), ".0f")
-            + "<br>params " + _params_text(get("params")) + " · cached " + cached
+    size = ("size " + format_bytes(get("model_bytes")) + " (" + _fmt(get("x_smaller"), ".2f", "x")
+            + " smaller) · gzip " + format_bytes(get("gzip_bytes")) + " ("
+            + _fmt(get("x_smaller_gzip"), ".2f", "x") + ")")
+    quality = ("accuracy " + _fmt(get("accuracy") * 100, ".2f", "%") + change_text + " · agreement "
+               + _fmt(get("agreement") * 100, ".2f", "%") + " · SQNR " + _fmt(get("sqnr_db"), ".1f", " dB"))
+    latency = ("latency p50 " + _fmt(get("latency_p50_ms"), ".3g", " ms") + " · p90 "
+               + _fmt(get("latency_p90_ms"), ".3g", " ms") + " (" + _fmt(get("speedup"), ".2f", "x")
+               + " vs baseline) · threads " + _fmt(get("num_threads"), ".0f"))
+    return ("<b>" + label + "</b> · " + get("family").astype(str) + "<br>" + size + "<br>" + quality
+            + "<br>" + latency + "<br>params " + _params_text(get("params")) + " · cached " + cached
             + "<br>row " + get("row_id").astype(str).str[:12])
 
 
@@ -338,8 +340,9 @@ def decision_tree_figure(nodes: pd.DataFrame, edges: pd.DataFrame) -> go.Figure:
     for _, node in nodes.iterrows():
         leaf = node["kind"] == "leaf"
         fill = PATH_COLOR if node["chosen"] else ("#fde2e2" if node["on_path"] else "white")
+        text = node["label"] if leaf and pd.notna(node["technique"]) else node["text"]
         fig.add_annotation(
-            x=node["x"], y=node["y"], text=_wrap(node["label"] if leaf and pd.notna(node["technique"]) else node["text"], 14),
+            x=node["x"], y=node["y"], text=_wrap(text, 14),
             showarrow=False, font=dict(size=11, color="white" if node["chosen"] else "#222222"),
             bgcolor=fill, borderpad=4, borderwidth=2 if node["on_path"] else 1,
             bordercolor=PATH_COLOR if node["on_path"] else ("#888888" if leaf else "#bbbbbb"))

@@ -393,7 +393,7 @@ def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame |
         if change >= -tolerance - 1e-9:
             gain = describe_gain(row)
             if not exceeded:
-                text = f"On this model: {label} is {gain} (vs the {row['reference_note']})."
+                text = f"On this model, against the {row['reference_note']}: {label} is {gain}."
             else:
                 text = (_exceeded_words(exceeded, tolerance) + f"; the next option, {label}, fits: "
                         f"{gain}.")

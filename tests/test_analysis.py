@@ -33,8 +33,9 @@ def make_row(technique="dynamic", family="ptq", model_bytes=26_000, accuracy=0.9
            "result_key": f"k-{technique}", "cached": False, "model_name": "synthetic-cnn",
            "model_hash": "mh1", "dataset_name": "synthetic-digits", "dataset_hash": "dh1",
            "technique": technique, "family": family, "params": {}, "model_bytes": model_bytes,
-           "gzip_bytes": None if model_bytes is None else model_bytes // 2, "accuracy": accuracy, "agreement": 0.99, "sqnr_db": 30.0,
-           "latency_p50_ms": p50, "latency_p90_ms": None if p50 is None else p50 * 1.2, "latency_runs": 50, "num_threads": 1,
+           "gzip_bytes": None if model_bytes is None else model_bytes // 2, "accuracy": accuracy,
+           "agreement": 0.99, "sqnr_db": 30.0, "latency_p50_ms": p50,
+           "latency_p90_ms": None if p50 is None else p50 * 1.2, "latency_runs": 50, "num_threads": 1,
            "latency_method": "synthetic batch-1 timing", "provenance": {"cpu_model": "Synthetic CPU"}}
     row.update(overrides)
     return row
@@ -217,7 +218,8 @@ def frame(store):
 def test_sweet_spot_is_the_smallest_inside_both_budgets(frame):
     spot = analysis.sweet_spot(frame, latency_budget_ms=1.0, max_accuracy_drop_points=1.0)
     assert spot.found and spot.row["technique"] == "dynamic" and spot.candidates == 3
-    assert spot.headline() == "Best inside your budget: Dynamic range — 15.4x smaller, -0.2 points, 2.5x faster"
+    assert spot.headline() == ("Best inside your budget: Dynamic range — 15.4x smaller, -0.2 points, "
+                               "2.5x faster (1.2x faster than TFLite float32)")
 
 
 def test_sweet_spot_objectives(frame):
@@ -261,6 +263,14 @@ def test_none_fits_without_rows_or_reference(frame, tmp_path):
 
 
 # --- words, filters, specs ------------------------------------------------------------------------
+
+
+def test_describe_gain_adds_the_like_for_like_speedup_when_the_reference_is_keras():
+    row = {"technique": "dynamic", "x_smaller": 8.0, "accuracy_change_points": -0.2, "speedup": 400.0,
+           "speedup_vs_float32": 1.5, "reference_technique": "baseline"}
+    assert analysis.describe_gain(row) == ("8.0x smaller, -0.2 points, 400.0x faster "
+                                           "(1.5x faster than TFLite float32)")
+    assert analysis.describe_gain({**row, "reference_technique": "float32"}).endswith("400.0x faster")
 
 
 def test_describe_gain_says_larger_and_slower_and_unknown():

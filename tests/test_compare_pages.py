@@ -85,7 +85,8 @@ def test_compare_on_an_empty_store_points_to_the_run_page(empty_store):
 def test_compare_shows_the_sweet_spot_charts_table_and_method(store):
     app = run(COMPARE)
     assert texts(app.success) == [
-        "**Best inside your budget: Dynamic range — 15.4x smaller, -0.2 points, 2.5x faster**"]
+        "**Best inside your budget: Dynamic range — 15.4x smaller, -0.2 points, 2.5x faster "
+        "(1.2x faster than TFLite float32)**"]
     assert app.selectbox(key="compare_model").value == "synthetic-a"
     assert len(charts_of(app)) >= 2
     assert len(app.dataframe) >= 1
@@ -118,6 +119,13 @@ def test_compare_opens_the_view_a_link_describes(store):
     assert "Integer only (int8 I/O)" in texts(app.success)[0]
 
 
+def test_compare_can_show_every_stored_measurement(store):
+    app = run(COMPARE)
+    app.checkbox(key="compare_every_row").check().run()
+    assert not app.exception and app.query_params["latest"] == "0"
+    assert "Dynamic range" in texts(app.success)[0]
+
+
 def test_compare_puts_two_models_side_by_side(store):
     app = run(COMPARE)
     assert app.selectbox(key="compare_other_model").value == "synthetic-b"
@@ -145,13 +153,13 @@ def test_recommend_changes_with_the_answers_and_quotes_measurements(store):
     app = run(RECOMMEND)
     app.radio(key="recommend_hardware").set_value("gpu").run()
     assert recommendation(app) == "### Try **Float16** (`float16`)"
-    assert texts(app.success) == ["On this model: Float16 is 8.0x smaller, ±0.0 points, 2.0x faster "
-                                  "(vs the Keras baseline)."]
+    assert texts(app.success) == ["On this model, against the Keras baseline: Float16 is 8.0x smaller, "
+                                  "±0.0 points, 2.0x faster (1.0x faster than TFLite float32)."]
     app.radio(key="recommend_hardware").set_value("edgetpu").run()
     assert recommendation(app) == "### Try **Integer only (int8 I/O)** (`int8-only`)"
     assert "loses 2.0 points" in texts(app.warning)[0]
     app.number_input(key="recommend_drop").set_value(3.0).run()
-    assert texts(app.success)[0].startswith("On this model: Integer only (int8 I/O) is 16.0x smaller")
+    assert "Integer only (int8 I/O) is 16.0x smaller" in texts(app.success)[0]
 
 
 def test_recommend_with_no_data_and_no_retraining_is_blocked(store):

@@ -152,8 +152,8 @@ def measured(**changes):
 def test_measured_within_tolerance_quotes_this_models_numbers():
     backing = back_with_measurements(advise(hardware="edgetpu"), measured(int8_only=-0.4))
     assert backing.status == "fits" and backing.technique == "int8-only" and backing.row_id == "row-int8-only"
-    assert backing.text == ("On this model: Integer only (int8 I/O) is 4.0x smaller, -0.4 points, "
-                            "2.0x faster (vs the Keras baseline).")
+    assert backing.text == ("On this model, against the Keras baseline: Integer only (int8 I/O) is "
+                            "4.0x smaller, -0.4 points, 2.0x faster.")
 
 
 def test_exceeding_points_to_the_next_option_that_fits():

@@ -18,14 +18,11 @@ from __future__ import annotations
 import atexit
 import json
 import math
-import sys
 import threading
 import time
-import types
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -44,6 +41,7 @@ from .calibrate import (
 )
 from .config import ENGINE_VERSION, SweepSpec, TechniqueSpec, content_hash
 from .errors import QuantLabError
+from .pool import neutral_main  # noqa: F401  (re-exported for the tests' AppTest clean-up)
 from .store import Store
 
 LAB_DIR = "lab"
@@ -820,8 +818,7 @@ def run_in_worker(payload: dict, on_event: Callable[[dict], None] | None = None)
     with _WORKER_LOCK:
         if _POOL is None:
             _POOL = WorkerPool(run_task, size=1, limits=PoolLimits(task_timeout_seconds=WORKER_TIMEOUT_SECONDS))
-        with neutral_main():
-            _POOL.start()      # spawns only when no worker is alive; run() then finds one waiting
+        _POOL.start()      # spawns only when no worker is alive; run() then finds one waiting
         outcome = None
         for outcome in _POOL.run([(payload["kind"], payload)],
                                  (lambda task, event: on_event(event)) if on_event else None):
@@ -832,29 +829,6 @@ def run_in_worker(payload: dict, on_event: Callable[[dict], None] | None = None)
             raise QuantLabError(error)
         raise QuantLabError(f"the Lab's worker failed ({payload['kind']}): {error}")
     return outcome.result
-
-
-@contextmanager
-def neutral_main() -> Iterator[None]:
-    """Hide a script-like __main__ from multiprocessing's spawn while workers start.
-
-    Streamlit runs the app script in a module it installs as sys.modules["__main__"] with the script's
-    __file__; a spawned child would then execute the whole script again (as __mp_main__) before it
-    runs its task. A stand-in __main__ without __file__ makes the child import nothing of it.
-    """
-    main = sys.modules.get("__main__")
-    script_like = main is not None and getattr(main, "__spec__", None) is None and \
-        getattr(main, "__file__", None) is not None
-    if not script_like:
-        yield
-        return
-    stand_in = types.ModuleType("__main__")
-    sys.modules["__main__"] = stand_in
-    try:
-        yield
-    finally:
-        if sys.modules.get("__main__") is stand_in:
-            sys.modules["__main__"] = main
 
 
 def close_worker() -> None:

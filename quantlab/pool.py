@@ -12,9 +12,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import traceback
+import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator
@@ -90,6 +93,33 @@ def _worker_main(connection: Any, task_function: TaskFunction, shared_lock: Any,
             connection.send(("failed", task_id, f"{type(exc).__name__}: {first_line}"))
 
 
+_MAIN_SWAP_LOCK = threading.RLock()
+
+
+@contextmanager
+def neutral_main() -> Iterator[None]:
+    """Hide a script-like __main__ from multiprocessing's spawn while a worker starts.
+
+    Streamlit (and its AppTest) installs the running page as sys.modules["__main__"] with the
+    script's __file__; a spawned child would execute that whole script again before its task.
+    A stand-in __main__ without __file__ makes the child import nothing of it.
+    """
+    with _MAIN_SWAP_LOCK:
+        main = sys.modules.get("__main__")
+        script_like = main is not None and getattr(main, "__spec__", None) is None and \
+            getattr(main, "__file__", None) is not None
+        if not script_like:
+            yield
+            return
+        stand_in = types.ModuleType("__main__")
+        sys.modules["__main__"] = stand_in
+        try:
+            yield
+        finally:
+            if sys.modules.get("__main__") is stand_in:
+                sys.modules["__main__"] = main
+
+
 @dataclass
 class _Worker:
     process: Any
@@ -137,7 +167,8 @@ class WorkerPool:
         process = self._context.Process(target=_worker_main, daemon=True,
                                         args=(child, self.task_function, self._lock, self.warm,
                                               self.log_path))
-        process.start()
+        with neutral_main():
+            process.start()
         child.close()
         worker = _Worker(process, parent)
         self._workers.append(worker)

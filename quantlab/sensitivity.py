@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .cache import ArtifactCache
-from .calibrate import QuantConfig, fake_quantize, find_ranges, quantize_rows
+from .calibrate import fake_quantize, find_ranges, quantize_rows
 from .errors import ModelError, QuantLabError
 from .workloads import Dataset
 

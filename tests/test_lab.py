@@ -15,7 +15,6 @@ from quantlab import lab
 from quantlab.cache import ArtifactCache
 from quantlab.calibrate import (
     CALIBRATORS,
-    QuantConfig,
     compare_calibrators,
     fake_quantize,
     quantize_kmeans,

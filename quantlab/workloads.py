@@ -186,22 +186,22 @@ def _build_seed_cnn(keras: Any, input_shape: tuple[int, ...], num_classes: int) 
     """The tutorials' model: Reshape -> Conv2D(12, 3x3, relu) -> MaxPool 2x2 -> Flatten -> Dense."""
     h, w = input_shape[:2]
     return keras.Sequential([
-        keras.layers.InputLayer(input_shape=input_shape),
-        keras.layers.Reshape((h, w, 1)),
-        keras.layers.Conv2D(12, (3, 3), activation="relu"),
-        keras.layers.MaxPooling2D((2, 2)),
-        keras.layers.Flatten(),
-        keras.layers.Dense(num_classes),
+        keras.layers.InputLayer(input_shape=input_shape, name="image"),
+        keras.layers.Reshape((h, w, 1), name="reshape"),
+        keras.layers.Conv2D(12, (3, 3), activation="relu", name="conv2d"),
+        keras.layers.MaxPooling2D((2, 2), name="max_pooling2d"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(num_classes, name="dense"),
     ], name="seed_cnn")
 
 
 def _build_mlp(keras: Any, input_shape: tuple[int, ...], num_classes: int) -> Any:
     return keras.Sequential([
-        keras.layers.InputLayer(input_shape=input_shape),
-        keras.layers.Flatten(),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(num_classes),
+        keras.layers.InputLayer(input_shape=input_shape, name="image"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(128, activation="relu", name="dense"),
+        keras.layers.Dense(64, activation="relu", name="dense_1"),
+        keras.layers.Dense(num_classes, name="logits"),
     ], name="mlp")
 
 
@@ -225,8 +225,8 @@ def _build_mobilenet(keras: Any, input_shape: tuple[int, ...], num_classes: int)
     """A small MobileNetV2-family network: inverted residuals, depthwise convs, batch norm, ReLU6."""
     layers = keras.layers
     h, w = input_shape[:2]
-    inputs = keras.Input(shape=input_shape)
-    x = layers.Reshape((h, w, 1))(inputs)
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Reshape((h, w, 1), name="reshape")(inputs)
     stem_stride = 2 if min(h, w) >= 16 else 1
     x = layers.Conv2D(16, 3, strides=stem_stride, padding="same", use_bias=False, name="stem")(x)
     x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
@@ -237,7 +237,7 @@ def _build_mobilenet(keras: Any, input_shape: tuple[int, ...], num_classes: int)
     x = layers.Conv2D(128, 1, use_bias=False, name="head")(x)
     x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
     x = layers.ReLU(6.0, name="head_relu")(x)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, outputs, name="mobilenet")
 

@@ -1,0 +1,223 @@
+"""The dashboard in a real Chromium against a real `streamlit run app.py`, as a user drives it.
+
+One server with an empty store and cache; the module's first step runs a tiny sweep through the Run
+page's widgets (seed-cnn on the 8x8 digits, four techniques, one training epoch, five latency runs).
+Then: the points on the Compare charts, a changed filter, the share link opened in a fresh browser
+context, the CSV download, the Recommend page's decision tree, the Lab page and a variant's details.
+Screenshots of every page go to test-artifacts/browser/.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser_support import (artifacts, assert_no_errors, browser, by_key, choose_option,  # noqa: F401
+                                   click_button, go_to_page, new_page, open_app, playwright_instance,
+                                   running_server, screenshot, set_checkbox, set_number,
+                                   start_sweep_in_browser, wait_for_sweep, wait_idle)
+
+pytestmark = pytest.mark.browser
+
+DATASET = "digits"
+TECHNIQUES = ("baseline", "float32", "dynamic", "int8-fallback")
+SWEEP_SECONDS = 240
+LAB_EXTRACT_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def shots(artifacts):
+    folder = artifacts / "browser"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("browser")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def swept(server, browser, shots):
+    """The sweep, run from the Run page; returns its final status line."""
+    page = new_page(browser)
+    open_app(page, server.url)
+    assert "Run a sweep" in page.locator("h1").first.inner_text()
+    screenshot(page, shots, "01-run-empty")
+    start_sweep_in_browser(page, dataset=DATASET, techniques=TECHNIQUES, epochs=1, min_runs=5,
+                           min_seconds=0.05)
+    status = wait_for_sweep(page, timeout=SWEEP_SECONDS)
+    assert_no_errors(page, "Run")
+    screenshot(page, shots, "02-run-done")
+    # On to the results, by the link the Run page shows under a finished sweep.
+    page.locator('[data-testid="stPageLink"] a', has_text="Compare the results").click()
+    wait_idle(page)
+    expect(page.locator("h1").first).to_have_text("Compare variants")
+    assert_no_errors(page, "Compare, opened from the Run page")
+    page.context.close()
+    return status
+
+
+def open_compare(browser, server):
+    """A new visitor: with results stored, the app opens on Compare."""
+    page = new_page(browser, downloads=True)
+    open_app(page, server.url)
+    expect(page.locator("h1").first).to_have_text("Compare variants")
+    return page
+
+
+def query(url: str) -> dict[str, str]:
+    return {key: values[-1] for key, values in parse_qs(urlsplit(url).query).items()}
+
+
+def chart_points(page) -> int:
+    """Markers Plotly drew in the Compare page's trade-off charts."""
+    page.locator('[data-testid="stPlotlyChart"] .scatterlayer .point').first.wait_for(timeout=30_000)
+    return page.locator('[data-testid="stPlotlyChart"] .scatterlayer .point').count()
+
+
+def number_value(page, key: str) -> float | None:
+    text = by_key(page, key).locator("input").input_value().strip()
+    return float(text) if text else None
+
+
+def combobox_value(page, key: str) -> str:
+    return by_key(page, key).locator('[role="combobox"]').input_value()
+
+
+def test_run_page_sweeps_every_chosen_technique(swept, server):
+    assert re.search(rf"seed-cnn on {DATASET}: done: {len(TECHNIQUES)} of {len(TECHNIQUES)} variants", swept), swept
+    assert "failed" not in swept
+
+
+def test_compare_chart_filter_share_link_and_csv(swept, server, browser, shots):
+    page = open_compare(browser, server)
+    assert chart_points(page) >= len(TECHNIQUES), "the trade-off charts drew too few points"
+    assert combobox_value(page, "compare_model") == "seed-cnn"
+    assert combobox_value(page, "compare_dataset") == DATASET
+    assert_no_errors(page, "Compare")
+    screenshot(page, shots, "03-compare")
+
+    # Change the filters: a latency budget and a larger tolerated accuracy drop.
+    set_number(page, "compare_budget", 1.5)
+    set_number(page, "compare_drop", 5.0)
+    link = page.evaluate("location.href")
+    assert query(link) == {"model": "seed-cnn", "dataset": DATASET, "budget": "1.5", "drop": "5"}, link
+    shown = page.locator('[data-testid="stCode"]').first.inner_text().strip()
+    assert query(shown) == {"page": "compare", **query(link)}, shown
+    assert number_value(page, "compare_budget") == pytest.approx(1.5)
+    screenshot(page, shots, "04-compare-filtered")
+
+    # The CSV holds the variants shown: every technique that was run, once each.
+    with page.expect_download() as download_info:
+        by_key(page, "compare_share_csv").locator("button").click()
+    download = download_info.value
+    assert download.suggested_filename == f"quantlab-seed-cnn-{DATASET}.csv"
+    with open(download.path(), encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["technique"] for row in rows) == sorted(TECHNIQUES)
+    assert {row["model_name"] for row in rows} == {"seed-cnn"}
+    assert {row["dataset_name"] for row in rows} == {DATASET}
+    assert all(0 < float(row["accuracy"]) <= 1 for row in rows)
+    page.context.close()
+
+    # The address-bar link and the link the page shows, each opened by someone else (a fresh
+    # context: no cookies, no session), show the same view.
+    for name, url in (("05-compare-from-address-bar", link), ("06-compare-from-shown-link", shown)):
+        other = new_page(browser)
+        open_app(other, url)
+        where = f"Compare opened from {url}"
+        assert_no_errors(other, where)
+        assert other.locator("h1").first.inner_text().strip() == "Compare variants", where
+        assert combobox_value(other, "compare_model") == "seed-cnn", where
+        assert combobox_value(other, "compare_dataset") == DATASET, where
+        assert number_value(other, "compare_budget") == pytest.approx(1.5), where
+        assert number_value(other, "compare_drop") == pytest.approx(5.0), where
+        assert chart_points(other) >= len(TECHNIQUES), where
+        assert query(other.evaluate("location.href")) == query(link), where
+        screenshot(other, shots, name)
+        other.context.close()
+
+
+def test_recommend_walks_the_decision_tree(swept, server, browser, shots):
+    page = new_page(browser)
+    open_app(page, server.url)
+    go_to_page(page, "Recommend")
+    expect(page.locator("h1").first).to_have_text("Which quantization should I try?")
+    heading = page.locator("h3", has_text="Try").first
+    path = page.get_by_text(re.compile(r"^Your path: "))
+
+    # An Edge TPU whose toolchain wants uint8 input and output.
+    by_key(page, "recommend_hardware").locator("label", has_text="Edge TPU").click()
+    wait_idle(page)
+    set_checkbox(page, "recommend_uint8", True)
+    expect(heading).to_contain_text("uint8-only")
+    expect(path).to_contain_text("Which hardware runs the model? Edge TPU")
+    expect(path).to_contain_text("Toolchain expects uint8 I/O (older accelerators)? yes")
+
+    # A CPU, some accuracy drop acceptable, calibration data at hand: int8-fallback, which the sweep
+    # measured, so the page backs the advice with this model's numbers and links the row.
+    by_key(page, "recommend_hardware").locator("label", has_text="CPU").click()
+    wait_idle(page)
+    expect(heading).to_contain_text("int8-fallback")
+    expect(path).to_contain_text("Representative data (~100-500 samples)? yes")
+    expect(by_key(page, "recommend_open_row").locator("button")).to_be_visible()
+    expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
+    assert_no_errors(page, "Recommend")
+    screenshot(page, shots, "07-recommend")
+    page.context.close()
+
+
+def test_lab_page_opens_on_the_swept_workload(swept, server, browser, shots):
+    page = new_page(browser)
+    open_app(page, server.url)
+    go_to_page(page, "Quantization lab")
+    expect(page.locator("h1").first).to_have_text("Calibration lab")
+    expect(by_key(page, "lab_workload").locator('[role="combobox"]')).to_have_value(
+        re.compile(rf"^seed-cnn on {DATASET} · model "))
+    assert_no_errors(page, "Lab")
+    screenshot(page, shots, "08-lab")
+
+    # Extract the workload's tensors (once, in a worker process): the tensor view then draws a
+    # histogram and every calibrator's error.
+    extract = by_key(page, "lab_extract").locator("button")
+    if extract.count():
+        extract.click()
+        wait_idle(page, timeout=LAB_EXTRACT_SECONDS)
+    expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible(timeout=30_000)
+    expect(page.locator('[data-testid="stDataFrame"]').first).to_be_visible()
+    assert_no_errors(page, "Lab, after extraction")
+    screenshot(page, shots, "08-lab-extracted")
+    page.context.close()
+
+
+def test_details_page_of_the_recommended_variant(swept, server, browser, shots):
+    page = open_compare(browser, server)
+    best = by_key(page, "compare_open_best").locator("button")
+    technique_label = best.inner_text().removeprefix("Open the details of ").strip()
+    best.click()
+    wait_idle(page)
+    expect(page.locator("h1").first).to_have_text("Variant details")
+    expect(page).to_have_url(re.compile(r"/details\?row=[0-9a-f]{32}$"))
+    expect(page.locator("h3").first).to_have_text(f"{technique_label} · seed-cnn on {DATASET}")
+    expect(page.get_by_text("Provenance", exact=True)).to_be_visible()
+    expect(page.locator('[data-testid="stMetric"]')).to_have_count(6)
+    expect(by_key(page, "details_download").locator("button")).to_contain_text("Download the .tflite file")
+    expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()  # the latency histogram
+    assert_no_errors(page, "Variant details")
+    screenshot(page, shots, "09-details")
+    page.context.close()
+
+
+def test_server_log_has_no_traceback(swept, server):
+    time.sleep(0.5)
+    log = server.log()
+    assert "Traceback" not in log, log[-4000:]

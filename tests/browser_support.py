@@ -300,8 +300,9 @@ TECHNIQUE_IDS = ("baseline", "float32", "dynamic", "float16", "int8-fallback", "
 
 
 def start_sweep_in_browser(page: Any, *, dataset: str, techniques: tuple[str, ...], epochs: int = 1,
-                           min_runs: int = 5, min_seconds: float = 0.05) -> None:
-    """On the Run page: the built-in seed-cnn on `dataset`, only `techniques`, tiny settings; press Run."""
+                           min_runs: int = 5, min_seconds: float = 0.05, press_run: bool = True) -> None:
+    """On the Run page: the built-in seed-cnn on `dataset`, only `techniques`, tiny settings; press Run
+    (unless `press_run` is false: then the button is only checked to be enabled)."""
     choose_option(page, "run_dataset", f"{dataset}:")
     for technique in TECHNIQUE_IDS:
         set_checkbox(page, f"run_technique_{technique}", technique in techniques)
@@ -311,6 +312,8 @@ def start_sweep_in_browser(page: Any, *, dataset: str, techniques: tuple[str, ..
     set_number(page, "run_min_seconds", min_seconds)
     start = by_key(page, "run_start").locator("button")
     assert start.is_enabled(), "the Run sweep button is disabled"
+    if not press_run:
+        return
     start.click()
     deadline = time.monotonic() + 30
     while not sweep_labels(page):

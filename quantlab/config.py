@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 # Bump when a change in QuantLab alters what an artifact or a measurement would be.
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 
 
 def canonical_json(value: Any) -> str:

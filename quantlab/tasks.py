@@ -150,7 +150,12 @@ def _reference_outputs(kind: str, model_path: str, dataset: Dataset) -> np.ndarr
 def _save_keras(model: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    model.save(tmp)
+    from .tfcompat import import_tensorflow
+
+    _, tf_keras = import_tensorflow()
+    deployable = tf_keras.models.clone_model(model)  # uncompiled: no optimizer state in the file
+    deployable.set_weights(model.get_weights())
+    deployable.save(tmp)
     tmp.replace(path)
 
 

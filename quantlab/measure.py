@@ -10,10 +10,12 @@ Evaluation (`predict_tflite`) is built on three facts measured on the 2-core mac
   one long `invoke()` is still running in another thread), so interpreters in threads run in parallel.
   The per-sample Python work around `invoke()` (set_tensor / get_tensor) holds the GIL, so threads only
   pay off when that work is small next to `invoke()`.
-- Neither per-sample invocation nor batching is always faster: on a small MobileNet (28x28, float32)
-  batch 1 ran at ~97 us/sample and batch 128 at ~216 us/sample, while on the seed CNN batch 16 was ~2x
-  faster than batch 1 (6 vs 11 us/sample) and on an MLP batch 128 ~5x faster. So the batch size is
-  chosen per model by a short probe (`probe_batch_size`), never by a fixed rule.
+- Neither per-sample invocation nor batching is always faster, and large batches can be slow (the
+  GUIDE: the seed CNN took 0.13 s for 10,000 samples one at a time and 1.8 s as one batch). Measured
+  here (us/sample at batch 1 / 8 / 32): seed CNN 28x28 float32 11.3 / 6.5 / 6.4, MLP int8 4.3 / 1.0 /
+  0.5, built-in MobileNet float32 35.3 / 28.9 / 31.2; on an earlier revision of that MobileNet batch 1
+  ran at 97 and batch 128 at 216. So the batch size is chosen per model by a short probe
+  (`probe_batch_size`) among PROBE_BATCH_SIZES, never by a fixed rule.
 - Batched outputs were bitwise equal to per-sample outputs on every model tried (float32, dynamic
   range, int8, 16x8), and the probe checks this again on the model at hand: a batch size is only used
   when its outputs on the probe samples are bitwise equal to the per-sample outputs.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import gzip
+import itertools
 import math
 import os
 import time
@@ -40,8 +43,8 @@ PROBE_BATCH_SIZES = (1, 8, 32)
 # Samples the probe runs each candidate on (outputs of the batch-1 run are kept, not thrown away).
 PROBE_SAMPLES = 128
 # Each candidate runs over the probe samples until it has taken this long, at most PROBE_MAX_PASSES times.
-PROBE_MIN_SECONDS = 0.01
-PROBE_MAX_PASSES = 5
+PROBE_MIN_SECONDS = 0.004
+PROBE_MAX_PASSES = 3
 # Below this many samples the probe would cost more than it can save: batch 1 is used.
 PROBE_MIN_SAMPLES = 4 * PROBE_SAMPLES
 # With workers=None, each worker thread gets at least this many samples (an interpreter costs ~1 ms).
@@ -61,7 +64,10 @@ LATENCY_METHOD = (
     "timed; then invoke() is timed until at least the minimum number of runs and at least the minimum "
     "seconds are reached, with Python's garbage collector paused. p50 and p90 are percentiles with "
     "linear interpolation, mean and std (sample standard deviation) are over every timed run. "
-    "Timings are from this machine and include interference from anything else running on it."
+    "Timings are from this machine and include interference from anything else running on it: "
+    "others_cpu_share is the share of the machine's CPU that other processes used meanwhile. On the "
+    "2-core development machines the same invoke() ran about 1.5x slower in CPU time, not only in wall "
+    "time, while the other core was busy, so compare latencies measured on a quiet machine."
 )
 
 _INT_DTYPES = (np.int8, np.uint8, np.int16)
@@ -95,11 +101,11 @@ def create_interpreter(model_bytes: bytes, num_threads: int = 1, *, resolver: st
     try:
         interpreter = Interpreter(model_content=bytes(model_bytes), num_threads=int(num_threads),
                                   experimental_op_resolver_type=op_resolver)
-    except Exception as exc:  # LiteRT raises ValueError, RuntimeError, UnicodeDecodeError...
+    except Exception as exc:  # noqa: BLE001 - LiteRT raises ValueError, RuntimeError, UnicodeDecodeError
         raise _invalid_model(exc) from None
     try:
         interpreter.allocate_tensors()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a kernel's Prepare failing, in whatever type LiteRT uses
         raise _cannot_run(exc) from None
     return interpreter
 
@@ -140,41 +146,49 @@ def quantize_input(x: np.ndarray, dtype: np.dtype, scale: float, zero_point: int
     """Float values to a LiteRT integer tensor: round(x / scale) + zero_point, clipped to the dtype.
 
     Rounds half away from zero like LiteRT's own QUANTIZE kernel. A scale of 0 (an integer input that
-    is not quantized) only rounds and clips.
+    is not quantized) only rounds and clips. Works in float32 (exact for int8/uint8/int16 values).
     """
     dtype = np.dtype(dtype)
-    x = np.asarray(x, dtype=np.float32)
-    scaled = x / np.float32(scale) if scale else x
-    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))
+    v = np.array(x, dtype=np.float32)  # a copy: the steps below work in place
+    if scale:
+        v /= np.float32(scale)
+    v += np.copysign(np.float32(0.5), v)
+    np.trunc(v, out=v)
+    v += np.float32(zero_point)
     info = np.iinfo(dtype)
-    return np.clip(rounded.astype(np.float64) + zero_point, info.min, info.max).astype(dtype)
+    np.clip(v, info.min, info.max, out=v)
+    return v.astype(dtype)
 
 
 def dequantize_output(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     """A LiteRT integer tensor to float32: (q - zero_point) * scale (a scale of 0 only casts)."""
     if not scale:
         return np.asarray(q).astype(np.float32)
-    return ((np.asarray(q).astype(np.float32) - np.float32(zero_point)) * np.float32(scale)).astype(np.float32)
+    values = np.asarray(q).astype(np.float32) - np.float32(zero_point)
+    return (values * np.float32(scale)).astype(np.float32)
 
 
-def _prepare_inputs(x: Any, sig: _Signature) -> np.ndarray:
-    """Float samples (N, ...) to a contiguous (N, *sample_shape) array of the input dtype."""
+def _shape_inputs(x: Any, sig: _Signature) -> np.ndarray:
+    """Samples (N, ...) reshaped to (N, *sample_shape); values are converted later, per chunk."""
     x = np.asarray(x)
     per_sample = int(np.prod(sig.sample_shape, dtype=np.int64))
     if x.ndim == 0:
         raise DatasetError("a single number is not a batch of samples; pass an array (N, ...)")
     if len(x) == 0:
-        return np.zeros((0, *sig.sample_shape), sig.input_dtype)
+        return np.zeros((0, *sig.sample_shape), np.float32)
     sample_size = int(np.prod(x.shape[1:], dtype=np.int64))
     if sample_size != per_sample:
         raise DatasetError(f"samples of shape {tuple(x.shape[1:])} ({sample_size} values) do not fit "
                            f"the model input {list(sig.sample_shape)} ({per_sample} values); resize the "
                            f"dataset to the model's input shape")
-    x = x.reshape((x.shape[0], *sig.sample_shape))
+    return x.reshape((x.shape[0], *sig.sample_shape))
+
+
+def _to_input_dtype(x: np.ndarray, sig: _Signature) -> np.ndarray:
+    """Float samples to the input tensor's dtype, quantizing for integer inputs."""
     if sig.input_dtype.type in _INT_DTYPES:
-        return np.ascontiguousarray(
-            quantize_input(x, sig.input_dtype, sig.input_scale, sig.input_zero_point))
-    return np.ascontiguousarray(x, dtype=sig.input_dtype)
+        return quantize_input(x, sig.input_dtype, sig.input_scale, sig.input_zero_point)
+    return np.asarray(x, dtype=sig.input_dtype)
 
 
 def _raw_to_float(raw: np.ndarray, sig: _Signature) -> np.ndarray:
@@ -186,7 +200,8 @@ def _raw_to_float(raw: np.ndarray, sig: _Signature) -> np.ndarray:
 
 def _run(model_bytes: bytes, xq: np.ndarray, batch: int, num_threads: int,
          interpreter: Any = None) -> np.ndarray:
-    """Raw outputs (n, *output sample shape) of `xq` run in batches of `batch` on one interpreter.
+    """Raw outputs (n, *output sample shape) of float samples `xq` (n, *sample_shape) run in batches of
+    `batch` on one interpreter.
 
     The last batch is padded with zeros so the interpreter is allocated once; padded rows are dropped.
     """
@@ -199,7 +214,7 @@ def _run(model_bytes: bytes, xq: np.ndarray, batch: int, num_threads: int,
             interp.allocate_tensors()
         n_batches = -(-n // batch)
         padded = np.zeros((n_batches * batch, *sig.sample_shape), sig.input_dtype)
-        padded[:n] = xq
+        padded[:n] = _to_input_dtype(xq, sig)  # quantized here, in the worker thread (numpy drops the GIL)
         xb = padded.reshape((n_batches, batch, *sig.sample_shape))
         # Output shapes of models with shape-computing ops are only known after an invoke().
         interp.set_tensor(sig.input_index, xb[0])
@@ -221,7 +236,7 @@ def _run(model_bytes: bytes, xq: np.ndarray, batch: int, num_threads: int,
             out[k * batch:(k + 1) * batch] = output_view()
     except ModelError:
         raise
-    except Exception as exc:  # RuntimeError from a kernel's Prepare/Eval, ValueError from resize
+    except Exception as exc:  # noqa: BLE001 - RuntimeError from a kernel, ValueError from resize
         raise _cannot_run(exc) from None
     return out[:n]
 
@@ -285,7 +300,7 @@ def probe_batch_size(model_bytes: bytes, x: Any, *, num_threads: int = 1) -> Pro
     `predict_tflite` does this itself when batch_size is None; call it to see (and record) the choice.
     """
     sig = _signature(create_interpreter(model_bytes, num_threads))
-    xq = _prepare_inputs(x, sig)[:PROBE_SAMPLES]
+    xq = _shape_inputs(x, sig)[:PROBE_SAMPLES]
     if len(xq) == 0:
         raise DatasetError("no samples to probe; pass at least one sample")
     return _probe(model_bytes, xq, num_threads)[0]
@@ -332,10 +347,12 @@ def predict_tflite_with_plan(model_bytes: bytes, x: Any, *, num_threads: int = 1
 
     The samples are split into `workers` contiguous chunks, each run by its own Interpreter in a thread
     (`invoke()` releases the GIL). `workers=None` uses every available core, with at least
-    MIN_SAMPLES_PER_WORKER samples per worker (and one worker for a model the probe found both fastest
-    at batch 1 and faster than MIN_PARALLEL_SECONDS_PER_SAMPLE per sample). `batch_size=None` lets a probe on the first PROBE_SAMPLES
-    samples choose among PROBE_BATCH_SIZES (skipped, batch 1, below PROBE_MIN_SAMPLES samples).
-    The outputs are equal to a per-sample loop: batching is only chosen when bitwise equal on the probe.
+    MIN_SAMPLES_PER_WORKER samples per worker, and one worker for a model the probe found fastest at
+    batch 1 and faster than MIN_PARALLEL_SECONDS_PER_SAMPLE per sample. `batch_size=None` lets a probe
+    on the first PROBE_SAMPLES samples choose among PROBE_BATCH_SIZES (no probe, batch 1, below
+    PROBE_MIN_SAMPLES samples). The outputs equal a per-sample loop's: a batch size is only chosen when
+    its outputs on the probe samples are bitwise equal to batch 1's. When several processes evaluate at
+    once, pass workers=1 to each so that they do not oversubscribe the cores.
     """
     if workers is not None and workers < 1:
         raise ValueError("workers must be at least 1")
@@ -343,7 +360,7 @@ def predict_tflite_with_plan(model_bytes: bytes, x: Any, *, num_threads: int = 1
         raise ValueError("batch_size must be at least 1")
     interp = create_interpreter(model_bytes, num_threads)
     sig = _signature(interp)
-    xq = _prepare_inputs(x, sig)
+    xq = _shape_inputs(x, sig)
     n = len(xq)
     if n == 0:
         out_shape = interp.get_output_details()[0]["shape"][1:]
@@ -371,7 +388,7 @@ def predict_tflite_with_plan(model_bytes: bytes, x: Any, *, num_threads: int = 1
     chunks: list[np.ndarray] = []
     if len(rest):
         bounds = np.linspace(0, len(rest), workers + 1).astype(int)
-        chunks = [rest[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        chunks = [rest[a:b] for a, b in itertools.pairwise(bounds) if b > a]
         if len(chunks) == 1:
             parts.append(_run(model_bytes, chunks[0], batch_size, num_threads))
         else:
@@ -452,6 +469,9 @@ class LatencyStats:
     num_threads: int
     warmup_runs: int
     samples_ms: tuple[float, ...]
+    # Share of the machine's CPU time used by other processes while timing (0.5 = one of two cores);
+    # None where the OS does not tell (no /proc/stat). See LATENCY_METHOD.
+    others_cpu_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -465,11 +485,15 @@ def _one_sample(sample: Any, sig: _Signature) -> np.ndarray:
     if sample.size == 0 or sample.size % per_sample:
         raise DatasetError(f"a sample of shape {tuple(sample.shape)} does not fit the model input "
                            f"{list(sig.sample_shape)}; pass one sample of the model's input shape")
-    return _prepare_inputs(sample.reshape(-1, *sig.sample_shape)[:1], sig)
+    first = _shape_inputs(sample.reshape(-1, *sig.sample_shape)[:1], sig)
+    return np.ascontiguousarray(_to_input_dtype(first, sig))
 
 
-def measure_latency(model_bytes: bytes, sample: Any, settings: MeasureSettings = MeasureSettings()
-                    ) -> LatencyStats:
+DEFAULT_MEASURE_SETTINGS = MeasureSettings()
+
+
+def measure_latency(model_bytes: bytes, sample: Any,
+                    settings: MeasureSettings = DEFAULT_MEASURE_SETTINGS) -> LatencyStats:
     """Time invoke() on one sample (batch 1) as described in LATENCY_METHOD."""
     interp = create_interpreter(model_bytes, settings.num_threads)
     sig = _signature(interp)
@@ -482,13 +506,15 @@ def measure_latency(model_bytes: bytes, sample: Any, settings: MeasureSettings =
     try:
         for _ in range(int(settings.warmup_runs)):
             invoke()
+        busy0, own0 = _machine_busy_seconds(), _own_cpu_seconds()
         start = clock()
         while len(times) < min_runs or clock() - start < min_seconds:
             t0 = clock()
             invoke()
             times.append(clock() - t0)
         seconds = clock() - start
-    except Exception as exc:
+        busy1, own1 = _machine_busy_seconds(), _own_cpu_seconds()
+    except Exception as exc:  # noqa: BLE001 - a kernel failing in invoke()
         raise _cannot_run(exc) from None
     finally:
         if gc_was_enabled:
@@ -503,7 +529,30 @@ def measure_latency(model_bytes: bytes, sample: Any, settings: MeasureSettings =
         mean_ms=float(ms.mean()), std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
         runs=len(ms), seconds=seconds, num_threads=int(settings.num_threads),
         warmup_runs=int(settings.warmup_runs), samples_ms=tuple(float(v) for v in kept),
+        others_cpu_share=_others_share(busy0, busy1, own1 - own0, seconds),
     )
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _others_share(busy0: float | None, busy1: float | None, own: float, seconds: float) -> float | None:
+    if busy0 is None or busy1 is None or seconds <= 0:
+        return None
+    share = (busy1 - busy0 - own) / (seconds * (os.cpu_count() or 1))
+    return round(min(1.0, max(0.0, share)), 3)
 
 
 # --- inspection -----------------------------------------------------------------------------------
@@ -558,7 +607,7 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
     interp = create_interpreter(model_bytes, resolver="plain")
     try:
         op_details = interp._get_ops_details()  # LiteRT 2.x: index, op_name, operand/result types
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a private API: any failure means a model it cannot read
         raise _invalid_model(exc) from None
     ops = []
     for op in op_details:

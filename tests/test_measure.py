@@ -180,6 +180,7 @@ def test_latency_stats(variants, data):
     assert len(stats.samples_ms) == min(stats.runs, measure.MAX_KEPT_LATENCY_SAMPLES)
     as_dict = stats.to_dict()
     assert as_dict["runs"] == stats.runs and isinstance(as_dict["samples_ms"], list)
+    assert stats.others_cpu_share is None or 0.0 <= stats.others_cpu_share <= 1.0
     assert "perf_counter" in measure.LATENCY_METHOD
 
 

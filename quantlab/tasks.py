@@ -254,6 +254,7 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
                    input_dtype=inspection.inputs[0]["dtype"], output_dtype=inspection.outputs[0]["dtype"],
                    float_ops=inspection.float_ops, total_ops=inspection.total_ops)
     details["latency_samples_ms"] = latency.pop("samples_ms", [])
+    details["latency_others_cpu_share"] = latency.pop("others_cpu_share", None)
     row.update(
         accuracy=measure.accuracy(outputs, dataset.y_test),
         agreement=measure.agreement(outputs, reference) if reference is not None else None,

@@ -19,8 +19,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -229,12 +230,21 @@ def set_number(page: Any, key: str, value: float) -> None:
 
 
 def choose_option(page: Any, key: str, option_start: str) -> None:
-    """Open a selectbox and pick the option whose text starts with `option_start`."""
-    by_key(page, key).locator('[role="combobox"]').click()
+    """Pick the option of a selectbox whose text starts with `option_start` (no-op if it is shown)."""
+    box = by_key(page, key).locator('[role="combobox"]')
+    if box.input_value().startswith(option_start):
+        return
     options = page.locator('[role="option"]')
-    options.first.wait_for()
+    for opener in (box, by_key(page, key).locator('button[aria-label="Open"]')):
+        opener.click()
+        try:
+            options.first.wait_for(timeout=5_000)
+            break
+        except Exception:  # the list did not open: try the arrow button
+            continue
     options.filter(has_text=re.compile(rf"^\s*{re.escape(option_start)}")).first.click()
     wait_idle(page)
+    assert box.input_value().startswith(option_start), f"{key} shows {box.input_value()!r}"
 
 
 def set_checkbox(page: Any, key: str, checked: bool) -> None:
@@ -295,8 +305,13 @@ def wait_for_text(page: Any, pattern: str | re.Pattern, timeout: float = IDLE_SE
 
 # --- the Run page ----------------------------------------------------------------------------------
 
-TECHNIQUE_IDS = ("baseline", "float32", "dynamic", "float16", "int8-fallback", "int8-only", "uint8-only",
-                 "int16x8", "int8-selective")
+TECHNIQUE_PREFIX = "st-key-run_technique_"
+
+
+def technique_ids(page: Any) -> list[str]:
+    """Every technique the Run page offers (a checkbox each, keyed run_technique_<id>)."""
+    return page.evaluate(f"""() => Array.from(document.querySelectorAll('[class*="{TECHNIQUE_PREFIX}"]'),
+        e => Array.from(e.classList).find(c => c.startsWith('{TECHNIQUE_PREFIX}')).slice({len(TECHNIQUE_PREFIX)}))""")
 
 
 def start_sweep_in_browser(page: Any, *, dataset: str, techniques: tuple[str, ...], epochs: int = 1,
@@ -304,8 +319,11 @@ def start_sweep_in_browser(page: Any, *, dataset: str, techniques: tuple[str, ..
     """On the Run page: the built-in seed-cnn on `dataset`, only `techniques`, tiny settings; press Run
     (unless `press_run` is false: then the button is only checked to be enabled)."""
     choose_option(page, "run_dataset", f"{dataset}:")
-    for technique in TECHNIQUE_IDS:
-        set_checkbox(page, f"run_technique_{technique}", technique in techniques)
+    offered = technique_ids(page)
+    assert set(techniques) <= set(offered), f"the Run page offers {offered}, not all of {techniques}"
+    for technique in offered:
+        if by_key(page, f"run_technique_{technique}").locator("input").is_enabled():
+            set_checkbox(page, f"run_technique_{technique}", technique in techniques)
     expand(page, "Training and measurement settings")
     set_number(page, "run_epochs", epochs)
     set_number(page, "run_min_runs", min_runs)
@@ -314,10 +332,14 @@ def start_sweep_in_browser(page: Any, *, dataset: str, techniques: tuple[str, ..
     assert start.is_enabled(), "the Run sweep button is disabled"
     if not press_run:
         return
+    before = sweep_labels(page)
     start.click()
     deadline = time.monotonic() + 30
-    while not sweep_labels(page):
-        assert time.monotonic() < deadline, "pressing Run sweep showed no sweep status"
+    while True:  # this sweep's status line (not the one of a sweep this session ran before)
+        labels = sweep_labels(page)
+        if labels and (labels != before or not FINISHED_LINE.search(labels[0])):
+            break
+        assert time.monotonic() < deadline, "pressing Run sweep showed no new sweep status"
         time.sleep(0.2)
 
 

@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser_support import (artifacts, assert_no_errors, browser, by_key, choose_option,  # noqa: F401
-                                   click_button, go_to_page, new_page, open_app, playwright_instance,
-                                   running_server, screenshot, set_checkbox, set_number,
-                                   start_sweep_in_browser, wait_for_sweep, wait_idle)
+from tests.browser_support import (assert_no_errors, by_key, go_to_page, new_page, open_app, running_server,
+                                   screenshot, set_checkbox, set_number, start_sweep_in_browser,
+                                   wait_for_sweep, wait_idle)
+from tests.browser_support import artifacts, browser, playwright_instance  # noqa: F401, F811  (fixtures)
 
 pytestmark = pytest.mark.browser
 

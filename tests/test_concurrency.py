@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_support import (FINISHED_LINE, LOCK_WORDS, ROOT, assert_no_errors, browser,  # noqa: F401
-                                   error_texts, new_page, open_app, playwright_instance, running_server,
-                                   start_sweep_in_browser, sweep_labels, wait_idle)
 from quantlab.store import Store
+from tests.browser_support import (FINISHED_LINE, LOCK_WORDS, ROOT, assert_no_errors, error_texts, new_page,
+                                   open_app, running_server, start_sweep_in_browser, sweep_labels, wait_idle)
+from tests.browser_support import browser, playwright_instance  # noqa: F401, F811  (fixtures)
 
 pytestmark = pytest.mark.browser
 
@@ -80,7 +80,7 @@ def test_two_sessions_and_the_cli_sweep_one_store_at_once(browser, tmp_path):
             else:
                 raise AssertionError(f"not everything finished in {TIMEOUT_SECONDS} s: pages {statuses}, "
                                      f"CLI {'running' if cli.poll() is None else cli.returncode}")
-            stdout, stderr = cli.communicate(timeout=30)
+            _, stderr = cli.communicate(timeout=30)
         finally:
             if cli.poll() is None:
                 cli.kill()

@@ -30,28 +30,35 @@ sweeps.configure(max_concurrent=settings.max_concurrent)
 store = settings.store()
 has_results = store.count() > 0
 
-# An empty store opens on Run (the default sweep is one click away); otherwise on Compare.
-default_page = "compare" if has_results and (HERE / PAGES["compare"][0]).exists() else "run"
-pages = {name: st.Page(file, title=title, icon=icon, url_path=name, default=name == default_page)
+# Run is the home page (its address never changes). A visitor who opens the bare address while
+# results exist is taken to Compare once per session.
+pages = {name: st.Page(file, title=title, icon=icon, url_path=name, default=name == "run")
          for name, (file, title, icon) in PAGES.items() if (HERE / file).exists()}
 current = st.navigation(list(pages.values()))
 
 # A shared link may name its page in the query (?page=details&row=...): open that page once.
-wanted = share.decode(url_params()).page
+params = url_params()
+wanted = share.decode(params).page
+if not params and current is pages["run"] and has_results and "compare" in pages:
+    wanted = "compare"
 if wanted in pages and pages[wanted] is not current and not st.session_state.get("opened_linked_page"):
     st.session_state["opened_linked_page"] = True
-    st.switch_page(pages[wanted], query_params={k: v for k, v in url_params().items() if k != "page"})
+    st.switch_page(pages[wanted], query_params={k: v for k, v in params.items() if k != "page"})
 st.session_state["opened_linked_page"] = True
 
 sidebar = st.sidebar.container()
-current.run()
-
-# The sidebar is drawn after the page so that it shows the page's current choices.
-with sidebar:
-    view = current_view()
-    st.markdown(f"**Model:** {view.model or DEFAULT_MODEL}  \n**Dataset:** {view.dataset or DEFAULT_DATASET}")
-    st.caption(f"Results: `{settings.db_path}` ({store.count()} rows)  \nArtifacts: `{settings.cache_dir}`")
-    for handle in sweeps.active_sweeps():
-        st.caption(f"Sweep {handle.label}: {handle.snapshot().summary()}")
-    for line in settings.mode_lines():
-        st.caption(line)
+try:
+    current.run()
+finally:
+    # Drawn after the page so that it shows the page's current choices, and also when the page
+    # stopped early (st.stop) or asked for a rerun.
+    with sidebar:
+        view = current_view()
+        st.markdown(f"**Model:** {view.model or DEFAULT_MODEL}  \n"
+                    f"**Dataset:** {view.dataset or DEFAULT_DATASET}")
+        st.caption(f"Results: `{settings.db_path}` ({store.count()} rows)  \n"
+                   f"Artifacts: `{settings.cache_dir}`")
+        for handle in sweeps.active_sweeps():
+            st.caption(f"Sweep {handle.label}: {handle.snapshot().summary()}")
+        for line in settings.mode_lines():
+            st.caption(line)

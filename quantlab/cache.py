@@ -38,6 +38,10 @@ class ArtifactCache:
 
     root: Path = DEFAULT_CACHE_DIR
 
+    def __post_init__(self) -> None:
+        # Absolute, so that paths stored in rows and manifests mean the same file from any folder.
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
     def path(self, kind: str, key: str, suffix: str) -> Path:
         return Path(self.root) / kind / f"{key}{suffix}"
 

@@ -569,18 +569,35 @@ def latency_summary(row: Mapping[str, Any]) -> str:
 
 
 def latency_histogram(samples: Sequence[float], row: Mapping[str, Any] | None = None) -> Any:
-    """A Plotly histogram of per-run latencies, with the p50 and p90 marked."""
+    """A Plotly histogram of per-run latencies, with the p50 and p90 marked.
+
+    The axis spans the runs up to the 99th percentile so that a rare slow run does not squeeze the
+    rest into one bar; how many runs lie beyond is said in the title.
+    """
+    import numpy as np
     import plotly.graph_objects as go
 
-    figure = go.Figure(go.Histogram(x=list(samples), nbinsx=min(60, max(10, len(samples) // 5)),
+    values = np.asarray(list(samples), dtype=float)
+    shown = values
+    title = None
+    if len(values) >= 20:
+        cut = float(np.percentile(values, 99))
+        shown = values[values <= cut]
+        beyond = len(values) - len(shown)
+        if beyond:
+            title = f"{beyond} of {len(values)} runs above {cut:.3f} ms (max {values.max():.3f} ms) not drawn"
+    figure = go.Figure(go.Histogram(x=shown.tolist(), nbinsx=min(60, max(10, len(shown) // 5)),
                                     name="runs", marker_color="#4C78A8"))
+    if title:
+        figure.update_layout(title=dict(text=title, font=dict(size=12)))
     for name, key, dash in (("p50", "latency_p50_ms", "solid"), ("p90", "latency_p90_ms", "dash")):
         value = _number((row or {}).get(key))
         if value is not None:
             figure.add_vline(x=value, line_dash=dash, line_color="#E45756",
                              annotation_text=f"{name} {value:.3f} ms", annotation_position="top")
     figure.update_layout(xaxis_title="latency per inference (ms)", yaxis_title="runs", bargap=0.05,
-                         margin=dict(l=10, r=10, t=30, b=10), height=320, showlegend=False)
+                         margin=dict(l=10, r=10, t=50 if title else 30, b=10), height=320,
+                         showlegend=False)
     return figure
 
 

@@ -118,7 +118,13 @@ def test_params_make_separate_variants_with_readable_names(store):
     frame = analysis.compare_frame(store, model="synthetic-cnn", dataset="synthetic-digits")
     assert sorted(frame.loc[frame.technique == "prune", "variant"]) == [
         "prune (target_sparsity: 0.5)", "prune (target_sparsity: 0.8)"]
-    assert frame.loc[frame.technique == "prune", "label"].iloc[0] == "prune"  # unknown id: its own label
+    assert frame.loc[frame.technique == "prune", "label"].iloc[0] == "Magnitude pruning"
+
+
+def test_a_technique_no_longer_registered_is_labelled_by_its_id(store):
+    store.insert_result(make_row("retired-technique", "ptq", seconds=10))
+    frame = analysis.compare_frame(store, model="synthetic-cnn", dataset="synthetic-digits")
+    assert frame.loc[frame.technique == "retired-technique", "label"].iloc[0] == "retired-technique"
 
 
 def test_latest_shows_only_the_newest_model_version(store):

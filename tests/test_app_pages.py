@@ -325,3 +325,12 @@ def test_a_sweep_error_is_put_next_to_the_upload_it_concerns():
     assert blame_upload("model.keras uses a Lambda layer", True, True) == "model"
     assert blame_upload("anything", False, True) == "dataset"
     assert blame_upload("anything", False, False) is None
+
+
+def test_latency_histogram_keeps_a_rare_slow_run_from_squeezing_the_rest():
+    from quantlab.ui_state import latency_histogram
+
+    samples = [0.05 + 0.001 * (i % 10) for i in range(199)] + [4.0]
+    figure = latency_histogram(samples, {"latency_p50_ms": 0.055, "latency_p90_ms": 0.059})
+    assert max(figure.data[0].x) < 0.1
+    assert "1 of 200 runs above" in figure.layout.title.text

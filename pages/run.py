@@ -56,6 +56,13 @@ def save_and_check(kind):
     if uploaded is None:
         form.pop(f"{kind}_upload", None)
         return
+    try:
+        settings.check_upload_quota(st.session_state.get("run_upload_count", 0))
+    except QuantLabError as exc:
+        form[f"{kind}_upload"] = {"path": "", "name": uploaded.name, "stored_as": uploaded.name,
+                                  "error": str(exc)}
+        return
+    st.session_state["run_upload_count"] = st.session_state.get("run_upload_count", 0) + 1
     path = save_upload(uploaded.getvalue(), uploaded.name, settings.cache_dir)
     check = check_uploaded_model if kind == "model" else check_uploaded_dataset
     try:

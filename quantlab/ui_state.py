@@ -29,6 +29,7 @@ MODEL_SUFFIXES = (".keras", ".h5", ".zip", ".tflite")
 DATASET_SUFFIXES = (".npz",)
 DEFAULT_MAX_UPLOAD_MB = 200
 DEMO_MAX_UPLOAD_MB = 20
+DEMO_MAX_UPLOADS = 10  # files one browser session may upload in demo mode
 DEMO_TASK_TIMEOUT_SECONDS = 600.0
 DEMO_MEMORY_LIMIT_MB = 4000.0
 
@@ -89,6 +90,7 @@ class AppSettings:
     uploads_enabled: bool = True
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
     max_concurrent: int = 1
+    max_uploads: int = 0  # files per browser session; 0 means no limit
     notes: tuple[str, ...] = ()  # settings that were ignored, in words
 
     @classmethod
@@ -107,6 +109,8 @@ class AppSettings:
             max_upload_mb=_positive_int(env, "QUANTLAB_MAX_UPLOAD_MB",
                                         DEMO_MAX_UPLOAD_MB if demo else DEFAULT_MAX_UPLOAD_MB, notes),
             max_concurrent=_positive_int(env, "QUANTLAB_MAX_SWEEPS", 1, notes),
+            max_uploads=0 if env.get("QUANTLAB_MAX_UPLOADS", "").strip() == "0" else
+            _positive_int(env, "QUANTLAB_MAX_UPLOADS", DEMO_MAX_UPLOADS if demo else 0, notes),
             notes=tuple(notes),
         )
 
@@ -129,6 +133,12 @@ class AppSettings:
                             memory_limit_mb=DEMO_MEMORY_LIMIT_MB) if self.demo else PoolLimits()
         return SweepOptions(limits=limits, source="app")
 
+    def check_upload_quota(self, uploads_so_far: int) -> None:
+        """Refuse one more upload when this session has used its quota (demo mode)."""
+        if self.max_uploads and uploads_so_far >= self.max_uploads:
+            raise QuantLabError(f"this session has uploaded {uploads_so_far} files, the limit of this "
+                                f"hosted demo; open a new session or run QuantLab yourself for more")
+
     @property
     def can_run(self) -> bool:
         return not self.read_only
@@ -139,6 +149,10 @@ class AppSettings:
         if self.demo:
             lines.append(f"Demo: uploads up to {self.max_upload_mb} MB, each variant limited to "
                          f"{DEMO_TASK_TIMEOUT_SECONDS / 60:.0f} min and {DEMO_MEMORY_LIMIT_MB / 1000:.0f} GB.")
+            lines.append(f"Sweeps run {self.max_concurrent} at a time; more wait in a queue, so that "
+                         f"measurements are not slowed by each other.")
+        if self.max_uploads:
+            lines.append(f"At most {self.max_uploads} uploads per browser session.")
         if self.read_only:
             lines.append("Read-only: stored results can be viewed, new sweeps cannot be run.")
         if not self.uploads_enabled:

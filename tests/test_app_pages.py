@@ -13,6 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from quantlab import sweeps
+from quantlab.errors import QuantLabError
 from quantlab.store import Store
 from quantlab.techniques import all_techniques
 from quantlab.ui_state import AppSettings, blame_upload, downloadable_artifact, save_upload
@@ -334,3 +335,14 @@ def test_latency_histogram_keeps_a_rare_slow_run_from_squeezing_the_rest():
     figure = latency_histogram(samples, {"latency_p50_ms": 0.055, "latency_p90_ms": 0.059})
     assert max(figure.data[0].x) < 0.1
     assert "1 of 200 runs above" in figure.layout.title.text
+
+
+def test_demo_mode_limits_uploads_per_session_and_says_so():
+    settings = AppSettings.from_env({"QUANTLAB_DEMO": "1"})
+    assert settings.max_uploads > 0
+    settings.check_upload_quota(settings.max_uploads - 1)
+    with pytest.raises(QuantLabError, match="limit of this hosted demo"):
+        settings.check_upload_quota(settings.max_uploads)
+    assert any("uploads per browser session" in line for line in settings.mode_lines())
+    assert AppSettings.from_env({"QUANTLAB_DEMO": "1", "QUANTLAB_MAX_UPLOADS": "0"}).max_uploads == 0
+    assert AppSettings.from_env({}).max_uploads == 0

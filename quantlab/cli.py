@@ -131,11 +131,27 @@ def command_sweep(args: argparse.Namespace) -> int:
     return 1 if report.failed and len(report.failed) == len(report.rows) else 0
 
 
-def _print_table(rows: list[dict]) -> None:
-    import pandas as pd
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
 
-    frame = pd.DataFrame(rows)
-    print("(no results)" if frame.empty else frame.to_string(index=False))
+
+def _print_table(rows: list[dict]) -> None:
+    """A plain text table (no pandas: a warm sweep should start and finish in well under a second)."""
+    if not rows:
+        print("(no results)")
+        return
+    columns = list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for line in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
 
 
 def command_results(args: argparse.Namespace) -> int:

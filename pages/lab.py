@@ -14,6 +14,7 @@ import streamlit as st
 from quantlab import lab
 from quantlab.calibrate import CALIBRATORS, KMEANS_MAX_BITS, SUPPORTED_BITS, WEIGHT_BITS, QuantConfig
 from quantlab.errors import QuantLabError
+from quantlab.ui_state import params_text
 
 CONTEXT = lab.app_context()
 STORE, CACHE = CONTEXT.store, CONTEXT.cache
@@ -223,7 +224,7 @@ def model_view() -> None:
                           help=f"Agreement with the float model: {result['agreement']:.4f}")
         columns[1].metric("Float (Keras)", f"{result['float_accuracy']:.4f}")
     for column, row in zip(columns[2:], rows.to_dict("records") if len(rows) else []):
-        label = row["technique"] + (f" ({lab.params_text(row['params'])})" if row["technique"] ==
+        label = row["technique"] + (f" ({params_text(row['params'])})" if row["technique"] ==
                                     lab.SELECTIVE_TECHNIQUE else "")
         column.metric(f"Converted: {label}", f"{row['accuracy']:.4f}",
                       help=f"Measured TFLite model, store row {str(row['row_id'])[:8]}")

@@ -638,16 +638,6 @@ def converted_int8_rows(store: Store, manifest: Mapping[str, Any]) -> Any:
         [manifest["model_hash"], manifest["dataset_hash"], *INT8_TECHNIQUES, SELECTIVE_TECHNIQUE])
 
 
-def params_text(params: Any) -> str:
-    """A store row's parameters as "name=value, ..." (the column holds JSON)."""
-    if isinstance(params, str):
-        try:
-            params = json.loads(params or "{}")
-        except ValueError:
-            return params
-    return ", ".join(f"{k}={v}" for k, v in dict(params or {}).items())
-
-
 # --- per-layer sensitivity ------------------------------------------------------------------------
 
 

@@ -114,7 +114,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
     if dataset_ref.path:
         from .uploads import check_dataset_file
         check_dataset_file(Path(dataset_ref.path))
-    store._require_writable()
+    store.require_writable()
 
     pool: WorkerPool | None = None
     measure_settings = spec.measure.to_dict()

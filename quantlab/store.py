@@ -152,7 +152,7 @@ class Store:
     # --- writes -------------------------------------------------------------------------------
 
     def start_sweep(self, model_name: str, dataset_name: str, spec: dict, source: str) -> str:
-        self._require_writable()
+        self.require_writable()
         self.migrate()
         sweep_id = new_id()
         with self.connect() as con:
@@ -167,7 +167,7 @@ class Store:
 
     def insert_result(self, row: dict[str, Any]) -> str:
         """Insert one complete row in one statement (all or nothing); returns its row_id."""
-        self._require_writable()
+        self.require_writable()
         values = dict(row)
         values.setdefault("row_id", new_id())
         values.setdefault("recorded_at", now_utc())
@@ -183,7 +183,7 @@ class Store:
                         [values.get(name) for name in COLUMN_NAMES])
         return values["row_id"]
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
         if self.read_only:
             raise StoreError(f"the results database {self.path} is open read-only (demo mode); "
                              f"results can be viewed here but not added")

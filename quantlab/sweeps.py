@@ -412,7 +412,7 @@ def check_spec(spec: SweepSpec, store: Store) -> None:
             check_dataset_file = None
         if check_dataset_file is not None:
             check_dataset_file(Path(dataset.path))
-    store._require_writable()
+    store.require_writable()
 
 
 # --- the process-wide manager ------------------------------------------------------------------

@@ -115,10 +115,8 @@ class LabContext:
 
 def app_context() -> LabContext:
     """From the dashboard's settings (QUANTLAB_DB, QUANTLAB_CACHE, ...; see quantlab.ui_state)."""
-    try:
-        from .ui_state import AppSettings
-    except ImportError:
-        return LabContext(Store(), ArtifactCache())
+    from .ui_state import AppSettings
+
     settings = AppSettings.from_env()
     return LabContext(settings.store(), settings.cache(), settings.sweep_options(), settings.can_run)
 
@@ -713,58 +711,30 @@ def selective_spec(workload: Workload, keep_float: int) -> SweepSpec:
 
 @dataclass
 class SelectiveSweep:
-    """A running "keep N in float" sweep: a quantlab.sweeps handle, or a plain thread."""
+    """A running "keep N in float" sweep: the quantlab.sweeps handle behind it."""
 
     keep_float: int
-    handle: Any = None
-    thread: threading.Thread | None = None
-    outcome: dict = field(default_factory=dict)
+    handle: Any
 
     @property
     def finished(self) -> bool:
-        if self.handle is not None:
-            return bool(self.handle.finished)
-        return self.thread is not None and not self.thread.is_alive()
+        return bool(self.handle.finished)
 
     def summary(self) -> str:
-        if self.handle is not None:
-            return self.handle.snapshot().summary()
-        if not self.finished:
-            return "running"
-        if self.outcome.get("error"):
-            return f"failed: {self.outcome['error']}"
-        return f"done: {self.outcome.get('rows', 0)} variant(s) measured"
+        return self.handle.snapshot().summary()
 
     def rows(self) -> list[dict]:
-        if self.handle is not None:
-            return list(self.handle.snapshot().rows)
-        return list(self.outcome.get("row_list", []))
+        return list(self.handle.snapshot().rows)
 
 
 def start_selective_sweep(workload: Workload, keep_float: int, store: Store, cache: ArtifactCache,
                           options: Any = None) -> SelectiveSweep:
     """Run int8-selective(keep_float=N) as a sweep in the background; it lands in the store like any variant."""
-    spec = selective_spec(workload, keep_float)
-    try:
-        from . import sweeps
-    except ImportError:
-        sweeps = None
-    if sweeps is not None and hasattr(sweeps, "start_sweep"):
-        label = f"{workload.manifest['model_name']}: keep {keep_float} layer(s) in float"
-        return SelectiveSweep(keep_float, handle=sweeps.start_sweep(spec, store, cache, options, label=label))
-    from .runner import SweepOptions, run_sweep
+    from . import sweeps
 
-    sweep = SelectiveSweep(keep_float)
-
-    def run() -> None:
-        try:
-            report = run_sweep(spec, store=store, cache=cache, options=options or SweepOptions(source="app"))
-            sweep.outcome.update(rows=len(report.rows), row_list=report.rows)
-        except QuantLabError as exc:
-            sweep.outcome["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    sweep.thread = threading.Thread(target=run, name="quantlab-lab-selective", daemon=True)
-    sweep.thread.start()
-    return sweep
+    label = f"{workload.manifest['model_name']}: keep {keep_float} layer(s) in float"
+    handle = sweeps.start_sweep(selective_spec(workload, keep_float), store, cache, options, label=label)
+    return SelectiveSweep(keep_float, handle=handle)
 
 
 # --- warming up -----------------------------------------------------------------------------------

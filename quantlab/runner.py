@@ -100,6 +100,20 @@ class SweepReport:
         return [row for row in self.rows if row.get("error")]
 
 
+def check_spec(spec: SweepSpec, store: Store) -> tuple[InputRef, InputRef]:
+    """The cheap checks made before anything is written; returns the model and dataset references."""
+    model_ref, dataset_ref = resolve_model(spec.model), resolve_dataset(spec.dataset)
+    if not spec.techniques:
+        raise QuantLabError("no techniques selected; pick at least one technique to run")
+    for technique in spec.techniques:
+        get_technique(technique.id).resolve(technique.params)
+    if dataset_ref.path:
+        from .uploads import check_dataset_file
+        check_dataset_file(Path(dataset_ref.path))
+    store.require_writable()
+    return model_ref, dataset_ref
+
+
 def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: OnEvent | None = None,
               options: SweepOptions = SweepOptions(), cancel: threading.Event | None = None) -> SweepReport:
     """Run every technique of `spec`, reuse what is cached, and store one row per variant.
@@ -108,13 +122,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
     with `error` set; the others go on.
     """
     emit = on_event or (lambda event: None)
-    model_ref, dataset_ref = resolve_model(spec.model), resolve_dataset(spec.dataset)
-    for technique in spec.techniques:
-        get_technique(technique.id)
-    if dataset_ref.path:
-        from .uploads import check_dataset_file
-        check_dataset_file(Path(dataset_ref.path))
-    store.require_writable()
+    model_ref, dataset_ref = check_spec(spec, store)
 
     pool: WorkerPool | None = None
     measure_settings = spec.measure.to_dict()

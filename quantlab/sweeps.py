@@ -23,7 +23,8 @@ from typing import Any, Callable
 from .cache import ArtifactCache
 from .config import SweepSpec, TechniqueSpec
 from .errors import QuantLabError
-from .runner import SweepOptions, resolve_dataset, resolve_model, run_sweep
+from . import runner
+from .runner import SweepOptions, run_sweep
 from .store import Store
 from .techniques import get_technique
 
@@ -399,20 +400,7 @@ class SweepManager:
 
 def check_spec(spec: SweepSpec, store: Store) -> None:
     """The cheap checks run_sweep makes before writing anything, made now so callers hear at once."""
-    resolve_model(spec.model)
-    dataset = resolve_dataset(spec.dataset)
-    if not spec.techniques:
-        raise QuantLabError("no techniques selected; pick at least one technique to run")
-    for technique in spec.techniques:
-        get_technique(technique.id).resolve(technique.params)
-    if dataset.path:
-        try:
-            from .uploads import check_dataset_file
-        except ImportError:
-            check_dataset_file = None
-        if check_dataset_file is not None:
-            check_dataset_file(Path(dataset.path))
-    store.require_writable()
+    runner.check_spec(spec, store)
 
 
 # --- the process-wide manager ------------------------------------------------------------------

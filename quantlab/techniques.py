@@ -267,10 +267,8 @@ def parse_technique_list(text: str, model_kind: str = "keras") -> tuple[Techniqu
 
 def unsupported_techniques() -> dict[str, str]:
     """Techniques QuantLab knows of but cannot run with these library versions, with the reason."""
-    try:
-        from .finetune import UNSUPPORTED
-    except ImportError:
-        return {}
+    from .finetune import UNSUPPORTED
+
     return dict(UNSUPPORTED)
 
 

@@ -121,11 +121,9 @@ class AppSettings:
         return ArtifactCache(self.cache_dir)
 
     def upload_limits(self) -> Any:
-        """safe_load.UploadLimits with this upload cap (None if safe_load is not available)."""
-        try:
-            from .safe_load import UploadLimits
-        except ImportError:
-            return None
+        """safe_load.UploadLimits with this upload cap."""
+        from .safe_load import UploadLimits
+
         return UploadLimits(max_bytes=self.max_upload_mb * 1024 * 1024)
 
     def sweep_options(self) -> SweepOptions:
@@ -350,17 +348,8 @@ def check_uploaded_dataset(path: Path, max_upload_mb: int = DEFAULT_MAX_UPLOAD_M
         raise QuantLabError(f"{path.name} is not a .npz file; save the arrays with "
                             f"np.savez('data.npz', x_test=x, y_test=y) and upload that")
     _size_check(path, max_upload_mb, "datasets")
-    try:
-        from .uploads import check_dataset_file
-    except ImportError:
-        check_dataset_file = None
-    if check_dataset_file is not None:
-        check_dataset_file(path)
-        return
-    try:
-        from .safe_load import UploadLimits, load_npz_dataset
-    except ImportError:
-        return
+    from .safe_load import UploadLimits, load_npz_dataset
+
     load_npz_dataset(path, UploadLimits(max_bytes=max_upload_mb * 1024 * 1024))
 
 

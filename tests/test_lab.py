@@ -327,10 +327,7 @@ def test_the_sensitivity_tab_measures_layers_and_runs_int8_selective_as_a_sweep(
     timed_run(app)
     sweep = app.session_state["lab_selective"]
     assert sweep.keep_float == 1
-    if sweep.handle is not None:
-        assert sweep.handle.wait(600)
-    else:
-        sweep.thread.join(600)
+    assert sweep.handle.wait(600)
     timed_run(app)
     rows = lab.converted_int8_rows(prepared["store"], workload.manifest)
     selective = rows[rows["technique"] == "int8-selective"]

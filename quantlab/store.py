@@ -2,12 +2,17 @@
 
 Every variant of every sweep is one row that says how its numbers were obtained. Connections are
 short-lived and retried while another process holds the file's write lock, so the dashboard, its
-sweeps and the CLI can share one database file.
+sweeps and the CLI can share one database file. Inside one process (the Streamlit server: page
+scripts and sweep threads) connections to a file are taken one at a time: DuckDB refuses a second
+in-process connection with another configuration (read-only next to writable) and can fail with
+"Unique file handle conflict" when threads open and close the same file at once.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -78,6 +83,17 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+_PROCESS_LOCKS: dict[str, threading.RLock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(path: Path) -> threading.RLock:
+    """The lock this process holds while it has `path` open (re-entrant: a thread may nest)."""
+    key = os.path.realpath(path)
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(key, threading.RLock())
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text or "conflicting" in text or "already open" in text
@@ -92,28 +108,35 @@ class Store:
 
     @contextmanager
     def connect(self) -> Iterator[Any]:
-        """A short-lived connection, waiting while another process holds the write lock."""
+        """A short-lived connection, waiting while another thread or process holds the file."""
         import duckdb
 
         deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
-        delay = 0.02
-        while True:
-            try:
-                if not self.read_only:
-                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-                connection = duckdb.connect(str(self.path), read_only=self.read_only)
-                break
-            except duckdb.Error as exc:
-                if not _is_lock_error(exc) or time.monotonic() > deadline:
-                    raise StoreError(f"cannot open the results database {self.path}: "
-                                     f"{str(exc).splitlines()[0]}; close other programs using it "
-                                     f"or pass another file with --db") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
+        in_process = _process_lock(Path(self.path))
+        if not in_process.acquire(timeout=LOCK_TIMEOUT_SECONDS):
+            raise StoreError(f"cannot open the results database {self.path}: another part of this "
+                             f"program kept it open for {LOCK_TIMEOUT_SECONDS:.0f} s; try again")
         try:
-            yield connection
+            delay = 0.02
+            while True:
+                try:
+                    if not self.read_only:
+                        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                    connection = duckdb.connect(str(self.path), read_only=self.read_only)
+                    break
+                except duckdb.Error as exc:
+                    if not _is_lock_error(exc) or time.monotonic() > deadline:
+                        raise StoreError(f"cannot open the results database {self.path}: "
+                                         f"{str(exc).splitlines()[0]}; close other programs using it "
+                                         f"or pass another file with --db") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+            try:
+                yield connection
+            finally:
+                connection.close()
         finally:
-            connection.close()
+            in_process.release()
 
     def exists(self) -> bool:
         return Path(self.path).exists()

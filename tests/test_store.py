@@ -88,3 +88,37 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     assert [w.exitcode for w in writers] == [0, 0]
     techniques = Store(path).results()["technique"]
     assert len(techniques) == 50 and techniques.nunique() == 50
+
+
+def test_threads_of_one_process_reading_and_writing_at_once_lose_nothing(tmp_path):
+    """The Streamlit server: page scripts read (some through read-only stores) while sweep threads write."""
+    import threading
+
+    writer = Store(tmp_path / "q.duckdb")
+    writer.migrate()
+    reader = Store(tmp_path / "q.duckdb", read_only=True)
+    failures: list[str] = []
+
+    def write(thread: int) -> None:
+        for index in range(10):
+            try:
+                writer.insert_result(make_row(f"t{thread}-{index}"))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported below
+                failures.append(f"write: {exc}")
+
+    def read() -> None:
+        for _ in range(10):
+            try:
+                writer.count()
+                reader.results(latest_only=True)
+            except Exception as exc:  # noqa: BLE001
+                failures.append(f"read: {exc}")
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    threads += [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert writer.count() == 4 * 10

@@ -8,7 +8,8 @@ from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
 from quantlab.ui_state import (AppSettings, downloadable_artifact, extra_details, float_ops_summary,
                                format_bytes, is_fine_tuned, latency_histogram, latency_summary, ops_table,
-                               provenance_table, row_frame, row_label, tensor_table)
+                               provenance_table, row_frame, row_label, tensor_table,
+                               weight_granularity_summary)
 from ui.share import share_controls, sync_view, update_view, write_view
 
 RECENT_ROWS = 200
@@ -77,6 +78,8 @@ def tensors_and_ops(row):
     st.markdown("#### Ops")
     ops = ops_table(row["details"])
     st.caption(float_ops_summary(row, ops))
+    if weights := weight_granularity_summary(row["details"]):
+        st.caption(weights)
     if not ops.empty:
         st.dataframe(ops, hide_index=True)
 

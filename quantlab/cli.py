@@ -17,6 +17,7 @@ from .cache import DEFAULT_CACHE_DIR, ArtifactCache
 from .config import MeasureSettings, SweepSpec, TrainSettings
 from .errors import QuantLabError
 from .store import DEFAULT_DB_PATH, Store
+from .techniques import variant_label
 
 TABLE_COLUMNS = ("technique", "model_bytes", "gzip_bytes", "accuracy", "agreement", "sqnr_db",
                  "latency_p50_ms", "latency_p90_ms", "cached", "error")
@@ -75,7 +76,7 @@ def _format_progress(event: dict) -> str | None:
     kind = event.get("type")
     if kind in ("variant-done", "variant-failed"):
         row = event["row"]
-        head = f"[{event['done']}/{event['total']}] {row['technique']}"
+        head = f"[{event['done']}/{event['total']}] {variant_label(row['technique'], row.get('params'))}"
         if row.get("error"):
             return f"{head}: failed: {row['error']}"
         accuracy = row.get("accuracy")
@@ -127,7 +128,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     report = run_sweep(spec, store=Store(args.db), cache=ArtifactCache(args.cache), on_event=on_event,
                        options=SweepOptions(workers=args.workers, source="cli"))
     if not args.json:
-        _print_table([{k: r.get(k) for k in TABLE_COLUMNS} for r in report.rows])
+        _print_table([{**{k: r.get(k) for k in TABLE_COLUMNS},
+                       "technique": variant_label(r["technique"], r.get("params"))} for r in report.rows])
     return 1 if report.failed and len(report.failed) == len(report.rows) else 0
 
 

@@ -566,7 +566,8 @@ class TfliteInspection:
 
     An op `computes_in_float` when one of its outputs is a float tensor and it is not a QUANTIZE or
     DEQUANTIZE conversion; `float_ops` counts such ops (a dynamic-range op, int8 weights with float
-    activations, counts as float).
+    activations, counts as float). A convolution or fully connected op with integer weights records
+    `weight_scales`: one per output channel (per-channel) or 1 (per-tensor).
     """
 
     inputs: tuple[dict[str, Any], ...]
@@ -578,7 +579,14 @@ class TfliteInspection:
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [dict(d) for d in self.inputs], "outputs": [dict(d) for d in self.outputs],
                 "ops": [dict(d) for d in self.ops], "float_ops": self.float_ops,
-                "total_ops": self.total_ops}
+                "total_ops": self.total_ops, "weight_granularity": self.weight_granularity}
+
+    @property
+    def weight_granularity(self) -> str | None:
+        """"per-channel", "per-tensor", "mixed", or None when no weights are integer."""
+        kinds = {"per-tensor" if op["weight_scales"] == 1 else "per-channel"
+                 for op in self.ops if op.get("weight_scales")}
+        return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
 
     @property
     def op_counts(self) -> dict[str, int]:
@@ -602,11 +610,27 @@ def _io_dict(detail: dict[str, Any]) -> dict[str, Any]:
             "zero_point": int(zero_point) if quantized else None}
 
 
+_WEIGHTED_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
+                           "CONV_3D"})
+
+
+def _weight_scales(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> int | None:
+    """How many quantization scales the op's integer weights carry (None: float or no weights)."""
+    inputs = list(op.get("inputs", []))
+    if op["op_name"] not in _WEIGHTED_OPS or len(inputs) < 2 or inputs[1] not in tensors:
+        return None
+    weights = tensors[inputs[1]]
+    if not np.issubdtype(weights["dtype"], np.integer):
+        return None
+    return len(weights.get("quantization_parameters", {}).get("scales", ())) or None
+
+
 def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
     """Inputs, outputs and per-op dtypes of the model's own graph (XNNPACK not applied)."""
     interp = create_interpreter(model_bytes, resolver="plain")
     try:
         op_details = interp._get_ops_details()  # LiteRT 2.x: index, op_name, operand/result types
+        tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
     except Exception as exc:  # noqa: BLE001 - a private API: any failure means a model it cannot read
         raise _invalid_model(exc) from None
     ops = []
@@ -618,6 +642,7 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
             "input_dtypes": [_dtype_name(t) for t in op.get("operand_types", [])],
             "output_dtypes": outs,
             "computes_in_float": name not in _CONVERSION_OPS and any(d.startswith("float") for d in outs),
+            "weight_scales": _weight_scales({**op, "op_name": name}, tensors),
         })
     return TfliteInspection(
         inputs=tuple(_io_dict(d) for d in interp.get_input_details()),

@@ -26,7 +26,7 @@ from .errors import QuantLabError
 from . import runner
 from .runner import SweepOptions, run_sweep
 from .store import Store
-from .techniques import get_technique
+from .techniques import variant_label
 
 LOG = logging.getLogger(__name__)
 
@@ -43,18 +43,6 @@ VARIANT_STATES = ("waiting", "running", "done", "cached", "failed", "skipped")
 def first_line(text: Any, limit: int = 400) -> str:
     lines = str(text).strip().splitlines()
     return (lines[0] if lines else "")[:limit]
-
-
-def variant_label(technique: TechniqueSpec) -> str:
-    """`dynamic`, or `prune(target_sparsity=0.8)` when parameters differ from the defaults."""
-    try:
-        defaults = get_technique(technique.id).resolve({})
-    except QuantLabError:
-        defaults = {}
-    changed = {k: v for k, v in technique.params.items() if defaults.get(k) != v}
-    if not changed:
-        return technique.id
-    return f"{technique.id}({', '.join(f'{k}={v}' for k, v in changed.items())})"
 
 
 @dataclass
@@ -155,7 +143,7 @@ class SweepHandle:
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.queue_position: int | None = None
-        self.variants = [VariantProgress(t.id, dict(t.params), variant_label(t)) for t in spec.techniques]
+        self.variants = [VariantProgress(t.id, dict(t.params), variant_label(t.id, t.params)) for t in spec.techniques]
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .config import TechniqueSpec
-from .errors import TechniqueError
+from .errors import QuantLabError, TechniqueError
 
 PTQ_MODES = ("float32", "dynamic", "float16", "int8-fallback", "int8-only", "uint8-only", "int16x8")
 
@@ -131,8 +131,16 @@ def representative_dataset(x: np.ndarray) -> Callable[[], Any]:
     return generate
 
 
-def configure_converter(converter: Any, mode: str, calibration: np.ndarray | None) -> Any:
-    """Set a TFLiteConverter up for one post-training quantization mode."""
+WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
+
+
+def configure_converter(converter: Any, mode: str, calibration: np.ndarray | None, *,
+                        weights: str = "per-channel") -> Any:
+    """Set a TFLiteConverter up for one post-training quantization mode.
+
+    `weights="per-tensor"` gives each int8 kernel one scale instead of one per output channel, as
+    some older DSP/NPU delegates require; it uses the converter's `_experimental_disable_per_channel`.
+    """
     from .tfcompat import import_tensorflow
 
     tf, _ = import_tensorflow()
@@ -148,6 +156,10 @@ def configure_converter(converter: Any, mode: str, calibration: np.ndarray | Non
             raise TechniqueError(f"{mode} needs representative (calibration) data; "
                                  f"provide x_calib or x_train in the dataset")
         converter.representative_dataset = representative_dataset(calibration)
+    if weights not in WEIGHT_GRANULARITIES:
+        raise TechniqueError(f"weights must be one of {', '.join(WEIGHT_GRANULARITIES)}, not {weights!r}")
+    if weights == "per-tensor":
+        converter._experimental_disable_per_channel = True
     if mode in ("int8-only", "uint8-only"):
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         io_type = tf.int8 if mode == "int8-only" else tf.uint8
@@ -159,16 +171,25 @@ def configure_converter(converter: Any, mode: str, calibration: np.ndarray | Non
     return converter
 
 
-def convert_model(context: BuildContext, model: Any, mode: str) -> bytes:
+def convert_model(context: BuildContext, model: Any, mode: str, *, weights: str = "per-channel") -> bytes:
     """Convert `model` (a Keras model, or None for the context's own source) in one PTQ mode."""
-    converter = configure_converter(context.make_converter(model), mode, context.dataset.x_calib)
+    converter = configure_converter(context.make_converter(model), mode, context.dataset.x_calib,
+                                    weights=weights)
     return converter.convert()
 
 
 def _ptq(mode: str) -> Callable[[BuildContext, dict], Produced]:
     def produce(context: BuildContext, params: dict) -> Produced:
-        return Produced(tflite=convert_model(context, None, mode), details={"conversion": mode})
+        weights = params.get("weights", "per-channel")
+        return Produced(tflite=convert_model(context, None, mode, weights=weights),
+                        details={"conversion": mode, "weights": weights})
     return produce
+
+
+WEIGHTS_PARAM = Param("weights", "per-channel",
+                      "int8 kernel scales: one per output channel, or one per tensor (what some "
+                      "older DSP/NPU delegates require; can cost accuracy)",
+                      choices=WEIGHT_GRANULARITIES)
 
 
 def _baseline(context: BuildContext, params: dict) -> Produced:
@@ -208,13 +229,13 @@ for _technique in (
               "float16 weights (~2x smaller); GPU delegates run them natively", _ptq("float16")),
     Technique("int8-fallback", "ptq", "Full integer, float fallback",
               "int8 weights and activations from calibration data; float input/output, float ops "
-              "where no int8 kernel exists", _ptq("int8-fallback"), needs_calibration=True),
+              "where no int8 kernel exists", _ptq("int8-fallback"), params=(WEIGHTS_PARAM,), needs_calibration=True),
     Technique("int8-only", "ptq", "Integer only (int8 I/O)",
               "every op int8, int8 input/output: for Edge TPU and microcontrollers",
-              _ptq("int8-only"), needs_calibration=True, integer_only=True),
+              _ptq("int8-only"), params=(WEIGHTS_PARAM,), needs_calibration=True, integer_only=True),
     Technique("uint8-only", "ptq", "Integer only (uint8 I/O)",
               "every op int8, uint8 input/output: for older accelerators that expect uint8",
-              _ptq("uint8-only"), needs_calibration=True, integer_only=True),
+              _ptq("uint8-only"), params=(WEIGHTS_PARAM,), needs_calibration=True, integer_only=True),
     Technique("int16x8", "ptq", "16x8 (int16 activations)",
               "int16 activations, int8 weights: better accuracy than int8, reference kernels (slow)",
               _ptq("int16x8"), needs_calibration=True, integer_only=True),
@@ -232,6 +253,18 @@ def get_technique(technique_id: str) -> Technique:
     except KeyError:
         raise TechniqueError(f"unknown technique {technique_id!r}; run `python -m quantlab techniques` "
                              f"to list them ({', '.join(_REGISTRY)})") from None
+
+
+def variant_label(technique_id: str, params: dict) -> str:
+    """`dynamic`, or `prune(target_sparsity=0.8)` when parameters differ from the defaults."""
+    try:
+        defaults = get_technique(technique_id).resolve({})
+    except QuantLabError:
+        defaults = {}
+    changed = {k: v for k, v in (params or {}).items() if defaults.get(k) != v}
+    if not changed:
+        return technique_id
+    return f"{technique_id}({', '.join(f'{k}={v}' for k, v in changed.items())})"
 
 
 def resolve_spec(spec: TechniqueSpec) -> TechniqueSpec:

@@ -538,10 +538,25 @@ def ops_table(details: Mapping[str, Any]) -> Any:
                 "input types": ", ".join(dict.fromkeys(inputs or listed)),
                 "output types": ", ".join(dict.fromkeys(outputs)),
                 "computes in float": is_float}
+        if op.get("weight_scales"):
+            line["weight scales"] = op["weight_scales"]
         if "count" in op:
             line["count"] = op["count"]
         lines.append(line)
     return pd.DataFrame(lines)
+
+
+WEIGHT_GRANULARITY_WORDS = {
+    "per-channel": "Integer weights are quantized per channel (one scale per output channel).",
+    "per-tensor": "Integer weights are quantized per tensor (one scale per kernel), as some older "
+                  "DSP/NPU delegates require.",
+    "mixed": "Some integer kernels have one scale per output channel, others one per tensor.",
+}
+
+
+def weight_granularity_summary(details: Mapping[str, Any]) -> str | None:
+    """One sentence on how the .tflite's integer kernels are scaled, or None when none are integer."""
+    return WEIGHT_GRANULARITY_WORDS.get(_as_dict(details.get("inspection")).get("weight_granularity"))
 
 
 def float_ops_summary(row: Mapping[str, Any], ops: Any) -> str:

@@ -70,11 +70,12 @@ def add_row(tmp_path, technique="int8-only", artifact_inside_cache=True, **overr
                         "zero_point": -128}],
             "outputs": [{"name": "logits", "dtype": "int8", "shape": [1, 10], "scale": 0.1, "zero_point": 5}],
             "ops": [{"index": 0, "op_name": "CONV_2D", "input_dtypes": ["int8"], "output_dtypes": ["int8"],
-                     "computes_in_float": False},
+                     "computes_in_float": False, "weight_scales": 1},
                     {"index": 1, "op_name": "SOFTMAX_FLOAT_OP", "input_dtypes": ["float32"],
                      "output_dtypes": ["float32"], "computes_in_float": True},
                     {"index": 2, "op_name": "QUANTIZE", "input_dtypes": ["float32"],
-                     "output_dtypes": ["int8"], "computes_in_float": False}]},
+                     "output_dtypes": ["int8"], "computes_in_float": False}],
+            "weight_granularity": "per-tensor"},
             "latency_samples_ms": [0.12, 0.13, 0.12, 0.2, 0.11] * 10},
     }
     row.update(overrides)
@@ -235,6 +236,8 @@ def test_a_stored_row_renders_in_details(env):
     ops = at.dataframe[1].value
     assert list(ops.loc[ops["computes in float"], "op"]) == ["SOFTMAX_FLOAT_OP"]
     assert "1 of 3 ops compute in float: SOFTMAX_FLOAT_OP." in texts(at.caption)
+    assert list(ops["weight scales"].fillna(0)) == [1, 0, 0]
+    assert "quantized per tensor (one scale per kernel)" in texts(at.caption)
     assert "Method: one invoke() at batch 1, timed with perf_counter" in texts(at.caption)
     provenance = at.dataframe[2].value
     assert "Test CPU" in set(provenance["value"]) and "version: tensorflow" in set(provenance["field"])

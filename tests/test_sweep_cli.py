@@ -92,6 +92,23 @@ def test_results_command_prints_csv_and_json(tiny_sweep):
     assert len(lines) == len(TINY_TECHNIQUES.split(","))
 
 
+def test_per_tensor_weights_give_each_kernel_one_scale(tiny_sweep, tmp_path):
+    per_channel = json_rows(tiny_sweep["stdout"])["int8-only"]["details"]["inspection"]
+    assert per_channel["weight_granularity"] == "per-channel"
+    assert [op["weight_scales"] for op in per_channel["ops"] if op["weight_scales"]] == [12, 10]  # filters
+
+    result = run_cli("sweep", *TINY_ARGS, "--techniques", "int8-only:weights=per-tensor",
+                     "--db", str(tmp_path / "q.duckdb"), "--cache", str(tiny_sweep["cache"]), "--json",
+                     check=True)
+    row = json_rows(result.stdout)["int8-only"]
+    assert row["params"] == {"weights": "per-tensor"}
+    inspection = row["details"]["inspection"]
+    assert inspection["weight_granularity"] == "per-tensor"
+    assert [op["weight_scales"] for op in inspection["ops"] if op["weight_scales"]] == [1, 1]
+    assert "int8-only(weights=per-tensor)" in result.stderr
+    assert row["input_dtype"] == "int8" and row["accuracy"] > 0.5
+
+
 def test_a_killed_worker_leaves_an_error_row_and_the_sweep_goes_on(tiny_sweep, tmp_path):
     store = Store(tmp_path / "q.duckdb")
     spec = SweepSpec("seed-cnn", "digits-28", parse_technique_list("dynamic,float16"),

@@ -29,6 +29,13 @@ def page_link(page: str, label: str, **kwargs) -> None:
         st.caption(f"{label} (that page is not part of this app yet)")
 
 
+def answer_toggle(label: str, key: str, fixed: bool | None, help: str | None = None) -> bool:
+    """A yes/no question, or, when other answers already decide it (`fixed`), that answer greyed out."""
+    if fixed is None:
+        return st.toggle(label, key=key, help=help)
+    return st.toggle(label, value=fixed, key=f"{key}_fixed_{fixed}", disabled=True, help=help)
+
+
 settings = AppSettings.from_env()
 store = settings.store()
 view = sync_view("recommend")
@@ -45,10 +52,11 @@ with questions:
     hardware = st.radio("Target hardware", list(recommend.HARDWARE), key="recommend_hardware",
                         format_func=recommend.HARDWARE.get)
     integer_target = hardware in recommend.INTEGER_HARDWARE
-    integer_io = st.toggle("Integer-only input/output required", key="recommend_integer_io",
-                           disabled=hardware != "cpu",
-                           help="Edge TPUs and microcontrollers always need integer I/O; on a CPU it is "
-                                "a choice (e.g. a pipeline that feeds raw uint8 camera frames)")
+    integer_io = answer_toggle("Integer-only input/output required", "recommend_integer_io",
+                               fixed=None if hardware == "cpu" else integer_target,
+                               help="Edge TPUs and microcontrollers always need integer I/O, a GPU delegate "
+                                    "runs float; on a CPU it is a choice (e.g. a pipeline that feeds raw "
+                                    "uint8 camera frames)")
     accuracy_drop_ok = st.toggle("Some accuracy drop is acceptable", value=True, key="recommend_drop_ok")
     max_drop = st.number_input("How much, in accuracy points", min_value=0.0, max_value=100.0, step=0.1,
                                value=view.accuracy_drop_pp if view.accuracy_drop_pp is not None
@@ -58,13 +66,12 @@ with questions:
     representative_data = st.toggle("Representative data available (about 100-500 samples)", value=True,
                                     key="recommend_data")
     can_retrain = st.toggle("Retraining (fine-tuning) is possible", key="recommend_retrain")
-    uint8_io = st.toggle("The toolchain expects uint8 input/output (older accelerators)",
-                         key="recommend_uint8", disabled=not (integer_target or integer_io))
+    uint8_io = answer_toggle("The toolchain expects uint8 input/output (older accelerators)",
+                             "recommend_uint8", fixed=None if integer_target or integer_io else False)
 
 answers = recommend.Answers(hardware=hardware, accuracy_drop_ok=accuracy_drop_ok, max_drop_points=max_drop,
                             representative_data=representative_data, can_retrain=can_retrain,
-                            integer_io=integer_io and hardware == "cpu",
-                            uint8_io=uint8_io and (integer_target or integer_io))
+                            integer_io=integer_io and hardware == "cpu", uint8_io=uint8_io)
 advice = recommend.recommend(answers)
 
 # --- the recommendation, then the tree ------------------------------------------------------------

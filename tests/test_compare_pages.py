@@ -178,9 +178,28 @@ def test_recommend_on_an_empty_store(empty_store):
     assert app.button[0].label.startswith("Measure baseline, int8-fallback")
 
 
+def test_questions_the_hardware_decides_show_its_answer_greyed_out(store):
+    app = run(RECOMMEND)
+    app.toggle(key="recommend_integer_io").set_value(True).run()
+    app.toggle(key="recommend_uint8").set_value(True).run()
+    assert "uint8-only" in recommendation(app)
+
+    def shown(label):
+        toggle = next(t for t in app.toggle if t.label.startswith(label))
+        return toggle.value, toggle.disabled
+
+    app.radio(key="recommend_hardware").set_value("gpu").run()
+    assert shown("Integer-only input/output") == (False, True)
+    assert shown("The toolchain expects uint8") == (False, True)
+    assert recommendation(app) == "### Try **Float16** (`float16`)"
+    app.radio(key="recommend_hardware").set_value("edgetpu").run()
+    assert shown("Integer-only input/output") == (True, True)
+    assert shown("The toolchain expects uint8")[1] is False
+    app.radio(key="recommend_hardware").set_value("cpu").run()
+    assert shown("Integer-only input/output")[1] is False
+
+
 def test_pages_run_inside_the_app_navigation(store):
-    if not (ROOT / "app.py").exists():
-        pytest.skip("app.py is not there yet")
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
     assert not app.exception
     assert texts(app.title) == ["Compare variants"]

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .analysis import BASELINE_TECHNIQUE, family_rank, pareto_front, points
+from .techniques import variant_label
 
 # One colour per technique family, stable across pages and sessions (colour-blind-safe Okabe-Ito
 # first, then Tableau); a family not listed gets a colour from EXTRA_COLORS by a hash of its name.
@@ -71,6 +72,21 @@ def _params_text(series: pd.Series) -> pd.Series:
             return str(text)
         return ", ".join(f"{k}={v}" for k, v in params.items()) or "none"
     return series.map(one)
+
+
+def _as_params(value: Any) -> dict:
+    try:
+        params = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        return {}
+    return params if isinstance(params, dict) else {}
+
+
+def point_labels(frame: pd.DataFrame) -> pd.Series:
+    """`dynamic`, or `int8-only(weights=per-tensor)` when a variant's parameters are not the defaults."""
+    params = frame["params"] if "params" in frame else pd.Series([{}] * len(frame), index=frame.index)
+    return pd.Series([variant_label(str(t), _as_params(p)) for t, p in zip(frame["technique"], params)],
+                     index=frame.index, dtype=object)
 
 
 def hover_text(frame: pd.DataFrame) -> pd.Series:
@@ -135,6 +151,12 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
         fig.update_xaxes(type="log")
     hover = hover_text(data)
     label_points = len(data) <= LABEL_POINTS_UP_TO
+    labels = point_labels(data) if label_points else None
+    has_star = sweet_spot_row_id is not None and (data["row_id"] == sweet_spot_row_id).any()
+    if has_star:  # the star carries its point's label, above the star where nothing hides it
+        star_labels = labels[data["row_id"] == sweet_spot_row_id] if label_points else None
+        if label_points:
+            labels = labels.where(data["row_id"] != sweet_spot_row_id, "")
     scatter = _scatter_class(len(data))
     families = data["family"].drop_duplicates()
     for family in families.iloc[np.argsort(family_rank(families).to_numpy(), kind="stable")]:
@@ -142,7 +164,7 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
         fig.add_trace(scatter(
             x=part[x], y=part["accuracy"] * 100, name=str(family), legendgroup=str(family),
             mode="markers+text" if label_points else "markers",
-            text=part["technique"] if label_points else None, textposition="top center",
+            text=labels.loc[part.index] if label_points else None, textposition="top center",
             textfont=dict(size=10),
             marker=dict(color=family_color(family), size=11, line=dict(width=1, color="white"),
                         symbol=FAMILY_SYMBOLS.get(family, "circle")),
@@ -154,10 +176,12 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
             fig.add_trace(go.Scatter(
                 x=front[x], y=front["accuracy"] * 100, mode="lines", name="Pareto front",
                 line=dict(color="#555555", width=1.5), hoverinfo="skip"))
-    if sweet_spot_row_id is not None and (data["row_id"] == sweet_spot_row_id).any():
+    if has_star:
         best = data[data["row_id"] == sweet_spot_row_id]
         fig.add_trace(go.Scatter(
-            x=best[x], y=best["accuracy"] * 100, mode="markers", name="Best inside budget",
+            x=best[x], y=best["accuracy"] * 100, mode="markers+text" if label_points else "markers",
+            text=star_labels, textposition="top center", textfont=dict(size=10, color=PATH_COLOR),
+            name="Best inside budget",
             marker=dict(symbol="star", size=24, color="rgba(0,0,0,0)",
                         line=dict(width=2.5, color=PATH_COLOR)),
             customdata=best[["row_id", "technique"]].to_numpy(),

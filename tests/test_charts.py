@@ -86,6 +86,15 @@ def test_sweet_spot_is_ringed_and_budgets_are_dashed_lines():
     assert list(floor.y) == pytest.approx([94.0, 94.0])
 
 
+def test_points_are_labelled_with_changed_parameters_and_the_star_carries_its_own_label():
+    fig = charts.accuracy_vs_size(synthetic_frame(), sweet_spot_row_id="synthetic-cnn-dynamic")
+    ptq = traces(fig, "ptq")[0]
+    assert list(ptq.text) == ["", "int8-only", "int16x8"]  # dynamic's label moved to the star
+    assert list(traces(fig, "prune")[0].text) == ["prune(target_sparsity=0.8)"]  # default 0.5
+    best = traces(fig, "Best inside budget")[0]
+    assert list(best.text) == ["dynamic"] and best.textposition == "top center"
+
+
 def test_latency_axis_is_log_only_when_values_span_more_than_tenfold():
     assert charts.accuracy_vs_latency(synthetic_frame()).layout.xaxis.type == "log"
     narrow = synthetic_frame()[lambda f: f.technique != "int16x8"]

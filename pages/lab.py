@@ -14,7 +14,7 @@ import streamlit as st
 from quantlab import lab
 from quantlab.calibrate import CALIBRATORS, KMEANS_MAX_BITS, SUPPORTED_BITS, WEIGHT_BITS, QuantConfig
 from quantlab.errors import QuantLabError
-from quantlab.ui_state import params_text
+from quantlab.techniques import variant_label
 
 CONTEXT = lab.app_context()
 STORE, CACHE = CONTEXT.store, CONTEXT.cache
@@ -174,7 +174,7 @@ def model_view() -> None:
     split = (manifest.get("split_sizes") or {}).get("test", "the")
     st.markdown(f"Accuracy of the Keras model on the {split} test samples with every kernel fake-quantized "
                 f"by the quantizer above, at each layer's bit width (32 = float). Biases stay float, as "
-                f"in TFLite; batch norm is not folded into the kernels first, unlike TFLite.")
+                f"in TFLite; a kernel followed by batch norm is folded with it first, as TFLite does.")
     default_bits = bits if bits in WEIGHT_BITS and not (kmeans and bits > KMEANS_MAX_BITS) else 8
     table = lab.layer_table(weights, default_bits)
     edited = st.data_editor(
@@ -223,10 +223,10 @@ def model_view() -> None:
                           delta=f"{result['accuracy'] - result['float_accuracy']:+.4f} vs float",
                           help=f"Agreement with the float model: {result['agreement']:.4f}")
         columns[1].metric("Float (Keras)", f"{result['float_accuracy']:.4f}")
+        if result.get("folded_layers"):
+            st.caption(f"Folded with their batch norm before quantizing: {', '.join(result['folded_layers'])}.")
     for column, row in zip(columns[2:], rows.to_dict("records") if len(rows) else []):
-        label = row["technique"] + (f" ({params_text(row['params'])})" if row["technique"] ==
-                                    lab.SELECTIVE_TECHNIQUE else "")
-        column.metric(f"Converted: {label}", f"{row['accuracy']:.4f}",
+        column.metric(f"Converted: {variant_label(row['technique'], row['params'])}", f"{row['accuracy']:.4f}",
                       help=f"Measured TFLite model, store row {str(row['row_id'])[:8]}")
     if result is not None and not len(rows):
         st.caption("No converted int8 variant of this model is stored yet: run int8-fallback on the Run "

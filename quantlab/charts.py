@@ -74,18 +74,10 @@ def _params_text(series: pd.Series) -> pd.Series:
     return series.map(one)
 
 
-def _as_params(value: Any) -> dict:
-    try:
-        params = json.loads(value) if isinstance(value, str) else value
-    except ValueError:
-        return {}
-    return params if isinstance(params, dict) else {}
-
-
 def point_labels(frame: pd.DataFrame) -> pd.Series:
     """`dynamic`, or `int8-only(weights=per-tensor)` when a variant's parameters are not the defaults."""
     params = frame["params"] if "params" in frame else pd.Series([{}] * len(frame), index=frame.index)
-    return pd.Series([variant_label(str(t), _as_params(p)) for t, p in zip(frame["technique"], params)],
+    return pd.Series([variant_label(str(t), p) for t, p in zip(frame["technique"], params)],
                      index=frame.index, dtype=object)
 
 

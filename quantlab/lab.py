@@ -46,6 +46,7 @@ from .store import Store
 
 LAB_DIR = "lab"
 LAB_FORMAT = 1                       # bump when the .npz / .json layout below changes
+EVALUATION_VERSION = 2               # bump when fake-quant evaluation changes (2: batch norm folded)
 HISTOGRAM_BINS = 120
 MAX_LEVEL_LINES = 256                # more levels than this (16 bit) are thinned out on the chart
 MAX_ANALYSIS_VALUES = 100_000        # larger tensors are compared on a seeded sample (extremes kept)
@@ -80,8 +81,9 @@ def sensitivity_path(cache: ArtifactCache, manifest: Mapping[str, Any]) -> Path:
 
 
 def evaluation_path(cache: ArtifactCache, manifest: Mapping[str, Any], request: "FakeQuantRequest") -> Path:
-    key = content_hash({"format": LAB_FORMAT, "engine": ENGINE_VERSION, "model": manifest["model_hash"],
-                        "dataset": manifest["dataset_hash"], "request": request.to_dict()})
+    key = content_hash({"format": LAB_FORMAT, "evaluation": EVALUATION_VERSION, "engine": ENGINE_VERSION,
+                        "model": manifest["model_hash"], "dataset": manifest["dataset_hash"],
+                        "request": request.to_dict()})
     return lab_file(cache, f"evaluate-{key}.json")
 
 

@@ -90,6 +90,54 @@ def is_quantized_weight(weight: np.ndarray) -> bool:
     return weight.ndim >= 2
 
 
+FOLDABLE_CLASSES = ("Conv2D", "DepthwiseConv2D", "Dense")
+
+
+def batch_norm_followers(model: Any) -> dict[str, Any]:
+    """{layer name: BatchNormalization layer} for every Conv2D/DepthwiseConv2D/Dense whose output goes
+    to a batch norm and nowhere else: the pairs TFLite's converter folds into one kernel."""
+    pairs = {}
+    for layer in flat_layers(model):
+        if layer.__class__.__name__ != "BatchNormalization":
+            continue
+        try:  # tf_keras graph internals: a model it cannot read is simply not folded
+            producers = layer._inbound_nodes[0].inbound_layers
+            producer = producers[0] if isinstance(producers, (list, tuple)) else producers
+            consumers = len(producer._outbound_nodes)
+        except (AttributeError, IndexError, TypeError):
+            continue
+        if producer.__class__.__name__ in FOLDABLE_CLASSES and consumers == 1:
+            pairs[producer.name] = layer
+    return pairs
+
+
+def batch_norm_scale(batch_norm: Any) -> np.ndarray:
+    """gamma / sqrt(moving variance + epsilon): what folding multiplies each output channel by."""
+    variance = np.asarray(batch_norm.moving_variance.numpy(), dtype=np.float64)
+    gamma = (np.asarray(batch_norm.gamma.numpy(), dtype=np.float64) if batch_norm.scale
+             else np.ones_like(variance))
+    return gamma / np.sqrt(variance + batch_norm.epsilon)
+
+
+def fold_quantize(kernel: np.ndarray, scale: np.ndarray, config: Any) -> np.ndarray:
+    """Quantize the folded kernel (kernel x scale per output channel), then divide the scale back out.
+
+    The layer then feeds its batch norm exactly what the folded, quantized kernel would produce, so
+    the model keeps its structure. The output channels are the last axis (Conv2D, Dense) or the last
+    two (DepthwiseConv2D: input channel x depth multiplier). Channels with a zero scale are not folded.
+    """
+    factor = np.where(np.abs(scale) > 1e-12, scale, 1.0)
+    if kernel.shape[-1] == factor.size:
+        factor = factor.reshape((1,) * (kernel.ndim - 1) + (-1,))
+    elif kernel.ndim >= 2 and kernel.shape[-2] * kernel.shape[-1] == factor.size:
+        factor = factor.reshape((1,) * (kernel.ndim - 2) + kernel.shape[-2:])
+    else:
+        raise ValueError(f"a batch norm over {factor.size} channels does not follow a kernel of shape "
+                         f"{kernel.shape}")
+    folded = kernel.astype(np.float64) * factor
+    return (fake_quantize(folded, config).values / factor).astype(kernel.dtype)
+
+
 def weight_name(variable: Any) -> str:
     return str(variable.name).split("/")[-1].split(":")[0]
 
@@ -202,7 +250,8 @@ def evaluate_fake_quant(payload: dict, emit: Emit) -> dict:
     """Accuracy on the test split with every kernel fake-quantized at its layer's bit width.
 
     Kernels are quantized with the request's settings (quantlab.calibrate.fake_quantize); biases and
-    batch-norm vectors stay float. With `activations`, the model input and every layer's output are
+    batch-norm vectors stay float. A kernel followed only by a batch norm is folded first, as TFLite
+    does (`fold_quantize`): its quantization grid is that of the folded kernel. With `activations`, the model input and every layer's output are
     fake-quantized per tensor with ranges the request's calibrator finds on the float activations of
     the calibration split, the way TFLite calibrates.
     """
@@ -222,7 +271,8 @@ def evaluate_fake_quant(payload: dict, emit: Emit) -> dict:
     unknown = sorted(set(request.weight_bits) - set(layers))
     if unknown:
         raise QuantLabError(f"the model has no layer {unknown[0]!r}; pick bit widths for its own layers")
-    quantized_layers = []
+    followers = batch_norm_followers(model)
+    quantized_layers, folded_layers = [], []
     for name, bits in request.weight_bits.items():
         if int(bits) >= 32:
             continue
@@ -233,7 +283,11 @@ def evaluate_fake_quant(payload: dict, emit: Emit) -> dict:
             if not is_quantized_weight(value):
                 continue
             config = request.weight_config(int(bits), channel_axis(layer, value))
-            values[index] = fake_quantize(value, config).values.astype(value.dtype)
+            if name in followers and index == 0:
+                values[index] = fold_quantize(value, batch_norm_scale(followers[name]), config)
+                folded_layers.append(name)
+            else:
+                values[index] = fake_quantize(value, config).values.astype(value.dtype)
             changed = True
         if changed:
             layer.set_weights(values)
@@ -271,6 +325,7 @@ def evaluate_fake_quant(payload: dict, emit: Emit) -> dict:
         "agreement": agreement(outputs, float_outputs),
         "test_samples": int(len(x_test)),
         "quantized_layers": quantized_layers,
+        "folded_layers": folded_layers,
         "activation_ranges": {k: list(v) for k, v in ranges.items()},
         "request": request.to_dict(),
         "seconds": time.perf_counter() - started,

@@ -6,6 +6,7 @@ in a worker process (see runner.py).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -255,8 +256,18 @@ def get_technique(technique_id: str) -> Technique:
                              f"to list them ({', '.join(_REGISTRY)})") from None
 
 
-def variant_label(technique_id: str, params: dict) -> str:
-    """`dynamic`, or `prune(target_sparsity=0.8)` when parameters differ from the defaults."""
+def variant_label(technique_id: str, params: Mapping[str, Any] | str | None) -> str:
+    """`dynamic`, or `prune(target_sparsity=0.8)` when parameters differ from the defaults.
+
+    `params` may be the JSON text a stored row holds.
+    """
+    if isinstance(params, str):
+        try:
+            params = json.loads(params or "{}")
+        except ValueError:
+            params = {}
+    if not isinstance(params, Mapping):
+        params = {}
     try:
         defaults = get_technique(technique_id).resolve({})
     except QuantLabError:

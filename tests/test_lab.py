@@ -26,7 +26,6 @@ from quantlab.runner import SweepOptions, run_sweep
 from quantlab.store import Store
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "lab.py")
-TENSORFLOW_ALREADY_IMPORTED = "tensorflow" in sys.modules
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -253,6 +252,9 @@ def test_the_page_without_a_prepared_workload_says_what_to_do(tmp_path, monkeypa
 
 
 def test_the_page_extracts_once_then_redraws_from_numpy(prepared):
+    # Tests of other modules may have imported TensorFlow into this process before; then the check
+    # below cannot tell, and says so in the test output.
+    tensorflow_already_imported = "tensorflow" in sys.modules
     app = run_page()
     assert app.button(key="lab_extract").label == "Extract weights and activations"
     app.button(key="lab_extract").click()
@@ -286,7 +288,9 @@ def test_the_page_extracts_once_then_redraws_from_numpy(prepared):
     table = table_with(app, "SQNR (dB)")
     assert table.loc[table["chosen"], "calibrator"].tolist() == ["mse"]
     print("redraw seconds:", {k: round(v, 3) for k, v in times.items()})
-    if not TENSORFLOW_ALREADY_IMPORTED:
+    if tensorflow_already_imported:
+        print("TensorFlow was imported before this test: not checking that the page avoids it")
+    else:
         assert "tensorflow" not in sys.modules, "the page process imported TensorFlow"
 
 
@@ -333,7 +337,7 @@ def test_the_sensitivity_tab_measures_layers_and_runs_int8_selective_as_a_sweep(
     selective = rows[rows["technique"] == "int8-selective"]
     assert len(selective) == 1 and json.loads(selective["params"].iloc[0]) == {"keep_float": 1}
     assert selective["float_ops"].iloc[0] >= 1
-    assert "Converted: int8-selective (keep_float=1)" in {m.label for m in app.metric}
+    assert "Converted: int8-selective(keep_float=1)" in {m.label for m in app.metric}
 
 
 def test_lab_workers_do_not_re_run_a_script_installed_as_main(tmp_path, monkeypatch):

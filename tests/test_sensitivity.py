@@ -130,6 +130,66 @@ def test_float_layers_and_fake_quantized_activations(workload):
     assert low <= 0 <= high   # after a ReLU: the range includes 0 (asymmetric)
 
 
+# --- batch norm folded before quantizing, as TFLite does -------------------------------------------
+
+
+def test_folding_quantizes_the_folded_kernel_and_divides_the_scale_back_out():
+    kernel = np.array([[1.0, 1.0], [-0.75, 0.25]])         # Dense: 2 inputs, 2 output channels
+    scale = np.array([4.0, 0.5])                              # the batch norm's gamma / sqrt(var + eps)
+    per_tensor = lab.FakeQuantRequest({}, per_channel=False).weight_config(2, -1)
+    folded = sensitivity.fold_quantize(kernel, scale, per_tensor)
+    # folded kernel [[4, 0.5], [-3, 0.125]]: symmetric 2-bit levels -4, 0, 4 (step 4)
+    np.testing.assert_allclose(folded * scale, [[4.0, 0.0], [-4.0, 0.0]])
+    unfolded = sensitivity.fake_quantize(kernel, per_tensor).values  # step 1: [[1, 1], [-1, 0]]
+    np.testing.assert_allclose(unfolded, [[1.0, 1.0], [-1.0, 0.0]])
+    assert not np.allclose(folded, unfolded)   # the grid differs once channels are scaled unevenly
+    per_channel = lab.FakeQuantRequest({}, per_channel=True).weight_config(8, -1)
+    np.testing.assert_allclose(sensitivity.fold_quantize(kernel, scale, per_channel),
+                               sensitivity.fake_quantize(kernel, per_channel).values, rtol=1e-6)
+
+
+def test_a_depthwise_kernel_folds_over_input_channels_times_multiplier():
+    kernel = np.ones((3, 3, 2, 2))
+    scale = np.array([1.0, 2.0, 3.0, 4.0])                    # channel = input * multiplier + m
+    config = lab.FakeQuantRequest({}, per_channel=False).weight_config(8, -2)
+    folded = sensitivity.fold_quantize(kernel, scale, config)
+    assert folded.shape == kernel.shape
+    # the largest folded value (4) is on the grid; every other channel is rounded on that grid
+    np.testing.assert_allclose(folded[0, 0, 1, 1] * 4.0, 4.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="does not follow a kernel"):
+        sensitivity.fold_quantize(kernel, np.ones(3), config)
+
+
+def test_only_kernels_feeding_a_batch_norm_alone_are_folded(tmp_path):
+    from quantlab.tfcompat import import_tensorflow
+
+    _, keras = import_tensorflow()
+    inputs = keras.Input((6, 6, 1))
+    conv = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    normed = keras.layers.BatchNormalization(name="bn")(conv)
+    branch = keras.layers.Conv2D(4, 1, name="shared")(normed)
+    side = keras.layers.BatchNormalization(name="bn_side")(branch)
+    merged = keras.layers.Add(name="add")([side, branch])     # "shared" also feeds Add: not foldable
+    outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten(name="flat")(merged))
+    model = keras.Model(inputs, outputs)
+    followers = sensitivity.batch_norm_followers(model)
+    assert {name: bn.name for name, bn in followers.items()} == {"conv": "bn"}
+    bn = followers["conv"]
+    bn.set_weights([np.full(4, 2.0), np.zeros(4), np.zeros(4), np.full(4, 3.0)])
+    np.testing.assert_allclose(sensitivity.batch_norm_scale(bn), 2.0 / np.sqrt(3.0 + bn.epsilon))
+
+
+def test_the_evaluation_folds_the_mobilenet_batch_norms(tmp_path):
+    """A built-in MobileNet-family model: every conv is followed by its batch norm, and is folded."""
+    from quantlab.workloads import build_model
+
+    model = build_model("mobilenet", (8, 8, 1), 10)
+    folded = set(sensitivity.batch_norm_followers(model))
+    convs = {layer.name for layer in sensitivity.flat_layers(model)
+             if layer.__class__.__name__ in ("Conv2D", "DepthwiseConv2D")}
+    assert convs and folded == convs
+
+
 # --- per-layer sensitivity ------------------------------------------------------------------------
 
 

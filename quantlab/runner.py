@@ -150,26 +150,32 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
         emit({"type": "sweep-start", "sweep_id": report.sweep_id, "total": len(pending),
               "manifest": manifest})
 
-        def record(technique: TechniqueSpec, key: str, body: dict, cached: bool, error: str | None) -> dict:
-            row = _make_row(report.sweep_id, manifest, technique, key, body, cached, error)
-            store.insert_result(row)
+        def announce(row: dict) -> None:
             report.rows.append(row)
-            emit({"type": "variant-failed" if error else "variant-done", "technique": technique.id,
-                  "cached": cached, "row": row, "done": len(report.rows), "total": len(pending)})
-            return row
+            emit({"type": "variant-failed" if row["error"] else "variant-done", "technique": row["technique"],
+                  "cached": row["cached"], "row": row, "done": len(report.rows), "total": len(pending)})
+
+        def record(technique: TechniqueSpec, key: str, body: dict, error: str | None) -> None:
+            row = _make_row(report.sweep_id, manifest, technique, key, body, False, error)
+            store.insert_result(row)
+            announce(row)
 
         to_run: list[tuple[str, dict]] = []
         keyed: dict[str, TechniqueSpec] = {}
+        cached_rows: list[dict] = []
         for technique in pending:
             key = result_key(manifest, technique, measure_settings)
             body = cache.read_json("results", key)
             if body is not None and Path(body.get("artifact_path", "")).exists():
-                record(technique, key, body, cached=True, error=None)
+                cached_rows.append(_make_row(report.sweep_id, manifest, technique, key, body, True, None))
                 continue
             keyed[key] = technique
             to_run.append((key, {"kind": "variant", "cache_dir": str(cache.root), "manifest": manifest,
                                  "technique": technique.to_dict(), "measure": measure_settings,
                                  "result_key": key}))
+        store.insert_results(cached_rows)  # one transaction: a warm sweep opens the store three times
+        for row in cached_rows:
+            announce(row)
         if to_run:
             pool = pool or _make_pool(options, len(to_run), cache)
             for key, _ in to_run:
@@ -182,9 +188,9 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
                 technique = keyed[outcome.task_id]
                 if outcome.ok:
                     cache.write_json("results", outcome.task_id, outcome.result)
-                    record(technique, outcome.task_id, outcome.result, cached=False, error=None)
+                    record(technique, outcome.task_id, outcome.result, error=None)
                 else:
-                    record(technique, outcome.task_id, {}, cached=False, error=outcome.error)
+                    record(technique, outcome.task_id, {}, error=outcome.error)
                 if cancel is not None and cancel.is_set():
                     break
         store.finish_sweep(report.sweep_id, "cancelled" if cancel is not None and cancel.is_set() else "done")

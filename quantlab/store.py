@@ -94,6 +94,42 @@ def _process_lock(path: Path) -> threading.RLock:
         return _PROCESS_LOCKS.setdefault(key, threading.RLock())
 
 
+def _migrate(con: Any) -> list[int]:
+    """Apply, on an open connection, the migrations not yet recorded; returns the versions applied."""
+    applied = []
+    con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                "description VARCHAR, applied_at TIMESTAMPTZ)")
+    done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+    for version, description, statements in MIGRATIONS:
+        if version in done:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for statement in statements:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, description, now_utc()])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied
+
+
+def _result_values(row: dict[str, Any]) -> dict[str, Any]:
+    """A row ready to insert: ids and time filled in, JSON columns as text; unknown columns refused."""
+    values = dict(row)
+    values.setdefault("row_id", new_id())
+    values.setdefault("recorded_at", now_utc())
+    for name in JSON_COLUMNS:
+        if not isinstance(values.get(name), str):
+            values[name] = json.dumps(values.get(name) or {}, sort_keys=True, default=str)
+    unknown = set(values) - set(COLUMN_NAMES)
+    if unknown:
+        raise ValueError(f"unknown result columns: {sorted(unknown)}")
+    return values
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text or "conflicting" in text or "already open" in text
@@ -145,26 +181,8 @@ class Store:
         """Apply the migrations not yet recorded; returns the versions applied."""
         if self.read_only:
             return []
-        applied = []
         with self.connect() as con:
-            con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
-                        "description VARCHAR, applied_at TIMESTAMPTZ)")
-            done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
-            for version, description, statements in MIGRATIONS:
-                if version in done:
-                    continue
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    for statement in statements:
-                        con.execute(statement)
-                    con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                                [version, description, now_utc()])
-                    con.execute("COMMIT")
-                except Exception:
-                    con.execute("ROLLBACK")
-                    raise
-                applied.append(version)
-        return applied
+            return _migrate(con)
 
     def schema_versions(self) -> list[int]:
         if not self.exists():
@@ -176,9 +194,9 @@ class Store:
 
     def start_sweep(self, model_name: str, dataset_name: str, spec: dict, source: str) -> str:
         self.require_writable()
-        self.migrate()
         sweep_id = new_id()
         with self.connect() as con:
+            _migrate(con)
             con.execute("INSERT INTO sweeps VALUES (?, ?, NULL, ?, ?, ?, 'running', ?)",
                         [sweep_id, now_utc(), model_name, dataset_name, json.dumps(spec), source])
         return sweep_id
@@ -189,22 +207,26 @@ class Store:
                         [now_utc(), status, sweep_id])
 
     def insert_result(self, row: dict[str, Any]) -> str:
-        """Insert one complete row in one statement (all or nothing); returns its row_id."""
+        """Insert one complete row (all or nothing); returns its row_id."""
+        return self.insert_results([row])[0]
+
+    def insert_results(self, rows: Sequence[dict[str, Any]]) -> list[str]:
+        """Insert complete rows in one transaction on one connection (all or none); returns their ids."""
         self.require_writable()
-        values = dict(row)
-        values.setdefault("row_id", new_id())
-        values.setdefault("recorded_at", now_utc())
-        for name in JSON_COLUMNS:
-            if not isinstance(values.get(name), str):
-                values[name] = json.dumps(values.get(name) or {}, sort_keys=True, default=str)
-        unknown = set(values) - set(COLUMN_NAMES)
-        if unknown:
-            raise ValueError(f"unknown result columns: {sorted(unknown)}")
+        records = [_result_values(row) for row in rows]
+        if not records:
+            return []
         placeholders = ", ".join("?" for _ in COLUMN_NAMES)
         with self.connect() as con:
-            con.execute(f"INSERT INTO results ({', '.join(COLUMN_NAMES)}) VALUES ({placeholders})",
-                        [values.get(name) for name in COLUMN_NAMES])
-        return values["row_id"]
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.executemany(f"INSERT INTO results ({', '.join(COLUMN_NAMES)}) VALUES ({placeholders})",
+                                [[values.get(name) for name in COLUMN_NAMES] for values in records])
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return [values["row_id"] for values in records]
 
     def require_writable(self) -> None:
         if self.read_only:

@@ -2,6 +2,7 @@
 
 import multiprocessing
 
+import duckdb
 import pytest
 
 from quantlab.errors import StoreError
@@ -39,6 +40,19 @@ def test_a_row_with_an_unknown_column_is_refused_whole(tmp_path):
     with pytest.raises(ValueError):
         store.insert_result(make_row(bogus=1))
     assert store.count() == 0
+
+
+def test_a_batch_of_rows_goes_in_whole_or_not_at_all(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    ids = store.insert_results([make_row("dynamic"), make_row("float16")])
+    assert len(set(ids)) == 2 and store.count() == 2
+    with pytest.raises(ValueError):
+        store.insert_results([make_row("int8-only"), make_row("uint8-only", bogus=1)])
+    duplicate = make_row("int16x8", row_id=ids[0])   # the primary key fails inside the transaction
+    with pytest.raises(duckdb.ConstraintException):
+        store.insert_results([make_row("int8-fallback"), duplicate])
+    assert sorted(store.results()["technique"]) == ["dynamic", "float16"]
 
 
 def test_latest_only_keeps_the_newest_row_per_variant(tmp_path):

@@ -213,7 +213,7 @@ def show_sweep(handle):
         if snapshot.finished:
             st.rerun()  # once: the whole page then draws the final state
         if st.button("Cancel sweep", key=f"run_cancel_{handle.id}", icon=":material/stop_circle:",
-                     help="Stop after the variants in progress; finished ones stay stored",
+                     help="Stop now: variants in progress are stopped and not stored; finished ones stay stored",
                      disabled=handle.cancel_requested):
             handle.cancel()
 

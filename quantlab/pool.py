@@ -4,7 +4,10 @@ TensorFlow's converter leaks memory per call and a hostile or broken model may c
 that loads it, so the work runs in spawned workers. A worker imports TensorFlow once and serves many
 tasks (re-importing it per variant would cost seconds each), and is replaced after
 `max_tasks_per_worker` tasks to bound the leak. A worker that crashes, runs out of time or exceeds
-its memory limit is killed and replaced; its task fails with the reason and the others go on.
+its memory limit is killed and replaced; its task fails with the reason and the others go on. A
+caller's `stop` kills the workers at once (cancelling a sweep). Workers share one lock (latency
+timings never overlap); a worker reports when it holds it, so the pool can give back the lock of a
+worker it kills.
 """
 
 from __future__ import annotations
@@ -57,9 +60,27 @@ def _redirect_output(log_path: str) -> None:
     os.close(log)
 
 
+class _ReportedLock:
+    """The pool's shared lock as a worker uses it: the parent hears when it is taken and given back."""
+
+    def __init__(self, lock: Any, connection: Any) -> None:
+        self._lock, self._connection = lock, connection
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        taken = self._lock.acquire(block, timeout) if timeout is not None else self._lock.acquire(block)
+        if taken:
+            self._connection.send(("lock", None, True))
+        return taken
+
+    def release(self) -> None:
+        self._connection.send(("lock", None, False))
+        self._lock.release()
+
+
 def _worker_main(connection: Any, task_function: TaskFunction, shared_lock: Any, warm: bool,
                  log_path: str | None = None) -> None:
     """The loop a worker runs: receive a task, stream its events, send its result or error."""
+    shared_lock = _ReportedLock(shared_lock, connection) if shared_lock is not None else None
     if log_path:
         _redirect_output(log_path)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -127,6 +148,7 @@ class _Worker:
     task_id: str | None = None
     started: float = 0.0
     tasks_done: int = 0
+    holds_lock: bool = False
 
 
 def _rss_mb(pid: int) -> float:
@@ -151,6 +173,7 @@ class WorkerPool:
     warm: bool = True
     log_path: str | None = None  # where workers write TensorFlow's logs and tracebacks
     _workers: list[_Worker] = field(default_factory=list, init=False)
+    stopped_tasks: list[str] = field(default_factory=list, init=False)  # killed by the last run's stop
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")
@@ -187,7 +210,24 @@ class WorkerPool:
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join(timeout=1)
+        self._release_lock_of(worker)
         worker.connection.close()
+
+    def _release_lock_of(self, worker: _Worker) -> None:
+        """Give back the shared lock if the (dead) worker held it: its last lock message says."""
+        try:
+            while worker.connection.poll():
+                kind, _, body = worker.connection.recv()
+                if kind == "lock":
+                    worker.holds_lock = bool(body)
+        except (EOFError, OSError):
+            pass
+        if worker.holds_lock:
+            worker.holds_lock = False
+            try:
+                self._lock.release()
+            except ValueError:  # not held after all
+                pass
 
     def start(self) -> None:
         """Start the workers now (they import TensorFlow while the caller does other work)."""
@@ -195,13 +235,24 @@ class WorkerPool:
             self._spawn()
 
     def run(self, tasks: Iterable[tuple[str, dict]],
-            on_event: Callable[[str, dict], None] | None = None) -> Iterator[TaskOutcome]:
-        """Run tasks on the workers; yields each outcome as soon as it is known."""
+            on_event: Callable[[str, dict], None] | None = None,
+            stop: Callable[[], bool] | None = None) -> Iterator[TaskOutcome]:
+        """Run tasks on the workers; yields each outcome as soon as it is known.
+
+        When `stop()` turns true, the busy workers are killed and the run ends: the tasks in
+        progress and those not started yield nothing (ask `stopped_tasks` which were in progress).
+        """
         pending = list(tasks)
         pending.reverse()
         running = 0
+        self.stopped_tasks = []
         self.start()
         while pending or running:
+            if stop is not None and stop():
+                for worker in [w for w in self._workers if w.task_id is not None]:
+                    self.stopped_tasks.append(worker.task_id)
+                    self._retire(worker, kill=True)
+                return
             for worker in list(self._workers):
                 if worker.task_id is None and pending:
                     task_id, payload = pending.pop()
@@ -238,6 +289,9 @@ class WorkerPool:
         try:
             while worker.connection.poll():
                 kind, message_task, body = worker.connection.recv()
+                if kind == "lock":
+                    worker.holds_lock = bool(body)
+                    continue
                 if kind == "event":
                     if on_event:
                         on_event(message_task, body)

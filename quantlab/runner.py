@@ -125,6 +125,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
     model_ref, dataset_ref = check_spec(spec, store)
 
     pool: WorkerPool | None = None
+    stop = cancel.is_set if cancel is not None else None
     measure_settings = spec.measure.to_dict()
     try:
         prepare_key = content_hash({"engine": ENGINE_VERSION, "model": model_ref.identity,
@@ -138,7 +139,10 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
                        "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict()}
             outcome = next(pool.run([("prepare", payload)],
                                     lambda task, event: emit({"type": "progress", "technique": None,
-                                                              **event})))
+                                                              **event}), stop=stop), None)
+            if outcome is None:  # cancelled while preparing: nothing was stored
+                emit({"type": "sweep-done", "sweep_id": None, "rows": 0})
+                return SweepReport()
             if not outcome.ok:
                 raise QuantLabError(outcome.error if outcome.user_error else
                                     f"preparing {model_ref.name} on {dataset_ref.name} failed: {outcome.error}")
@@ -184,15 +188,16 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             def forward(key: str, event: dict) -> None:
                 emit({"type": "progress", "technique": keyed[key].id, **event})
 
-            for outcome in pool.run(to_run, forward):
+            for outcome in pool.run(to_run, forward, stop=stop):
                 technique = keyed[outcome.task_id]
                 if outcome.ok:
                     cache.write_json("results", outcome.task_id, outcome.result)
                     record(technique, outcome.task_id, outcome.result, error=None)
                 else:
                     record(technique, outcome.task_id, {}, error=outcome.error)
-                if cancel is not None and cancel.is_set():
-                    break
+            for key in pool.stopped_tasks:  # killed mid-way by the cancel: no row, nothing cached
+                emit({"type": "variant-cancelled", "technique": keyed[key].id,
+                      "params": dict(keyed[key].params)})
         store.finish_sweep(report.sweep_id, "cancelled" if cancel is not None and cancel.is_set() else "done")
         emit({"type": "sweep-done", "sweep_id": report.sweep_id, "rows": len(report.rows)})
         return report

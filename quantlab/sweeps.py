@@ -174,10 +174,10 @@ class SweepHandle:
         return self._finished.wait(timeout)
 
     def cancel(self) -> None:
-        """Stop after the variant(s) in progress; a queued sweep never starts."""
+        """Stop now: the variants in progress are killed (no row), a queued sweep never starts."""
         self._cancel.set()
         with self._lock:
-            self.message = "cancelling after the variants in progress"
+            self.message = "cancelling: stopping the variants in progress"
         self._on_cancel(self)
 
     @property
@@ -231,6 +231,10 @@ class SweepHandle:
                 else:
                     variant.state = "cached" if event.get("cached") else "done"
                     variant.message = "cached" if event.get("cached") else "measured"
+        elif kind == "variant-cancelled":
+            variant = self._variant_for(event.get("technique"), event.get("params"))
+            if variant:
+                variant.state, variant.message = "skipped", "stopped mid-way: the sweep was cancelled"
         elif kind == "sweep-done":
             self.message = ""
 

@@ -18,6 +18,14 @@ def sample_task(payload: dict, emit, lock) -> dict:
         os._exit(7)
     if action == "sleep":
         time.sleep(30)
+    if action == "hold-lock":
+        lock.acquire()
+        time.sleep(30)
+    if action == "take-lock":
+        taken = lock.acquire(timeout=10)
+        if taken:
+            lock.release()
+        return {"took_lock": taken}
     if action == "allocate":
         blob = bytearray(300 * 1024 * 1024)
         blob[::4096] = b"x" * len(blob[::4096])
@@ -59,3 +67,23 @@ def test_a_worker_over_its_memory_limit_is_stopped():
                       limits=PoolLimits(memory_limit_mb=200))
     assert "memory" in outcomes["big"].error
     assert outcomes["ok"].ok
+
+
+def test_a_worker_killed_while_holding_the_shared_lock_gives_it_back():
+    # Without the give-back, "after" would wait for a lock nobody will ever release.
+    tasks = [("holder", {"action": "hold-lock"}), ("after", {"action": "take-lock"})]
+    outcomes, _ = run(tasks, size=1, limits=PoolLimits(task_timeout_seconds=3))
+    assert "time limit" in outcomes["holder"].error
+    assert outcomes["after"].result == {"took_lock": True}
+
+
+def test_stop_kills_the_tasks_in_progress_at_once_and_starts_no_more():
+    started = time.monotonic()
+    with WorkerPool(sample_task, warm=False, size=2) as pool:
+        tasks = [("a", {"action": "sleep"}), ("b", {"action": "hold-lock"}), ("c", {"action": "ok"})]
+        outcomes = list(pool.run(tasks, stop=lambda: time.monotonic() - started > 3))
+        assert outcomes == [] and sorted(pool.stopped_tasks) == ["a", "b"]
+        assert all(not worker.process.is_alive() for worker in pool._workers) or not pool._workers
+        after = list(pool.run([("d", {"action": "take-lock"})]))  # the lock "b" held is free again
+    assert after[0].result == {"took_lock": True}
+    assert time.monotonic() - started < 25  # the 30 s sleeps did not run to their end

@@ -109,6 +109,31 @@ def test_a_queued_sweep_cancelled_before_it_starts_never_runs(ran):
     assert {v.state for v in snapshot.variants} == {"skipped"}
 
 
+def test_cancel_stops_the_variant_in_progress_at_once_and_stores_nothing_of_it(ran, tmp_path):
+    """A variant timing latency for 120 s is stopped within seconds; its row never appears."""
+    import time
+
+    slow = SweepSpec(model="seed-cnn", dataset="digits", techniques=parse_technique_list("float16"),
+                     train=SPEC.train, measure=MeasureSettings(min_runs=5, min_seconds=120))
+    cache = ArtifactCache(ran.first.cache.root)  # the baseline is prepared: the variant starts at once
+    handle = SweepManager().start(slow, ran.store, cache, OPTIONS)
+    deadline = time.monotonic() + 120
+    while "measuring" not in handle.snapshot().variants[0].message:
+        assert time.monotonic() < deadline and not handle.finished, handle.snapshot()
+        time.sleep(0.1)
+    cancelled_at = time.monotonic()
+    handle.cancel()
+    assert handle.wait(30), "cancel did not stop the variant in progress"
+    assert time.monotonic() - cancelled_at < 30
+    snapshot = handle.snapshot()
+    assert snapshot.status == "cancelled" and snapshot.rows == ()
+    assert (snapshot.variants[0].state, snapshot.variants[0].message) == \
+        ("skipped", "stopped mid-way: the sweep was cancelled")
+    assert ran.store.results(sweep_id=snapshot.sweep_id).empty
+    status = ran.store.query("SELECT status FROM sweeps WHERE sweep_id = ?", [snapshot.sweep_id])
+    assert list(status["status"]) == ["cancelled"]
+
+
 def test_handles_are_found_again_newest_first(ran):
     assert ran.manager.get(ran.first.id) is ran.first
     assert [h.id for h in ran.manager.list()] == [ran.third.id, ran.second.id, ran.first.id]

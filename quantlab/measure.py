@@ -306,12 +306,26 @@ def probe_batch_size(model_bytes: bytes, x: Any, *, num_threads: int = 1) -> Pro
     return _probe(model_bytes, xq, num_threads)[0]
 
 
+EVALUATION_CORES_ENV = "QUANTLAB_EVALUATION_CORES"  # set by WorkerPool: its share of the cores
+
+
 def available_cores() -> int:
     """Cores this process may run on (the affinity mask where the OS has one, else os.cpu_count())."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def evaluation_cores() -> int:
+    """Threads the evaluator may use: the available cores, or this worker's share of them when a
+    pool runs several workers side by side (so that they do not fight over the same cores)."""
+    cores = available_cores()
+    try:
+        share = int(os.environ.get(EVALUATION_CORES_ENV, ""))
+    except ValueError:
+        return cores
+    return max(1, min(cores, share))
 
 
 @dataclass(frozen=True)
@@ -380,7 +394,7 @@ def predict_tflite_with_plan(model_bytes: bytes, x: Any, *, num_threads: int = 1
 
     rest = xq[start:]
     if workers is None:
-        workers = min(available_cores(), max(1, len(rest) // MIN_SAMPLES_PER_WORKER))
+        workers = min(evaluation_cores(), max(1, len(rest) // MIN_SAMPLES_PER_WORKER))
         if (probe is not None and probe.batch_size == 1
                 and (probe.seconds_per_sample[1] or 0.0) < MIN_PARALLEL_SECONDS_PER_SAMPLE):
             workers = 1

@@ -26,6 +26,7 @@ from multiprocessing.connection import wait
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import QuantLabError
+from .measure import EVALUATION_CORES_ENV, available_cores
 
 TaskFunction = Callable[[dict, Callable[[dict], None], Any], dict]
 
@@ -78,9 +79,11 @@ class _ReportedLock:
 
 
 def _worker_main(connection: Any, task_function: TaskFunction, shared_lock: Any, warm: bool,
-                 log_path: str | None = None) -> None:
+                 log_path: str | None = None, cores: int | None = None) -> None:
     """The loop a worker runs: receive a task, stream its events, send its result or error."""
     shared_lock = _ReportedLock(shared_lock, connection) if shared_lock is not None else None
+    if cores:
+        os.environ[EVALUATION_CORES_ENV] = str(cores)  # measure.evaluation_cores reads it
     if log_path:
         _redirect_output(log_path)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -189,13 +192,18 @@ class WorkerPool:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=_worker_main, daemon=True,
                                         args=(child, self.task_function, self._lock, self.warm,
-                                              self.log_path))
+                                              self.log_path, self.cores_per_worker))
         with neutral_main():
             process.start()
         child.close()
         worker = _Worker(process, parent)
         self._workers.append(worker)
         return worker
+
+    @property
+    def cores_per_worker(self) -> int:
+        """Each worker's share of the machine's cores (at least 1)."""
+        return max(1, available_cores() // max(1, self.size))
 
     def _retire(self, worker: _Worker, kill: bool = False) -> None:
         self._workers.remove(worker)

@@ -18,6 +18,9 @@ def sample_task(payload: dict, emit, lock) -> dict:
         os._exit(7)
     if action == "sleep":
         time.sleep(30)
+    if action == "cores":
+        from quantlab.measure import evaluation_cores
+        return {"cores": evaluation_cores()}
     if action == "hold-lock":
         lock.acquire()
         time.sleep(30)
@@ -87,3 +90,11 @@ def test_stop_kills_the_tasks_in_progress_at_once_and_starts_no_more():
         after = list(pool.run([("d", {"action": "take-lock"})]))  # the lock "b" held is free again
     assert after[0].result == {"took_lock": True}
     assert time.monotonic() - started < 25  # the 30 s sleeps did not run to their end
+
+
+def test_workers_side_by_side_share_the_cores_for_evaluation():
+    cores = len(os.sched_getaffinity(0))
+    one, _ = run([("a", {"action": "cores"})], size=1)
+    assert one["a"].result["cores"] == cores
+    two, _ = run([("a", {"action": "cores"}), ("b", {"action": "cores"})], size=2)
+    assert {o.result["cores"] for o in two.values()} == {max(1, cores // 2)}

@@ -359,6 +359,15 @@ def _best_row(frame: pd.DataFrame, technique: str) -> dict[str, Any] | None:
     return rows.iloc[0].to_dict()
 
 
+def _row_label(technique: str, row: Mapping[str, Any] | None) -> str:
+    """The technique's name, with the parameters of the measured row when they are not the defaults."""
+    from .techniques import variant_label
+
+    label = technique_label(technique)
+    variant = variant_label(technique, row.get("params")) if row is not None else technique
+    return label if variant == technique else f"{label} [{variant}]"
+
+
 def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame | None) -> Backing:
     """A sentence with this model's measured numbers for the recommendation (or its fallbacks)."""
     from .analysis import describe_gain
@@ -371,7 +380,7 @@ def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame |
     checked: list[tuple[str, float | None]] = []
     for technique in chain:
         row = _best_row(frame, technique)
-        label = technique_label(technique)
+        label = _row_label(technique, row)
         if row is None:
             if not exceeded:
                 rest = [t for t in chain[1:] if _best_row(frame, t) is None]

@@ -208,9 +208,12 @@ def test_blocked_recommendation_has_nothing_to_measure():
     assert backing.status == "blocked" and "collect about 100-500" in backing.text
 
 
-def test_the_best_of_several_params_counts():
-    frame = pd.concat([measured(int8_only=-3.0), measured(int8_only=-0.2).assign(row_id="best")])
-    assert back_with_measurements(advise(hardware="edgetpu"), frame).row_id == "best"
+def test_the_best_of_several_params_counts_and_is_named_with_its_parameters():
+    frame = pd.concat([measured(int8_only=-3.0).assign(params='{"weights": "per-channel"}'),
+                       measured(int8_only=-0.2).assign(row_id="best", params='{"weights": "per-tensor"}')])
+    backing = back_with_measurements(advise(hardware="edgetpu"), frame)
+    assert backing.row_id == "best"
+    assert "Integer only (int8 I/O) [int8-only(weights=per-tensor)] is 4.0x smaller" in backing.text
 
 
 # --- running what is missing -----------------------------------------------------------------------

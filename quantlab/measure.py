@@ -599,7 +599,7 @@ class TfliteInspection:
     def weight_granularity(self) -> str | None:
         """"per-channel", "per-tensor", "mixed", or None when no weights are integer."""
         kinds = {"per-tensor" if op["weight_scales"] == 1 else "per-channel"
-                 for op in self.ops if op.get("weight_scales")}
+                 for op in self.ops if op.get("weight_scales") and op.get("weight_channels", 2) > 1}
         return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
 
     @property
@@ -628,15 +628,27 @@ _WEIGHTED_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "T
                            "CONV_3D"})
 
 
-def _weight_scales(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> int | None:
-    """How many quantization scales the op's integer weights carry (None: float or no weights)."""
+def _weight_scales(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> tuple[int, int] | None:
+    """(scales, output channels) of the op's integer weights; None when they are float or absent.
+
+    A kernel with one output channel has one scale either way: granularity cannot be told from it.
+    """
     inputs = list(op.get("inputs", []))
     if op["op_name"] not in _WEIGHTED_OPS or len(inputs) < 2 or inputs[1] not in tensors:
         return None
     weights = tensors[inputs[1]]
     if not np.issubdtype(weights["dtype"], np.integer):
         return None
-    return len(weights.get("quantization_parameters", {}).get("scales", ())) or None
+    quantization = weights.get("quantization_parameters", {})
+    scales = len(quantization.get("scales", ()))
+    if not scales:
+        return None
+    shape = list(weights.get("shape", ()))
+    axis = int(quantization.get("quantized_dimension", 0))
+    if op["op_name"] == "DEPTHWISE_CONV_2D":
+        axis = len(shape) - 1  # (1, H, W, channels): per-channel scales run along the last axis
+    channels = int(shape[axis]) if 0 <= axis < len(shape) else scales
+    return scales, channels
 
 
 def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
@@ -656,8 +668,10 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
             "input_dtypes": [_dtype_name(t) for t in op.get("operand_types", [])],
             "output_dtypes": outs,
             "computes_in_float": name not in _CONVERSION_OPS and any(d.startswith("float") for d in outs),
-            "weight_scales": _weight_scales({**op, "op_name": name}, tensors),
         })
+        weights = _weight_scales({**op, "op_name": name}, tensors)
+        ops[-1].update(weight_scales=weights[0] if weights else None,
+                       weight_channels=weights[1] if weights else None)
     return TfliteInspection(
         inputs=tuple(_io_dict(d) for d in interp.get_input_details()),
         outputs=tuple(_io_dict(d) for d in interp.get_output_details()),

@@ -5,7 +5,7 @@ that loads it, so the work runs in spawned workers. A worker imports TensorFlow 
 tasks (re-importing it per variant would cost seconds each), and is replaced after
 `max_tasks_per_worker` tasks to bound the leak. A worker that crashes, runs out of time or exceeds
 its memory limit is killed and replaced; its task fails with the reason and the others go on. A
-caller's `stop` kills the workers at once (cancelling a sweep). Workers share one lock (latency
+caller's `stop` kills the workers at once, busy or idle (cancelling a sweep). Workers share one lock (latency
 timings never overlap); a worker reports when it holds it, so the pool can give back the lock of a
 worker it kills.
 """
@@ -247,8 +247,8 @@ class WorkerPool:
             stop: Callable[[], bool] | None = None) -> Iterator[TaskOutcome]:
         """Run tasks on the workers; yields each outcome as soon as it is known.
 
-        When `stop()` turns true, the busy workers are killed and the run ends: the tasks in
-        progress and those not started yield nothing (ask `stopped_tasks` which were in progress).
+        When `stop()` turns true, every worker is killed and the run ends: the tasks in progress
+        and those not started yield nothing (`stopped_tasks` lists those that were in progress).
         """
         pending = list(tasks)
         pending.reverse()
@@ -256,9 +256,10 @@ class WorkerPool:
         self.stopped_tasks = []
         self.start()
         while pending or running:
-            if stop is not None and stop():
-                for worker in [w for w in self._workers if w.task_id is not None]:
-                    self.stopped_tasks.append(worker.task_id)
+            if stop is not None and stop():  # kill every worker: an idle one may still be importing
+                for worker in list(self._workers):
+                    if worker.task_id is not None:
+                        self.stopped_tasks.append(worker.task_id)
                     self._retire(worker, kill=True)
                 return
             for worker in list(self._workers):

@@ -198,7 +198,9 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             for key in pool.stopped_tasks:  # killed mid-way by the cancel: no row, nothing cached
                 emit({"type": "variant-cancelled", "technique": keyed[key].id,
                       "params": dict(keyed[key].params)})
-        store.finish_sweep(report.sweep_id, "cancelled" if cancel is not None and cancel.is_set() else "done")
+        # A cancel that came after the last variant finished cancelled nothing: the sweep is done.
+        cut_short = len(report.rows) < len(pending)
+        store.finish_sweep(report.sweep_id, "cancelled" if cut_short else "done")
         emit({"type": "sweep-done", "sweep_id": report.sweep_id, "rows": len(report.rows)})
         return report
     finally:

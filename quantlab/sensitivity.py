@@ -94,8 +94,9 @@ FOLDABLE_CLASSES = ("Conv2D", "DepthwiseConv2D", "Dense")
 
 
 def batch_norm_followers(model: Any) -> dict[str, Any]:
-    """{layer name: BatchNormalization layer} for every Conv2D/DepthwiseConv2D/Dense whose output goes
-    to a batch norm and nowhere else: the pairs TFLite's converter folds into one kernel."""
+    """{layer name: BatchNormalization layer} for every Conv2D/DepthwiseConv2D/Dense with no activation
+    of its own whose output goes to a batch norm and nowhere else: the pairs TFLite's converter folds
+    into one kernel (it does not fold across an activation)."""
     pairs = {}
     for layer in flat_layers(model):
         if layer.__class__.__name__ != "BatchNormalization":
@@ -106,7 +107,8 @@ def batch_norm_followers(model: Any) -> dict[str, Any]:
             consumers = len(producer._outbound_nodes)
         except (AttributeError, IndexError, TypeError):
             continue
-        if producer.__class__.__name__ in FOLDABLE_CLASSES and consumers == 1:
+        activation = getattr(getattr(producer, "activation", None), "__name__", "linear")
+        if producer.__class__.__name__ in FOLDABLE_CLASSES and consumers == 1 and activation == "linear":
             pairs[producer.name] = layer
     return pairs
 

@@ -72,6 +72,12 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "finished_at TIMESTAMPTZ, model_name VARCHAR, dataset_name VARCHAR, spec VARCHAR, "
         "status VARCHAR NOT NULL, source VARCHAR)",
     )),
+    # The int8 PTQ techniques gained `weights` (default per-channel, what they always did): older
+    # rows name it, so the newest-row-per-variant queries see one variant, not two.
+    (2, "int8 rows name their default weights=per-channel", (
+        "UPDATE results SET params = '{\"weights\": \"per-channel\"}' "
+        "WHERE technique IN ('int8-fallback', 'int8-only', 'uint8-only') AND params IN ('{}', '')",
+    )),
 )
 
 
@@ -110,10 +116,20 @@ def _migrate(con: Any) -> list[int]:
             con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, description, now_utc()])
             con.execute("COMMIT")
         except Exception:
-            con.execute("ROLLBACK")
+            _roll_back(con)
             raise
         applied.append(version)
     return applied
+
+
+def _roll_back(con: Any) -> None:
+    """Undo an open transaction; a failed COMMIT has already ended it, and its error is the one to see."""
+    import duckdb
+
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
 
 
 def _result_values(row: dict[str, Any]) -> dict[str, Any]:
@@ -147,11 +163,11 @@ class Store:
         """A short-lived connection, waiting while another thread or process holds the file."""
         import duckdb
 
-        deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
         in_process = _process_lock(Path(self.path))
         if not in_process.acquire(timeout=LOCK_TIMEOUT_SECONDS):
             raise StoreError(f"cannot open the results database {self.path}: another part of this "
                              f"program kept it open for {LOCK_TIMEOUT_SECONDS:.0f} s; try again")
+        deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
         try:
             delay = 0.02
             while True:
@@ -224,7 +240,7 @@ class Store:
                                 [[values.get(name) for name in COLUMN_NAMES] for values in records])
                 con.execute("COMMIT")
             except Exception:
-                con.execute("ROLLBACK")
+                _roll_back(con)
                 raise
         return [values["row_id"] for values in records]
 

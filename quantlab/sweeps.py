@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .cache import ArtifactCache
-from .config import SweepSpec, TechniqueSpec
+from .config import SweepSpec
 from .errors import QuantLabError
 from . import runner
 from .runner import SweepOptions, run_sweep
@@ -248,10 +248,11 @@ class SweepHandle:
             if self._cancel.is_set():
                 self._end_unstarted()
                 return
-            run_sweep(self.spec, store=self.store, cache=self.cache, on_event=self._log,
-                      options=self.options, cancel=self._cancel)
+            report = run_sweep(self.spec, store=self.store, cache=self.cache, on_event=self._log,
+                               options=self.options, cancel=self._cancel)
+            cut_short = len(report.rows) < len(self.spec.techniques)
             with self._lock:
-                self.status = "cancelled" if self._cancel.is_set() else "done"
+                self.status = "cancelled" if self._cancel.is_set() and cut_short else "done"
                 if self.status == "cancelled":
                     for variant in self.variants:
                         if not variant.finished:

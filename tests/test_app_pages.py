@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from quantlab import sweeps
 from quantlab.errors import QuantLabError
+from quantlab.runner import SweepReport
 from quantlab.store import Store
 from quantlab.techniques import all_techniques
 from quantlab.ui_state import AppSettings, blame_upload, downloadable_artifact, save_upload
@@ -191,6 +192,7 @@ def test_a_running_sweep_shows_each_variant_and_survives_a_page_switch(env, monk
                   "total": len(spec.techniques)})
         release.wait(20)
         on_event({"type": "sweep-done", "sweep_id": "s1", "rows": 2})
+        return SweepReport("s1", rows)
 
     monkeypatch.setattr(sweeps, "run_sweep", play)
     at = run_app()

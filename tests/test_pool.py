@@ -83,10 +83,12 @@ def test_a_worker_killed_while_holding_the_shared_lock_gives_it_back():
 def test_stop_kills_the_tasks_in_progress_at_once_and_starts_no_more():
     started = time.monotonic()
     with WorkerPool(sample_task, warm=False, size=2) as pool:
+        pool.start()
+        processes = [worker.process for worker in pool._workers]
         tasks = [("a", {"action": "sleep"}), ("b", {"action": "hold-lock"}), ("c", {"action": "ok"})]
         outcomes = list(pool.run(tasks, stop=lambda: time.monotonic() - started > 3))
         assert outcomes == [] and sorted(pool.stopped_tasks) == ["a", "b"]
-        assert all(not worker.process.is_alive() for worker in pool._workers) or not pool._workers
+        assert len(processes) == 2 and not any(process.is_alive() for process in processes)
         after = list(pool.run([("d", {"action": "take-lock"})]))  # the lock "b" held is free again
     assert after[0].result == {"took_lock": True}
     assert time.monotonic() - started < 25  # the 30 s sleeps did not run to their end

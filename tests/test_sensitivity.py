@@ -151,11 +151,12 @@ def test_folding_quantizes_the_folded_kernel_and_divides_the_scale_back_out():
 def test_a_depthwise_kernel_folds_over_input_channels_times_multiplier():
     kernel = np.ones((3, 3, 2, 2))
     scale = np.array([1.0, 2.0, 3.0, 4.0])                    # channel = input * multiplier + m
-    config = lab.FakeQuantRequest({}, per_channel=False).weight_config(8, -2)
+    config = lab.FakeQuantRequest({}, per_channel=False).weight_config(2, -2)
     folded = sensitivity.fold_quantize(kernel, scale, config)
     assert folded.shape == kernel.shape
-    # the largest folded value (4) is on the grid; every other channel is rounded on that grid
-    np.testing.assert_allclose(folded[0, 0, 1, 1] * 4.0, 4.0, rtol=1e-6)
+    # 2-bit symmetric grid of the folded kernel: -4, 0, 4. Folded values 1, 2, 3, 4 round to 0, 0
+    # (half to even), 4, 4: channel (input 0, m 1) has scale 2 -> 0; (input 1, m 0) has scale 3 -> 4/3.
+    np.testing.assert_allclose(folded[0, 0], [[0.0, 0.0], [4.0 / 3.0, 1.0]])
     with pytest.raises(ValueError, match="does not follow a kernel"):
         sensitivity.fold_quantize(kernel, np.ones(3), config)
 
@@ -170,7 +171,9 @@ def test_only_kernels_feeding_a_batch_norm_alone_are_folded(tmp_path):
     branch = keras.layers.Conv2D(4, 1, name="shared")(normed)
     side = keras.layers.BatchNormalization(name="bn_side")(branch)
     merged = keras.layers.Add(name="add")([side, branch])     # "shared" also feeds Add: not foldable
-    outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten(name="flat")(merged))
+    activated = keras.layers.Conv2D(4, 1, activation="relu", name="relu_conv")(merged)
+    after_relu = keras.layers.BatchNormalization(name="bn_after_relu")(activated)  # across a ReLU: no
+    outputs = keras.layers.Dense(3, name="head")(keras.layers.Flatten(name="flat")(after_relu))
     model = keras.Model(inputs, outputs)
     followers = sensitivity.batch_norm_followers(model)
     assert {name: bn.name for name, bn in followers.items()} == {"conv": "bn"}

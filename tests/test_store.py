@@ -24,6 +24,25 @@ def test_migrations_are_recorded_once(tmp_path):
     assert store.schema_versions() == [v for v, _, _ in MIGRATIONS]
 
 
+def test_migration_2_gives_old_int8_rows_their_default_weights(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    with store.connect() as con:  # a store as version 1 left it
+        con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description VARCHAR, "
+                    "applied_at TIMESTAMPTZ)")
+        for statement in MIGRATIONS[0][2]:
+            con.execute(statement)
+        con.execute("INSERT INTO schema_migrations VALUES (1, 'v1', now())")
+    store.insert_result(make_row("int8-only", result_key="old", params={}))
+    store.insert_result(make_row("dynamic", params={}))
+    store.insert_result(make_row("int8-only", result_key="new", params={"weights": "per-channel"}))
+    assert store.migrate() == [2]
+    latest = store.results(latest_only=True)
+    assert sorted(latest["technique"]) == ["dynamic", "int8-only"]  # one int8-only variant, not two
+    params = dict(zip(store.results()["result_key"], store.results()["params"]))
+    assert params["old"] == params["new"] == '{"weights": "per-channel"}'
+    assert store.results(latest_only=True).set_index("technique").loc["dynamic", "params"] == "{}"
+
+
 def test_inserted_row_reads_back_with_json_columns(tmp_path):
     store = Store(tmp_path / "q.duckdb")
     store.migrate()

@@ -141,6 +141,13 @@ def tensor_view() -> None:
     elif not info.quantized:
         st.caption("TFLite keeps this vector in higher precision (int32 biases, folded batch norm); "
                    "it is shown here for comparison.")
+    elif info.role == lab.FOLDED_ROLE:
+        st.caption(f"The kernel of {info.layer} times its batch norm's gamma / √(variance + ε), per output "
+                   f"channel: the kernel TFLite's converter actually quantizes. Uneven channel scales "
+                   f"here are why per-tensor quantization can hurt where per-channel does not.")
+    elif folded := lab.folded_twin(tensors, name):
+        st.caption(f"TFLite folds the batch norm after {info.layer} into this kernel before quantizing; "
+                   f"pick “{folded}” to see what it really quantizes.")
     try:
         config, notes = lab.make_config(bits, symmetric, per_channel, calibrator, method, percentile,
                                         axis=info.channel_axis)

@@ -45,7 +45,8 @@ from .pool import neutral_main  # noqa: F401  (re-exported for the tests' AppTes
 from .store import Store
 
 LAB_DIR = "lab"
-LAB_FORMAT = 1                       # bump when the .npz / .json layout below changes
+LAB_FORMAT = 2                       # bump when the .npz / .json layout below changes (2: folded kernels)
+FOLDED_ROLE = "folded kernel"        # a kernel times its batch norm's scale: what TFLite quantizes
 EVALUATION_VERSION = 2               # bump when fake-quant evaluation changes (2: batch norm folded)
 HISTOGRAM_BINS = 120
 MAX_LEVEL_LINES = 256                # more levels than this (16 bit) are thinned out on the chart
@@ -570,12 +571,21 @@ class FakeQuantRequest:
         return cls(**{k: data[k] for k in names if k in data})
 
 
+def folded_twin(tensors: LabTensors, name: str) -> str | None:
+    """The name of the folded version of kernel `name`, when its layer is followed by a batch norm."""
+    info = tensors.info(name)
+    return next((other.name for other in tensors.infos
+                 if other.role == FOLDED_ROLE and other.layer == info.layer and other.kind == info.kind), None)
+
+
 def layer_table(weights: LabTensors, default_bits: int) -> Any:
     """One line per layer with a kernel: its quantized and float parameter counts and a bit width."""
     import pandas as pd
 
     lines: dict[str, dict[str, Any]] = {}
     for info in weights.infos:
+        if info.role == FOLDED_ROLE:  # a view of the kernel, not more parameters
+            continue
         line = lines.setdefault(info.layer, {"layer": info.layer, "type": info.layer_class,
                                              "quantized params": 0, "float params": 0, "bits": default_bits})
         line["quantized params" if info.quantized else "float params"] += info.size

@@ -121,21 +121,32 @@ def batch_norm_scale(batch_norm: Any) -> np.ndarray:
     return gamma / np.sqrt(variance + batch_norm.epsilon)
 
 
+def _fold_factor(kernel: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The batch norm's per-channel scale shaped to multiply `kernel` (zero scales left unfolded).
+
+    The output channels are the last axis (Conv2D, Dense) or the last two (DepthwiseConv2D: input
+    channel x depth multiplier, channel = input * multiplier + m)."""
+    factor = np.where(np.abs(scale) > 1e-12, scale, 1.0)
+    if kernel.shape[-1] == factor.size:
+        return factor.reshape((1,) * (kernel.ndim - 1) + (-1,))
+    if kernel.ndim >= 2 and kernel.shape[-2] * kernel.shape[-1] == factor.size:
+        return factor.reshape((1,) * (kernel.ndim - 2) + kernel.shape[-2:])
+    raise ValueError(f"a batch norm over {factor.size} channels does not follow a kernel of shape "
+                     f"{kernel.shape}")
+
+
+def fold_kernel(kernel: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The kernel TFLite quantizes: this one times the batch norm's scale per output channel."""
+    return (kernel.astype(np.float64) * _fold_factor(kernel, scale)).astype(np.float32)
+
+
 def fold_quantize(kernel: np.ndarray, scale: np.ndarray, config: Any) -> np.ndarray:
     """Quantize the folded kernel (kernel x scale per output channel), then divide the scale back out.
 
     The layer then feeds its batch norm exactly what the folded, quantized kernel would produce, so
-    the model keeps its structure. The output channels are the last axis (Conv2D, Dense) or the last
-    two (DepthwiseConv2D: input channel x depth multiplier). Channels with a zero scale are not folded.
+    the model keeps its structure.
     """
-    factor = np.where(np.abs(scale) > 1e-12, scale, 1.0)
-    if kernel.shape[-1] == factor.size:
-        factor = factor.reshape((1,) * (kernel.ndim - 1) + (-1,))
-    elif kernel.ndim >= 2 and kernel.shape[-2] * kernel.shape[-1] == factor.size:
-        factor = factor.reshape((1,) * (kernel.ndim - 2) + kernel.shape[-2:])
-    else:
-        raise ValueError(f"a batch norm over {factor.size} channels does not follow a kernel of shape "
-                         f"{kernel.shape}")
+    factor = _fold_factor(kernel, scale)
     folded = kernel.astype(np.float64) * factor
     return (fake_quantize(folded, config).values / factor).astype(kernel.dtype)
 
@@ -217,6 +228,13 @@ def extract_tensors(payload: dict, emit: Emit) -> dict:
                 "shape": list(value.shape), "size": int(value.size), "channel_axis": channel_axis(layer, value),
                 "quantized": is_quantized_weight(value), "trainable": bool(variable.trainable),
             })
+    for name, batch_norm in batch_norm_followers(model).items():  # what TFLite really quantizes
+        kernel_meta = next(m for m in weight_meta if m["layer"] == name and m["quantized"])
+        folded = fold_kernel(weights[kernel_meta["key"]], batch_norm_scale(batch_norm))
+        key = f"t{len(weight_meta)}"
+        weights[key] = folded
+        weight_meta.append({**kernel_meta, "key": key, "role": lab.FOLDED_ROLE, "trainable": False,
+                            "name": f"{kernel_meta['name']} folded with {batch_norm.name}"})
     emit({"stage": "lab", "message": "running the calibration split through the model"})
     classes = {layer.name: layer.__class__.__name__ for layer in flat_layers(model)}
     activations, activation_meta = {}, []

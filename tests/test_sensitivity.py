@@ -193,6 +193,35 @@ def test_the_evaluation_folds_the_mobilenet_batch_norms(tmp_path):
     assert convs and folded == convs
 
 
+def test_extraction_adds_each_folded_kernel_and_the_layer_table_counts_it_once(workload, tmp_path):
+    from quantlab.workloads import build_model
+
+    model = build_model("mobilenet", (8, 8, 1), 10)
+    rng = np.random.default_rng(0)
+    for layer in sensitivity.flat_layers(model):
+        if layer.__class__.__name__ == "BatchNormalization":  # uneven channels, as after training
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.1, 3.0, gamma.shape), beta, mean, rng.uniform(0.5, 2.0, variance.shape)])
+    model.save(tmp_path / "mobilenet.keras")
+    manifest = {**workload["manifest"], "model_name": "mobilenet", "model_path": str(tmp_path / "mobilenet.keras"),
+                "model_hash": "tinymobilenet001"}
+    result = sensitivity.extract_tensors({"manifest": manifest, "cache_dir": str(tmp_path)}, NO_EVENTS)
+    weights = lab.load_tensors(Path(result["weights_path"]))
+    folded = [info for info in weights.infos if info.role == lab.FOLDED_ROLE]
+    followers = sensitivity.batch_norm_followers(model)
+    assert sorted(info.layer for info in folded) == sorted(followers)
+    depthwise = next(info for info in folded if info.layer_class == "DepthwiseConv2D")
+    kernel = weights.get(depthwise.name.split(" folded with ")[0])
+    scale = sensitivity.batch_norm_scale(followers[depthwise.layer])
+    np.testing.assert_allclose(weights.get(depthwise.name), kernel * scale.reshape(kernel.shape[-2:]), rtol=1e-5)
+    assert lab.folded_twin(weights, depthwise.name.split(" folded with ")[0]) == depthwise.name
+    table = lab.layer_table(weights, 8)
+    assert sorted(table["layer"]) == sorted({info.layer for info in weights.infos
+                                            if info.quantized and info.role != lab.FOLDED_ROLE})
+    counted = table.set_index("layer").loc[depthwise.layer, "quantized params"]
+    assert counted == kernel.size  # the folded view is not counted as more parameters
+
+
 # --- per-layer sensitivity ------------------------------------------------------------------------
 
 

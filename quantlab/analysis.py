@@ -301,8 +301,9 @@ def _is_number(value: Any) -> bool:
 
 
 def describe_gain(row: Mapping[str, Any]) -> str:
-    """`3.9x smaller, -0.4 points, 1.8x faster` from one compare_frame row; when the speedup is
-    against the Keras baseline (another runtime), the speedup against TFLite float32 follows."""
+    """`3.9x smaller, -0.4 points, 1.8x faster` from one compare_frame row. When the reference is the
+    Keras baseline, which runs in TensorFlow (another runtime, with Python overhead per call), the
+    speed-up against TFLite float32 leads and the one against Keras follows in brackets."""
     parts = []
     smaller = row.get("x_smaller")
     if _is_number(smaller):
@@ -318,8 +319,8 @@ def describe_gain(row: Mapping[str, Any]) -> str:
         like_for_like = row.get("speedup_vs_float32")
         if row.get("reference_technique") == BASELINE_TECHNIQUE and _is_number(like_for_like) \
                 and row.get("technique") != FALLBACK_REFERENCE:
-            # The Keras baseline runs in TensorFlow: also say the speedup within LiteRT.
-            text += f" ({_times(like_for_like, 'faster', 'slower')} than TFLite float32)"
+            text = (f"{_times(like_for_like, 'faster', 'slower')} than TFLite float32 "
+                    f"({text} than the Keras model in TensorFlow)")
         parts.append(text)
     return ", ".join(parts)
 

@@ -225,7 +225,8 @@ def test_sweet_spot_is_the_smallest_inside_both_budgets(frame):
     spot = analysis.sweet_spot(frame, latency_budget_ms=1.0, max_accuracy_drop_points=1.0)
     assert spot.found and spot.row["technique"] == "dynamic" and spot.candidates == 3
     assert spot.headline() == ("Best inside your budget: Dynamic range — 15.4x smaller, -0.2 points, "
-                               "2.5x faster (1.2x faster than TFLite float32)")
+                               "1.2x faster than TFLite float32 (2.5x faster than the Keras model in "
+                               "TensorFlow)")
 
 
 def test_sweet_spot_objectives(frame):
@@ -271,11 +272,13 @@ def test_none_fits_without_rows_or_reference(frame, tmp_path):
 # --- words, filters, specs ------------------------------------------------------------------------
 
 
-def test_describe_gain_adds_the_like_for_like_speedup_when_the_reference_is_keras():
+def test_describe_gain_leads_with_the_like_for_like_speedup_when_the_reference_is_keras():
     row = {"technique": "dynamic", "x_smaller": 8.0, "accuracy_change_points": -0.2, "speedup": 400.0,
            "speedup_vs_float32": 1.5, "reference_technique": "baseline"}
-    assert analysis.describe_gain(row) == ("8.0x smaller, -0.2 points, 400.0x faster "
-                                           "(1.5x faster than TFLite float32)")
+    assert analysis.describe_gain(row) == ("8.0x smaller, -0.2 points, 1.5x faster than TFLite float32 "
+                                           "(400.0x faster than the Keras model in TensorFlow)")
+    slower = {**row, "speedup_vs_float32": 0.5}
+    assert "2.0x slower than TFLite float32 (400.0x faster than the Keras" in analysis.describe_gain(slower)
     assert analysis.describe_gain({**row, "reference_technique": "float32"}).endswith("400.0x faster")
 
 

@@ -85,8 +85,8 @@ def test_compare_on_an_empty_store_points_to_the_run_page(empty_store):
 def test_compare_shows_the_sweet_spot_charts_table_and_method(store):
     app = run(COMPARE)
     assert texts(app.success) == [
-        "**Best inside your budget: Dynamic range — 15.4x smaller, -0.2 points, 2.5x faster "
-        "(1.2x faster than TFLite float32)**"]
+        "**Best inside your budget: Dynamic range — 15.4x smaller, -0.2 points, 1.2x faster than TFLite "
+        "float32 (2.5x faster than the Keras model in TensorFlow)**"]
     assert app.selectbox(key="compare_model").value == "synthetic-a"
     assert len(charts_of(app)) >= 2
     assert len(app.dataframe) >= 1
@@ -154,7 +154,8 @@ def test_recommend_changes_with_the_answers_and_quotes_measurements(store):
     app.radio(key="recommend_hardware").set_value("gpu").run()
     assert recommendation(app) == "### Try **Float16** (`float16`)"
     assert texts(app.success) == ["On this model, against the Keras baseline: Float16 is 8.0x smaller, "
-                                  "±0.0 points, 2.0x faster (1.0x faster than TFLite float32)."]
+                                  "±0.0 points, 1.0x faster than TFLite float32 (2.0x faster than the Keras "
+                                  "model in TensorFlow)."]
     app.radio(key="recommend_hardware").set_value("edgetpu").run()
     assert recommendation(app) == "### Try **Integer only (int8 I/O)** (`int8-only`)"
     assert "loses 2.0 points" in texts(app.warning)[0]

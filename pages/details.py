@@ -93,6 +93,8 @@ def latency(row):
     else:
         st.caption("No per-run latencies were recorded for this variant.")
     st.caption(f"Method: {row.get('latency_method') or 'not recorded'}")
+    if note := row["details"].get("latency_note"):
+        st.warning(f"Latency {note}.")
 
 
 def fine_tuning(row):

@@ -236,7 +236,7 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
         outputs = predict_keras(model, dataset.x_test)
         artifact = Path(manifest["model_path"])
         row["conversion_seconds"] = None
-        with _held(shared_lock):
+        with _held(shared_lock) as held:
             latency = measure_keras_latency(model, dataset.x_test[0], settings)
         row.update(model_bytes=artifact.stat().st_size, gzip_bytes=measure.gzip_size(artifact.read_bytes()),
                    latency_method=KERAS_LATENCY_METHOD, input_dtype="float32", output_dtype="float32",
@@ -245,7 +245,7 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
     else:
         artifact = cache.write_bytes("artifacts", payload["result_key"], ".tflite", produced.tflite)
         outputs = measure.predict_tflite(produced.tflite, dataset.x_test, num_threads=settings.num_threads)
-        with _held(shared_lock):
+        with _held(shared_lock) as held:
             latency = measure.measure_latency(produced.tflite, dataset.x_test[0], settings).to_dict()
         inspection = measure.inspect_tflite(produced.tflite)
         details["inspection"] = inspection.to_dict()
@@ -253,6 +253,9 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
                    latency_method=measure.LATENCY_METHOD,
                    input_dtype=inspection.inputs[0]["dtype"], output_dtype=inspection.outputs[0]["dtype"],
                    float_ops=inspection.float_ops, total_ops=inspection.total_ops)
+    if shared_lock is not None and not held.acquired:
+        details["latency_note"] = (f"timed without the workers' shared lock (not free after "
+                                   f"{held.wait:.0f} s): another measurement may have overlapped")
     details["latency_samples_ms"] = latency.pop("samples_ms", [])
     details["latency_others_cpu_share"] = latency.pop("others_cpu_share", None)
     row.update(
@@ -273,18 +276,26 @@ _KIND_WORDS = {"keras": "a tf_keras model", "savedmodel": "a SavedModel",
                "tflite": "a TensorFlow Lite file"}
 
 
+LATENCY_LOCK_WAIT_SECONDS = 300.0
+
+
 class _held:
-    """Hold the pool's shared lock (if any): two latency measurements never overlap."""
+    """Hold the pool's shared lock (if any) so that two latency measurements never overlap.
 
-    def __init__(self, lock: Any) -> None:
-        self.lock = lock
+    After `wait` seconds the measurement goes ahead without it (a lock lost with a killed worker
+    must not stop every later variant); `acquired` says which happened, and the row records it.
+    """
 
-    def __enter__(self) -> None:
+    def __init__(self, lock: Any, wait: float = LATENCY_LOCK_WAIT_SECONDS) -> None:
+        self.lock, self.wait, self.acquired = lock, wait, False
+
+    def __enter__(self) -> "_held":
         if self.lock is not None:
-            self.lock.acquire()
+            self.acquired = bool(self.lock.acquire(timeout=self.wait))
+        return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.lock is not None:
+        if self.acquired:
             self.lock.release()
 
 

@@ -248,6 +248,16 @@ def test_a_stored_row_renders_in_details(env):
     assert at.query_params["row"] == row_id
 
 
+def test_a_latency_timed_without_the_shared_lock_is_flagged(env):
+    add_row(env, details={"latency_note": "timed without the workers' shared lock (not free after 300 s): "
+                                          "another measurement may have overlapped",
+                          "latency_samples_ms": [0.1] * 50})
+    at = run_app(page="details")
+    assert not at.exception
+    assert [w.value for w in at.warning] == ["Latency timed without the workers' shared lock (not free after "
+                                             "300 s): another measurement may have overlapped."]
+
+
 def test_the_row_query_parameter_selects_the_row(env):
     first = add_row(env, technique="dynamic")
     add_row(env, technique="float16")  # newer: the default without a parameter

@@ -100,3 +100,19 @@ def test_workers_side_by_side_share_the_cores_for_evaluation():
     assert one["a"].result["cores"] == cores
     two, _ = run([("a", {"action": "cores"}), ("b", {"action": "cores"})], size=2)
     assert {o.result["cores"] for o in two.values()} == {max(1, cores // 2)}
+
+
+def test_latency_goes_ahead_without_a_lock_that_is_never_given_back():
+    import threading
+
+    from quantlab.tasks import _held
+
+    lock = threading.Lock()
+    lock.acquire()  # lost with a killed worker, say
+    with _held(lock, wait=0.2) as held:
+        assert not held.acquired
+    assert lock.locked()  # not released by someone who never had it
+    lock.release()
+    with _held(lock, wait=0.2) as held:
+        assert held.acquired and lock.locked()
+    assert not lock.locked()

@@ -64,6 +64,17 @@ def int8_rows(db_path: str, model_hash: str, dataset_hash: str):
     return lab.converted_int8_rows(STORE, {"model_hash": model_hash, "dataset_hash": dataset_hash})
 
 
+def worker_button(label: str, key: str, working: str, work) -> None:
+    """A button that runs `work` (a worker-process job) under a spinner, then redraws the page."""
+    if st.button(label, key=key, type="primary"):
+        try:
+            with st.spinner(working):
+                work()
+            st.rerun()
+        except QuantLabError as exc:
+            st.error(str(exc))
+
+
 # --- page -------------------------------------------------------------------------------------------
 
 lab.warm_up()
@@ -89,13 +100,9 @@ if not lab.tensors_ready(CACHE, manifest):
     st.info(f"The weights and activations of {manifest['model_name']} are not extracted yet. Extraction "
             f"loads the model once in a worker process and runs the {samples} calibration samples "
             f"through it; the Lab then works from the saved arrays.")
-    if st.button("Extract weights and activations", key="lab_extract", type="primary"):
-        try:
-            with st.spinner("Extracting in a worker process (the first run starts TensorFlow)..."):
-                lab.extract_tensors(manifest, CACHE)
-            st.rerun()
-        except QuantLabError as exc:
-            st.error(str(exc))
+    worker_button("Extract weights and activations", "lab_extract",
+                  "Extracting in a worker process (the first run starts TensorFlow)...",
+                  lambda: lab.extract_tensors(manifest, CACHE))
     st.stop()
 
 weights_file = lab.weights_path(CACHE, manifest)
@@ -216,13 +223,9 @@ def model_view() -> None:
     result = lab.cached_evaluation(CACHE, manifest, request)
     if result is None:
         st.caption("Not evaluated at these settings yet (about a second on a small model, in a worker).")
-        if st.button("Evaluate these settings", key="lab_evaluate", type="primary"):
-            try:
-                with st.spinner("Evaluating the fake-quantized model in a worker process..."):
-                    lab.evaluate(manifest, CACHE, request)
-                st.rerun()
-            except QuantLabError as exc:
-                st.error(str(exc))
+        worker_button("Evaluate these settings", "lab_evaluate",
+                      "Evaluating the fake-quantized model in a worker process...",
+                      lambda: lab.evaluate(manifest, CACHE, request))
     rows = int8_rows(str(STORE.path), manifest["model_hash"], manifest["dataset_hash"])
     columns = st.columns(2 + len(rows))
     if result is not None:
@@ -247,13 +250,9 @@ def sensitivity_view() -> None:
                 "(1/√12); more means clipping or accumulated error.")
     result = lab.cached_sensitivity(CACHE, manifest)
     if result is None:
-        if st.button("Measure per-layer sensitivity", key="lab_sensitivity", type="primary"):
-            try:
-                with st.spinner("Running TFLite's quantization debugger in a worker process..."):
-                    lab.compute_sensitivity(manifest, CACHE)
-                st.rerun()
-            except QuantLabError as exc:
-                st.error(str(exc))
+        worker_button("Measure per-layer sensitivity", "lab_sensitivity",
+                      "Running TFLite's quantization debugger in a worker process...",
+                      lambda: lab.compute_sensitivity(manifest, CACHE))
         return
     ranked = len(result.get("ranking", []))
     keep_float = int(st.number_input("Keep the N most sensitive layers in float", min_value=0,

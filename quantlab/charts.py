@@ -6,10 +6,9 @@ open that row's details; its hover shows every measured figure of the row.
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .analysis import BASELINE_TECHNIQUE, family_rank, pareto_front, points
-from .techniques import variant_label
+from .techniques import params_text, variant_label
 
 # One colour per technique family, stable across pages and sessions (colour-blind-safe Okabe-Ito
 # first, then Tableau); a family not listed gets a colour from EXTRA_COLORS by a hash of its name.
@@ -65,13 +64,7 @@ def format_bytes(series: pd.Series) -> pd.Series:
 
 
 def _params_text(series: pd.Series) -> pd.Series:
-    def one(text: Any) -> str:
-        try:
-            params = json.loads(text) if isinstance(text, str) else (text or {})
-        except ValueError:
-            return str(text)
-        return ", ".join(f"{k}={v}" for k, v in params.items()) or "none"
-    return series.map(one)
+    return series.map(lambda params: params_text(params) or "none")
 
 
 def point_labels(frame: pd.DataFrame) -> pd.Series:

@@ -256,23 +256,37 @@ def get_technique(technique_id: str) -> Technique:
                              f"to list them ({', '.join(_REGISTRY)})") from None
 
 
+def params_dict(params: Mapping[str, Any] | str | None) -> dict | None:
+    """Parameters as a dict, from a dict or the JSON text a stored row holds; None if unreadable."""
+    if isinstance(params, str):
+        try:
+            params = json.loads(params or "{}")
+        except ValueError:
+            return None
+    if params is None:
+        return {}
+    return dict(params) if isinstance(params, Mapping) else None
+
+
+def params_text(params: Mapping[str, Any] | str | None) -> str:
+    """`bits=8, weights=per-tensor` (empty for none; unreadable text as it is)."""
+    parsed = params_dict(params)
+    if parsed is None:
+        return str(params)
+    return ", ".join(f"{k}={v}" for k, v in parsed.items())
+
+
 def variant_label(technique_id: str, params: Mapping[str, Any] | str | None) -> str:
     """`dynamic`, or `prune(target_sparsity=0.8)` when parameters differ from the defaults.
 
     `params` may be the JSON text a stored row holds.
     """
-    if isinstance(params, str):
-        try:
-            params = json.loads(params or "{}")
-        except ValueError:
-            params = {}
-    if not isinstance(params, Mapping):
-        params = {}
+    params = params_dict(params) or {}
     try:
         defaults = get_technique(technique_id).resolve({})
     except QuantLabError:
         defaults = {}
-    changed = {k: v for k, v in (params or {}).items() if defaults.get(k) != v}
+    changed = {k: v for k, v in params.items() if defaults.get(k) != v}
     if not changed:
         return technique_id
     return f"{technique_id}({', '.join(f'{k}={v}' for k, v in changed.items())})"

@@ -21,7 +21,7 @@ from .errors import QuantLabError
 from .pool import PoolLimits
 from .runner import SweepOptions
 from .store import DEFAULT_DB_PATH, Store
-from .techniques import Param, Technique, all_techniques, get_technique
+from .techniques import Param, Technique, all_techniques, get_technique, params_text
 
 DEFAULT_MODEL = "seed-cnn"
 DEFAULT_DATASET = "digits-28"
@@ -396,15 +396,6 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
-def params_text(params: Any) -> str:
-    if isinstance(params, str):
-        try:
-            params = json.loads(params or "{}")
-        except ValueError:
-            return params
-    return ", ".join(f"{k}={v}" for k, v in (params or {}).items())
-
-
 def results_table(rows: Iterable[Mapping[str, Any]], details_link: str | None = None) -> Any:
     """Finished variants, one line each: what was measured, or that it came from the cache or failed.
 
@@ -466,82 +457,38 @@ def row_label(record: Mapping[str, Any]) -> str:
 
 
 def tensor_table(details: Mapping[str, Any]) -> Any:
-    """The model's inputs and outputs: name, shape, dtype, scale and zero point (for quantized I/O)."""
+    """The model's inputs and outputs: name, shape, dtype, scale and zero point (for quantized I/O),
+    as measure.inspect_tflite recorded them."""
     import pandas as pd
 
     inspection = _as_dict(details.get("inspection"))
-    lines = []
-    for role in ("inputs", "outputs"):
-        for tensor in inspection.get(role) or []:
-            if not isinstance(tensor, Mapping):
-                continue
-            quant = _as_dict(tensor.get("quantization"))
-            scale = tensor.get("scale", quant.get("scale", quant.get("scales")))
-            zero_point = tensor.get("zero_point", quant.get("zero_point", quant.get("zero_points")))
-            lines.append({"role": role[:-1], "name": tensor.get("name"),
-                          "shape": str(list(tensor["shape"])) if tensor.get("shape") is not None else "",
-                          "dtype": tensor.get("dtype"),
-                          "scale": _scalar_text(scale), "zero point": _scalar_text(zero_point)})
+    lines = [{"role": role[:-1], "name": tensor["name"], "shape": str(list(tensor["shape"])),
+              "dtype": tensor["dtype"], "scale": _number_text(tensor.get("scale")),
+              "zero point": _number_text(tensor.get("zero_point"))}
+             for role in ("inputs", "outputs") for tensor in inspection.get(role) or []]
     return pd.DataFrame(lines, columns=["role", "name", "shape", "dtype", "scale", "zero point"])
 
 
-def _scalar_text(value: Any) -> str:
-    if value is None or value == [] or value == ():
+def _number_text(value: Any) -> str:
+    if value is None:
         return ""
-    if isinstance(value, (list, tuple)):
-        if len(value) == 1:
-            value = value[0]
-        else:
-            return f"{len(value)} values (per channel)"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-FLOAT_DTYPES = ("float32", "float16", "float64", "bfloat16")
-
-
-def _dtypes(items: Any) -> list[str]:
-    out = []
-    for item in items or []:
-        if isinstance(item, Mapping):
-            item = item.get("dtype")
-        if item:
-            out.append(str(item))
-    return out
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def ops_table(details: Mapping[str, Any]) -> Any:
-    """Every op with its input and output types, and whether it computes in float.
-
-    An op computes in float when an output is a float tensor and it is not a QUANTIZE/DEQUANTIZE
-    conversion (measure.inspect_tflite records this as `computes_in_float`).
-    """
+    """Every op with its input and output types, whether it computes in float, and its integer
+    kernel's scale count, as measure.inspect_tflite recorded them (an op computes in float when an
+    output is a float tensor and it is not a QUANTIZE/DEQUANTIZE conversion)."""
     import pandas as pd
 
-    inspection = _as_dict(details.get("inspection"))
-    ops = inspection.get("ops") or []
-    if isinstance(ops, Mapping):  # {op name: count}
-        ops = [{"op": name, "count": count} for name, count in ops.items()]
     lines = []
-    for index, op in enumerate(ops):
-        if not isinstance(op, Mapping):
-            op = {"op": str(op)}
-        name = next((op[k] for k in ("op", "name", "opcode", "op_name", "builtin", "type") if op.get(k)), "?")
-        inputs = _dtypes(op.get("input_dtypes") or op.get("inputs"))
-        outputs = _dtypes(op.get("output_dtypes") or op.get("outputs"))
-        listed = _dtypes(op.get("dtypes"))
-        explicit = next((op[k] for k in ("computes_in_float", "is_float", "float") if k in op), None)
-        all_types = inputs + outputs + listed
-        is_float = bool(explicit) if explicit is not None else any(t in FLOAT_DTYPES for t in all_types)
-        line = {"#": op.get("index", index), "op": str(name),
-                "input types": ", ".join(dict.fromkeys(inputs or listed)),
-                "output types": ", ".join(dict.fromkeys(outputs)),
-                "computes in float": is_float}
+    for op in _as_dict(details.get("inspection")).get("ops") or []:
+        line = {"#": op["index"], "op": op["op_name"],
+                "input types": ", ".join(dict.fromkeys(op.get("input_dtypes") or [])),
+                "output types": ", ".join(dict.fromkeys(op.get("output_dtypes") or [])),
+                "computes in float": bool(op["computes_in_float"])}
         if op.get("weight_scales"):
             line["weight scales"] = op["weight_scales"]
-        if "count" in op:
-            line["count"] = op["count"]
         lines.append(line)
     return pd.DataFrame(lines)
 

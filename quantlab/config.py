@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 # Bump when a change in QuantLab alters what an artifact or a measurement would be.
-ENGINE_VERSION = "2"
+ENGINE_VERSION = "3"  # 3: recurrent and int-input conversions, baselines in their own framework, oneDNN off
 
 
 def canonical_json(value: Any) -> str:

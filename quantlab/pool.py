@@ -152,6 +152,18 @@ class _Worker:
     started: float = 0.0
     tasks_done: int = 0
     holds_lock: bool = False
+    last_step: str | None = None  # the running task's last progress message, for crash reports
+
+
+def crash_message(code: int | None, last_step: str | None, log_path: str | None) -> str:
+    """What is known about a worker that died: how, during which step, and where its log is."""
+    how = {-9: "was killed (SIGKILL: out of memory, or killed from outside)",
+           -11: "crashed (segmentation fault in native code: TensorFlow, LiteRT or oneDNN)",
+           -6: "aborted (SIGABRT in native code)"}.get(code if code is not None else 0,
+                                                       f"exited with code {code}")
+    during = f" during '{last_step}'" if last_step else ""
+    log = f"; its output is in {log_path}" if log_path else ""
+    return f"the worker process {how}{during}{log}; no QuantLab check failed, so this variant has no result"
 
 
 def _rss_mb(pid: int) -> float:
@@ -302,10 +314,12 @@ class WorkerPool:
                     worker.holds_lock = bool(body)
                     continue
                 if kind == "event":
+                    worker.last_step = body.get("message") or body.get("stage") or worker.last_step
                     if on_event:
                         on_event(message_task, body)
                     continue
                 worker.task_id = None
+                worker.last_step = None
                 worker.tasks_done += 1
                 if worker.tasks_done >= self.limits.max_tasks_per_worker:
                     self._retire(worker)
@@ -319,10 +333,7 @@ class WorkerPool:
         worker.process.join(timeout=1)
         code = worker.process.exitcode
         self._retire(worker, kill=True)
-        how = {-9: "was killed (SIGKILL, e.g. out of memory)", -11: "crashed (segmentation fault)",
-               -6: "aborted (SIGABRT)"}.get(code if code is not None else 0, f"exited with code {code}")
-        return TaskOutcome(task_id, error=f"the worker process {how} while running this variant; "
-                                          f"the model may be too large or broken")
+        return TaskOutcome(task_id, error=crash_message(code, worker.last_step, self.log_path))
 
     def _limit_passed(self, worker: _Worker) -> str | None:
         limits = self.limits

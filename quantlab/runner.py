@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .applicability import refusal
 from .cache import ArtifactCache
 from .config import ENGINE_VERSION, SweepSpec, TechniqueSpec, content_hash
 from .errors import QuantLabError
@@ -167,8 +168,13 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
         to_run: list[tuple[str, dict]] = []
         keyed: dict[str, TechniqueSpec] = {}
         cached_rows: list[dict] = []
+        refused: list[dict] = []
         for technique in pending:
             key = result_key(manifest, technique, measure_settings)
+            reason = refusal(technique.id, manifest)
+            if reason:  # known from the manifest: no worker, no conversion
+                refused.append(_make_row(report.sweep_id, manifest, technique, key, {}, False, reason))
+                continue
             body = cache.read_json("results", key)
             if body is not None and Path(body.get("artifact_path", "")).exists():
                 cached_rows.append(_make_row(report.sweep_id, manifest, technique, key, body, True, None))
@@ -177,8 +183,8 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             to_run.append((key, {"kind": "variant", "cache_dir": str(cache.root), "manifest": manifest,
                                  "technique": technique.to_dict(), "measure": measure_settings,
                                  "result_key": key}))
-        store.insert_results(cached_rows)  # one transaction: a warm sweep opens the store three times
-        for row in cached_rows:
+        store.insert_results(cached_rows + refused)  # one transaction: a warm sweep opens the store three times
+        for row in cached_rows + refused:
             announce(row)
         if to_run:
             pool = pool or _make_pool(options, len(to_run), cache)

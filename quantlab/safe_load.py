@@ -932,6 +932,7 @@ class LoadedModel:
     saved_model_dir: Path | None = None
     keras_version: str | None = None
     notes: tuple[str, ...] = ()
+    keras3_file: Path | None = None  # the vetted Keras 3 file itself (its baseline runs in Keras 3)
 
     @property
     def supports_training_techniques(self) -> bool:
@@ -1017,7 +1018,7 @@ def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) ->
                     ) from None
     return LoadedModel(
         "keras3-savedmodel", source, input_shape, num_classes, saved_model_dir=export_dir,
-        keras_version=version,
+        keras_version=version, keras3_file=path,
         notes=(f"Keras 3 model exported to a SavedModel: post-training techniques only; "
                f"{TRAINING_TECHNIQUES_HINT} need a tf_keras (Keras 2) model.",),
     )
@@ -1157,8 +1158,8 @@ def load_tflite_bytes(path: str | os.PathLike, limits: UploadLimits = DEFAULT_LI
 # Datasets
 # --------------------------------------------------------------------------------------------------
 
-REQUIRED_ARRAYS = ("x_test", "y_test")
-OPTIONAL_ARRAYS = ("x_train", "y_train", "x_calib")
+REQUIRED_ARRAYS = ("x_test",)
+OPTIONAL_ARRAYS = ("y_test", "x_train", "y_train", "x_calib")
 _NPZ_EXAMPLE = "np.savez('data.npz', x_test=x, y_test=y)"
 
 
@@ -1223,12 +1224,21 @@ def _check_numeric(name: str, array: np.ndarray, source: str) -> None:
                     "values; replace or drop those samples before saving")
 
 
-def _labels(name: str, array: np.ndarray, source: str) -> np.ndarray:
+def _is_one_hot(array: np.ndarray) -> bool:
+    return (array.ndim == 2 and array.shape[1] > 1 and bool(np.isin(array, (0, 1)).all())
+            and bool((array.sum(axis=1) == 1).all()))
+
+
+def _labels(name: str, array: np.ndarray, source: str, notes: list[str] | None = None) -> np.ndarray:
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
+    if _is_one_hot(array):
+        if notes is not None:
+            notes.append(f"{name} is one-hot ({array.shape[1]} columns): class = argmax per row")
+        return np.argmax(array, axis=1).astype(np.int64)
     if array.ndim != 1:
         raise _fail(DatasetError, f"{source}: labels '{name}' have shape {array.shape}; save a 1-D "
-                    "array of class indices (for one-hot labels use np.argmax(y, axis=1))")
+                    "array of class indices or one-hot rows (soft labels: use np.argmax(y, axis=1))")
     if array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0):
         raise _fail(DatasetError, f"{source}: labels '{name}' are not whole numbers; save class "
                     "indices 0..num_classes-1 as integers")
@@ -1239,13 +1249,15 @@ def _labels(name: str, array: np.ndarray, source: str) -> np.ndarray:
 
 
 @_user_errors(DatasetError)
-def load_npz_dataset(path: str | os.PathLike,
-                     limits: UploadLimits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
-    """Load an uploaded .npz dataset: x_test and y_test, optionally x_train+y_train and x_calib.
+def load_npz_dataset(path: str | os.PathLike, limits: UploadLimits = DEFAULT_LIMITS,
+                     notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Load an uploaded .npz dataset: x_test, optionally y_test, x_train+y_train and x_calib.
 
     Arrays must be real numbers (no objects, strings or complex), features finite, labels
-    whole numbers >= 0 given as a 1-D array (or (N, 1)); each x_* has one sample per row and each
-    x/y pair has the same length. Labels are returned as int64, features unchanged.
+    whole numbers >= 0 given as a 1-D array (or (N, 1)) or as one-hot rows (turned into class
+    indices with argmax, said in `notes`); each x_* has one sample per row and each x/y pair has
+    the same length. Without y_test the dataset is unlabelled (compared on fidelity only). Labels
+    are returned as int64, features unchanged.
     """
     path = Path(path)
     source = path.name
@@ -1260,6 +1272,9 @@ def load_npz_dataset(path: str | os.PathLike,
     if missing:
         raise _fail(DatasetError, f"{source} is missing {' and '.join(missing)}; save the arrays "
                     f"with {_NPZ_EXAMPLE}")
+    if "x_train" in headers and "y_test" not in headers:
+        raise _fail(DatasetError, f"{source} has x_train but no y_test; an unlabelled dataset takes "
+                    "x_test and x_calib (calibration samples) only, or add y_test")
     if ("x_train" in headers) != ("y_train" in headers):
         have, lack = ("x_train", "y_train") if "x_train" in headers else ("y_train", "x_train")
         raise _fail(DatasetError, f"{source} has {have} but no {lack}; add {lack} or remove {have}")
@@ -1282,7 +1297,7 @@ def load_npz_dataset(path: str | os.PathLike,
             raise _fail(DatasetError, f"{source}: features '{name}' have shape "
                         f"{arrays[name].shape}; save one sample per row, shape (N, ...)")
     for name in [k for k in arrays if k.startswith("y_")]:
-        arrays[name] = _labels(name, arrays[name], source)
+        arrays[name] = _labels(name, arrays[name], source, notes)
     for split in ("test", "train"):
         x, y = arrays.get(f"x_{split}"), arrays.get(f"y_{split}")
         if x is not None and y is not None and len(x) != len(y):

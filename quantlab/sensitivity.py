@@ -355,23 +355,16 @@ def evaluate_fake_quant(payload: dict, emit: Emit) -> dict:
 # --- per-layer sensitivity (TFLite's QuantizationDebugger) ----------------------------------------
 
 
-def calibration_inputs(x: np.ndarray) -> Callable[[], Any]:
-    """The debugger's dataset: one calibration sample at a time, as the converter is calibrated."""
-    def generate() -> Any:
-        for sample in x:
-            yield [np.asarray(sample, dtype=np.float32)[None]]
-    return generate
-
-
-def make_debugger(converter: Any, calibration: np.ndarray) -> Any:
-    """A QuantizationDebugger on the int8 (float fallback) conversion of `converter`'s model."""
-    from .techniques import configure_converter
+def make_debugger(converter: Any, calibration: np.ndarray, input_dtype: str = "float32") -> Any:
+    """A QuantizationDebugger on the int8 (float fallback) conversion of `converter`'s model, fed
+    one calibration sample at a time in the input's dtype, as the converter is calibrated."""
+    from .techniques import configure_converter, representative_dataset
     from .tfcompat import import_tensorflow
 
     tf, _ = import_tensorflow()
-    configure_converter(converter, "int8-fallback", calibration)
-    return tf.lite.experimental.QuantizationDebugger(converter=converter,
-                                                     debug_dataset=calibration_inputs(calibration))
+    configure_converter(converter, "int8-fallback", calibration, input_dtype=input_dtype)
+    return tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=representative_dataset(calibration, input_dtype))
 
 
 def debugger_layers(debugger: Any) -> list[dict]:
@@ -407,12 +400,14 @@ def rank_layers(layers: list[dict]) -> list[str]:
 
 
 def converter_for(manifest: dict) -> Any:
+    """The int8 (float fallback) converter of the workload's model (see keras_convert)."""
+    from .keras_convert import keras_converter
     from .tfcompat import import_tensorflow
 
     tf, _ = import_tensorflow()
     if manifest.get("model_kind") == "savedmodel":
         return tf.lite.TFLiteConverter.from_saved_model(manifest["model_path"])
-    return tf.lite.TFLiteConverter.from_keras_model(load_model(manifest))
+    return keras_converter(load_model(manifest), "int8-fallback")[0]
 
 
 def layer_sensitivity(payload: dict, emit: Emit) -> dict:
@@ -423,7 +418,8 @@ def layer_sensitivity(payload: dict, emit: Emit) -> dict:
     started = time.perf_counter()
     dataset = load_dataset(manifest)
     emit({"stage": "lab", "message": "running TFLite's quantization debugger"})
-    layers = debugger_layers(make_debugger(converter_for(manifest), dataset.x_calib))
+    layers = debugger_layers(make_debugger(converter_for(manifest), dataset.x_calib,
+                                           manifest.get("input_dtype") or "float32"))
     return {"layers": layers, "ranking": rank_layers(layers), "conversion": "int8-fallback",
             "calibration_samples": int(len(dataset.x_calib)), "versions": library_versions(),
             "model_hash": manifest["model_hash"], "dataset_hash": manifest["dataset_hash"],
@@ -441,7 +437,8 @@ def produce_selective(context: Any, keep_float: int) -> tuple[bytes, dict]:
 
     tf, _ = import_tensorflow()
     calibration = context.dataset.x_calib
-    debugger = make_debugger(context.make_converter(None), calibration)
+    converter, notes = context.make_converter(None, "int8-fallback")
+    debugger = make_debugger(converter, calibration, context.manifest.get("input_dtype") or "float32")
     layers = debugger_layers(debugger)
     ranking = rank_layers(layers)
     kept = ranking[:max(0, int(keep_float))]
@@ -462,4 +459,6 @@ def produce_selective(context: Any, keep_float: int) -> tuple[bytes, dict]:
                         "rmse_scale": by_name[name]["rmse_scale"]} for name in kept],
         "sensitivity": layers,
     }
+    if notes:
+        details["conversion_notes"] = notes
     return model, details

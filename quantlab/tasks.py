@@ -73,10 +73,6 @@ def _load_keras(path: str) -> Any:
     return _MEMO[path]
 
 
-def predict_keras(model: Any, x: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=256, verbose=0), dtype=np.float32)
-
-
 def prepare_workload(payload: dict, emit: Emit) -> dict:
     """Load or build the dataset and the baseline model, and the float reference outputs."""
     cache = ArtifactCache(Path(payload["cache_dir"]))
@@ -89,6 +85,7 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
         dataset = load_builtin_dataset(dataset_ref["name"], cache.root)
     notes: list[str] = []
     trained_seconds = None
+    keras3_path: str | None = None
     if model_ref["path"] is None:
         if dataset_ref["path"]:
             from .uploads import check_dataset_for_builtin_model
@@ -110,6 +107,7 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
         model_hash, model_path, kind = model_ref["hash"], prepared.path, prepared.kind
         dataset = prepared.dataset
         notes.extend(prepared.notes)
+        keras3_path = str(prepared.keras3_path) if prepared.keras3_path else None
 
     dataset_hash = dataset.hash
     dataset_path = cache.path("datasets", f"{dataset.name}-{dataset_hash}", ".npz")
@@ -117,16 +115,24 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
         dataset_path.parent.mkdir(parents=True, exist_ok=True)
         dataset.save(dataset_path)
     reference_path = cache.path("references", f"{model_hash}-{dataset_hash}", ".npy")
-    if kind in ("keras", "savedmodel") and not reference_path.exists():
-        emit({"stage": "prepare", "message": "computing the float reference outputs"})
-        reference = _reference_outputs(kind, str(model_path), dataset)
+    described = {"model_kind": kind, "model_path": str(model_path), "keras3_path": keras3_path}
+    float_model = float_model_of(described) if kind in ("keras", "savedmodel") else None
+    if float_model is not None and not reference_path.exists():
+        emit({"stage": "prepare", "message": f"computing the float reference outputs "
+                                             f"({float_model.framework})"})
+        reference = float_model.predict(dataset.x_test)
         reference_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = reference_path.with_name(reference_path.name + ".tmp.npy")
         np.save(tmp, reference)
         tmp.replace(reference_path)
-    return {
-        "model_name": model_ref["name"], "model_kind": kind, "model_path": str(model_path),
-        "model_hash": model_hash, "dataset_name": dataset.name, "dataset_path": str(dataset_path),
+    if not dataset.has_labels:
+        notes.append("no labels: variants are compared on fidelity to the float model (top-1 "
+                     "agreement, SQNR); accuracy is not measured")
+    return {**described,
+        "float_framework": float_model.framework if float_model else None,
+        "input_dtype": float_model.input_dtype if float_model else _tflite_input_dtype(model_path),
+        "layers": _layer_list(kind, str(model_path)), "has_labels": dataset.has_labels,
+        "model_name": model_ref["name"], "model_hash": model_hash, "dataset_name": dataset.name, "dataset_path": str(dataset_path),
         "dataset_hash": dataset_hash, "dataset_source": dataset.source,
         "split_sizes": dataset.split_sizes, "input_shape": list(dataset.input_shape),
         "num_classes": dataset.num_classes,
@@ -135,16 +141,42 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
     }
 
 
-def _reference_outputs(kind: str, model_path: str, dataset: Dataset) -> np.ndarray:
-    """The float model's outputs on the test split: Keras, or for a SavedModel its float32 TFLite."""
-    if kind == "keras":
-        return predict_keras(_load_keras(model_path), dataset.x_test)
-    from . import measure
-    from .tfcompat import import_tensorflow
+def float_model_of(manifest: dict) -> Any:
+    """The workload's float model in its own framework (see float_models), memoized per worker."""
+    from . import float_models
 
-    tf, _ = import_tensorflow()
-    float_model = tf.lite.TFLiteConverter.from_saved_model(model_path).convert()
-    return measure.predict_tflite(float_model, dataset.x_test)
+    key = f"float:{manifest.get('keras3_path') or manifest['model_path']}"
+    if key not in _MEMO:
+        if manifest.get("keras3_path"):
+            path = Path(manifest["keras3_path"])
+            _MEMO[key] = float_models.keras_float_model(float_models.load_keras3(path), path, "keras3")
+        elif manifest["model_kind"] == "keras":
+            path = Path(manifest["model_path"])
+            _MEMO[key] = float_models.keras_float_model(_load_keras(str(path)), path, "tf_keras")
+        else:
+            _MEMO[key] = float_models.saved_model_float_model(Path(manifest["model_path"]))
+    return _MEMO[key]
+
+
+def _layer_list(kind: str, model_path: str) -> list[dict[str, str]]:
+    """Name and class of each top-level layer of a tf_keras model (what applicability checks read)."""
+    if kind != "keras":
+        return []
+    from .keras_convert import recurrent_layers
+
+    model = _load_keras(model_path)
+    cells = {layer["layer"]: layer["cell"] for layer in recurrent_layers(model)}
+    return [{"layer": layer.name, "class": type(layer).__name__,
+             **({"cell": cells[layer.name]} if layer.name in cells else {})} for layer in model.layers]
+
+
+def _tflite_input_dtype(model_path: Path) -> str | None:
+    from .measure import inspect_tflite
+
+    try:
+        return inspect_tflite(Path(model_path).read_bytes()).inputs[0]["dtype"]
+    except (OSError, IndexError):
+        return None
 
 
 def _save_keras(model: Any, path: Path) -> None:
@@ -162,45 +194,37 @@ def _save_keras(model: Any, path: Path) -> None:
 # --- variants -----------------------------------------------------------------------------------
 
 
-def _make_converter(manifest: dict) -> Callable[[Any], Any]:
-    def make(model: Any = None) -> Any:
+def _make_converter(manifest: dict) -> Callable[..., tuple[Any, list[str]]]:
+    def make(model: Any = None, mode: str = "float32") -> tuple[Any, list[str]]:
+        from .keras_convert import keras_converter
         from .tfcompat import import_tensorflow
 
         tf, _ = import_tensorflow()
         if model is not None:
-            return tf.lite.TFLiteConverter.from_keras_model(model)
+            return keras_converter(model, mode)
         if manifest["model_kind"] == "keras":
-            return tf.lite.TFLiteConverter.from_keras_model(_load_keras(manifest["model_path"]))
+            return keras_converter(_load_keras(manifest["model_path"]), mode)
         if manifest["model_kind"] == "savedmodel":
-            return tf.lite.TFLiteConverter.from_saved_model(manifest["model_path"])
+            return tf.lite.TFLiteConverter.from_saved_model(manifest["model_path"]), []
         raise ModelError(f"{manifest['model_name']} is a TensorFlow Lite file; it can be measured "
                          f"as it is but not converted again: upload the Keras model to convert it")
     return make
 
 
-def measure_keras_latency(model: Any, sample: np.ndarray, settings: MeasureSettings) -> dict:
-    """Batch-1 latency of the Keras model through a compiled tf.function, same run counts as TFLite."""
-    from .tfcompat import import_tensorflow
-
-    tf, _ = import_tensorflow()
-    call = tf.function(lambda x: model(x, training=False))
-    x = tf.constant(sample[None].astype(np.float32))
+def measure_call_latency(call: Callable[[Any], Any], sample: Any, settings: MeasureSettings) -> dict:
+    """Batch-1 latency of a TensorFlow callable (result read back), same run counts as TFLite."""
     for _ in range(max(1, settings.warmup_runs)):
-        call(x).numpy()
+        call(sample)
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < settings.min_runs or time.perf_counter() - started < settings.min_seconds:
         t0 = time.perf_counter()
-        call(x).numpy()
+        call(sample)
         times.append((time.perf_counter() - t0) * 1000)
     samples = np.asarray(times)
     return {"p50_ms": float(np.percentile(samples, 50)), "p90_ms": float(np.percentile(samples, 90)),
             "mean_ms": float(samples.mean()), "std_ms": float(samples.std()), "runs": len(times),
             "num_threads": None, "samples_ms": [round(t, 4) for t in times]}
-
-
-KERAS_LATENCY_METHOD = ("Keras model called through tf.function at batch 1 (TensorFlow's own thread pools), "
-                        "after warm-up runs; at least the same run count and duration as TFLite variants")
 
 
 def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
@@ -232,16 +256,18 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
 
     emit({"stage": "measure", "message": f"measuring {spec.id}"})
     if produced.tflite is None:
-        model = produced.keras_model
-        outputs = predict_keras(model, dataset.x_test)
-        artifact = Path(manifest["model_path"])
+        float_model = float_model_of(manifest)
+        outputs = float_model.predict(dataset.x_test)
+        artifact = float_model.path
         row["conversion_seconds"] = None
         with _held(shared_lock) as held:
-            latency = measure_keras_latency(model, dataset.x_test[0], settings)
-        row.update(model_bytes=artifact.stat().st_size, gzip_bytes=measure.gzip_size(artifact.read_bytes()),
-                   latency_method=KERAS_LATENCY_METHOD, input_dtype="float32", output_dtype="float32",
-                   float_ops=None, total_ops=None)
-        details["keras_layers"] = [f"{layer.__class__.__name__}:{layer.name}" for layer in model.layers]
+            latency = measure_call_latency(float_model.call, float_model.sample(dataset.x_test), settings)
+        model_bytes, gzip_bytes = float_model.artifact_bytes()
+        row.update(model_bytes=model_bytes, gzip_bytes=gzip_bytes,
+                   latency_method=float_model.latency_method, input_dtype=float_model.input_dtype,
+                   output_dtype="float32", float_ops=None, total_ops=None)
+        details["keras_layers"] = list(float_model.layers)
+        details["float_framework"] = float_model.framework
     else:
         artifact = cache.write_bytes("artifacts", payload["result_key"], ".tflite", produced.tflite)
         outputs = measure.predict_tflite(produced.tflite, dataset.x_test, num_threads=settings.num_threads)
@@ -258,8 +284,11 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
                                    f"{held.wait:.0f} s): another measurement may have overlapped")
     details["latency_samples_ms"] = latency.pop("samples_ms", [])
     details["latency_others_cpu_share"] = latency.pop("others_cpu_share", None)
+    if not dataset.has_labels:
+        details.update(labels=False, label_note="no labels in the dataset: accuracy is not measured; "
+                                                "compare on agreement with the float model")
     row.update(
-        accuracy=measure.accuracy(outputs, dataset.y_test),
+        accuracy=measure.accuracy(outputs, dataset.y_test) if dataset.has_labels else None,
         agreement=measure.agreement(outputs, reference) if reference is not None else None,
         sqnr_db=measure.sqnr_db(outputs, reference) if reference is not None else None,
         latency_p50_ms=latency["p50_ms"], latency_p90_ms=latency["p90_ms"],

@@ -83,7 +83,7 @@ class BuildContext:
     """What a technique may use: the baseline (loaded lazily), the dataset, a progress channel."""
 
     load_keras_model: Callable[[], Any]
-    make_converter: Callable[[Any], Any]
+    make_converter: Callable[..., tuple[Any, list[str]]]  # (model or None, mode) -> converter, notes
     dataset: Any
     on_progress: Callable[[dict], None] = lambda event: None
     cache: Any = None
@@ -124,11 +124,12 @@ class Technique:
 # --- post-training quantization ---------------------------------------------------------------
 
 
-def representative_dataset(x: np.ndarray) -> Callable[[], Any]:
-    """The calibration samples, one at a time, as the converter expects."""
+def representative_dataset(x: np.ndarray, dtype: str = "float32") -> Callable[[], Any]:
+    """The calibration samples, one at a time and in the model input's dtype, as the converter
+    expects (token ids into an Embedding are calibrated as int32, not float32)."""
     def generate() -> Any:
         for sample in x:
-            yield [np.asarray(sample, dtype=np.float32)[None]]
+            yield [np.asarray(sample, dtype=dtype)[None]]
     return generate
 
 
@@ -136,7 +137,7 @@ WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
 
 
 def configure_converter(converter: Any, mode: str, calibration: np.ndarray | None, *,
-                        weights: str = "per-channel") -> Any:
+                        weights: str = "per-channel", input_dtype: str = "float32") -> Any:
     """Set a TFLiteConverter up for one post-training quantization mode.
 
     `weights="per-tensor"` gives each int8 kernel one scale instead of one per output channel, as
@@ -156,7 +157,7 @@ def configure_converter(converter: Any, mode: str, calibration: np.ndarray | Non
         if calibration is None or len(calibration) == 0:
             raise TechniqueError(f"{mode} needs representative (calibration) data; "
                                  f"provide x_calib or x_train in the dataset")
-        converter.representative_dataset = representative_dataset(calibration)
+        converter.representative_dataset = representative_dataset(calibration, input_dtype)
     if weights not in WEIGHT_GRANULARITIES:
         raise TechniqueError(f"weights must be one of {', '.join(WEIGHT_GRANULARITIES)}, not {weights!r}")
     if weights == "per-tensor":
@@ -172,18 +173,37 @@ def configure_converter(converter: Any, mode: str, calibration: np.ndarray | Non
     return converter
 
 
-def convert_model(context: BuildContext, model: Any, mode: str, *, weights: str = "per-channel") -> bytes:
-    """Convert `model` (a Keras model, or None for the context's own source) in one PTQ mode."""
-    converter = configure_converter(context.make_converter(model), mode, context.dataset.x_calib,
-                                    weights=weights)
-    return converter.convert()
+def convert_model(context: BuildContext, model: Any, mode: str, *,
+                  weights: str = "per-channel") -> tuple[bytes, list[str]]:
+    """Convert `model` (a Keras model, or None for the context's own source) in one PTQ mode; the
+    .tflite bytes and notes on how (see keras_convert)."""
+    converter, notes = context.make_converter(model, mode)
+    configure_converter(converter, mode, context.dataset.x_calib, weights=weights,
+                        input_dtype=context.manifest.get("input_dtype") or "float32")
+    return converter.convert(), notes
+
+
+def io_details(mode: str, input_dtype: str | None) -> dict[str, Any]:
+    """What integer-only I/O did to an input that is already integer (token ids stay as they are)."""
+    if mode in ("int8-only", "uint8-only") and input_dtype and input_dtype.startswith(("int", "uint")):
+        return {"io_note": f"the {input_dtype} input stays {input_dtype} (token ids are not "
+                           f"quantized); integer-only I/O applies to float inputs and the output"}
+    return {}
+
+
+def conversion_details(context: BuildContext, mode: str, notes: list[str]) -> dict[str, Any]:
+    details: dict[str, Any] = io_details(mode, context.manifest.get("input_dtype"))
+    if notes:
+        details["conversion_notes"] = notes
+    return details
 
 
 def _ptq(mode: str) -> Callable[[BuildContext, dict], Produced]:
     def produce(context: BuildContext, params: dict) -> Produced:
         weights = params.get("weights", "per-channel")
-        return Produced(tflite=convert_model(context, None, mode, weights=weights),
-                        details={"conversion": mode, "weights": weights})
+        tflite, notes = convert_model(context, None, mode, weights=weights)
+        return Produced(tflite=tflite, details={"conversion": mode, "weights": weights,
+                                                **conversion_details(context, mode, notes)})
     return produce
 
 
@@ -194,7 +214,8 @@ WEIGHTS_PARAM = Param("weights", "per-channel",
 
 
 def _baseline(context: BuildContext, params: dict) -> Produced:
-    return Produced(tflite=None, keras_model=context.load_keras_model())
+    """The float model itself, measured in its own framework by the worker (see float_models)."""
+    return Produced(tflite=None)
 
 
 def _as_uploaded(context: BuildContext, params: dict) -> Produced:
@@ -215,9 +236,9 @@ def register(technique: Technique) -> Technique:
 
 
 for _technique in (
-    Technique("baseline", "baseline", "Keras baseline",
-              "the trained Keras model itself, measured in Keras (the reference)", _baseline,
-              sources=("keras",)),
+    Technique("baseline", "baseline", "Float baseline",
+              "the float model itself, measured in its own framework (tf_keras, Keras 3, or a "
+              "SavedModel's serving signature in TensorFlow): the reference", _baseline),
     Technique("as-uploaded", "uploaded", "Uploaded .tflite",
               "a ready TensorFlow Lite file, measured as it is (no float reference to agree with)",
               _as_uploaded, sources=("tflite",)),
@@ -445,13 +466,15 @@ def _fine_tune(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
     def produce(context: BuildContext, params: dict) -> Produced:
         fit_params = {k: v for k, v in params.items() if k not in _CONVERSION_PARAMS}
         model, stats = fine_tuned_model(context, technique_id, fit_params)
+        extra: dict[str, Any] = {}
         if _is_qat(technique_id):
             tflite = convert_qat_model(model, params["io"])
             conversion = f"quantization-aware int8 ({params['io']} I/O)"
         else:
-            tflite = convert_model(context, model, params["then"])
+            tflite, notes = convert_model(context, model, params["then"])
             conversion = params["then"]
-        return Produced(tflite=tflite, details={"conversion": conversion, "fine_tune": stats})
+            extra = conversion_details(context, params["then"], notes)
+        return Produced(tflite=tflite, details={"conversion": conversion, "fine_tune": stats, **extra})
     return produce
 
 

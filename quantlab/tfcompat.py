@@ -6,6 +6,9 @@ import os
 from types import ModuleType
 
 
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+
+
 def import_tensorflow() -> tuple[ModuleType, ModuleType]:
     """Return (tensorflow, tf_keras), making TensorFlow use tf_keras (Keras 2) as `tf.keras`.
 
@@ -14,6 +17,11 @@ def import_tensorflow() -> tuple[ModuleType, ModuleType]:
     """
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # oneDNN off: with it on, `fit` segfaulted on a real pretrained mini-Xception (SeparableConv2D,
+    # BatchNorm, residual Add); off, fine-tunes took as long (within this machine's noise) and the
+    # Keras baseline ran faster (0.32-0.35 ms vs 0.57 ms at batch 1 on the seed CNN). TFLite and
+    # LiteRT do not use it. Set TF_ENABLE_ONEDNN_OPTS=1 before starting QuantLab to turn it on.
+    os.environ.setdefault(ONEDNN_ENV, "0")
     import tensorflow as tf
     import tf_keras
 
@@ -31,4 +39,5 @@ def library_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    versions["onednn"] = "on" if os.environ.get(ONEDNN_ENV, "0") not in ("0", "false") else "off"
     return versions

@@ -23,12 +23,24 @@ def check_dataset_file(path: Path) -> None:
     load_npz_dataset(path)
 
 
-def dataset_from_arrays(name: str, arrays: dict[str, np.ndarray]) -> Dataset:
-    """Split user arrays: test as given; calibration from x_calib, else from train, else from test."""
-    x_test, y_test = arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int64)
+UNLABELLED = -1  # the label of every sample of a dataset given without labels
+
+
+def dataset_from_arrays(name: str, arrays: dict[str, np.ndarray], notes: tuple[str, ...] = ()) -> Dataset:
+    """Split user arrays: test as given; calibration from x_calib, else from train, else from test.
+
+    Without y_test every label is UNLABELLED (-1): the dataset `has_labels` is False.
+    """
+    x_test = arrays["x_test"].astype(np.float32)
+    if "y_test" in arrays:
+        y_test = arrays["y_test"].astype(np.int64)
+    else:
+        y_test = np.full(len(x_test), UNLABELLED, dtype=np.int64)
     x_train = arrays.get("x_train", x_test[:0]).astype(np.float32)
     y_train = arrays.get("y_train", y_test[:0]).astype(np.int64)
-    source = f"uploaded {name}"
+    source = "; ".join((f"uploaded {name}", *notes))
+    if "y_test" not in arrays:
+        source += "; no labels (compared on fidelity to the float model)"
     if "x_calib" in arrays:
         x_calib = arrays["x_calib"].astype(np.float32)
         y_calib = np.full(len(x_calib), -1, dtype=np.int64)  # calibration needs no labels
@@ -48,11 +60,12 @@ def dataset_from_arrays(name: str, arrays: dict[str, np.ndarray]) -> Dataset:
 
 
 def load_uploaded_dataset(path: Path) -> Dataset:
-    arrays = load_npz_dataset(path)
+    notes: list[str] = []
+    arrays = load_npz_dataset(path, notes=notes)
     for key in [k for k in arrays if k.startswith("x_")]:
         if arrays[key].ndim == 4 and arrays[key].shape[-1] == 1:
             arrays[key] = arrays[key][..., 0]  # (N, H, W, 1) images are stored as (N, H, W)
-    return dataset_from_arrays(path.stem, arrays)
+    return dataset_from_arrays(path.stem, arrays, tuple(notes))
 
 
 def fit_dataset_to_model(dataset: Dataset, input_shape: tuple[int, ...], num_classes: int) -> Dataset:
@@ -66,6 +79,9 @@ def fit_dataset_to_model(dataset: Dataset, input_shape: tuple[int, ...], num_cla
 
 
 def check_dataset_for_builtin_model(dataset: Dataset) -> None:
+    if not dataset.has_labels:
+        raise DatasetError(f"{dataset.name} has no labels (no y_test), and built-in models are "
+                           f"trained on your data; add y_test and y_train, or upload your own model")
     if len(dataset.input_shape) != 2:
         raise DatasetError(f"{dataset.name}: built-in models take grayscale images of shape (N, H, W), "
                            f"not samples of shape {dataset.input_shape}; reshape the arrays or "
@@ -80,6 +96,7 @@ class PreparedModel:
     kind: str  # keras | savedmodel | tflite
     dataset: Dataset
     notes: tuple[str, ...] = ()
+    keras3_path: Path | None = None  # a Keras 3 upload's own file: its baseline runs in Keras 3
 
 
 def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: ArtifactCache) -> PreparedModel:
@@ -107,8 +124,14 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
     target = cache.path("models", f"upload-{file_hash}", "")
     if not target.exists():
         copy_into_cache(Path(loaded.saved_model_dir), target)
-    notes = (*loaded.notes, "post-training techniques only; the float32 TFLite conversion is the reference")
-    return PreparedModel(target, "savedmodel", fitted, notes)
+    keras3_path = None
+    if loaded.keras3_file is not None:
+        keras3_path = cache.path("models", f"upload-{file_hash}-keras3", loaded.keras3_file.suffix)
+        if not keras3_path.exists():
+            copy_into_cache(loaded.keras3_file, keras3_path)
+    reference = "the Keras 3 model" if keras3_path else "the SavedModel's serving signature in TensorFlow"
+    notes = (*loaded.notes, f"post-training techniques only; {reference} is the float reference")
+    return PreparedModel(target, "savedmodel", fitted, notes, keras3_path)
 
 
 def _save_model(model: Any, target: Path) -> None:

@@ -42,6 +42,11 @@ class Dataset:
         return tuple(self.x_test.shape[1:])
 
     @property
+    def has_labels(self) -> bool:
+        """False for a dataset given without labels (y_test all -1): compared on fidelity only."""
+        return bool(len(self.y_test)) and int(self.y_test.min()) >= 0
+
+    @property
     def split_sizes(self) -> dict[str, int]:
         return {"train": len(self.x_train), "calibration": len(self.x_calib), "test": len(self.x_test)}
 

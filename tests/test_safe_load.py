@@ -677,11 +677,47 @@ def test_npz_with_non_finite_values_is_refused(tmp_path, bad_value, word):
     assert_clear(info.value, "x_test", word, "replace")
 
 
-def test_npz_missing_keys_is_refused(tmp_path):
-    path = save_npz(tmp_path / "data.npz", x_test=good_arrays()["x_test"])
+def test_npz_missing_x_test_is_refused(tmp_path):
+    path = save_npz(tmp_path / "data.npz", y_test=good_arrays()["y_test"])
     with pytest.raises(DatasetError) as info:
         load_npz_dataset(path)
-    assert_clear(info.value, "missing y_test", "np.savez")
+    assert_clear(info.value, "missing x_test", "np.savez")
+
+
+def test_npz_without_labels_is_an_unlabelled_dataset(tmp_path):
+    arrays = good_arrays()
+    path = save_npz(tmp_path / "data.npz", x_test=arrays["x_test"], x_calib=arrays["x_test"][:3])
+    loaded = load_npz_dataset(path)
+    assert set(loaded) == {"x_test", "x_calib"}
+
+
+def test_npz_with_x_train_but_no_labels_at_all_is_refused(tmp_path):
+    arrays = good_arrays()
+    path = save_npz(tmp_path / "data.npz", x_test=arrays["x_test"], x_train=arrays["x_test"])
+    with pytest.raises(DatasetError) as info:
+        load_npz_dataset(path)
+    assert_clear(info.value, "x_train but no y_test", "x_calib")
+
+
+def test_one_hot_labels_become_class_indices_and_say_so(tmp_path):
+    arrays = good_arrays()
+    y = np.asarray(arrays["y_test"])
+    one_hot = np.eye(int(y.max()) + 1, dtype=np.float32)[y]
+    path = save_npz(tmp_path / "data.npz", x_test=arrays["x_test"], y_test=one_hot)
+    notes: list[str] = []
+    loaded = load_npz_dataset(path, notes=notes)
+    assert loaded["y_test"].tolist() == y.tolist()
+    assert notes and "one-hot" in notes[0] and "argmax" in notes[0]
+
+
+def test_soft_labels_are_refused_not_argmaxed(tmp_path):
+    arrays = good_arrays()
+    n = len(arrays["y_test"])
+    soft = np.full((n, 2), 0.5, dtype=np.float32)
+    path = save_npz(tmp_path / "data.npz", x_test=arrays["x_test"], y_test=soft)
+    with pytest.raises(DatasetError) as info:
+        load_npz_dataset(path)
+    assert_clear(info.value, "y_test", "one-hot")
 
 
 def test_npz_with_unexpected_key_is_refused(tmp_path):
@@ -711,7 +747,7 @@ def test_npz_mismatched_lengths_is_refused(tmp_path):
 @pytest.mark.parametrize("labels, fragment", [
     (np.array([0, 1, -1, 2] * 5), "-1"),
     (np.array([0.0, 1.5] * 10), "whole numbers"),
-    (np.eye(3)[np.array([0, 1] * 10)], "np.argmax"),
+    (np.full((20, 3), 1 / 3), "np.argmax"),  # soft labels (one-hot rows are accepted)
     (np.array(["cat", "dog"] * 10), "dtype"),
 ])
 def test_npz_bad_labels_are_refused(tmp_path, labels, fragment):

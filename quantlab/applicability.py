@@ -1,0 +1,55 @@
+"""Which techniques can apply to a prepared workload, and why not: decided before any worker starts.
+
+Reads only the manifest a prepare task wrote (model kind, layer classes, input dtype, labels, split
+sizes): no TensorFlow. What can only be known by trying (a layer tfmot cannot wrap, a converter
+limit) is still refused by the technique itself, in one line naming the layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .keras_convert import RECURRENT_CLASSES
+from .techniques import Technique, get_technique
+
+_KIND_WORDS = {"keras": "a tf_keras model", "savedmodel": "a SavedModel (or a Keras 3 model "
+               "exported to one)", "tflite": "a TensorFlow Lite file"}
+QAT_TECHNIQUES = frozenset({"qat-int8", "cqat-int8", "pqat-int8"})
+
+
+def _recurrent(manifest: dict) -> list[dict[str, str]]:
+    return [layer for layer in manifest.get("layers") or [] if layer.get("class") in RECURRENT_CLASSES]
+
+
+def refusal(technique: Technique | str, manifest: dict) -> str | None:
+    """Why `technique` cannot run on the workload `manifest` describes, or None when it may."""
+    technique = get_technique(technique) if isinstance(technique, str) else technique
+    kind = manifest.get("model_kind", "keras")
+    name = manifest.get("model_name", "the model")
+    if kind not in technique.sources:
+        needs = " or ".join(_KIND_WORDS[k] for k in technique.sources)
+        return f"{technique.id} cannot run on {name} ({_KIND_WORDS[kind]}); it needs {needs}"
+    if not technique.fine_tunes:
+        return None
+    if manifest.get("has_labels") is False:
+        return (f"{technique.id} fine-tunes on labelled data and the dataset has no labels; add "
+                f"y_test, x_train and y_train to fine-tune, or use post-training techniques")
+    if not (manifest.get("split_sizes") or {}).get("train"):
+        return (f"{technique.id} fine-tunes on a train split and the dataset has none; add x_train "
+                f"and y_train to the .npz")
+    if technique.id in QAT_TECHNIQUES:
+        for layer in _recurrent(manifest):
+            return (f"{technique.id}: layer {layer['layer']!r} ({layer['class']}) has no "
+                    f"quantization-aware training in tensorflow-model-optimization 0.8.1; use "
+                    f"int8-fallback, dynamic, or prune / cluster for this model")
+    return None
+
+
+def refusals(manifest: dict, technique_ids: Any) -> dict[str, str]:
+    """{technique id: reason} for each of `technique_ids` that cannot run on the workload."""
+    found = {}
+    for technique_id in technique_ids:
+        reason = refusal(technique_id, manifest)
+        if reason:
+            found[technique_id] = reason
+    return found

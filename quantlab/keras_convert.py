@@ -1,0 +1,140 @@
+"""A TFLiteConverter for a tf_keras model, prepared for what users' models need.
+
+Runs in worker processes (imports TensorFlow). Measured with TF 2.21 on small user-style models:
+
+- Recurrent layers (LSTM, GRU, SimpleRNN, Bidirectional) do not convert from `from_keras_model`
+  ("'tf.TensorListReserve' op requires element_shape to be static"). Through a concrete function
+  with the batch dimension fixed at 1 they do, and an LSTM becomes one fused
+  UNIDIRECTIONAL_SEQUENCE_LSTM op, which the converter quantizes to int8.
+- A GRU or SimpleRNN has no fused kernel: it converts to a WHILE loop, and the converter's
+  calibration (every int8 and 16x8 mode) crashed the process (segmentation fault) on that loop.
+  Unrolled over its time steps (`unroll=True`, same weights) it calibrates and converts.
+- 16x8 refuses the fused LSTM ("Quantization to 16x8-bit not yet supported for op:
+  'UNIDIRECTIONAL_SEQUENCE_LSTM'"); the unrolled LSTM converts.
+- An integer input (token ids into an Embedding) must be calibrated with samples of its own dtype;
+  integer-only I/O keeps it int32 (only float inputs become int8 / uint8).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import TechniqueError
+
+RECURRENT_CLASSES = frozenset({"LSTM", "GRU", "SimpleRNN", "RNN", "Bidirectional", "ConvLSTM1D",
+                               "ConvLSTM2D", "ConvLSTM3D"})
+# Recurrent layers TFLite fuses into one op (calibration works on the rolled layer).
+FUSED_RECURRENT_CLASSES = frozenset({"LSTM"})
+CALIBRATED_MODES = frozenset({"int8-fallback", "int8-only", "uint8-only", "int16x8"})
+
+
+def _inner_class(layer: Any) -> str:
+    """The class of a recurrent layer, or of the layer a Bidirectional wraps."""
+    inner = getattr(layer, "forward_layer", None) or getattr(layer, "layer", None)
+    return type(inner).__name__ if type(layer).__name__ == "Bidirectional" and inner is not None \
+        else type(layer).__name__
+
+
+def recurrent_layers(model: Any) -> list[dict[str, str]]:
+    """Each recurrent layer of the model: name, class, and the recurrent class inside a wrapper."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        kind = type(layer).__name__
+        if kind in RECURRENT_CLASSES:
+            found.append({"layer": layer.name, "class": kind, "cell": _inner_class(layer)})
+    return found
+
+
+def layers_to_unroll(model: Any, mode: str) -> list[dict[str, str]]:
+    """The recurrent layers that must be unrolled for `mode` to convert (see the module docstring)."""
+    if mode not in CALIBRATED_MODES:
+        return []
+    return [layer for layer in recurrent_layers(model)
+            if mode == "int16x8" or layer["cell"] not in FUSED_RECURRENT_CLASSES]
+
+
+def _set_unroll(config: dict) -> dict:
+    config = dict(config)
+    if "layer" in config and isinstance(config["layer"], dict):  # Bidirectional
+        config["layer"] = {**config["layer"], "config": _set_unroll(config["layer"]["config"])}
+    if "backward_layer" in config and isinstance(config["backward_layer"], dict):
+        config["backward_layer"] = {**config["backward_layer"],
+                                    "config": _set_unroll(config["backward_layer"]["config"])}
+    if "unroll" in config or "cell" in config or "units" in config:
+        config["unroll"] = True
+    return config
+
+
+def unrolled_copy(model: Any, names: set[str]) -> Any:
+    """A copy of the model with the named recurrent layers unrolled (same weights, same outputs)."""
+    from .tfcompat import import_tensorflow
+
+    _, keras = import_tensorflow()
+
+    def clone(layer: Any) -> Any:
+        if layer.name not in names:
+            return layer.__class__.from_config(layer.get_config())
+        return layer.__class__.from_config(_set_unroll(layer.get_config()))
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _check_fixed_steps(model: Any, layers: list[dict[str, str]]) -> None:
+    if not layers:
+        return
+    shape = tuple(model.inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        first = layers[0]
+        raise TechniqueError(f"layer {first['layer']!r} ({first['class']}) must be unrolled to "
+                             f"calibrate, which needs a fixed number of time steps, but the input "
+                             f"shape is {shape}: re-save the model with a fixed sequence length, or "
+                             f"use dynamic or float16")
+
+
+def fixed_batch_function(model: Any) -> Any:
+    """The model's forward pass as a concrete function whose inputs have batch dimension 1."""
+    from .tfcompat import import_tensorflow
+
+    tf, _ = import_tensorflow()
+    specs = [tf.TensorSpec([1, *inp.shape[1:]], inp.dtype, name=inp.name.split(":")[0])
+             for inp in model.inputs]
+    if len(specs) == 1:
+        return tf.function(lambda x: model(x, training=False)).get_concrete_function(specs[0])
+    return tf.function(lambda *xs: model(list(xs), training=False)).get_concrete_function(*specs)
+
+
+def keras_converter(model: Any, mode: str) -> tuple[Any, list[str]]:
+    """A TFLiteConverter for `model` converted in `mode`, and notes on what was done to it.
+
+    Models without recurrent layers use `from_keras_model` (dynamic batch, so evaluation can batch);
+    models with them go through a fixed-batch concrete function, unrolled where `mode` needs it.
+    """
+    from .tfcompat import import_tensorflow
+
+    tf, _ = import_tensorflow()
+    recurrent = recurrent_layers(model)
+    if not recurrent:
+        return tf.lite.TFLiteConverter.from_keras_model(model), []
+    notes = [f"converted through a concrete function with batch 1 (recurrent layer(s): "
+             f"{', '.join(layer['layer'] for layer in recurrent)}); the .tflite takes one sample "
+             f"per invoke"]
+    unroll = layers_to_unroll(model, mode)
+    _check_fixed_steps(model, unroll)
+    if unroll:
+        model = unrolled_copy(model, {layer["layer"] for layer in unroll})
+        steps = model.inputs[0].shape[1]
+        why = ("16x8 has no fused LSTM kernel" if mode == "int16x8"
+               else "calibrating a rolled GRU/SimpleRNN loop crashes the converter")
+        notes.append(f"unrolled over {steps} time steps for {mode} ({why}): "
+                     f"{', '.join(layer['layer'] for layer in unroll)}")
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fixed_batch_function(model)], model)
+    return converter, notes
+
+
+def input_dtype(model: Any) -> str:
+    """The numpy name of the model's (first) input dtype, e.g. float32 or int32."""
+    return np.dtype(model.inputs[0].dtype.as_numpy_dtype).name

@@ -307,6 +307,8 @@ def model_comparison_figure(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a
         legend = name if metric == "accuracy" else f"{name} (no labels: agreement)"
         prepared.append((rows, hover_text(rows, metric).to_numpy(), rows[["row_id"]].to_numpy(),
                          legend, color))
+    baseline_only = [name for (frame, name, _), (rows, *_) in zip(frames, prepared) if rows.empty]
+    prepared = [entry for entry in prepared if not entry[0].empty]
     for col, (metric, _) in enumerate(RELATIVE_METRICS, start=1):
         for rows, hover, custom, name, color in prepared:
             fig.add_trace(go.Bar(
@@ -314,15 +316,15 @@ def model_comparison_figure(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a
                 showlegend=col == 1, marker_color=color, customdata=custom, hovertext=hover,
                 hovertemplate=HOVER_TEMPLATE), row=1, col=col)
     fig.update_layout(barmode="group", height=max(260, 60 + 42 * max(len(order), 1)),
-                      margin=dict(l=10, r=10, t=70, b=10), title=f"{name_a} vs {name_b}",
+                      margin=dict(l=10, r=10, t=70, b=10),
+                      title=f"{name_a} vs {name_b}" + "".join(
+                          f"<br><sup>{name}: only the Keras baseline is measured</sup>"
+                          for name in baseline_only),
                       legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
     fig.update_yaxes(autorange="reversed")
     if not frames:
         fig.add_annotation(text="Nothing measured to compare yet", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
-    elif not order:
-        fig.add_annotation(text="Only the Keras baselines are measured: nothing to compare yet",
-                           showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
     return fig
 
 

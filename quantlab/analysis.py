@@ -226,6 +226,15 @@ def quality_metric(rows: pd.DataFrame | Mapping[str, Any] | None) -> str:
     return "agreement" if has_agreement or says_so else "accuracy"
 
 
+def workload_quality(store: Store, model: str | None, dataset: str | None) -> str:
+    """quality_metric of every stored row of `model` on `dataset` (before any other filter)."""
+    if not model or not dataset:
+        return "accuracy"
+    return quality_metric(store.query(
+        "SELECT accuracy, agreement, error, details FROM results "
+        "WHERE model_name = ? AND dataset_name = ?", [model, dataset]))
+
+
 def quality(rows: pd.DataFrame | Mapping[str, Any] | None) -> Quality:
     """QUALITY of `quality_metric(rows)`."""
     return QUALITY[quality_metric(rows)]

@@ -147,10 +147,11 @@ if not frame.empty and frame["reference_technique"].isna().all():
             "add the baseline technique to a sweep.")
 
 # --- the trade-off charts -------------------------------------------------------------------------
-size_figure = charts.accuracy_vs_size(frame, sweet_spot_row_id=spot.row_id, max_accuracy_drop_points=drop)
+size_figure = charts.accuracy_vs_size(frame, sweet_spot_row_id=spot.row_id, max_accuracy_drop_points=drop,
+                                      metric=quality.metric)
 latency_figure = charts.accuracy_vs_latency(frame, sweet_spot_row_id=spot.row_id,
                                             latency_budget_ms=budget or None,
-                                            max_accuracy_drop_points=drop)
+                                            max_accuracy_drop_points=drop, metric=quality.metric)
 left, right = st.columns(2)
 with left:
     size_click = st.plotly_chart(size_figure, key="compare_size_chart", on_select="rerun",

@@ -240,10 +240,11 @@ def accuracy_floor(frame: pd.DataFrame, max_accuracy_drop_points: float | None,
 
 
 def accuracy_vs_size(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = None,
-                     max_accuracy_drop_points: float | None = None, gzip: bool = False) -> go.Figure:
-    """Quality (accuracy, or agreement without labels) against the .tflite size, log axis."""
+                     max_accuracy_drop_points: float | None = None, gzip: bool = False,
+                     metric: str | None = None) -> go.Figure:
+    """Quality (`metric`, default quality_metric(frame)) against the .tflite size, log axis."""
     column = "gzip_bytes" if gzip else "model_bytes"
-    metric = quality_metric(frame)
+    metric = metric or quality_metric(frame)
     fig = tradeoff_figure(frame, column, "Model size, bytes" + (" (gzip)" if gzip else "") + " (log)",
                           log_x=True, sweet_spot_row_id=sweet_spot_row_id, metric=metric,
                           max_accuracy_drop_points=max_accuracy_drop_points,
@@ -254,9 +255,10 @@ def accuracy_vs_size(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = Non
 
 def accuracy_vs_latency(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = None,
                         latency_budget_ms: float | None = None,
-                        max_accuracy_drop_points: float | None = None) -> go.Figure:
-    """Quality (accuracy, or agreement without labels) against batch-1 p50 latency."""
-    metric = quality_metric(frame)
+                        max_accuracy_drop_points: float | None = None,
+                        metric: str | None = None) -> go.Figure:
+    """Quality (`metric`, default quality_metric(frame)) against batch-1 p50 latency."""
+    metric = metric or quality_metric(frame)
     data = _plottable(frame, "latency_p50_ms", metric)
     latency = pd.to_numeric(data["latency_p50_ms"], errors="coerce") if not data.empty else data
     log_x = bool(not data.empty and latency.max() / latency.min() > 10)

@@ -16,6 +16,7 @@ from ui.share import share_controls, sync_view, update_view, write_view
 SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp")
 DEFAULT_DROP_POINTS = 1.0
 OBJECTIVE_LABELS = {"size": "Smallest", "latency": "Fastest", "accuracy": "Most accurate"}
+NO_LABELS_OBJECTIVE = "Closest to the float model"
 TABLE_COLUMNS = {
     "label": st.column_config.TextColumn("Technique", pinned=True),
     "variant": st.column_config.TextColumn("Variant (id, params)"),
@@ -26,6 +27,7 @@ TABLE_COLUMNS = {
     "x_smaller_gzip": st.column_config.NumberColumn("x smaller (gzip)", format="%.2fx"),
     "accuracy": st.column_config.NumberColumn("Accuracy", format="percent"),
     "accuracy_change_points": st.column_config.NumberColumn("Δ accuracy (points)", format="%+.2f"),
+    "agreement_change_points": st.column_config.NumberColumn("Δ agreement (points)", format="%+.2f"),
     "agreement": st.column_config.NumberColumn("Agreement", format="percent"),
     "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
     "latency_p50_ms": st.column_config.NumberColumn("p50 (ms)", format="%.3f"),
@@ -39,6 +41,7 @@ TABLE_COLUMNS = {
     "recorded_at": st.column_config.DatetimeColumn("Recorded", format="YYYY-MM-DD HH:mm"),
     "row_id": st.column_config.TextColumn("Row"),
 }
+NO_LABELS_COLUMNS = {**TABLE_COLUMNS, "accuracy": st.column_config.TextColumn("Accuracy")}
 
 
 def page_link(page: str, label: str, **kwargs) -> None:
@@ -100,16 +103,22 @@ with st.container(horizontal=True):
                             format_func=lambda s: "Newest result of every variant" if s is None
                             else sweep_labels[s])
 
+quality = analysis.QUALITY[analysis.workload_quality(store, model, dataset)]
+no_labels = quality.metric == "agreement"
+if no_labels:
+    st.caption(f"**{model}** on **{dataset}**: {analysis.NO_LABELS_NOTE}.")
+
 with st.container(horizontal=True):
     budget = st.number_input("Latency budget, p50 ms (empty: none)", min_value=0.0, value=view.latency_budget_ms,
                              step=0.1, format="%.3f", key="compare_budget", placeholder="no budget",
                              help="Batch-1 median latency each variant must stay within")
-    drop = st.number_input("Accuracy drop you accept, points", min_value=0.0, max_value=100.0,
-                           value=view.accuracy_drop_pp if view.accuracy_drop_pp is not None
+    drop = st.number_input(f"{quality.noun.capitalize()} drop you accept, points", min_value=0.0,
+                           max_value=100.0, value=view.accuracy_drop_pp if view.accuracy_drop_pp is not None
                            else DEFAULT_DROP_POINTS, step=0.1, key="compare_drop",
-                           help="Points of accuracy below the baseline (1.0 = 95.0% -> 94.0%)")
+                           help=f"Points of {quality.noun} below the baseline (1.0 = 95.0% -> 94.0%)")
     objective = st.radio("Among those, pick the", list(OBJECTIVE_LABELS), key="compare_objective",
-                         format_func=OBJECTIVE_LABELS.get, horizontal=True)
+                         format_func=lambda o: NO_LABELS_OBJECTIVE if no_labels and o == "accuracy"
+                         else OBJECTIVE_LABELS[o], horizontal=True)
 every_row = st.checkbox("Show every stored measurement, not only the newest of each variant",
                         value=view.latest_only is False, key="compare_every_row",
                         help="Repeated sweeps measure a variant again: see how much its numbers vary")
@@ -124,7 +133,7 @@ frame = everything[everything["error"].isna()]
 failed = everything[everything["error"].notna()]
 
 # --- the answer ----------------------------------------------------------------------------------
-spot = analysis.sweet_spot(frame, budget or None, drop, objective)
+spot = analysis.sweet_spot(frame, budget or None, drop, objective, quality.metric)
 if spot.found:
     st.success(f"**{spot.headline()}**", icon=":material/verified:")
     st.caption(f"{spot.reason[:1].upper()}{spot.reason[1:]}; relative to the {spot.row['reference_note']}.")
@@ -138,10 +147,11 @@ if not frame.empty and frame["reference_technique"].isna().all():
             "add the baseline technique to a sweep.")
 
 # --- the trade-off charts -------------------------------------------------------------------------
-size_figure = charts.accuracy_vs_size(frame, sweet_spot_row_id=spot.row_id, max_accuracy_drop_points=drop)
+size_figure = charts.accuracy_vs_size(frame, sweet_spot_row_id=spot.row_id, max_accuracy_drop_points=drop,
+                                      metric=quality.metric)
 latency_figure = charts.accuracy_vs_latency(frame, sweet_spot_row_id=spot.row_id,
                                             latency_budget_ms=budget or None,
-                                            max_accuracy_drop_points=drop)
+                                            max_accuracy_drop_points=drop, metric=quality.metric)
 left, right = st.columns(2)
 with left:
     size_click = st.plotly_chart(size_figure, key="compare_size_chart", on_select="rerun",
@@ -149,17 +159,19 @@ with left:
 with right:
     latency_click = st.plotly_chart(latency_figure, key="compare_latency_chart", on_select="rerun",
                                     selection_mode="points")
-st.caption("Click a point to open its details. The line joins the Pareto front: no variant is both "
-           "smaller (or faster) and more accurate than a point on it. Dashed: your budgets.")
+better = "closer to the float model" if no_labels else "more accurate"
+st.caption(f"Click a point to open its details. The line joins the Pareto front: no variant is both "
+           f"smaller (or faster) and {better} than a point on it. Dashed: your budgets.")
 clicked = picked_point(size_click) or picked_point(latency_click)
 if clicked:
     open_details(clicked)
 
 # --- the table -----------------------------------------------------------------------------------
 st.subheader("Against the baseline")
-table = analysis.table_frame(frame)
+table = analysis.table_frame(frame, quality.metric)
 picked = st.dataframe(table, key="compare_table", on_select="rerun", selection_mode="single-row",
-                      hide_index=True, column_config=TABLE_COLUMNS, width="stretch")
+                      hide_index=True, column_config=NO_LABELS_COLUMNS if no_labels else TABLE_COLUMNS,
+                      width="stretch")
 st.caption("Sort by any column header; select a row to open its details.")
 if picked and picked.selection.rows:
     open_details(table["row_id"].iloc[picked.selection.rows[0]])
@@ -184,6 +196,11 @@ else:
     name_a, name_b = f"{model} on {dataset}", f"{other_model} on {other_dataset}"
     shown = st.radio("Show", ["Relative to each baseline", "Accuracy vs size"], horizontal=True,
                      key="compare_two_models_view", label_visibility="collapsed")
+    other_quality = analysis.quality_metric(other_frame)
+    if other_quality != quality.metric:
+        unlabelled = name_b if other_quality == "agreement" else name_a
+        st.caption(f"{unlabelled} has no labels: its quality is top-1 agreement with its float model, "
+                   f"the other's is accuracy; compare their changes, not their levels.")
     if shown == "Relative to each baseline":
         st.plotly_chart(charts.model_comparison_figure(frame, other_frame, name_a, name_b),
                         key="compare_two_models_bars")
@@ -202,4 +219,5 @@ with st.container(border=True):
     st.caption(analysis.measurement_note(frame) or "Nothing measured in this selection.")
     st.caption("Latency is single-sample (batch 1) inference on this machine's CPU with the LiteRT "
                "interpreter; accuracy is top-1 on the dataset's test split; agreement is the share of "
-               "test samples whose top-1 class matches the float reference.")
+               "test samples whose top-1 class matches the float reference."
+               + (" This dataset has no labels, so no accuracy is measured." if no_labels else ""))

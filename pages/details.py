@@ -6,10 +6,11 @@ import streamlit as st
 
 from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
+from quantlab.analysis import NO_LABELS_NOTE
 from quantlab.ui_state import (AppSettings, downloadable_artifact, extra_details, float_ops_summary,
-                               format_bytes, is_fine_tuned, latency_histogram, latency_summary, ops_table,
-                               provenance_table, row_frame, row_label, tensor_table,
-                               weight_granularity_summary)
+                               format_bytes, has_no_labels, is_fine_tuned, latency_histogram,
+                               latency_summary, number_text, ops_table, provenance_table, row_frame,
+                               row_label, tensor_table, weight_granularity_summary)
 from ui.share import share_controls, sync_view, update_view, write_view
 
 RECENT_ROWS = 200
@@ -61,8 +62,10 @@ def key_numbers(row):
                                       (columns[3], "Agreement", "agreement", 4),
                                       (columns[4], "SQNR (dB)", "sqnr_db", 1),
                                       (columns[5], "p50 latency (ms)", "latency_p50_ms", 3)):
-        value = row.get(key)
-        column.metric(name, "n/a" if value is None or value != value else f"{value:.{digits}f}")
+        column.metric(name, number_text(row, key, digits))
+    if has_no_labels(row):
+        note = row["details"].get("label_note")
+        st.caption(f"{NO_LABELS_NOTE[:1].upper()}{NO_LABELS_NOTE[1:]}" + (f" ({note})." if note else "."))
 
 
 def tensors_and_ops(row):

@@ -14,7 +14,6 @@ import streamlit as st
 from quantlab import lab
 from quantlab.calibrate import CALIBRATORS, KMEANS_MAX_BITS, SUPPORTED_BITS, WEIGHT_BITS, QuantConfig
 from quantlab.errors import QuantLabError
-from quantlab.techniques import variant_label
 
 CONTEXT = lab.app_context()
 STORE, CACHE = CONTEXT.store, CONTEXT.cache
@@ -227,17 +226,11 @@ def model_view() -> None:
                       "Evaluating the fake-quantized model in a worker process...",
                       lambda: lab.evaluate(manifest, CACHE, request))
     rows = int8_rows(str(STORE.path), manifest["model_hash"], manifest["dataset_hash"])
-    columns = st.columns(2 + len(rows))
-    if result is not None:
-        columns[0].metric("Predicted (fake-quantized)", f"{result['accuracy']:.4f}",
-                          delta=f"{result['accuracy'] - result['float_accuracy']:+.4f} vs float",
-                          help=f"Agreement with the float model: {result['agreement']:.4f}")
-        columns[1].metric("Float (Keras)", f"{result['float_accuracy']:.4f}")
-        if result.get("folded_layers"):
-            st.caption(f"Folded with their batch norm before quantizing: {', '.join(result['folded_layers'])}.")
-    for column, row in zip(columns[2:], rows.to_dict("records") if len(rows) else []):
-        column.metric(f"Converted: {variant_label(row['technique'], row['params'])}", f"{row['accuracy']:.4f}",
-                      help=f"Measured TFLite model, store row {str(row['row_id'])[:8]}")
+    tiles = lab.model_view_tiles(result, rows.to_dict("records") if len(rows) else [])
+    for column, tile in zip(st.columns(max(len(tiles), 1)), tiles):
+        column.metric(tile.label, tile.value, delta=tile.delta, help=tile.help)
+    if result is not None and result.get("folded_layers"):
+        st.caption(f"Folded with their batch norm before quantizing: {', '.join(result['folded_layers'])}.")
     if result is not None and not len(rows):
         st.caption("No converted int8 variant of this model is stored yet: run int8-fallback on the Run "
                    "page to compare the prediction with the real thing.")
@@ -288,9 +281,9 @@ def selective_status() -> None:
         if row.get("error"):
             st.error(f"{row.get('technique')}: {row['error']}")
         else:
-            st.success(f"{row.get('technique')} (keep_float={sweep.keep_float}): accuracy "
-                       f"{row.get('accuracy'):.4f}, {row.get('float_ops')} of {row.get('total_ops')} ops "
-                       f"float. It is on the Compare page with the other variants.")
+            st.success(f"{row.get('technique')} (keep_float={sweep.keep_float}): {lab.quality_text(row)}, "
+                       f"{row.get('float_ops')} of {row.get('total_ops')} ops float. It is on the Compare "
+                       f"page with the other variants.")
     if sweep.finished and not st.session_state.get("lab_selective_shown"):
         st.session_state["lab_selective_shown"] = True   # redraw the whole page once with the new row
         int8_rows.clear()

@@ -108,6 +108,9 @@ write_view(view, SHARED_FIELDS)
 
 frame = analysis.compare_frame(store, model=model, dataset=dataset)
 backing = recommend.back_with_measurements(advice, frame)
+if backing.metric == "agreement":
+    st.caption(f"**{model}** on **{dataset}**: {analysis.NO_LABELS_NOTE}; your tolerance is checked "
+               f"against the drop in agreement.")
 BACKING_STYLE.get(backing.status, st.info)(backing.text)
 if backing.row_id and st.button("Open the measured row", key="recommend_open_row"):
     try:

@@ -8,7 +8,7 @@ from quantlab.errors import QuantLabError
 from quantlab.sweeps import active_sweeps, get_sweep, start_sweep
 from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
-from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, AppSettings, blame_upload,
+from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
                                keras3_note, make_sweep_spec, model_kind_of, param_input, results_table,
                                save_upload, stored_name, technique_groups, technique_tags,
@@ -189,8 +189,10 @@ def draw_sweep(snapshot):
     if snapshot.status == "failed":
         st.error(f"The sweep failed: {snapshot.error}", icon=":material/error:")
     if snapshot.rows:
-        st.dataframe(results_table(snapshot.rows, details_link="details?row="), hide_index=True, column_config={
-            "accuracy": st.column_config.NumberColumn(format="%.4f"),
+        table = results_table(snapshot.rows, details_link="details?row=")
+        st.dataframe(table, hide_index=True, column_config={
+            "accuracy": st.column_config.TextColumn() if (table["accuracy"] == NO_LABELS).any()
+            else st.column_config.NumberColumn(format="%.4f"),
             "agreement": st.column_config.NumberColumn(format="%.4f"),
             "p50 latency (ms)": st.column_config.NumberColumn(format="%.3f"),
             "row": st.column_config.LinkColumn("details", display_text="open", help="Variant details")})

@@ -8,7 +8,10 @@ Terms used on screen and here:
   dataset hash; when a sweep measured no baseline, the TFLite `float32` row stands in and the
   `reference_technique` column says so;
 - `x_smaller` = reference bytes / bytes, `speedup` = reference p50 / p50,
-  `accuracy_change_points` = (accuracy - reference accuracy) * 100 (negative = worse).
+  `accuracy_change_points` = (accuracy - reference accuracy) * 100 (negative = worse),
+  `agreement_change_points` the same for agreement;
+- the *quality* of a workload is its accuracy, or, for a dataset without labels (every accuracy
+  NULL), its top-1 agreement with the float model: `quality_metric` decides, `QUALITY` names it.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ picked AS (
 refs AS (   -- per version: the baseline row if any, else the float32 row; newest first
     SELECT model_hash, dataset_hash, technique AS reference_technique, row_id AS reference_row_id,
            model_bytes AS ref_bytes, gzip_bytes AS ref_gzip_bytes, latency_p50_ms AS ref_p50_ms,
-           accuracy AS ref_accuracy, latency_method AS reference_latency_method
+           accuracy AS ref_accuracy, agreement AS ref_agreement,
+           latency_method AS reference_latency_method
     FROM results
     WHERE technique IN ('{baseline}', '{fallback}') AND error IS NULL AND {ref_where}
     QUALIFY row_number() OVER (PARTITION BY model_hash, dataset_hash
@@ -77,7 +81,8 @@ SELECT
     r.ref_gzip_bytes::DOUBLE / NULLIF(p.gzip_bytes, 0) AS x_smaller_gzip,
     r.ref_p50_ms / NULLIF(p.latency_p50_ms, 0) AS speedup,
     f.f32_p50_ms / NULLIF(p.latency_p50_ms, 0) AS speedup_vs_float32,
-    (p.accuracy - r.ref_accuracy) * 100 AS accuracy_change_points
+    (p.accuracy - r.ref_accuracy) * 100 AS accuracy_change_points,
+    (p.agreement - r.ref_agreement) * 100 AS agreement_change_points
 FROM picked p
 LEFT JOIN refs r ON p.model_hash IS NOT DISTINCT FROM r.model_hash
                 AND p.dataset_hash IS NOT DISTINCT FROM r.dataset_hash
@@ -88,7 +93,7 @@ ORDER BY p.model_name, p.dataset_name, p.model_bytes DESC NULLS LAST, p.techniqu
 
 COMPARE_COLUMNS = ("variant", "reference_technique", "reference_note", "reference_row_id",
                    "reference_latency_method", "x_smaller", "x_smaller_gzip", "speedup",
-                   "speedup_vs_float32", "accuracy_change_points", "label")
+                   "speedup_vs_float32", "accuracy_change_points", "agreement_change_points", "label")
 
 
 def _label_map() -> dict[str, str]:
@@ -164,6 +169,77 @@ def family_rank(families: pd.Series) -> pd.Series:
     return families.map(order).fillna(len(FAMILY_ORDER))
 
 
+# --- which quality the rows are judged by ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quality:
+    """One quality metric: its 0..1 column, its baseline-relative column and its words."""
+
+    metric: str                  # accuracy | agreement
+    change: str                  # the column of its change against the reference, in points
+    noun: str                    # in sentences and titles
+    axis_title: str              # the trade-off charts' y axis
+    points_suffix: str = ""      # after "points" in sentences: "-0.4 points of agreement"
+
+    def points(self, value: float) -> str:
+        """`1 point`, `0.5 points of agreement`."""
+        return points(value) + self.points_suffix
+
+
+NO_LABELS = "no labels"
+NO_LABELS_NOTE = "no labels: quality is top-1 agreement with the float model"
+QUALITY = {
+    "accuracy": Quality("accuracy", "accuracy_change_points", "accuracy", "Accuracy (%)"),
+    "agreement": Quality("agreement", "agreement_change_points", "agreement",
+                         "Agreement with the float model (%) · no labels", " of agreement"),
+}
+
+
+def _says_no_labels(details: Any) -> bool:
+    if isinstance(details, str):
+        try:
+            details = json.loads(details or "{}")
+        except ValueError:
+            return False
+    return isinstance(details, Mapping) and details.get("labels") is False
+
+
+def quality_metric(rows: pd.DataFrame | Mapping[str, Any] | None) -> str:
+    """"accuracy", or "agreement" when the rows come from a dataset without labels.
+
+    Agreement when no successful row has an accuracy and one has an agreement (or its details say
+    `"labels": false`); accuracy otherwise, also when nothing is measured yet. Pass the rows of one
+    model on one dataset (they share their labels): a mixed frame is judged as a whole.
+    """
+    if rows is None:
+        return "accuracy"
+    frame = pd.DataFrame([dict(rows)]) if isinstance(rows, Mapping) else rows
+    if frame.empty or "accuracy" not in frame.columns:
+        return "accuracy"
+    measured = frame[frame["error"].isna()] if "error" in frame.columns else frame
+    if pd.to_numeric(measured["accuracy"], errors="coerce").notna().any():
+        return "accuracy"
+    has_agreement = "agreement" in measured.columns and \
+        pd.to_numeric(measured["agreement"], errors="coerce").notna().any()
+    says_so = "details" in frame.columns and frame["details"].map(_says_no_labels).any()
+    return "agreement" if has_agreement or says_so else "accuracy"
+
+
+def workload_quality(store: Store, model: str | None, dataset: str | None) -> str:
+    """quality_metric of every stored row of `model` on `dataset` (before any other filter)."""
+    if not model or not dataset:
+        return "accuracy"
+    return quality_metric(store.query(
+        "SELECT accuracy, agreement, error, details FROM results "
+        "WHERE model_name = ? AND dataset_name = ?", [model, dataset]))
+
+
+def quality(rows: pd.DataFrame | Mapping[str, Any] | None) -> Quality:
+    """QUALITY of `quality_metric(rows)`."""
+    return QUALITY[quality_metric(rows)]
+
+
 # --- Pareto front and the sweet spot --------------------------------------------------------------
 
 
@@ -199,6 +275,7 @@ class SweetSpot:
     reason: str
     candidates: int = 0          # rows inside both budgets
     objective: str = "size"
+    metric: str = "accuracy"     # the quality the drop was measured in (quality_metric)
 
     @property
     def found(self) -> bool:
@@ -211,7 +288,8 @@ class SweetSpot:
     def headline(self) -> str:
         if self.row is None:
             return f"None fits, because {self.reason}."
-        return f"Best inside your budget: {self.row['label']} — {describe_gain(self.row)}"
+        return (f"Best inside your budget: {self.row['label']} — "
+                f"{describe_gain(self.row, self.metric)}")
 
 
 def points(value: float) -> str:
@@ -223,54 +301,65 @@ def _fmt_ms(value: float) -> str:
     return f"{value:.3g} ms"
 
 
+SORT_KEYS = {"size": ("model_bytes", "latency_p50_ms", "{quality}"),
+             "latency": ("latency_p50_ms", "model_bytes", "{quality}"),
+             "accuracy": ("{quality}", "latency_p50_ms", "model_bytes")}
+
+
 def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
-               max_accuracy_drop_points: float | None, objective: str = "size") -> SweetSpot:
+               max_accuracy_drop_points: float | None, objective: str = "size",
+               metric: str | None = None) -> SweetSpot:
     """The best deployable variant (any technique but the Keras baseline) inside both budgets.
 
-    `objective`: size (fewest bytes), latency (lowest p50) or accuracy (highest). A None budget
-    is no constraint. Ties go to the faster, then the smaller, then the more accurate row.
+    `objective`: size (fewest bytes), latency (lowest p50) or accuracy (highest quality). A None
+    budget is no constraint. The drop is measured in `metric` (default: `quality_metric(frame)`,
+    agreement for a dataset without labels). Ties go to the faster, then the smaller, then the
+    better row; rows without a latency never fit a latency budget.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    metric = metric or quality_metric(frame)
+    spot = {"objective": objective, "metric": metric}
     if frame is None or frame.empty:
-        return SweetSpot(None, "nothing is measured for this selection yet; run a sweep first",
-                         objective=objective)
+        return SweetSpot(None, "nothing is measured for this selection yet; run a sweep first", **spot)
     usable = frame[(frame["technique"] != BASELINE_TECHNIQUE) & frame["error"].isna()]
     if usable.empty:
         return SweetSpot(None, "only the Keras baseline is measured here; run some TFLite "
-                               "techniques", objective=objective)
+                               "techniques", **spot)
+    words = QUALITY[metric]
     latency = pd.to_numeric(usable["latency_p50_ms"], errors="coerce")
-    change = pd.to_numeric(usable["accuracy_change_points"], errors="coerce")
+    change = pd.to_numeric(usable.get(words.change, pd.Series(np.nan, usable.index)),
+                           errors="coerce")
     fast = latency <= latency_budget_ms if latency_budget_ms is not None else pd.Series(True, usable.index)
     if max_accuracy_drop_points is not None:
         if change.isna().all():
-            return SweetSpot(None, "there is no baseline or float32 row to measure the accuracy "
-                                   "drop against; add the baseline technique to the sweep",
-                             objective=objective)
+            return SweetSpot(None, f"there is no baseline or float32 row to measure the {words.noun} "
+                                   f"drop against; add the baseline technique to the sweep", **spot)
         accurate = change >= -float(max_accuracy_drop_points) - 1e-9
     else:
         accurate = pd.Series(True, usable.index)
     inside = usable[fast & accurate]
     if inside.empty:
         return SweetSpot(None, _why_none(usable, fast, accurate, latency, change, latency_budget_ms,
-                                         max_accuracy_drop_points), objective=objective)
-    keys = {"size": (["model_bytes", "latency_p50_ms", "accuracy"], [True, True, False]),
-            "latency": (["latency_p50_ms", "model_bytes", "accuracy"], [True, True, False]),
-            "accuracy": (["accuracy", "latency_p50_ms", "model_bytes"], [False, True, True])}
-    columns, ascending = keys[objective]
+                                         max_accuracy_drop_points, words), **spot)
+    columns = [c.format(quality=metric) for c in SORT_KEYS[objective]]
+    ascending = [c != metric for c in columns]
     best = inside.sort_values(columns, ascending=ascending, na_position="last").iloc[0]
     budget_words = []
     if latency_budget_ms is not None:
         budget_words.append(f"p50 within {_fmt_ms(latency_budget_ms)}")
     if max_accuracy_drop_points is not None:
-        budget_words.append(f"losing at most {points(max_accuracy_drop_points)}")
-    reason = (f"the {OBJECTIVES[objective]} of {len(inside)} variant(s) "
+        budget_words.append(f"losing at most {words.points(max_accuracy_drop_points)}")
+    best_word = "closest to the float model" if objective == "accuracy" and metric == "agreement" \
+        else OBJECTIVES[objective]
+    reason = (f"the {best_word} of {len(inside)} variant(s) "
               f"{' and '.join(budget_words) or 'measured (no budget set)'}")
-    return SweetSpot(best.to_dict(), reason, candidates=len(inside), objective=objective)
+    return SweetSpot(best.to_dict(), reason, candidates=len(inside), **spot)
 
 
 def _why_none(usable: pd.DataFrame, fast: pd.Series, accurate: pd.Series, latency: pd.Series,
-              change: pd.Series, budget: float | None, tolerance: float | None) -> str:
+              change: pd.Series, budget: float | None, tolerance: float | None,
+              words: Quality = QUALITY["accuracy"]) -> str:
     def name(index: Any) -> str:
         return str(usable.at[index, "label"])
 
@@ -282,14 +371,17 @@ def _why_none(usable: pd.DataFrame, fast: pd.Series, accurate: pd.Series, latenc
                 f"{_fmt_ms(latency[fastest])})")
     if not accurate.any():
         closest = change.idxmax()
-        return (f"every variant loses more than {points(tolerance)} (smallest loss: "
+        return (f"every variant loses more than {words.points(tolerance)} (smallest loss: "
                 f"{name(closest)}, {change[closest]:+.1f} points)")
-    fast_best = change[fast].idxmax()
-    accurate_fastest = latency[accurate].idxmin()
-    return (f"the {int(fast.sum())} variant(s) within {_fmt_ms(budget)} each lose more than "
-            f"{points(tolerance)} (best of them: {name(fast_best)}, {change[fast_best]:+.1f} points), "
-            f"and the {int(accurate.sum())} within the accuracy tolerance are too slow (fastest: "
-            f"{name(accurate_fastest)} at {_fmt_ms(latency[accurate_fastest])})")
+    fast_change, accurate_latency = change[fast].dropna(), latency[accurate].dropna()
+    fast_words = (f"each lose more than {words.points(tolerance)} (best of them: "
+                  f"{name(fast_change.idxmax())}, {fast_change.max():+.1f} points)"
+                  if not fast_change.empty else f"have no {words.noun} change measured")
+    slow_words = (f"are too slow (fastest: {name(accurate_latency.idxmin())} at "
+                  f"{_fmt_ms(accurate_latency.min())})" if not accurate_latency.empty
+                  else "have no latency measurement")
+    return (f"the {int(fast.sum())} variant(s) within {_fmt_ms(budget)} {fast_words}, and the "
+            f"{int(accurate.sum())} within the {words.noun} tolerance {slow_words}")
 
 
 # --- words ---------------------------------------------------------------------------------------
@@ -300,19 +392,22 @@ def _is_number(value: Any) -> bool:
         not pd.isna(value)
 
 
-def describe_gain(row: Mapping[str, Any]) -> str:
-    """`3.9x smaller, -0.4 points, 1.8x faster` from one compare_frame row. When the reference is the
-    Keras baseline, which runs in TensorFlow (another runtime, with Python overhead per call), the
-    speed-up against TFLite float32 leads and the one against Keras follows in brackets."""
+def describe_gain(row: Mapping[str, Any], metric: str | None = None) -> str:
+    """`3.9x smaller, -0.4 points, 1.8x faster` from one compare_frame row (`-0.4 points of
+    agreement` when `metric`, by default `quality_metric(row)`, is agreement). When the reference
+    is the Keras baseline, which runs in TensorFlow (another runtime, with Python overhead per
+    call), the speed-up against TFLite float32 leads and the one against Keras follows in brackets."""
+    words = QUALITY[metric or quality_metric(row)]
     parts = []
     smaller = row.get("x_smaller")
     if _is_number(smaller):
         parts.append(f"{smaller:.1f}x smaller" if smaller >= 1 else f"{1 / smaller:.1f}x larger")
-    change = row.get("accuracy_change_points")
+    change = row.get(words.change)
     if _is_number(change):
-        parts.append("±0.0 points" if round(change, 1) == 0 else f"{change:+.1f} points")
+        parts.append(("±0.0 points" if round(change, 1) == 0 else f"{change:+.1f} points")
+                     + words.points_suffix)
     else:
-        parts.append("accuracy change unknown")
+        parts.append(f"{words.noun} change unknown")
     speedup = row.get("speedup")
     if _is_number(speedup):
         text = _times(speedup, "faster", "slower")
@@ -444,13 +539,30 @@ TABLE_COLUMNS = ("label", "variant", "family", "model_bytes", "x_smaller", "gzip
                  "input_dtype", "output_dtype", "cached", "recorded_at", "row_id")
 
 
-def table_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The baseline-relative table: the columns a reader compares, families in their order."""
+def table_columns(metric: str = "accuracy") -> tuple[str, ...]:
+    """TABLE_COLUMNS, with Δ agreement in place of Δ accuracy for a dataset without labels."""
+    if metric != "agreement":
+        return TABLE_COLUMNS
+    return tuple(QUALITY["agreement"].change if c == "accuracy_change_points" else c
+                 for c in TABLE_COLUMNS)
+
+
+def table_frame(frame: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """The baseline-relative table: the columns a reader compares, families in their order.
+
+    Without labels (`metric` agreement, by default `quality_metric(frame)`), the accuracy column
+    says NO_LABELS and Δ agreement replaces Δ accuracy.
+    """
+    metric = metric or quality_metric(frame)
+    columns = table_columns(metric)
     if frame.empty:
-        return pd.DataFrame(columns=list(TABLE_COLUMNS))
+        return pd.DataFrame(columns=list(columns))
     ordered = frame.assign(_rank=family_rank(frame["family"])).sort_values(
         ["_rank", "model_bytes"], ascending=[True, False])
-    return ordered[[c for c in TABLE_COLUMNS if c in ordered.columns]].reset_index(drop=True)
+    table = ordered[[c for c in columns if c in ordered.columns]].reset_index(drop=True)
+    if metric == "agreement" and "accuracy" in table.columns:
+        table["accuracy"] = NO_LABELS
+    return table
 
 
 def last_sweep_spec(store: Store, model: str | None, dataset: str | None) -> dict[str, Any] | None:

@@ -15,7 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .analysis import BASELINE_TECHNIQUE, family_rank, pareto_front, points
+from .analysis import (BASELINE_TECHNIQUE, NO_LABELS, QUALITY, family_rank, pareto_front, points,
+                       quality_metric)
 from .techniques import params_text, variant_label
 
 # One colour per technique family, stable across pages and sessions (colour-blind-safe Okabe-Ito
@@ -46,8 +47,9 @@ def family_color(family: str) -> str:
 
 
 def _fmt(series: pd.Series, fmt: str, unit: str = "", missing: str = "—") -> pd.Series:
+    """Formatted text per value (object dtype, also for an empty series: it is added to strings)."""
     numbers = pd.to_numeric(series, errors="coerce")
-    return numbers.map(lambda v: missing if pd.isna(v) else format(v, fmt) + unit)
+    return numbers.map(lambda v: missing if pd.isna(v) else format(v, fmt) + unit).astype(object)
 
 
 def format_bytes(series: pd.Series) -> pd.Series:
@@ -60,7 +62,7 @@ def format_bytes(series: pd.Series) -> pd.Series:
             if v >= size:
                 return f"{v / size:.1f} {unit}"
         return f"{int(v)} B"
-    return numbers.map(one)
+    return numbers.map(one).astype(object)
 
 
 def _params_text(series: pd.Series) -> pd.Series:
@@ -74,35 +76,48 @@ def point_labels(frame: pd.DataFrame) -> pd.Series:
                      index=frame.index, dtype=object)
 
 
-def hover_text(frame: pd.DataFrame) -> pd.Series:
-    """One hover block per row: identity, then every measured figure, then where it came from."""
+def hover_text(frame: pd.DataFrame, metric: str | None = None) -> pd.Series:
+    """One hover block per row: identity, then every measured figure, then where it came from.
+    The change in points follows the quality measure (`metric`, default `quality_metric(frame)`);
+    without labels the accuracy reads NO_LABELS."""
+    if frame is None or frame.empty:
+        return pd.Series([], dtype=object, index=frame.index if frame is not None else None)
+    metric = metric or quality_metric(frame)
+
     def get(name: str) -> pd.Series:
         return frame[name] if name in frame.columns else pd.Series(np.nan, index=frame.index)
 
     label = get("label").fillna(get("technique")).astype(str)
-    change = pd.to_numeric(get("accuracy_change_points"), errors="coerce")
-    change_text = change.map(lambda v: "" if pd.isna(v) else f" ({v:+.2f} points)")
-    cached = get("cached").map(lambda v: "yes" if v is True or v == 1 else "no")
+    change = pd.to_numeric(get(QUALITY[metric].change), errors="coerce")
+    change_text = change.map(lambda v: "" if pd.isna(v) else f" ({v:+.2f} points)").astype(object)
+    cached = get("cached").map(lambda v: "yes" if v is True or v == 1 else "no").astype(object)
     size = ("size " + format_bytes(get("model_bytes")) + " (" + _fmt(get("x_smaller"), ".2f", "x")
             + " smaller) · gzip " + format_bytes(get("gzip_bytes")) + " ("
             + _fmt(get("x_smaller_gzip"), ".2f", "x") + ")")
-    quality = ("accuracy " + _fmt(get("accuracy") * 100, ".2f", "%") + change_text + " · agreement "
-               + _fmt(get("agreement") * 100, ".2f", "%") + " · SQNR " + _fmt(get("sqnr_db"), ".1f", " dB"))
+    accuracy = _fmt(get("accuracy") * 100, ".2f", "%")
+    agreement = _fmt(get("agreement") * 100, ".2f", "%")
+    if metric == "agreement":
+        quality = "accuracy " + NO_LABELS + " · agreement " + agreement + change_text
+    else:
+        quality = "accuracy " + accuracy + change_text + " · agreement " + agreement
+    quality = quality + " · SQNR " + _fmt(get("sqnr_db"), ".1f", " dB")
     latency = ("latency p50 " + _fmt(get("latency_p50_ms"), ".3g", " ms") + " · p90 "
                + _fmt(get("latency_p90_ms"), ".3g", " ms") + " (" + _fmt(get("speedup"), ".2f", "x")
                + " vs baseline) · threads " + _fmt(get("num_threads"), ".0f"))
     return ("<b>" + label + "</b> · " + get("family").astype(str) + "<br>" + size + "<br>" + quality
-            + "<br>" + latency + "<br>params " + _params_text(get("params")) + " · cached " + cached
-            + "<br>row " + get("row_id").astype(str).str[:12])
+            + "<br>" + latency + "<br>params " + _params_text(get("params")).astype(object)
+            + " · cached " + cached + "<br>row " + get("row_id").astype(str).str[:12])
 
 
 # --- trade-off scatter --------------------------------------------------------------------------
 
 
-def _plottable(frame: pd.DataFrame, x: str) -> pd.DataFrame:
-    if frame is None or frame.empty:
+def _plottable(frame: pd.DataFrame, x: str, metric: str = "accuracy") -> pd.DataFrame:
+    """The successful rows with a `metric` value and a positive `x`."""
+    if frame is None or frame.empty or metric not in frame.columns or x not in frame.columns:
         return pd.DataFrame(columns=list(frame.columns) if frame is not None else [])
-    keep = frame["accuracy"].notna() & frame[x].notna() & (pd.to_numeric(frame[x], errors="coerce") > 0)
+    keep = pd.to_numeric(frame[metric], errors="coerce").notna() \
+        & (pd.to_numeric(frame[x], errors="coerce") > 0)
     if "error" in frame.columns:
         keep &= frame["error"].isna()
     return frame[keep]
@@ -115,15 +130,18 @@ def _scatter_class(points: int) -> type:
 def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | None = None,
                     sweet_spot_row_id: str | None = None, x_budget: float | None = None,
                     x_budget_name: str = "budget {:g}", max_accuracy_drop_points: float | None = None,
-                    title: str = "", show_front: bool = True) -> go.Figure:
-    """Accuracy (%) against column `x` (smaller is better): one trace per family, the Pareto
-    front as a line, the sweet spot ringed, budgets as dashed lines. log_x None: log when the
-    values span more than 10x."""
-    data = _plottable(frame, x)
+                    title: str = "", show_front: bool = True, metric: str | None = None) -> go.Figure:
+    """Quality (%) against column `x` (smaller is better): one trace per family, the Pareto
+    front as a line, the sweet spot ringed, budgets as dashed lines. Quality is `metric`, by
+    default `quality_metric(frame)`: accuracy, or agreement with the float model without labels.
+    log_x None: log when the values span more than 10x."""
+    metric = metric or quality_metric(frame)
+    words = QUALITY[metric]
+    data = _plottable(frame, x, metric)
     fig = go.Figure()
     fig.update_layout(title=title or None, height=470, margin=dict(l=10, r=10, t=40, b=10),
                       legend=dict(orientation="h", yanchor="top", y=-0.18, x=0),
-                      xaxis_title=x_title, yaxis_title="Accuracy (%)", clickmode="event+select",
+                      xaxis_title=x_title, yaxis_title=words.axis_title, clickmode="event+select",
                       uirevision=x, hovermode="closest")
     if data.empty:
         fig.add_annotation(text="Nothing measured to plot yet", showarrow=False, x=0.5, y=0.5,
@@ -134,7 +152,7 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
         log_x = bool(xs.max() / xs.min() > 10)
     if log_x:
         fig.update_xaxes(type="log")
-    hover = hover_text(data)
+    hover = hover_text(data, metric)
     label_points = len(data) <= LABEL_POINTS_UP_TO
     labels = point_labels(data) if label_points else None
     has_star = sweet_spot_row_id is not None and (data["row_id"] == sweet_spot_row_id).any()
@@ -147,7 +165,7 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
     for family in families.iloc[np.argsort(family_rank(families).to_numpy(), kind="stable")]:
         part = data[data["family"] == family]
         fig.add_trace(scatter(
-            x=part[x], y=part["accuracy"] * 100, name=str(family), legendgroup=str(family),
+            x=part[x], y=part[metric] * 100, name=str(family), legendgroup=str(family),
             mode="markers+text" if label_points else "markers",
             text=labels.loc[part.index] if label_points else None, textposition="top center",
             textfont=dict(size=10),
@@ -156,23 +174,23 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
             customdata=part[["row_id", "technique"]].to_numpy(),
             hovertext=hover.loc[part.index], hovertemplate=HOVER_TEMPLATE))
     if show_front:
-        front = pareto_front(data, x, "accuracy")
+        front = pareto_front(data, x, metric)
         if len(front) > 1:
             fig.add_trace(go.Scatter(
-                x=front[x], y=front["accuracy"] * 100, mode="lines", name="Pareto front",
+                x=front[x], y=front[metric] * 100, mode="lines", name="Pareto front",
                 line=dict(color="#555555", width=1.5), hoverinfo="skip"))
     if has_star:
         best = data[data["row_id"] == sweet_spot_row_id]
         fig.add_trace(go.Scatter(
-            x=best[x], y=best["accuracy"] * 100, mode="markers+text" if label_points else "markers",
+            x=best[x], y=best[metric] * 100, mode="markers+text" if label_points else "markers",
             text=star_labels, textposition="top center", textfont=dict(size=10, color=PATH_COLOR),
             name="Best inside budget",
             marker=dict(symbol="star", size=24, color="rgba(0,0,0,0)",
                         line=dict(width=2.5, color=PATH_COLOR)),
             customdata=best[["row_id", "technique"]].to_numpy(),
             hovertext=hover.loc[best.index], hovertemplate=HOVER_TEMPLATE))
-    y_values = data["accuracy"] * 100
-    floor = accuracy_floor(data, max_accuracy_drop_points)
+    y_values = pd.to_numeric(data[metric], errors="coerce") * 100
+    floor = accuracy_floor(data, max_accuracy_drop_points, metric)
     y_low = min(y_values.min(), floor if floor is not None else math.inf)
     y_high = y_values.max()
     pad = max((y_high - y_low) * 0.08, 0.5)
@@ -185,7 +203,7 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
         x_low, x_high = min(xs.min(), x_budget or math.inf), max(xs.max(), x_budget or 0)
         fig.add_trace(go.Scatter(
             x=[x_low * (0.8 if log_x else 1), x_high * (1.25 if log_x else 1)], y=[floor, floor],
-            mode="lines", name=f"accuracy floor (-{points(max_accuracy_drop_points)})",
+            mode="lines", name=f"{words.noun} floor (-{points(max_accuracy_drop_points)})",
             hoverinfo="skip", line=dict(color=BUDGET_COLOR, dash="dot", width=1.5)))
     return fig
 
@@ -208,37 +226,48 @@ def log_ticks(values: pd.Series, unit: str = "") -> tuple[list[float], list[str]
     return ticks, [label(v) for v in ticks]
 
 
-def accuracy_floor(frame: pd.DataFrame, max_accuracy_drop_points: float | None) -> float | None:
-    """Reference accuracy (%) minus the tolerance, or None without a tolerance or reference."""
-    if max_accuracy_drop_points is None or frame.empty or "accuracy_change_points" not in frame:
+def accuracy_floor(frame: pd.DataFrame, max_accuracy_drop_points: float | None,
+                   metric: str = "accuracy") -> float | None:
+    """The reference's `metric` (%) minus the tolerance, or None without a tolerance or reference."""
+    change = QUALITY[metric].change
+    if max_accuracy_drop_points is None or frame.empty or change not in frame or metric not in frame:
         return None
-    reference = (frame["accuracy"] * 100 - frame["accuracy_change_points"]).dropna()
+    reference = (pd.to_numeric(frame[metric], errors="coerce") * 100
+                 - pd.to_numeric(frame[change], errors="coerce")).dropna()
     if reference.empty:
         return None
     return float(reference.iloc[0]) - float(max_accuracy_drop_points)
 
 
 def accuracy_vs_size(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = None,
-                     max_accuracy_drop_points: float | None = None, gzip: bool = False) -> go.Figure:
+                     max_accuracy_drop_points: float | None = None, gzip: bool = False,
+                     metric: str | None = None) -> go.Figure:
+    """Quality (`metric`, default quality_metric(frame)) against the .tflite size, log axis."""
     column = "gzip_bytes" if gzip else "model_bytes"
+    metric = metric or quality_metric(frame)
     fig = tradeoff_figure(frame, column, "Model size, bytes" + (" (gzip)" if gzip else "") + " (log)",
-                          log_x=True, sweet_spot_row_id=sweet_spot_row_id,
-                          max_accuracy_drop_points=max_accuracy_drop_points, title="Accuracy vs size")
-    ticks, labels = log_ticks(_plottable(frame, column)[column], "bytes")
+                          log_x=True, sweet_spot_row_id=sweet_spot_row_id, metric=metric,
+                          max_accuracy_drop_points=max_accuracy_drop_points,
+                          title=f"{QUALITY[metric].noun.capitalize()} vs size")
+    ticks, labels = log_ticks(_plottable(frame, column, metric)[column], "bytes")
     return fig.update_xaxes(tickvals=ticks, ticktext=labels) if ticks else fig
 
 
 def accuracy_vs_latency(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = None,
                         latency_budget_ms: float | None = None,
-                        max_accuracy_drop_points: float | None = None) -> go.Figure:
-    data = _plottable(frame, "latency_p50_ms")
-    log_x = bool(not data.empty and data["latency_p50_ms"].max() / data["latency_p50_ms"].min() > 10)
+                        max_accuracy_drop_points: float | None = None,
+                        metric: str | None = None) -> go.Figure:
+    """Quality (`metric`, default quality_metric(frame)) against batch-1 p50 latency."""
+    metric = metric or quality_metric(frame)
+    data = _plottable(frame, "latency_p50_ms", metric)
+    latency = pd.to_numeric(data["latency_p50_ms"], errors="coerce") if not data.empty else data
+    log_x = bool(not data.empty and latency.max() / latency.min() > 10)
     fig = tradeoff_figure(frame, "latency_p50_ms",
                           "Latency p50, ms (batch 1)" + (" (log)" if log_x else ""), log_x=log_x,
                           sweet_spot_row_id=sweet_spot_row_id, x_budget=latency_budget_ms,
                           x_budget_name="latency budget {:g} ms",
-                          max_accuracy_drop_points=max_accuracy_drop_points,
-                          title="Accuracy vs latency")
+                          max_accuracy_drop_points=max_accuracy_drop_points, metric=metric,
+                          title=f"{QUALITY[metric].noun.capitalize()} vs latency")
     if log_x:
         ticks, labels = log_ticks(pd.concat([data["latency_p50_ms"], pd.Series([latency_budget_ms])]))
         fig.update_xaxes(tickvals=ticks, ticktext=labels)
@@ -248,27 +277,40 @@ def accuracy_vs_latency(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = 
 # --- two models side by side ----------------------------------------------------------------------
 
 
+QUALITY_CHANGE = "quality_change_points"   # per model: its accuracy, or agreement, change
 RELATIVE_METRICS = (("x_smaller", "x smaller"), ("speedup", "x faster (vs baseline)"),
-                    ("accuracy_change_points", "accuracy change, points"))
+                    (QUALITY_CHANGE, "{} change, points"))
+
+
+def _quality_words(metrics: Iterable[str]) -> str:
+    """`accuracy`, `agreement`, or `accuracy or agreement` for a panel two models share."""
+    return " or ".join(dict.fromkeys(QUALITY[m].noun for m in sorted(set(metrics))))
 
 
 def model_comparison_figure(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a: str,
                             name_b: str) -> go.Figure:
     """Baseline-relative figures of the same techniques on two models: one bar group per
-    technique in three panels (smaller, faster, accuracy change). Relative numbers compare fairly
-    across models of different sizes."""
-    fig = make_subplots(rows=1, cols=len(RELATIVE_METRICS), shared_yaxes=True,
-                        subplot_titles=[title for _, title in RELATIVE_METRICS],
-                        horizontal_spacing=0.04)
+    technique in three panels (smaller, faster, quality change). Relative numbers compare fairly
+    across models of different sizes. Each model's quality is its own `quality_metric`: a model
+    without labels shows its agreement change, and its legend entry says so."""
     frames = [(f, n, c) for f, n, c in ((frame_a, name_a, MODEL_COLORS[0]),
                                          (frame_b, name_b, MODEL_COLORS[1]))
               if f is not None and not f.empty]
+    metrics = [quality_metric(f) for f, _, _ in frames]
+    titles = [title.format(_quality_words(metrics or ["accuracy"])) for _, title in RELATIVE_METRICS]
+    fig = make_subplots(rows=1, cols=len(RELATIVE_METRICS), shared_yaxes=True,
+                        subplot_titles=titles, horizontal_spacing=0.04)
     order = _technique_order([f for f, _, _ in frames])
     prepared = []
-    for frame, name, color in frames:  # one row per technique, in the shared order; hover once
-        rows = (_one_per_technique(frame).set_index("technique").reindex(order)
+    for (frame, name, color), metric in zip(frames, metrics):  # one row per technique; hover once
+        rows = (_one_per_technique(frame, metric).set_index("technique").reindex(order)
                 .dropna(subset=["row_id"]).reset_index())
-        prepared.append((rows, hover_text(rows).to_numpy(), rows[["row_id"]].to_numpy(), name, color))
+        rows[QUALITY_CHANGE] = rows[QUALITY[metric].change] if QUALITY[metric].change in rows else np.nan
+        legend = name if metric == "accuracy" else f"{name} (no labels: agreement)"
+        prepared.append((rows, hover_text(rows, metric).to_numpy(), rows[["row_id"]].to_numpy(),
+                         legend, color))
+    baseline_only = [name for (frame, name, _), (rows, *_) in zip(frames, prepared) if rows.empty]
+    prepared = [entry for entry in prepared if not entry[0].empty]
     for col, (metric, _) in enumerate(RELATIVE_METRICS, start=1):
         for rows, hover, custom, name, color in prepared:
             fig.add_trace(go.Bar(
@@ -276,7 +318,10 @@ def model_comparison_figure(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a
                 showlegend=col == 1, marker_color=color, customdata=custom, hovertext=hover,
                 hovertemplate=HOVER_TEMPLATE), row=1, col=col)
     fig.update_layout(barmode="group", height=max(260, 60 + 42 * max(len(order), 1)),
-                      margin=dict(l=10, r=10, t=70, b=10), title=f"{name_a} vs {name_b}",
+                      margin=dict(l=10, r=10, t=70, b=10),
+                      title=f"{name_a} vs {name_b}" + "".join(
+                          f"<br><sup>{name}: only the Keras baseline is measured</sup>"
+                          for name in baseline_only),
                       legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
     fig.update_yaxes(autorange="reversed")
     if not frames:
@@ -292,9 +337,11 @@ def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[keep]
 
 
-def _one_per_technique(frame: pd.DataFrame) -> pd.DataFrame:
-    """The most accurate row of each technique (a technique swept with several params)."""
-    rows = _comparable(frame).sort_values("accuracy", ascending=False, na_position="last")
+def _one_per_technique(frame: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
+    """The best row (by `metric`) of each technique (a technique swept with several params)."""
+    rows = _comparable(frame)
+    if metric in rows.columns:
+        rows = rows.sort_values(metric, ascending=False, na_position="last")
     return rows.drop_duplicates("technique")
 
 
@@ -310,19 +357,22 @@ def _technique_order(frames: Iterable[pd.DataFrame]) -> list[str]:
 
 def side_by_side_tradeoff(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a: str, name_b: str,
                           x: str = "model_bytes") -> go.Figure:
-    """Accuracy vs `x` for two models in two panels, same family colours, legend shown once."""
+    """Quality vs `x` for two models in two panels, same family colours, legend shown once; each
+    panel's y axis names its model's quality (agreement for a model without labels)."""
     x_title = {"model_bytes": "Model size, bytes (log)",
                "latency_p50_ms": "Latency p50, ms (log)"}.get(x, x)
     fig = make_subplots(rows=1, cols=2, subplot_titles=[name_a, name_b], horizontal_spacing=0.08)
     seen: set[str] = set()
     for col, frame in enumerate((frame_a, frame_b), start=1):
-        panel = tradeoff_figure(frame if frame is not None else pd.DataFrame(), x, x_title, log_x=True)
+        frame = frame if frame is not None else pd.DataFrame()
+        metric = quality_metric(frame)
+        panel = tradeoff_figure(frame, x, x_title, log_x=True, metric=metric)
         for trace in panel.data:
             trace.showlegend = trace.name not in seen
             seen.add(trace.name)
             fig.add_trace(trace, row=1, col=col)
         fig.update_xaxes(type="log", title_text=x_title, row=1, col=col)
-    fig.update_yaxes(title_text="Accuracy (%)", row=1, col=1)
+        fig.update_yaxes(title_text=QUALITY[metric].axis_title, row=1, col=col)
     fig.update_layout(height=470, margin=dict(l=10, r=10, t=40, b=10), clickmode="event+select",
                       legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
     return fig

@@ -648,6 +648,62 @@ def converted_int8_rows(store: Store, manifest: Mapping[str, Any]) -> Any:
         [manifest["model_hash"], manifest["dataset_hash"], *INT8_TECHNIQUES, SELECTIVE_TECHNIQUE])
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One st.metric of the model view: label, value, delta and help."""
+
+    label: str
+    value: str
+    delta: str | None = None
+    help: str | None = None
+
+
+def _figure(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def quality_text(row: Mapping[str, Any]) -> str:
+    """`accuracy 0.9512`, or `no labels, agreement 0.9900` for a dataset without labels."""
+    accuracy, agreement = _figure(row.get("accuracy")), _figure(row.get("agreement"))
+    if accuracy is not None:
+        return f"accuracy {accuracy:.4f}"
+    return f"no labels, agreement {agreement:.4f}" if agreement is not None else "accuracy n/a"
+
+
+def model_view_tiles(result: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any]]) -> list[Tile]:
+    """The prediction (fake-quantized vs float), then each converted int8 row: accuracy, or
+    agreement with the float model when the dataset has no labels."""
+    from .analysis import NO_LABELS, NO_LABELS_NOTE
+    from .techniques import variant_label
+
+    tiles = []
+    if result is not None:
+        accuracy, agreement = _figure(result.get("accuracy")), _figure(result.get("agreement"))
+        float_accuracy = _figure(result.get("float_accuracy"))
+        if accuracy is not None:
+            delta = f"{accuracy - float_accuracy:+.4f} vs float" if float_accuracy is not None else None
+            tiles.append(Tile("Predicted (fake-quantized)", f"{accuracy:.4f}", delta,
+                              f"Agreement with the float model: {agreement:.4f}"
+                              if agreement is not None else None))
+        else:
+            tiles.append(Tile("Predicted agreement (fake-quantized)",
+                              "n/a" if agreement is None else f"{agreement:.4f}", help=NO_LABELS_NOTE))
+        tiles.append(Tile("Float (Keras)", f"{float_accuracy:.4f}" if float_accuracy is not None
+                          else NO_LABELS))
+    for row in rows:
+        accuracy, agreement = _figure(row.get("accuracy")), _figure(row.get("agreement"))
+        value = f"{accuracy:.4f}" if accuracy is not None else \
+            f"{agreement:.4f} agreement" if agreement is not None else "n/a"
+        tiles.append(Tile(f"Converted: {variant_label(row['technique'], row.get('params'))}", value,
+                          help=f"Measured TFLite model, store row {str(row['row_id'])[:8]}"
+                          + ("" if accuracy is not None else f"; {NO_LABELS_NOTE}")))
+    return tiles
+
+
 # --- per-layer sensitivity ------------------------------------------------------------------------
 
 

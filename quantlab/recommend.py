@@ -343,19 +343,23 @@ class Backing:
     row_id: str | None = None          # its measured row
     to_run: tuple[str, ...] = ()       # technique ids to run next
     checked: tuple[tuple[str, float | None], ...] = field(default_factory=tuple)
+    metric: str = "accuracy"           # the quality the drops are in (agreement without labels)
 
 
 def _has_reference(frame: pd.DataFrame | None) -> bool:
     return frame is not None and not frame.empty and frame["reference_technique"].notna().any()
 
 
-def _best_row(frame: pd.DataFrame, technique: str) -> dict[str, Any] | None:
+def _best_row(frame: pd.DataFrame, technique: str, change: str = "accuracy_change_points"
+              ) -> dict[str, Any] | None:
+    """The successful row of `technique` with the smallest loss in the `change` column."""
     if frame is None or frame.empty:
         return None
     rows = frame[(frame["technique"] == technique) & frame["error"].isna()]
     if rows.empty:
         return None
-    rows = rows.sort_values("accuracy_change_points", ascending=False, na_position="last")
+    if change in rows.columns:
+        rows = rows.sort_values(change, ascending=False, na_position="last")
     return rows.iloc[0].to_dict()
 
 
@@ -369,17 +373,24 @@ def _row_label(technique: str, row: Mapping[str, Any] | None) -> str:
 
 
 def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame | None) -> Backing:
-    """A sentence with this model's measured numbers for the recommendation (or its fallbacks)."""
-    from .analysis import describe_gain
+    """A sentence with this model's measured numbers for the recommendation (or its fallbacks).
 
+    The tolerance applies to the accuracy drop, or, for a dataset without labels
+    (analysis.quality_metric), to the drop in top-1 agreement with the float model, and the
+    sentence says so.
+    """
+    from .analysis import QUALITY, describe_gain, quality_metric
+
+    metric = quality_metric(frame)
+    words = QUALITY[metric]
     if recommendation.technique is None:
-        return Backing("blocked", f"Nothing to measure yet: {recommendation.reason}.")
+        return Backing("blocked", f"Nothing to measure yet: {recommendation.reason}.", metric=metric)
     tolerance = recommendation.tolerance_points
     chain = recommendation.chain
     exceeded: list[tuple[str, float]] = []
     checked: list[tuple[str, float | None]] = []
     for technique in chain:
-        row = _best_row(frame, technique)
+        row = _best_row(frame, technique, words.change)
         label = _row_label(technique, row)
         if row is None:
             if not exceeded:
@@ -387,36 +398,51 @@ def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame |
                 also = f" (fallbacks: {', '.join(rest)})" if rest else ""
                 reference = () if _has_reference(frame) else ("baseline",)
                 return Backing("not-measured", f"Not measured yet on this model: run {technique}{also}.",
-                               to_run=(*reference, technique, *rest), checked=tuple(checked))
-            return Backing("exceeds", _exceeded_words(exceeded, tolerance) +
+                               to_run=(*reference, technique, *rest), checked=tuple(checked),
+                               metric=metric)
+            return Backing("exceeds", _exceeded_words(exceeded, tolerance, words) +
                            f"; the next option, {label} ({technique}), is not measured yet: run it.",
-                           to_run=(technique,), checked=tuple(checked))
-        change = row.get("accuracy_change_points")
+                           to_run=(technique,), checked=tuple(checked), metric=metric)
+        change = row.get(words.change)
         if change is None or pd.isna(change):
             checked.append((technique, None))
-            return Backing("no-reference", f"{label} is measured ({describe_gain(row)}), but there "
-                           f"is no baseline row to measure its accuracy drop against: run the "
-                           f"baseline technique too.", row_id=row["row_id"], to_run=("baseline",),
-                           checked=tuple(checked))
+            return Backing("no-reference", f"{label} is measured ({describe_gain(row, metric)}), but "
+                           f"there is no baseline row to measure its {words.noun} drop against: run "
+                           f"the baseline technique too.", row_id=row["row_id"], to_run=("baseline",),
+                           checked=tuple(checked), metric=metric)
         checked.append((technique, float(change)))
         if change >= -tolerance - 1e-9:
-            gain = describe_gain(row)
+            gain = describe_gain(row, metric)
             if not exceeded:
-                text = f"On this model, against the {row['reference_note']}: {label} is {gain}."
+                text = f"On this model{_judged_by(metric)}, against the {row['reference_note']}: " \
+                       f"{label} is {gain}."
             else:
-                text = (_exceeded_words(exceeded, tolerance) + f"; the next option, {label}, fits: "
-                        f"{gain}.")
+                text = (_exceeded_words(exceeded, tolerance, words) + f"; the next option, {label}, "
+                        f"fits: {gain}.")
             return Backing("fits", text, technique=technique, row_id=row["row_id"],
-                           checked=tuple(checked))
+                           checked=tuple(checked), metric=metric)
         exceeded.append((technique, float(change)))
-    return Backing("exceeds", _exceeded_words(exceeded, tolerance) +
+    return Backing("exceeds", _exceeded_words(exceeded, tolerance, words) +
                    "; no further option in the chain: relax the tolerance, or try retraining "
-                   "techniques (qat-int8) if you can fine-tune.", checked=tuple(checked))
+                   "techniques (qat-int8) if you can fine-tune.", checked=tuple(checked),
+                   metric=metric)
 
 
-def _exceeded_words(exceeded: list[tuple[str, float]], tolerance: float) -> str:
-    parts = [f"{technique_label(t)} loses {-change:.1f} points" for t, change in exceeded]
-    return (f"On this model, {', and '.join(parts)}, more than your {tolerance:g}-point tolerance")
+def _judged_by(metric: str) -> str:
+    """` (no labels: ...)` after "On this model" when the drop is in agreement, else nothing."""
+    from .analysis import NO_LABELS_NOTE
+
+    return "" if metric == "accuracy" else f" ({NO_LABELS_NOTE}, so the tolerance applies to it)"
+
+
+def _exceeded_words(exceeded: list[tuple[str, float]], tolerance: float, words: Any = None) -> str:
+    from .analysis import QUALITY
+
+    words = words or QUALITY["accuracy"]
+    parts = [f"{technique_label(t)} loses {-change:.1f} points{words.points_suffix}"
+             for t, change in exceeded]
+    return (f"On this model{_judged_by(words.metric)}, {', and '.join(parts)}, more than your "
+            f"{tolerance:g}-point tolerance")
 
 
 # --- running what is missing ---------------------------------------------------------------------

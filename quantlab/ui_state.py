@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .analysis import NO_LABELS, quality_metric
 from .cache import DEFAULT_CACHE_DIR, ArtifactCache
 from .config import MeasureSettings, SweepSpec, TechniqueSpec, TrainSettings
 from .errors import QuantLabError
@@ -396,8 +397,23 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
+def has_no_labels(row: Mapping[str, Any]) -> bool:
+    """True for a row of a dataset without labels (analysis.quality_metric of the row is agreement)."""
+    return quality_metric(row) == "agreement"
+
+
+def number_text(row: Mapping[str, Any], key: str, digits: int) -> str:
+    """One figure of a row for a metric tile: `0.9512`, `n/a`, or NO_LABELS for the accuracy of a
+    dataset without labels."""
+    if key == "accuracy" and has_no_labels(row):
+        return NO_LABELS
+    value = _number(row.get(key))
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def results_table(rows: Iterable[Mapping[str, Any]], details_link: str | None = None) -> Any:
     """Finished variants, one line each: what was measured, or that it came from the cache or failed.
+    The accuracy of a dataset without labels reads NO_LABELS.
 
     The "row" column holds the row id, or `details_link` + the row id (a link to the details page).
     """
@@ -411,7 +427,7 @@ def results_table(rows: Iterable[Mapping[str, Any]], details_link: str | None = 
             "params": params_text(row.get("params")),
             "result": f"failed: {error}" if error else "cached" if row.get("cached") else "measured",
             "size": format_bytes(row.get("model_bytes")),
-            "accuracy": _number(row.get("accuracy")),
+            "accuracy": NO_LABELS if has_no_labels(row) else _number(row.get("accuracy")),
             "agreement": _number(row.get("agreement")),
             "p50 latency (ms)": _number(row.get("latency_p50_ms")),
             "row": f"{details_link}{row.get('row_id')}" if details_link else row.get("row_id"),
@@ -446,6 +462,8 @@ def row_label(record: Mapping[str, Any]) -> str:
         parts.append("failed")
     elif _number(record.get("accuracy")) is not None:
         parts.append(f"acc {float(record['accuracy']):.3f}")
+    elif has_no_labels(record) and _number(record.get("agreement")) is not None:
+        parts.append(f"{NO_LABELS}, agreement {float(record['agreement']):.3f}")
     recorded = record.get("recorded_at")
     if recorded is not None and hasattr(recorded, "strftime"):
         try:
@@ -602,7 +620,8 @@ def provenance_table(row: Mapping[str, Any]) -> Any:
     return pd.DataFrame(lines, columns=["field", "value"])
 
 
-STANDARD_DETAIL_KEYS = ("inspection", "latency_samples_ms", "split_sizes", "conversion", "keras_layers")
+STANDARD_DETAIL_KEYS = ("inspection", "latency_samples_ms", "split_sizes", "conversion", "keras_layers",
+                        "labels", "label_note")
 
 
 def extra_details(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def keras3():
     return keras
 
 
-def _train_briefly(model, x, y) -> None:
+def train_briefly(model, x, y) -> None:
     k = keras2()
     model.compile(optimizer="adam", loss=k.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, epochs=1, batch_size=32, verbose=0)

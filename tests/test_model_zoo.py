@@ -1,0 +1,205 @@
+"""Users' models, end to end: every kind in the zoo gets a real sweep (real conversions, the real LiteRT
+interpreter, real workers) and each technique either gives a full row or is refused with a reason
+naming the layer. Models and data are built here (tests/model_zoo.py); nothing binary is committed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import model_zoo as zoo
+from quantlab.cache import ArtifactCache
+from quantlab.config import MeasureSettings, SweepSpec, TechniqueSpec, TrainSettings
+from quantlab.runner import SweepOptions, run_sweep
+from quantlab.store import Store
+from quantlab.techniques import resolve_spec
+
+PTQ = ("float32", "dynamic", "float16", "int8-fallback", "int8-only", "uint8-only", "int16x8")
+FAST = MeasureSettings(min_runs=5, min_seconds=0.02, warmup_runs=2)
+
+
+def sweep(folder: Path, model: Path, dataset: Path, techniques: tuple[str, ...]) -> dict[str, dict]:
+    """One real sweep in its own store and cache; {technique id: row}."""
+    spec = SweepSpec(str(model), str(dataset),
+                     tuple(resolve_spec(TechniqueSpec(t, {"epochs": 1} if t in FINE_TUNES else {}))
+                           for t in techniques),
+                     TrainSettings(epochs=1), FAST)
+    report = run_sweep(spec, store=Store(folder / "q.duckdb"), cache=ArtifactCache(folder / "cache"),
+                       options=SweepOptions(workers=1, source="test"))
+    rows = {row["technique"]: row for row in report.rows}
+    assert set(rows) == set(techniques)
+    return rows
+
+
+FINE_TUNES = ("qat-int8", "cluster", "prune", "cqat-int8", "pqat-int8", "prune-cluster")
+
+
+def details(row: dict) -> dict:
+    value = row.get("details") or {}
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def assert_full(row: dict, labelled: bool = True) -> None:
+    assert row["error"] is None, f"{row['technique']}: {row['error']}"
+    assert row["model_bytes"] > 0 and row["gzip_bytes"] > 0
+    assert row["latency_p50_ms"] > 0 and row["agreement"] is not None
+    assert (row["accuracy"] is not None) == labelled
+
+
+# --- recurrent layers -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lstm_rows(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lstm")
+    x, y = zoo.sequences(320)
+    model = zoo.recurrent_model("lstm")
+    zoo.train_briefly(model, x, y)
+    data = zoo.save_dataset(folder, "seq", *zoo.sequences(120, seed=3), x_train=x, y_train=y)
+    return sweep(folder, zoo.save_h5(model, folder, "lstm"), data,
+                 ("baseline", *PTQ, "qat-int8", "prune", "cluster"))
+
+
+def test_lstm_gets_every_post_training_row(lstm_rows):
+    for technique in ("baseline", *PTQ):
+        assert_full(lstm_rows[technique])
+
+
+def test_lstm_float32_matches_keras_sample_after_sample(lstm_rows):
+    # A fused LSTM keeps state between invokes: unless reset, the second sample on sees the first's.
+    row = lstm_rows["float32"]
+    assert row["agreement"] == 1.0 and row["sqnr_db"] > 60
+    assert "batch 1" in " ".join(details(row)["conversion_notes"])
+
+
+def test_lstm_int8_is_a_fused_integer_lstm(lstm_rows):
+    ops = {op["op_name"]: op for op in details(lstm_rows["int8-only"])["inspection"]["ops"]}
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM" in ops
+    assert not ops["UNIDIRECTIONAL_SEQUENCE_LSTM"]["computes_in_float"]
+    assert lstm_rows["int8-only"]["input_dtype"] == "int8"
+
+
+def test_lstm_16x8_is_unrolled_because_the_fused_kernel_has_no_16x8(lstm_rows):
+    notes = " ".join(details(lstm_rows["int16x8"])["conversion_notes"])
+    assert "unrolled over 12 time steps" in notes and "16x8" in notes
+
+
+def test_lstm_qat_is_refused_before_any_work_naming_the_layer(lstm_rows):
+    row = lstm_rows["qat-int8"]
+    assert "'lstm' (LSTM)" in row["error"] and "int8-fallback" in row["error"]
+    assert row.get("conversion_seconds") is None and row.get("model_bytes") is None  # no worker ran it
+
+
+def test_lstm_prunes_and_clusters(lstm_rows):
+    for technique in ("prune", "cluster"):
+        assert_full(lstm_rows[technique])
+    assert lstm_rows["prune"]["gzip_bytes"] < lstm_rows["float32"]["gzip_bytes"]
+
+
+@pytest.fixture(scope="module")
+def gru_rows(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gru")
+    model = zoo.recurrent_model("gru")
+    data = zoo.save_dataset(folder, "seq", *zoo.sequences(120, seed=3))
+    return sweep(folder, zoo.save_h5(model, folder, "gru"), data, ("baseline", *PTQ))
+
+
+def test_gru_gets_every_post_training_row(gru_rows):
+    for technique in ("baseline", *PTQ):
+        assert_full(gru_rows[technique])
+
+
+def test_gru_is_unrolled_only_where_calibration_needs_it(gru_rows):
+    # Calibrating the rolled GRU's WHILE loop crashed the converter with a segmentation fault.
+    for technique in ("int8-fallback", "int8-only", "int16x8"):
+        assert "unrolled" in " ".join(details(gru_rows[technique])["conversion_notes"])
+    assert "unrolled" not in " ".join(details(gru_rows["dynamic"])["conversion_notes"])
+
+
+# --- integer token inputs, one-hot labels ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_rows(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokens")
+    x, y = zoo.tokens(320)
+    model = zoo.embedding_model()
+    zoo.train_briefly(model, x, y)
+    x_test, y_test = zoo.tokens(120, seed=3)
+    data = zoo.save_dataset(folder, "tok", x_test, zoo.one_hot(y_test), x_train=x, y_train=y)
+    return sweep(folder, zoo.save_h5(model, folder, "tokens"), data, ("baseline", *PTQ))
+
+
+def test_token_model_gets_every_post_training_row(token_rows):
+    for technique in ("baseline", *PTQ):
+        assert_full(token_rows[technique])
+
+
+def test_integer_only_io_keeps_the_int32_token_input_and_says_so(token_rows):
+    row = token_rows["int8-only"]
+    assert row["input_dtype"] == "int32" and row["output_dtype"] == "int8"
+    assert "int32 input stays int32" in details(row)["io_note"]
+
+
+def test_one_hot_labels_were_read_as_class_indices(token_rows):
+    baseline = token_rows["baseline"]
+    assert 0.0 < baseline["accuracy"] <= 1.0
+
+
+# --- Keras 3, SavedModel, unlabelled data ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    x, y = zoo.images(200)
+    x_test, y_test = zoo.images(100, seed=3)
+    return {"labelled": zoo.save_dataset(folder, "img", x_test, y_test, x_train=x, y_train=y),
+            "unlabelled": zoo.save_dataset(folder, "img-nolabels", x_test, x_calib=x[:64])}
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["sequential", "functional"])
+def test_keras3_model_baseline_runs_in_keras3_and_every_ptq_gives_a_row(tmp_path, image_data, functional):
+    model = zoo.keras3_model(functional)
+    rows = sweep(tmp_path, zoo.save_keras(model, tmp_path, "k3"), image_data["labelled"], ("baseline", *PTQ))
+    for technique in ("baseline", *PTQ):
+        assert_full(rows[technique])
+    assert details(rows["baseline"])["float_framework"] == "keras3"
+    assert "Keras 3" in rows["baseline"]["latency_method"]
+    assert rows["float32"]["agreement"] == 1.0
+
+
+def test_saved_model_baseline_is_its_serving_signature(tmp_path, image_data):
+    k = zoo.keras2()
+    model = k.Sequential([k.Input((16, 16, 1)), k.layers.Conv2D(4, 3), k.layers.Flatten(),
+                          k.layers.Dense(zoo.CLASSES)])
+    rows = sweep(tmp_path, zoo.save_saved_model_zip(model, tmp_path, "sm"), image_data["labelled"],
+                 ("baseline", "float32", "int8-only", "qat-int8"))
+    for technique in ("baseline", "float32", "int8-only"):
+        assert_full(rows[technique])
+    assert details(rows["baseline"])["float_framework"] == "savedmodel"
+    assert rows["float32"]["sqnr_db"] > 60  # the reference is the signature itself, in TensorFlow
+    assert "tf_keras model" in rows["qat-int8"]["error"]
+
+
+def test_unlabelled_dataset_is_compared_on_fidelity(tmp_path, image_data):
+    model = zoo.mini_xception(size=16)
+    rows = sweep(tmp_path, zoo.save_h5(model, tmp_path, "xception"), image_data["unlabelled"],
+                 ("baseline", "float32", "dynamic", "int8-fallback", "prune"))
+    for technique in ("baseline", "float32", "dynamic", "int8-fallback"):
+        assert_full(rows[technique], labelled=False)
+        assert details(rows[technique])["labels"] is False
+    assert rows["baseline"]["agreement"] == 1.0
+    assert "no labels" in rows["prune"]["error"]
+
+
+def test_one_hot_and_unlabelled_arrays_stay_numbers(image_data):
+    from quantlab.uploads import load_uploaded_dataset
+
+    dataset = load_uploaded_dataset(image_data["unlabelled"])
+    assert not dataset.has_labels and "no labels" in dataset.source
+    assert np.all(dataset.y_test == -1)

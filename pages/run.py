@@ -10,9 +10,9 @@ from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
-                               keras3_note, make_sweep_spec, model_kind_of, param_input, results_table,
+                               dataset_facts, file_stamp, keras3_note, make_sweep_spec, model_kind_of, param_input, results_table,
                                save_upload, stored_name, technique_groups, technique_tags,
-                               unavailable_techniques)
+                               unavailable_techniques, upload_refusals)
 from quantlab.workloads import BUILTIN_DATASETS, BUILTIN_MODELS
 from ui.share import sync_view, update_view, url_params, write_view
 
@@ -105,10 +105,17 @@ def choose_input(kind, builtins, default, suffixes, help_text):
     return upload["path"], upload["stored_as"], True
 
 
-def choose_techniques(model_kind):
+@st.cache_data(show_spinner=False, max_entries=32)
+def refusals_for(model_path, dataset_path, _stamp):
+    """Techniques that cannot run on the uploaded model and dataset, with the reason (cached per file)."""
+    has_labels, has_train = dataset_facts(dataset_path)
+    return upload_refusals(model_path, has_labels, has_train)
+
+
+def choose_techniques(model_kind, refused):
     """Every registered technique by family: a checkbox each, its parameters in an expander."""
     chosen = {}
-    for group in technique_groups(model_kind):
+    for group in technique_groups(model_kind, refused):
         st.markdown(f"**{group.title}**")
         for choice in group.choices:
             technique = choice.technique
@@ -270,7 +277,7 @@ st.subheader("1. Model and dataset")
 left, right = st.columns(2)
 with left:
     model, model_name, model_ok = choose_input(
-        "model", BUILTIN_MODELS, DEFAULT_MODEL, (".keras", ".h5", ".zip", ".tflite"),
+        "model", BUILTIN_MODELS, DEFAULT_MODEL, (".keras", ".h5", ".hdf5", ".zip", ".tflite"),
         "A tf_keras/Keras .keras or .h5 file, a SavedModel folder as .zip, or a ready .tflite file. "
         "Nothing in the file is executed: unknown layers and custom code are refused.")
     if form.get("model_source") == UPLOAD:
@@ -278,13 +285,18 @@ with left:
 with right:
     dataset, dataset_name, dataset_ok = choose_input(
         "dataset", BUILTIN_DATASETS, DEFAULT_DATASET, (".npz",),
-        "A .npz with x_test and y_test, optionally x_train/y_train (for fine-tuning) and x_calib "
-        "(calibration samples).")
+        "A .npz with x_test and y_test (class ids or one-hot rows), optionally x_train/y_train (for "
+        "fine-tuning) and x_calib (calibration samples). Without y_test, variants are compared on "
+        "agreement with the float model.")
 view = update_view(model=model_name, dataset=dataset_name)
 
 st.subheader("2. Techniques")
 model_kind = model_kind_of(model_name or "")
-chosen = choose_techniques(model_kind)
+uploaded_model = model if form.get("model_source") == UPLOAD and model_ok else None
+uploaded_dataset = dataset if form.get("dataset_source") == UPLOAD and dataset_ok else None
+refused = refusals_for(uploaded_model, uploaded_dataset,
+                       file_stamp(uploaded_model, uploaded_dataset)) if uploaded_model else {}
+chosen = choose_techniques(model_kind, refused)
 techniques, technique_errors = build_technique_specs(chosen)
 for technique_id, error in technique_errors.items():
     st.error(f"{get_technique(technique_id).label}: {error}", icon=":material/error:")

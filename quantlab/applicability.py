@@ -53,3 +53,47 @@ def refusals(manifest: dict, technique_ids: Any) -> dict[str, str]:
         if reason:
             found[technique_id] = reason
     return found
+
+
+def _config_layers(config: dict) -> list[dict[str, str]]:
+    """Name and class of each top-level layer in a Keras model config (tf_keras or Keras 3)."""
+    layers = (config.get("config") or {}).get("layers") or []
+    found = []
+    for layer in layers if isinstance(layers, list) else []:
+        if not isinstance(layer, dict) or layer.get("class_name") == "InputLayer":
+            continue
+        inner = layer.get("config") or {}
+        entry = {"layer": str(inner.get("name", "?")), "class": str(layer.get("class_name"))}
+        wrapped = inner.get("layer") if isinstance(inner.get("layer"), dict) else None
+        if entry["class"] == "Bidirectional" and wrapped:
+            entry["cell"] = str(wrapped.get("class_name"))
+        found.append(entry)
+    return found
+
+
+def describe_model_file(path: Any) -> dict:
+    """What the Run page can know of an uploaded Keras file before any worker starts, read from its
+    config alone (no TensorFlow, nothing deserialized): a manifest-like dict for `refusal`.
+
+    A SavedModel zip or a .tflite gives only its kind; a file that cannot be read gives {}.
+    """
+    from pathlib import Path
+
+    from .errors import QuantLabError
+    from .safe_load import inspect_h5_config, inspect_keras_archive
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".tflite":
+        return {"model_kind": "tflite", "model_name": path.name}
+    try:
+        if suffix in (".h5", ".hdf5"):
+            info = inspect_h5_config(path)
+        elif suffix == ".keras":
+            info = inspect_keras_archive(path)
+        else:
+            return {"model_kind": "keras", "model_name": path.name}
+    except QuantLabError:
+        return {}
+    kind = "savedmodel" if info.get("keras_major") == 3 else "keras"
+    return {"model_kind": kind, "model_name": path.name, "layers": _config_layers(info["config"])}

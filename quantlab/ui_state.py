@@ -26,7 +26,7 @@ from .techniques import Param, Technique, all_techniques, get_technique, params_
 
 DEFAULT_MODEL = "seed-cnn"
 DEFAULT_DATASET = "digits-28"
-MODEL_SUFFIXES = (".keras", ".h5", ".zip", ".tflite")
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5", ".zip", ".tflite")
 DATASET_SUFFIXES = (".npz",)
 DEFAULT_MAX_UPLOAD_MB = 200
 DEMO_MAX_UPLOAD_MB = 20
@@ -181,8 +181,9 @@ def family_title(family: str) -> str:
     return FAMILY_TITLES.get(family, family.replace("-", " ").replace("_", " ").capitalize())
 
 
-def technique_groups(model_kind: str = "keras") -> list[TechniqueGroup]:
-    """Every registered technique, grouped by family in registry order, marked runnable or not.
+def technique_groups(model_kind: str = "keras", refused: dict[str, str] | None = None) -> list[TechniqueGroup]:
+    """Every registered technique, grouped by family in registry order, marked runnable or not
+    (`refused`: {technique id: reason} known for this model, see upload_refusals).
 
     Selected by default: what runs on this model without re-training (one click gives a full
     post-training comparison); techniques that fine-tune are offered but left for the user to tick.
@@ -193,9 +194,56 @@ def technique_groups(model_kind: str = "keras") -> list[TechniqueGroup]:
         reason = "" if available else (
             f"needs {' or '.join(MODEL_KIND_WORDS.get(s, s) for s in technique.sources)}; "
             f"the current model is {MODEL_KIND_WORDS.get(model_kind, model_kind)}")
+        if available and technique.id in (refused or {}):
+            available, reason = False, refused[technique.id]
         groups.setdefault(technique.family, []).append(
             TechniqueChoice(technique, available, reason, available and not technique.fine_tunes))
     return [TechniqueGroup(family, family_title(family), tuple(choices)) for family, choices in groups.items()]
+
+
+def upload_refusals(model_path: str | None, dataset_has_labels: bool | None = None,
+                    dataset_has_train: bool | None = None) -> dict[str, str]:
+    """{technique id: why it cannot run} for an uploaded model (and dataset), known before any worker
+    starts: read from the model's config and the dataset's arrays (quantlab.applicability)."""
+    from .applicability import describe_model_file, refusals
+
+    if not model_path:
+        return {}
+    manifest = describe_model_file(model_path)
+    if not manifest:
+        return {}
+    if dataset_has_labels is not None:
+        manifest["has_labels"] = dataset_has_labels
+    if dataset_has_train is not None:
+        manifest["split_sizes"] = {"train": 1 if dataset_has_train else 0}
+    else:
+        manifest["split_sizes"] = {"train": 1}  # unknown until the dataset is chosen: not refused
+    return refusals(manifest, [t.id for t in all_techniques()])
+
+
+def file_stamp(*paths: str | None) -> tuple:
+    """(path, size, mtime) of each existing file: a cache key that changes when a file does."""
+    stamp = []
+    for path in paths:
+        try:
+            info = Path(path).stat() if path else None
+        except OSError:
+            info = None
+        stamp.append((path, info.st_size, info.st_mtime) if info else (path, None, None))
+    return tuple(stamp)
+
+
+def dataset_facts(path: str | None) -> tuple[bool | None, bool | None]:
+    """(has labels, has a train split) of an uploaded .npz, or (None, None) for a built-in."""
+    if not path or not str(path).lower().endswith(".npz"):
+        return None, None
+    from .safe_load import load_npz_dataset
+
+    try:
+        arrays = load_npz_dataset(path)
+    except QuantLabError:
+        return None, None
+    return "y_test" in arrays, "x_train" in arrays
 
 
 def unavailable_techniques() -> dict[str, str]:
@@ -337,7 +385,7 @@ def check_uploaded_model(path: Path, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB)
     if path.suffix.lower() in (".keras", ".zip") and not head.startswith(b"PK"):
         raise QuantLabError(f"{path.name} is not a zip archive, so it is not a {path.suffix} file; "
                             f"save the model again (model.save('model.keras')) and upload that")
-    if path.suffix.lower() == ".h5" and not head.startswith(b"\x89HDF"):
+    if path.suffix.lower() in (".h5", ".hdf5") and not head.startswith(b"\x89HDF"):
         raise QuantLabError(f"{path.name} is not an HDF5 file; save the model again with "
                             f"model.save('model.h5') and upload that")
 

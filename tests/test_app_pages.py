@@ -146,11 +146,11 @@ def test_a_bad_dataset_upload_is_explained_in_words(env):
     at = run_app()
     at.radio(key="run_dataset_source").set_value("Upload a file").run()
     buffer = io.BytesIO()
-    np.savez(buffer, x_test=np.zeros((4, 8, 8), np.float32))  # no labels
+    np.savez(buffer, y_test=np.zeros(4, np.int64))  # labels without samples
     at.file_uploader(key="run_dataset_file").set_value(("data.npz", buffer.getvalue(), "application/zip"))
     at.run()
     assert not at.exception
-    assert "y_test" in texts(at.error)
+    assert "x_test" in texts(at.error)
     assert "Traceback" not in texts(at.error)
     assert at.button(key="run_start").disabled
 

@@ -1,0 +1,56 @@
+"""Which techniques apply to a model, decided before any worker starts (quantlab.applicability)."""
+
+from __future__ import annotations
+
+from quantlab.applicability import describe_model_file, refusal, refusals
+from quantlab.ui_state import technique_groups, upload_refusals
+from tests import model_zoo as zoo
+
+LSTM_MANIFEST = {"model_kind": "keras", "model_name": "lstm.h5", "has_labels": True,
+                 "split_sizes": {"train": 100},
+                 "layers": [{"layer": "lstm", "class": "LSTM", "cell": "LSTM"},
+                            {"layer": "dense", "class": "Dense"}]}
+
+
+def test_qat_family_is_refused_on_a_recurrent_layer_naming_it():
+    for technique in ("qat-int8", "cqat-int8", "pqat-int8"):
+        reason = refusal(technique, LSTM_MANIFEST)
+        assert reason.startswith(technique) and "'lstm' (LSTM)" in reason and "int8-fallback" in reason
+
+
+def test_pruning_clustering_and_every_ptq_stay_available_on_an_lstm():
+    for technique in ("prune", "cluster", "prune-cluster", "dynamic", "int8-only", "int16x8", "baseline"):
+        assert refusal(technique, LSTM_MANIFEST) is None
+
+
+def test_fine_tuning_needs_labels_and_a_train_split():
+    unlabelled = {**LSTM_MANIFEST, "has_labels": False, "layers": []}
+    assert "no labels" in refusal("prune", unlabelled)
+    no_train = {**LSTM_MANIFEST, "split_sizes": {"train": 0}, "layers": []}
+    assert "x_train" in refusal("cluster", no_train)
+    assert refusal("int8-fallback", unlabelled) is None
+
+
+def test_model_kinds_limit_techniques():
+    saved_model = {"model_kind": "savedmodel", "model_name": "sm.zip"}
+    assert "tf_keras model" in refusal("qat-int8", saved_model)
+    assert refusal("baseline", saved_model) is None  # measured through its serving signature
+    assert set(refusals({"model_kind": "tflite", "model_name": "m.tflite"}, ["as-uploaded", "dynamic"])) == {"dynamic"}
+
+
+def test_an_uploaded_lstm_file_is_described_from_its_config_alone(tmp_path):
+    path = zoo.save_h5(zoo.recurrent_model("lstm"), tmp_path, "lstm")
+    described = describe_model_file(path)
+    assert described["model_kind"] == "keras"
+    assert {"layer": "lstm", "class": "LSTM"} in described["layers"]
+    refused = upload_refusals(str(path), dataset_has_labels=True, dataset_has_train=True)
+    assert set(refused) == {"qat-int8", "cqat-int8", "pqat-int8", "as-uploaded"}  # as-uploaded: .tflite only
+    choices = {c.technique.id: c for g in technique_groups("keras", refused) for c in g.choices}
+    assert not choices["qat-int8"].available and "'lstm' (LSTM)" in choices["qat-int8"].reason
+    assert choices["prune"].available
+
+
+def test_an_unreadable_file_describes_as_nothing_and_refuses_nothing(tmp_path):
+    path = tmp_path / "broken.h5"
+    path.write_bytes(b"not hdf5")
+    assert describe_model_file(path) == {} and upload_refusals(str(path)) == {}

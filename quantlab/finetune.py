@@ -648,13 +648,37 @@ def _plan_quantization(keras: Any, model: Any, technique: str, registry: Any,
         if reason:
             untouched.append(_layer_entry(layer, reason))
         else:
-            configs[layer.name] = _own_quantize_config(keras, layer) if own_configs else None
+            own = own_configs or not layer.trainable_weights
+            configs[layer.name] = _own_quantize_config(keras, layer) if own else None
     if not any(layer.trainable_weights for layer in model.layers if layer.name in configs):
         floats = ", ".join(f"{e['layer']} ({e['class']})" for e in untouched)
         raise ModelError(f"{technique}: no layer of this model with weights can be quantization-aware "
                          f"trained by tfmot 0.8.1 (float: {floats or 'none'}); use int8-fallback or "
                          f"dynamic (post-training) instead")
+    _quantize_boundary_outputs(model, configs, untouched)
     return configs, untouched
+
+
+def _quantize_boundary_outputs(model: Any, configs: dict[str, Any], untouched: list[dict]) -> None:
+    """Give each float layer that feeds a quantized one an output-only config (its computation stays
+    float, its output gets a fake-quant), so the next layer has an input range and converts to int8.
+
+    Without it the converter folded Rescaling + Normalization into the next Conv2D and left that
+    kernel float32. Not for layers fed by integer inputs: tfmot would quantize the integer input
+    itself (TypeError in QuantizeLayer).
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_configs as quantize_configs)
+
+    by_name = {layer.name: layer for layer in model.layers}
+    for entry in untouched:
+        layer = by_name[entry["layer"]]
+        feeds = [node.outbound_layer.name for node in getattr(layer, "_outbound_nodes", [])]
+        floats = all(d.is_floating for d in _input_dtypes(layer)) and layer.dtype.startswith("float")
+        if floats and any(name in configs for name in feeds):
+            configs[layer.name] = quantize_configs.Default8BitOutputQuantizeConfig()
+            entry["reason"] += "; it runs in float and its output is quantized for the next layer"
+            entry["output_quantized"] = True
 
 
 def _precheck_qat(technique: str, model: Any, first_stage: str | None = None) -> None:
@@ -775,7 +799,7 @@ def _quantize_layers(run: "_Run", first_stage: str | None = None,
     configs, untouched = _plan_quantization(keras, run.base, technique, scheme.get_quantize_registry(),
                                             own_configs=first_stage is None)
     by_name = {layer.name: layer for layer in run.base.layers}
-    frozen = set(freeze) - set(configs)
+    frozen = set(freeze) & {entry["layer"] for entry in untouched}  # float layers the first stage optimized
     for entry in untouched:
         if entry["layer"] in frozen and by_name[entry["layer"]].trainable_weights:
             by_name[entry["layer"]].trainable = False
@@ -790,7 +814,12 @@ def _quantize_layers(run: "_Run", first_stage: str | None = None,
     with q.quantize_scope():
         annotated = keras.models.clone_model(run.base, clone_function=annotate)
         quantized = _wrap(technique, lambda: q.quantize_apply(annotated, scheme))
-    return quantized, [_layer_entry(by_name[name]) for name in configs], untouched
+    for layer in quantized.layers:  # a QuantizeWrapper around a frozen layer would train it again
+        if getattr(layer, "layer", layer).name in frozen:
+            layer.trainable = False
+    boundary = {entry["layer"] for entry in untouched if entry.get("output_quantized")}
+    optimized = [_layer_entry(by_name[name]) for name in configs if name not in boundary]
+    return quantized, optimized, untouched
 
 
 def _after_qat(optimized: list[dict], base: Any, quantized: Any) -> dict[str, list[str]]:

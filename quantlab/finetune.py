@@ -5,8 +5,9 @@ and the train split, fine-tunes a *copy* (the caller's model is never touched) a
 `FineTuneResult`: a plain tf_keras model ready for `TFLiteConverter.from_keras_model` (the caller
 converts) and JSON-serialisable stats.
 
-- `quantization_aware_train` ("qat-int8"): `quantize_model`, fine-tune; the returned model is the
-  quantize-wrapped one (fake-quant), which converts to int8 with `Optimize.DEFAULT`.
+- `quantization_aware_train` ("qat-int8"): annotate the layers tfmot can quantize, `quantize_apply`,
+  fine-tune; the returned model is the quantize-wrapped one (fake-quant), which converts to int8
+  with `Optimize.DEFAULT`.
 - `cluster` ("cluster"): `cluster_weights`, fine-tune, `strip_clustering`; every clustered kernel is
   checked to hold at most `number_of_clusters` distinct values.
 - `prune` ("prune"): magnitude pruning to a target sparsity, fine-tune, `strip_pruning`; the sparsity
@@ -14,6 +15,11 @@ converts) and JSON-serialisable stats.
 - Collaborative optimization: `cluster_preserving_qat` ("cqat-int8"), `pruning_preserving_qat`
   ("pqat-int8") and `sparsity_preserving_cluster` ("prune-cluster"). All three work with these
   versions; `UNSUPPORTED` lists the ones that would not (none), see docs/tfmot-notes.md.
+
+Real users' models: every technique works layer by layer. Layers tfmot cannot handle stay as they
+are (float for QAT: preprocessing, Embedding, ...), recurrent layers are refused by the QAT techniques
+before any work, and the stats list both sides: "optimized_layers" [{"layer", "class", "weights"?}]
+and "untouched_layers" [{"layer", "class", "reason", "output_quantized"?}].
 
 Why a copy (docs/tfmot-notes.md has the details): tfmot's `prune_low_magnitude` and `cluster_weights`
 wrap the caller's own layer objects. Clustering replaces `layer.kernel` by a tensor, so a later

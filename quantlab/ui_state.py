@@ -221,6 +221,11 @@ def upload_refusals(model_path: str | None, dataset_has_labels: bool | None = No
     return refusals(manifest, [t.id for t in all_techniques()])
 
 
+NO_LABELS_UPLOAD = ("This dataset has no labels (no y_test): variants are compared on agreement with "
+                    "the float model (top-1 agreement, SQNR), accuracy is not measured, and techniques "
+                    "that fine-tune are not available.")
+
+
 def file_stamp(*paths: str | None) -> tuple:
     """(path, size, mtime) of each existing file: a cache key that changes when a file does."""
     stamp = []

@@ -184,9 +184,12 @@ class _Translator:
 
     def _functional(self, config: dict, name: str) -> dict:
         layers = [self.layer(layer) for layer in config.get("layers", [])]
-        return {"name": name, "trainable": config.get("trainable", True), "layers": layers,
-                "input_layers": self._endpoints(config.get("input_layers"), name, "inputs"),
-                "output_layers": self._endpoints(config.get("output_layers"), name, "outputs")}
+        out = {"name": name, "trainable": config.get("trainable", True), "layers": layers,
+               "input_layers": self._endpoints(config.get("input_layers"), name, "inputs"),
+               "output_layers": self._endpoints(config.get("output_layers"), name, "outputs")}
+        _shift_nested_model_nodes(out)
+        _check_node_references(out, self.source)
+        return out
 
     def _endpoints(self, value: Any, model_name: str, what: str) -> list:
         value = _plain(value)
@@ -303,6 +306,42 @@ class _Translator:
             config[field] = _plain(value)
         return {"module": module, "class_name": class_name, "config": config,
                 "registered_name": None}
+
+
+def _references(config: dict) -> Iterator[list]:
+    """Every [layer, node_index, tensor_index, ...] reference in a translated functional config."""
+    for layer in config["layers"]:
+        for node in layer.get("inbound_nodes", []):
+            yield from node
+    yield from config["input_layers"]
+    yield from config["output_layers"]
+
+
+def _shift_nested_model_nodes(config: dict) -> None:
+    """Keras 3 numbers a nested model's first call node 0; tf_keras skips the node the nested
+    model's own Input created (`_should_skip_first_node`), so the same call is node 1 there."""
+    nested = {layer["name"] for layer in config["layers"] if layer["class_name"] in MODEL_CLASSES}
+    for reference in _references(config):
+        if reference[0] in nested:
+            reference[1] += 1
+
+
+def _check_node_references(config: dict, source: str) -> None:
+    """Refuse dangling references up front: tf_keras waits forever for a node that never comes."""
+    layers = {layer["name"]: layer for layer in config["layers"]}
+    for name, node_index, *_ in _references(config):
+        layer = layers.get(name)
+        if layer is None:
+            raise _cannot_rebuild(source, f"the config refers to a layer {name!r} it does not define")
+        if layer["class_name"] == "InputLayer":
+            valid = range(1)
+        elif layer["class_name"] in MODEL_CLASSES:
+            valid = range(1, len(layer.get("inbound_nodes", [])) + 1)
+        else:
+            valid = range(len(layer.get("inbound_nodes", [])))
+        if node_index not in valid:
+            raise _cannot_rebuild(source, f"the config refers to call {node_index} of layer "
+                                  f"{name!r}, which it does not record")
 
 
 def _is_history(value: Any) -> bool:

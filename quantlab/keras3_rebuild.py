@@ -36,16 +36,17 @@ NESTED_OBJECT_MODULES = {"initializers": "keras.initializers",
 # Keras 3-only config fields tf_keras does not accept, with the value that means "behaves like
 # tf_keras". A field at that value is dropped; at any other value the rebuild is refused.
 NEUTRAL_LAYER_FIELDS: dict[str, Any] = {
-    "quantization_config": None,  # Dense/EinsumDense/Embedding: Keras 3 int8/int4/float8 quantization
+    "quantization_config": None,  # Dense/EinsumDense/Embedding: Keras 3 int8/int4/fp8 quantization
     "lora_rank": None,  # Dense/EinsumDense/Embedding LoRA adapters
     "lora_alpha": None,
     "rms_scaling": False,  # LayerNormalization in RMS mode
-    "use_cudnn": "auto",  # LSTM/GRU kernel choice only
-    "synchronized": False,  # BatchNormalization across replicas
 }
-# Keras 3-only fields that never change inference outputs: always dropped (with a note if set).
-TRAINING_ONLY_LAYER_FIELDS = {
-    "seed": ("LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell", "SimpleRNNCell"),
+_RECURRENT = ("LSTM", "GRU", "SimpleRNN", "LSTMCell", "GRUCell", "SimpleRNNCell")
+# Keras 3-only fields that never change inference outputs: always dropped (with a note if set),
+# as field -> (layer classes, (default, what the field does)).
+OUTPUT_NEUTRAL_FIELDS: dict[str, tuple[tuple[str, ...], tuple[Any, str]]] = {
+    "seed": (_RECURRENT, (None, "dropout seed; training only")),
+    "use_cudnn": (("LSTM", "GRU"), ("auto", "kernel choice only")),
 }
 NEUTRAL_OBJECT_FIELDS: dict[str, Any] = {"input_axes": None, "output_axes": None}
 
@@ -75,8 +76,8 @@ class Rebuilt:
 
 
 def _cannot_rebuild(source: str, what: str) -> ModelError:
-    return ModelError(f"{source}: {what}, so {TRAINING_TECHNIQUES_HINT} cannot rebuild this Keras 3 "
-                      "model; post-training techniques still apply")
+    return ModelError(f"{source}: {what}, so {TRAINING_TECHNIQUES_HINT} cannot rebuild this "
+                      "Keras 3 model; post-training techniques still apply")
 
 
 def _no_equivalent(source: str, layer: str, class_name: str) -> ModelError:
@@ -135,8 +136,9 @@ def check_translated_config(config: dict, source_name: str) -> None:
             module == "keras.models" and class_name in MODEL_CLASSES.values()) or (
             class_name in objects.get(module, ()))
         if not ok or node.get("registered_name") is not None:
-            raise _cannot_rebuild(source_name, f"the translated config names {module}.{class_name}, "
-                                  "which is not an allow-listed tf_keras built-in")
+            raise _cannot_rebuild(source_name, f"the translated config names "
+                                  f"{module}.{class_name}, which is not an allow-listed tf_keras "
+                                  "built-in")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,8 +196,8 @@ class _Translator:
     def _endpoints(self, value: Any, model_name: str, what: str) -> list:
         value = _plain(value)
         if isinstance(value, dict):
-            raise _cannot_rebuild(self.source, f"model {model_name!r} names its {what} with a dict; "
-                                  "re-save it with a list of inputs/outputs")
+            raise _cannot_rebuild(self.source, f"model {model_name!r} names its {what} with a "
+                                  "dict; re-save it with a list of inputs/outputs")
         if _is_history(value):
             return [value]
         if not (isinstance(value, list) and all(_is_history(v) for v in value)):
@@ -231,12 +233,13 @@ class _Translator:
             if key in NEUTRAL_LAYER_FIELDS:
                 if value != NEUTRAL_LAYER_FIELDS[key]:
                     raise _cannot_rebuild(self.source, f"layer {name!r} ({class_name}) sets the "
-                                          f"Keras 3-only option {key}={value!r}, which tf_keras lacks")
+                                      f"Keras 3-only option {key}={value!r}, which tf_keras lacks")
                 continue
-            if class_name in TRAINING_ONLY_LAYER_FIELDS.get(key, ()):
-                if value is not None:
-                    self.note(f"Layer {name!r}: Keras 3 dropout seed {value!r} dropped (tf_keras "
-                              f"{class_name} has none; inference is unaffected).")
+            classes, (default, meaning) = OUTPUT_NEUTRAL_FIELDS.get(key, ((), (None, "")))
+            if class_name in classes:
+                if value != default:
+                    self.note(f"Layer {name!r}: Keras 3-only {key}={value!r} dropped ({meaning}; "
+                              f"tf_keras {class_name} has no such option).")
                 continue
             out[key] = self.value(value, name, key)
         if class_name == "InputLayer" and "batch_shape" in out:
@@ -260,7 +263,7 @@ class _Translator:
         plain_kwargs = _plain(kwargs)
         return [[*tensor["config"]["keras_history"], plain_kwargs] for tensor in tensors]
 
-    # ---- values inside a layer config --------------------------------------------------------------
+    # ---- values inside a layer config ------------------------------------------------------------
 
     def value(self, value: Any, layer: str, key: str) -> Any:
         if isinstance(value, (list, tuple)):
@@ -279,8 +282,8 @@ class _Translator:
             return self._nested_object(value, layer, key)
         if module in ("keras.layers", "keras", "keras.models") or class_name in MODEL_CLASSES:
             return self.layer(value)  # Bidirectional/TimeDistributed's layer, RNN cells
-        raise _cannot_rebuild(self.source, f"layer {layer!r} has {key}={module}.{class_name}, which "
-                              "has no tf_keras equivalent")
+        raise _cannot_rebuild(self.source, f"layer {layer!r} has {key}={module}.{class_name}, "
+                              "which has no tf_keras equivalent")
 
     def _dtype_name(self, policy: dict, layer: str) -> str:
         name = (policy.get("config") or {}).get("name")
@@ -300,8 +303,8 @@ class _Translator:
         for field, value in (node.get("config") or {}).items():
             if field in NEUTRAL_OBJECT_FIELDS:
                 if value != NEUTRAL_OBJECT_FIELDS[field]:
-                    raise _cannot_rebuild(self.source, f"layer {layer!r} has {key}={class_name} with "
-                                          f"the Keras 3-only option {field}={value!r}")
+                    raise _cannot_rebuild(self.source, f"layer {layer!r} has {key}={class_name} "
+                                          f"with the Keras 3-only option {field}={value!r}")
                 continue
             config[field] = _plain(value)
         return {"module": module, "class_name": class_name, "config": config,
@@ -332,7 +335,8 @@ def _check_node_references(config: dict, source: str) -> None:
     for name, node_index, *_ in _references(config):
         layer = layers.get(name)
         if layer is None:
-            raise _cannot_rebuild(source, f"the config refers to a layer {name!r} it does not define")
+            raise _cannot_rebuild(source, f"the config refers to a layer {name!r} it does not "
+                                  "define")
         if layer["class_name"] == "InputLayer":
             valid = range(1)
         elif layer["class_name"] in MODEL_CLASSES:
@@ -433,11 +437,10 @@ def _copy_layer_weights(layer3: Any, layer2: Any, source: str, notes: list[str])
             notes.append(f"Layer {layer3.name!r}: Keras 3 weight {name3!r} is tf_keras' {name2!r}.")
         values.append(np.asarray(w3.numpy() if hasattr(w3, "numpy") else w3.value))
     if values:
-        layer2.set_weights(values)
-    if class_name == "Normalization" and hasattr(layer2, "finalize_state"):
-        layer2.finalize_state()  # tf_keras derives the mean/variance it applies from these weights
-        notes.append(f"Layer {layer3.name!r}: Normalization mean/variance/count copied, then "
-                     "finalize_state() so tf_keras applies them.")
+        layer2.set_weights(values)  # also runs finalize_state(), which Normalization needs
+    if class_name == "Normalization":
+        notes.append(f"Layer {layer3.name!r}: adapted Normalization mean/variance/count copied as "
+                     "weights; tf_keras' set_weights re-derives the mean/variance it applies.")
 
 
 def copy_weights(model3: Any, model2: Any, source_name: str) -> tuple[str, ...]:
@@ -503,7 +506,8 @@ def measure_output_diff(model3: Any, model2: Any, source_name: str) -> float:
 
     inputs = sample_inputs(model3)
     feed = inputs if len(inputs) > 1 else inputs[0]
-    expected = [keras.ops.convert_to_numpy(o) for o in _outputs_as_numpy(model3(feed, training=False))]
+    expected = [keras.ops.convert_to_numpy(o)
+                for o in _outputs_as_numpy(model3(feed, training=False))]
     actual = _outputs_as_numpy(model2(feed, training=False))
     if [e.shape for e in expected] != [a.shape for a in actual]:
         raise _cannot_rebuild(source_name, f"the rebuilt model's outputs have shapes "

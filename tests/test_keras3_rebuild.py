@@ -57,8 +57,9 @@ def build_conv1d():
 
 
 def build_recurrent():
-    return keras.Sequential([keras.Input((5, 3)), L.LSTM(4, return_sequences=True),
-                             L.GRU(4, reset_after=False, return_sequences=True), L.GRU(4),
+    return keras.Sequential([keras.Input((5, 3)), L.LSTM(4, return_sequences=True, seed=7),
+                             L.GRU(4, reset_after=False, return_sequences=True),
+                             L.Bidirectional(L.LSTM(2, return_sequences=True)), L.GRU(4),
                              L.Dense(3)], name="recurrent")
 
 
@@ -82,7 +83,8 @@ def build_two_in_two_out():
 
 
 def build_nested():
-    inner = keras.Sequential([keras.Input((6,)), L.Dense(5), L.BatchNormalization()], name="inner")
+    inner = keras.Sequential([keras.Input((6,)), L.Dense(5), L.BatchNormalization(center=False)],
+                             name="inner")
     inputs = keras.Input((6,))
     return keras.Model(inputs, L.Dense(3)(inner(inputs)), name="nested")
 
@@ -179,7 +181,12 @@ def test_depthwise_kernel_rename_and_normalization_are_noted(tmp_path):
     separable = rebuild_in_tf_keras(zoo_model("separable", tmp_path), "separable.keras")
     preprocessing = rebuild_in_tf_keras(zoo_model("preprocessing", tmp_path), "pre.keras")
     assert any("'kernel' is tf_keras' 'depthwise_kernel'" in note for note in separable.notes)
-    assert any("finalize_state" in note for note in preprocessing.notes)
+    assert any("adapted Normalization mean/variance/count" in note for note in preprocessing.notes)
+
+
+def test_recurrent_dropout_seed_is_dropped_with_a_note(tmp_path):
+    rebuilt = rebuild_in_tf_keras(zoo_model("recurrent", tmp_path), "rnn.keras")
+    assert any("seed=7 dropped (dropout seed; training only" in note for note in rebuilt.notes)
 
 
 def test_a_wrong_weight_fails_verification(tmp_path):
@@ -187,7 +194,8 @@ def test_a_wrong_weight_fails_verification(tmp_path):
     model2 = rebuild_in_tf_keras(model3, "mlp.keras").model
     kernel = model2.layers[0].kernel
     kernel.assign(kernel.numpy() + 0.01)
-    with pytest.raises(ModelError, match=r"mlp\.keras: the rebuilt tf_keras model's outputs differ"):
+    with pytest.raises(ModelError, match=r"mlp\.keras: the rebuilt tf_keras model's outputs "
+                                         "differ"):
         keras3_rebuild.measure_output_diff(model3, model2, "mlp.keras")
 
 
@@ -215,13 +223,23 @@ def test_translation_matches_tf_keras_field_names():
     config = translate_config(serialized(build_residual()))
     layers = config["config"]["layers"]
     input_config = layers[0]["config"]
-    assert input_config["batch_input_shape"] == [None, 8, 8, 3] and "batch_shape" not in input_config
+    assert input_config["batch_input_shape"] == [None, 8, 8, 3]
+    assert "batch_shape" not in input_config
     conv = layers[1]["config"]
     assert conv["dtype"] == "float32"
     assert conv["kernel_initializer"]["config"] == {"seed": None}  # input_axes/output_axes dropped
     assert conv["kernel_regularizer"]["class_name"] == "L2"
     assert "build_config" not in layers[1]
     assert config["class_name"] == "Functional" and config["module"] == "keras.models"
+
+
+def test_translation_reads_the_archive_config_json_too(tmp_path):
+    from quantlab.safe_load import inspect_keras_archive
+
+    model = build_two_in_two_out()
+    model.save(tmp_path / "m.keras")
+    from_archive = translate_config(inspect_keras_archive(tmp_path / "m.keras")["config"])
+    assert from_archive == translate_config(serialized(model))
 
 
 def test_translation_writes_tf_keras_inbound_nodes_for_several_inputs():

@@ -331,14 +331,10 @@ def model_kind_of(model: str) -> str:
 
 
 def keras3_note() -> str:
-    """What a Keras 3 upload can do, from the registry (techniques that cannot start from a SavedModel)."""
-    keras_only = [t.label for t in all_techniques() if "keras" in t.sources and "savedmodel" not in t.sources]
-    text = ("A Keras 3 .keras file is checked, then exported to a SavedModel: every post-training "
-            "technique runs on it.")
-    if keras_only:
-        text += (f" These need a tf_keras (Keras 2) model and fail with a reason on a Keras 3 file: "
-                 f"{', '.join(keras_only)}.")
-    return text
+    """What a Keras 3 upload can do (see quantlab.keras3_rebuild)."""
+    return ("A Keras 3 .keras file is checked, then rebuilt in tf_keras (its outputs must match): "
+            "every technique runs on it, and its baseline runs in Keras 3 itself. A layer with no "
+            "tf_keras equivalent is named, and the model then gets post-training techniques only.")
 
 
 # --- uploads --------------------------------------------------------------------------------------

@@ -77,8 +77,8 @@ def cell(row: dict | None) -> str:
         return "-"
     if not row.get("error"):
         return "ok"
-    return "refused" if row.get("model_bytes") is None and not row.get("details") and \
-        "worker process" not in row["error"] else "failed"
+    details = row.get("details") or {}
+    return details.get("error_kind", "failed")
 
 
 def main() -> None:

@@ -197,7 +197,14 @@ def cluster(model: Any, x_train: Any, y_train: Any, *, number_of_clusters: int =
             "random": cl.CentroidInitialization.RANDOM}[centroid_init]
     wrapped, optimized, untouched = _wrap_layers(run, "cluster", lambda layer: cl.cluster_weights(
         layer, number_of_clusters=int(number_of_clusters), cluster_centroids_init=init,
-        preserve_sparsity=bool(preserve_sparsity)))
+        preserve_sparsity=bool(preserve_sparsity)),
+        skip=lambda layer: _too_few_weights(layer, int(number_of_clusters), bool(preserve_sparsity)))
+    if preserve_sparsity:  # a pruned layer left unclustered must not train its zeros away
+        for entry in untouched:
+            layer = wrapped.get_layer(entry["layer"])
+            if layer.trainable_weights:
+                layer.trainable = False
+                entry["reason"] += "; frozen so its zeros survive"
     # tfmot clusters Conv, Dense, Embedding and recurrent kernels; measured on those weights only.
     clustered_layers = [entry["layer"] for entry in optimized]
     clustered = {entry["layer"]: entry["weights"] for entry in optimized}
@@ -877,19 +884,21 @@ def _reserve_layer_names(model: Any) -> None:
 # --- pruning and clustering: wrap the layers tfmot can --------------------------------------------
 
 
-def _wrap_layers(run: "_Run", action: str, wrap: Callable[[Any], Any]) -> tuple[Any, list[dict], list[dict]]:
+def _wrap_layers(run: "_Run", action: str, wrap: Callable[[Any], Any],
+                 skip: Callable[[Any], str | None] = lambda layer: None) -> tuple[Any, list[dict], list[dict]]:
     """`run.base` with `wrap(layer)` (prune_low_magnitude or cluster_weights) around each layer tfmot
-    can `action`, the others as they are. Returns (model, optimized_layers, untouched_layers); an
-    optimized entry lists the weights tfmot optimizes (e.g. only the pointwise kernel of a
-    SeparableConv2D)."""
+    can `action`, the others as they are (also those `skip` gives a reason for). Returns (model,
+    optimized_layers, untouched_layers); an optimized entry lists the weights tfmot optimizes (e.g.
+    only the pointwise kernel of a SeparableConv2D)."""
     keras, technique = run.keras, run.technique
     optimized, untouched, wrappers = [], [], {}
+    skipped = {layer.name: reason for layer in run.base.layers if (reason := skip(layer))}
     for layer in run.base.layers:
         if not isinstance(layer, keras.layers.InputLayer):
             _refuse_custom(keras, layer, technique, action)
 
     def clone(layer: Any) -> Any:
-        if not layer.trainable_weights or not _wrappable(layer, action):
+        if not layer.trainable_weights or not _wrappable(layer, action) or layer.name in skipped:
             return layer
         wrappers[layer.name] = _wrap(technique, lambda: wrap(layer))
         return wrappers[layer.name]
@@ -901,6 +910,8 @@ def _wrap_layers(run: "_Run", action: str, wrap: Callable[[Any], Any]) -> tuple[
         weights = _optimized_weights(wrappers[layer.name], action) if layer.name in wrappers else []
         if weights:
             optimized.append(_layer_entry(layer, weights=weights))
+        elif layer.name in skipped:
+            untouched.append(_layer_entry(layer, skipped[layer.name]))
         else:
             untouched.append(_layer_entry(layer, _untouched_reason(layer, action, layer.name in wrappers)))
     if not optimized:
@@ -908,6 +919,25 @@ def _wrap_layers(run: "_Run", action: str, wrap: Callable[[Any], Any]) -> tuple[
         raise ModelError(f"{technique}: no layer of this model has weights tfmot can {verb} (it "
                          f"{verb}s Conv, Dense, Embedding and recurrent kernels)")
     return wrapped, optimized, untouched
+
+
+def _too_few_weights(layer: Any, clusters: int, preserve_sparsity: bool) -> str | None:
+    """Why a layer's kernel is too small to cluster, or None. tfmot's centroid initialisation fails
+    ("Expected num_to_sample <= points.rows(). 9 vs 7") on a kernel with fewer values than clusters;
+    with preserve_sparsity it clusters positive and negative weights apart, so it needs about twice
+    as many non-zero values."""
+    needed = 2 * clusters if preserve_sparsity else clusters
+    for name in KERNEL_WEIGHT_NAMES:
+        weight = getattr(layer, name, None)
+        if weight is None or not hasattr(weight, "numpy"):
+            continue
+        values = weight.numpy()
+        count = int(np.count_nonzero(values)) if preserve_sparsity else int(values.size)
+        if count < needed:
+            which = "non-zero values" if preserve_sparsity else "values"
+            return (f"its {name} has {count} {which}, fewer than the {needed} that {clusters} "
+                    f"clusters need{' with preserve_sparsity' if preserve_sparsity else ''}")
+    return None
 
 
 def _optimized_weights(wrapper: Any, action: str) -> list[str]:

@@ -173,7 +173,9 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             key = result_key(manifest, technique, measure_settings)
             reason = refusal(technique.id, manifest)
             if reason:  # known from the manifest: no worker, no conversion
-                refused.append(_make_row(report.sweep_id, manifest, technique, key, {}, False, reason))
+                refused.append(_make_row(report.sweep_id, manifest, technique, key,
+                                         {"details": {"error_kind": "refused", "before_work": True}},
+                                         False, reason))
                 continue
             body = cache.read_json("results", key)
             if body is not None and Path(body.get("artifact_path", "")).exists():
@@ -199,8 +201,9 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
                 if outcome.ok:
                     cache.write_json("results", outcome.task_id, outcome.result)
                     record(technique, outcome.task_id, outcome.result, error=None)
-                else:
-                    record(technique, outcome.task_id, {}, error=outcome.error)
+                else:  # a QuantLab check said no (refused), or something broke (failed)
+                    kind = "refused" if outcome.user_error else "failed"
+                    record(technique, outcome.task_id, {"details": {"error_kind": kind}}, error=outcome.error)
             for key in pool.stopped_tasks:  # killed mid-way by the cancel: no row, nothing cached
                 emit({"type": "variant-cancelled", "technique": keyed[key].id,
                       "params": dict(keyed[key].params)})

@@ -335,6 +335,18 @@ def test_lstm_sparsity_preserving_clustering():
     to_tflite(result.model)
 
 
+def test_sparsity_preserving_clustering_leaves_a_kernel_too_small_to_cluster_pruned_and_frozen():
+    # Dense(8 -> 4) has 32 weights, half of them zero after pruning: fewer than 2 x 16 clusters.
+    model = build_embedding()
+    x, y = data_for(model)
+    result = ft.sparsity_preserving_cluster(model, x, y, prune_epochs=1, number_of_clusters=16, **FIT)
+    untouched = reasons(result.stats["untouched_layers"])
+    assert "fewer than the 32" in untouched["head"] and "frozen so its zeros survive" in untouched["head"]
+    assert "head" in names(result.stats["stages"]["prune"]["optimized_layers"])
+    assert_sparse(result.model, result.stats["stages"]["prune"]["optimized_layers"])
+    to_tflite(result.model)
+
+
 # --- mini-Xception loaded from .h5 -------------------------------------------------------------
 
 

@@ -92,6 +92,7 @@ def test_lstm_qat_is_refused_before_any_work_naming_the_layer(lstm_rows):
     row = lstm_rows["qat-int8"]
     assert "'lstm' (LSTM)" in row["error"] and "int8-fallback" in row["error"]
     assert row.get("conversion_seconds") is None and row.get("model_bytes") is None  # no worker ran it
+    assert details(row) == {"error_kind": "refused", "before_work": True}
 
 
 def test_lstm_prunes_and_clusters(lstm_rows):

@@ -116,3 +116,118 @@ def test_one_speed_with_a_slow_tail_is_not_bimodal():
     rng = np.random.default_rng(4)
     assert not stats.latency_modes(rng.lognormal(-4.6, 0.15, 500)).bimodal
     assert not stats.latency_modes([0.01] * 100).bimodal
+
+
+# --- ranking with ties ----------------------------------------------------------------------------
+
+def ranked_rows(**changes):
+    """float32 and dynamic as the issue found them: 0.00655 vs 0.007 ms, intervals overlapping."""
+    import pandas as pd
+
+    rows = pd.DataFrame([
+        {"technique": "float32", "label": "TFLite float32", "model_bytes": 84_804, "accuracy": 0.9556,
+         "accuracy_ci_low": 0.932, "accuracy_ci_high": 0.971, "latency_p50_ms": 0.00655,
+         "latency_p50_ci_low_ms": 0.0063, "latency_p50_ci_high_ms": 0.0071},
+        {"technique": "dynamic", "label": "Dynamic range", "model_bytes": 24_152, "accuracy": 0.9556,
+         "accuracy_ci_low": 0.932, "accuracy_ci_high": 0.971, "latency_p50_ms": 0.0070,
+         "latency_p50_ci_low_ms": 0.0068, "latency_p50_ci_high_ms": 0.0074},
+    ])
+    for column, values in changes.items():
+        rows[column] = values
+    return rows
+
+
+def test_tie_on_latency_goes_to_the_smaller_variant_and_says_so():
+    from quantlab.analysis import rank_with_ties
+
+    ranking = rank_with_ties(ranked_rows(), "latency")
+    assert ranking.row["technique"] == "dynamic"
+    assert "tie on p50 latency (95% intervals overlap)" in ranking.explanation
+    assert "smaller" in ranking.explanation
+
+
+def test_a_latency_difference_outside_the_intervals_decides():
+    from quantlab.analysis import rank_with_ties
+
+    apart = ranked_rows(latency_p50_ci_high_ms=[0.0066, 0.0074], latency_p50_ci_low_ms=[0.0063, 0.0069])
+    ranking = rank_with_ties(apart, "latency")
+    assert ranking.row["technique"] == "float32" and ranking.explanation == ""
+
+
+def test_rows_without_intervals_rank_on_their_values():
+    from quantlab.analysis import rank_with_ties
+
+    bare = ranked_rows().drop(columns=["latency_p50_ci_low_ms", "latency_p50_ci_high_ms"])
+    assert rank_with_ties(bare, "latency").row["technique"] == "float32"
+
+
+def test_most_accurate_treats_one_sample_as_a_tie_and_takes_the_smaller():
+    from quantlab.analysis import rank_with_ties
+
+    rows = ranked_rows(accuracy=[0.9578, 0.9556])
+    assert rank_with_ties(rows, "accuracy").row["technique"] == "dynamic"
+
+
+def test_the_sweet_spot_uses_the_tie_aware_ranking():
+    from quantlab.analysis import sweet_spot
+
+    rows = ranked_rows(error=[None, None], family=["float", "ptq"],
+                       accuracy_change_points=[0.0, 0.0])
+    spot = sweet_spot(rows, None, 1.0, "latency", "accuracy")
+    assert spot.row["technique"] == "dynamic"
+    assert "tie on p50 latency" in spot.reason
+
+
+# --- rows: intervals stored, p-values against the reference when read -----------------------------
+
+def write_workload(folder, lost: int):
+    """Kept predictions of a 450-sample workload: baseline 430 right, a variant `lost` fewer."""
+    from quantlab import predictions
+
+    labels = np.arange(450) % 10
+    baseline = labels.copy()
+    baseline[:20] = (labels[:20] + 1) % 10
+    variant = baseline.copy()
+    variant[20:20 + lost] = (labels[20:20 + lost] + 1) % 10
+    paths = {}
+    for name, classes in (("labels", labels), ("float", baseline), ("baseline", baseline),
+                          ("int8-only", variant)):
+        paths[name] = str(predictions.save(folder / f"{name}.npy", predictions.compact(classes, 10)))
+    return paths
+
+
+def stored_row(paths, technique, accuracy, samples_ms):
+    from quantlab import uncertainty
+
+    row = {"sweep_id": "s", "result_key": f"k-{technique}", "cached": False, "model_name": "m",
+           "model_hash": "mh", "dataset_name": "d", "dataset_hash": "dh", "technique": technique,
+           "family": "ptq", "params": {}, "model_bytes": 1000, "accuracy": accuracy,
+           "agreement": None, "latency_p50_ms": float(np.median(samples_ms)), "latency_method": "t",
+           "details": {"predictions": {"top1": paths[technique], "float_top1": paths["float"],
+                                       "labels": paths["labels"]},
+                       "latency_samples_ms": list(samples_ms), "latency_others_cpu_share": 0.8}}
+    row["agreement"] = float(np.mean(np.load(paths[technique]) == np.load(paths["float"])))
+    row.update(uncertainty.row_intervals(row))
+    return row
+
+
+def test_rows_carry_intervals_and_compare_frame_adds_p_against_the_baseline(tmp_path):
+    from quantlab.analysis import compare_frame
+    from quantlab.store import Store
+
+    paths = write_workload(tmp_path, lost=25)
+    samples = np.random.default_rng(5).normal(0.5, 0.02, 200)
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    store.insert_results([stored_row(paths, "baseline", 430 / 450, samples),
+                          stored_row(paths, "int8-only", 405 / 450, samples)])
+    frame = compare_frame(store, model="m", dataset="d").set_index("technique")
+    assert frame.loc["int8-only", "accuracy_ci_low"] == pytest.approx(stats.wilson_interval(405, 450).low)
+    assert frame.loc["int8-only", "test_samples"] == 450
+    assert bool(frame.loc["int8-only", "latency_cpu_busy"])   # others used 80% of the CPU
+    assert frame.loc["int8-only", "latency_p50_ci_low_ms"] < 0.5 < frame.loc["int8-only", "latency_p50_ci_high_ms"]
+    assert frame.loc["baseline", "accuracy_change_p"] == 1.0
+    assert frame.loc["int8-only", "accuracy_change_p"] < 0.01
+    assert frame.loc["int8-only", "accuracy_change_ci_high"] < 0   # points, paired
+    assert bool(frame.loc["int8-only", "differs_from_reference"])
+    assert frame.loc["int8-only", "agreement_change_p"] < 0.01

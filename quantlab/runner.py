@@ -255,6 +255,6 @@ def _make_row(sweep_id: str | None, manifest: dict, technique: TechniqueSpec, ke
                        "dataset_hash": manifest["dataset_hash"], "technique": technique.to_dict(),
                        "engine_version": ENGINE_VERSION})
     row["provenance"] = provenance
-    if error is None and body:
-        row.update(uncertainty.row_intervals(row))
+    if error is None and body and not set(uncertainty.INTERVAL_COLUMNS) <= set(body):
+        row.update(uncertainty.row_intervals(row))  # a body cached before its worker computed them
     return row

@@ -229,7 +229,7 @@ def measure_call_latency(call: Callable[[Any], Any], sample: Any, settings: Meas
 
 def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
     """Produce one variant and measure size, accuracy, agreement, SQNR, latency and ops."""
-    from . import measure, predictions
+    from . import measure, predictions, uncertainty
     from .techniques import BuildContext, get_technique
 
     manifest = payload["manifest"]
@@ -303,6 +303,7 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
         measured_at=datetime.now(timezone.utc).isoformat(),
         provenance=provenance(settings), details=details,
     )
+    row.update(uncertainty.row_intervals(row))  # in the body, so a warm run reads them from the cache
     return row
 
 

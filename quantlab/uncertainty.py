@@ -3,7 +3,8 @@
 Two kinds of figure, kept in two places:
 - a row's own intervals (`row_intervals`: Wilson intervals of accuracy and agreement, a bootstrap
   interval of the p50, whether other processes kept the CPU busy while it was timed) depend on that
-  row alone, so they are computed when the row is made (cold or cached) and stored in its columns;
+  row alone, so the worker that measured the row computes them, the cached result keeps them (a
+  warm run reuses them: a bootstrap of 1,000 timings takes about 0.2 s) and they are store columns;
 - a paired test (`change_test`: exact McNemar on the same samples) needs two rows, and which row is
   the reference is decided when rows are read (the baseline of the selected sweep, else float32), so
   p-values are computed when rows are read (`add_change_tests`, `tests_against_references`) from

@@ -231,3 +231,27 @@ def test_rows_carry_intervals_and_compare_frame_adds_p_against_the_baseline(tmp_
     assert frame.loc["int8-only", "accuracy_change_ci_high"] < 0   # points, paired
     assert bool(frame.loc["int8-only", "differs_from_reference"])
     assert frame.loc["int8-only", "agreement_change_p"] < 0.01
+
+
+def test_exports_carry_the_intervals_and_p_values(tmp_path):
+    import json
+
+    from quantlab import share
+    from quantlab.analysis import compare_frame
+    from quantlab.store import Store
+
+    paths = write_workload(tmp_path, lost=1)
+    samples = np.random.default_rng(6).normal(0.5, 0.02, 100)
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    store.insert_results([stored_row(paths, "baseline", 430 / 450, samples),
+                          stored_row(paths, "int8-only", 429 / 450, samples)])
+    frame = compare_frame(store, model="m", dataset="d")
+    header = share.export_csv(frame).decode().splitlines()[0].split(",")
+    assert {"accuracy_ci_low", "accuracy_ci_high", "accuracy_change_p", "latency_p50_ci_low_ms",
+            "latency_cpu_busy", "differs_from_reference"} <= set(header)
+    records = {r["technique"]: r for r in json.loads(share.export_json(frame))}
+    assert records["int8-only"]["accuracy_change_p"] == 1.0          # one sample: noise
+    assert records["int8-only"]["differs_from_reference"] is False
+    report = share.export_html_report(frame)
+    assert "accuracy_ci_low" in report and "McNemar" in report

@@ -353,6 +353,7 @@ def test_sparsity_preserving_clustering_leaves_a_kernel_too_small_to_cluster_pru
 @pytest.fixture(scope="module")
 def xception_h5(tmp_path_factory):
     path = tmp_path_factory.mktemp("zoo") / "mini_xception.h5"
+    keras.backend.clear_session()  # built as in a user's fresh process: its first Conv2D is "conv2d"
     build_mini_xception().save(path)
     return path
 

@@ -57,10 +57,12 @@ def sensitivity_result(workload):
 def build_context(workload) -> BuildContext:
     from quantlab.tfcompat import import_tensorflow
 
-    tf, _ = import_tensorflow()
+    from quantlab.keras_convert import keras_converter
+
+    import_tensorflow()
     model = sensitivity.load_model(workload["manifest"])
     return BuildContext(load_keras_model=lambda: model,
-                        make_converter=lambda m=None: tf.lite.TFLiteConverter.from_keras_model(m or model),
+                        make_converter=lambda m=None, mode="float32": keras_converter(m or model, mode),
                         dataset=workload["dataset"], manifest=workload["manifest"])
 
 
@@ -258,8 +260,8 @@ def test_selective_variant_keeps_more_ops_float_than_int8_fallback_and_is_measur
     context = build_context(workload)
     technique = get_technique("int8-selective")
     produced = technique.produce(context, technique.resolve({"keep_float": 2}))
-    baseline = configure_converter(context.make_converter(None), "int8-fallback",
-                                   workload["dataset"].x_calib).convert()
+    converter, _ = context.make_converter(None, "int8-fallback")
+    baseline = configure_converter(converter, "int8-fallback", workload["dataset"].x_calib).convert()
 
     def float_ops(model: bytes) -> int:
         interpreter = Interpreter(model_content=model)

@@ -12,9 +12,10 @@ from quantlab import analysis, charts, recommend, sweeps
 from quantlab.errors import QuantLabError
 from quantlab.techniques import unsupported_techniques
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
-from ui.share import sync_view, update_view, write_view
+from ui.share import share_controls, sync_view, update_view, write_view
 
-SHARED_FIELDS = ("model", "dataset", "accuracy_drop_pp")
+SHARED_FIELDS = ("model", "dataset", "accuracy_drop_pp", "hardware", "drop_ok", "representative_data",
+                 "can_retrain", "integer_io", "uint8_io")
 DEFAULT_DROP_POINTS = 1.0
 SWEEP_KEY = "recommend_sweep_handle"
 BACKING_STYLE = {"fits": st.success, "exceeds": st.warning, "not-measured": st.info,
@@ -29,10 +30,12 @@ def page_link(page: str, label: str, **kwargs) -> None:
         st.caption(f"{label} (that page is not part of this app yet)")
 
 
-def answer_toggle(label: str, key: str, fixed: bool | None, help: str | None = None) -> bool:
-    """A yes/no question, or, when other answers already decide it (`fixed`), that answer greyed out."""
+def answer_toggle(label: str, key: str, fixed: bool | None, value: bool | None,
+                  help: str | None = None) -> bool:
+    """A yes/no question (`value`: a link's answer, None: no), or, when other answers already decide it
+    (`fixed`), that answer greyed out."""
     if fixed is None:
-        return st.toggle(label, key=key, help=help)
+        return st.toggle(label, value=bool(value), key=key, help=help)
     return st.toggle(label, value=fixed, key=f"{key}_fixed_{fixed}", disabled=True, help=help)
 
 
@@ -49,25 +52,30 @@ questions, answer = st.columns([2, 3], gap="large")
 # --- the questions -------------------------------------------------------------------------------
 with questions:
     st.subheader("Your deployment")
-    hardware = st.radio("Target hardware", list(recommend.HARDWARE), key="recommend_hardware",
+    hardware_options = list(recommend.HARDWARE)
+    hardware = st.radio("Target hardware", hardware_options, key="recommend_hardware",
+                        index=hardware_options.index(view.hardware) if view.hardware in hardware_options else 0,
                         format_func=recommend.HARDWARE.get)
     integer_target = hardware in recommend.INTEGER_HARDWARE
     integer_io = answer_toggle("Integer-only input/output required", "recommend_integer_io",
-                               fixed=None if hardware == "cpu" else integer_target,
+                               fixed=None if hardware == "cpu" else integer_target, value=view.integer_io,
                                help="Edge TPUs and microcontrollers always need integer I/O, a GPU delegate "
                                     "runs float; on a CPU it is a choice (e.g. a pipeline that feeds raw "
                                     "uint8 camera frames)")
-    accuracy_drop_ok = st.toggle("Some accuracy drop is acceptable", value=True, key="recommend_drop_ok")
+    accuracy_drop_ok = st.toggle("Some accuracy drop is acceptable", value=view.drop_ok is not False,
+                                 key="recommend_drop_ok")
     max_drop = st.number_input("How much, in accuracy points", min_value=0.0, max_value=100.0, step=0.1,
                                value=view.accuracy_drop_pp if view.accuracy_drop_pp is not None
                                else DEFAULT_DROP_POINTS, key="recommend_drop",
                                disabled=not accuracy_drop_ok,
                                help="Used to check this model's measured rows (1.0 = 95.0% -> 94.0%)")
-    representative_data = st.toggle("Representative data available (about 100-500 samples)", value=True,
-                                    key="recommend_data")
-    can_retrain = st.toggle("Retraining (fine-tuning) is possible", key="recommend_retrain")
+    representative_data = st.toggle("Representative data available (about 100-500 samples)",
+                                    value=view.representative_data is not False, key="recommend_data")
+    can_retrain = st.toggle("Retraining (fine-tuning) is possible", value=bool(view.can_retrain),
+                            key="recommend_retrain")
+    uint8_free = integer_target or integer_io
     uint8_io = answer_toggle("The toolchain expects uint8 input/output (older accelerators)",
-                             "recommend_uint8", fixed=None if integer_target or integer_io else False)
+                             "recommend_uint8", fixed=None if uint8_free else False, value=view.uint8_io)
 
 answers = recommend.Answers(hardware=hardware, accuracy_drop_ok=accuracy_drop_ok, max_drop_points=max_drop,
                             representative_data=representative_data, can_retrain=can_retrain,
@@ -103,7 +111,11 @@ with st.container(horizontal=True):
     datasets = filters.datasets_for(model) or [view.dataset or DEFAULT_DATASET]
     dataset = st.selectbox("Dataset", datasets, key="recommend_dataset",
                            index=datasets.index(view.dataset) if view.dataset in datasets else 0)
-view = update_view(model=model, dataset=dataset, accuracy_drop_pp=max_drop)
+# The answers go into the link; one the other answers decide is left out (it follows them).
+view = update_view(model=model, dataset=dataset, accuracy_drop_pp=max_drop, hardware=hardware,
+                   drop_ok=accuracy_drop_ok, representative_data=representative_data, can_retrain=can_retrain,
+                   integer_io=integer_io if hardware == "cpu" else None,
+                   uint8_io=uint8_io if uint8_free else None)
 write_view(view, SHARED_FIELDS)
 
 frame = analysis.compare_frame(store, model=model, dataset=dataset)
@@ -153,3 +165,6 @@ if handle is not None:
         if snapshot.finished and not finished_before:
             st.rerun()  # the whole page, to show the new measurements
     sweep_status()
+
+st.subheader("Share")
+share_controls(view.with_(page="recommend"), ("page", *SHARED_FIELDS), key="recommend_share")

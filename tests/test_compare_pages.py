@@ -65,6 +65,11 @@ def run(path, **query):
     return app
 
 
+def reopened(app, path):
+    """The page opened fresh (a colleague's browser: no session) from the link `app` shows."""
+    return run(path, **{key: app.query_params[key] for key in app.query_params})
+
+
 def texts(elements):
     return [element.value for element in elements]
 
@@ -119,6 +124,24 @@ def test_compare_opens_the_view_a_link_describes(store):
     assert "Integer only (int8 I/O)" in texts(app.success)[0]
 
 
+def test_a_compare_link_carries_the_objective_and_budgets_so_it_names_the_same_winner(store):
+    app = run(COMPARE)
+    app.number_input(key="compare_drop").set_value(5.0).run()
+    app.radio(key="compare_objective").set_value("accuracy").run()
+    assert app.query_params["objective"] == "accuracy"
+    winner = texts(app.success)
+    assert "Float16" in winner[0]
+    other = reopened(app, COMPARE)
+    assert other.radio(key="compare_objective").value == "accuracy"
+    assert texts(other.success) == winner
+
+
+def test_the_fastest_objective_from_a_link(store):
+    app = run(COMPARE, drop="5", objective="latency")
+    assert "Integer only (int8 I/O)" in texts(app.success)[0]
+    assert app.radio(key="compare_objective").value == "latency"
+
+
 def test_compare_can_show_every_stored_measurement(store):
     app = run(COMPARE)
     app.checkbox(key="compare_every_row").check().run()
@@ -161,6 +184,29 @@ def test_recommend_changes_with_the_answers_and_quotes_measurements(store):
     assert "loses 2.0 points" in texts(app.warning)[0]
     app.number_input(key="recommend_drop").set_value(3.0).run()
     assert "Integer only (int8 I/O) is 16.0x smaller" in texts(app.success)[0]
+
+
+def test_a_recommend_link_carries_every_answer_so_it_reopens_with_the_same_advice(store):
+    app = run(RECOMMEND)
+    app.radio(key="recommend_hardware").set_value("mcu").run()
+    app.toggle(key="recommend_data").set_value(False).run()
+    app.toggle(key="recommend_retrain").set_value(True).run()
+    app.number_input(key="recommend_drop").set_value(2.5).run()
+    assert {key: app.query_params[key] for key in ("hw", "data", "retrain", "drop")} == {
+        "hw": "mcu", "data": "0", "retrain": "1", "drop": "2.5"}
+    other = reopened(app, RECOMMEND)
+    assert other.radio(key="recommend_hardware").value == "mcu"
+    assert recommendation(other) == recommendation(app)
+    assert "qat-int8" in recommendation(other)
+    assert texts(other.info) + texts(other.success) + texts(other.warning) == \
+        texts(app.info) + texts(app.success) + texts(app.warning)
+
+
+def test_a_recommend_link_with_integer_io_on_a_cpu_and_uint8(store):
+    app = run(RECOMMEND, int_io="1", uint8="1", drop_ok="0")
+    assert "uint8-only" in recommendation(app)
+    assert app.toggle(key="recommend_drop_ok").value is False
+    assert any("uint8=1" in code.value and "int_io=1" in code.value for code in app.code)
 
 
 def test_recommend_with_no_data_and_no_retraining_is_blocked(store):

@@ -1,8 +1,10 @@
-"""Recommend: which quantization to try first, and what this model's measurements say about it.
+"""Recommend: which quantization to use, by what this model measured, explained by the decision tree.
 
-The questions of TensorFlow Lite's post-training quantization decision tree, the tree drawn with your
-answers highlighted, the technique it leads to with its reason and fallbacks, then this model's
-measured numbers for it, or a button that measures what is missing.
+The questions of TensorFlow Lite's post-training quantization decision tree; the headline: the
+smallest measured variant your answers allow within your tolerance (or, before one is measured, the
+tree's leaf with the docs' generic figures); the tree's reasoning as the explanation, the tree drawn
+with your answers highlighted, this model's numbers for the tree's choice, or a button that measures
+what is missing. Every answer is in the link.
 """
 
 import streamlit as st
@@ -37,6 +39,41 @@ def answer_toggle(label: str, key: str, fixed: bool | None, value: bool | None,
     if fixed is None:
         return st.toggle(label, value=bool(value), key=key, help=help)
     return st.toggle(label, value=fixed, key=f"{key}_fixed_{fixed}", disabled=True, help=help)
+
+
+def measured_headline(pick: recommend.MeasuredPick, model: str) -> None:
+    """The headline when this model is measured: the variant to use and its numbers."""
+    st.markdown(f"### Use **{pick.label}** (`{pick.technique}`)")
+    st.markdown(f"Measured on {model}: **{pick.gain}**; {pick.reason}.")
+
+
+def tree_headline(advice: recommend.Recommendation) -> None:
+    """The headline before anything fits: the decision tree's leaf."""
+    if advice.technique:
+        st.markdown(f"### Try **{advice.label}** (`{advice.technique}`)")
+    else:
+        st.markdown(f"### {recommend.NODE_BY_ID[advice.leaf].text}")
+
+
+def tree_explanation(advice: recommend.Recommendation, frame, pick: recommend.MeasuredPick | None) -> None:
+    """Why, by the decision tree; the docs' generic figures only where this model has none measured."""
+    measured = recommend.measured_gain(advice.technique, frame)
+    if pick is None:
+        figures = f" (measured here: {measured})" if measured else f"; {advice.claim}" if advice.claim else ""
+        st.markdown(f"Because {advice.reason}{figures}.")
+    elif advice.technique == pick.technique:
+        st.markdown(f"The decision tree agrees: {advice.reason}.")
+    else:
+        figures = f": measured here, {measured}" if measured else ", not measured on this model yet"
+        st.markdown(f"The decision tree's starting point for your answers is **{advice.label}** "
+                    f"(`{advice.technique}`), because {advice.reason}{figures}."
+                    if advice.technique else f"The decision tree says: {advice.reason}.")
+    st.caption("Your path: " + " → ".join(f"{step.question} **{step.answer}**" for step in advice.path))
+    if advice.fallbacks and pick is None:
+        st.markdown("If it loses more accuracy than you accept, try next:\n" + "\n".join(
+            f"{i}. **{recommend.technique_label(f.technique)}** (`{f.technique}`): "
+            f"{recommend.measured_gain(f.technique, frame) or f.why}"
+            for i, f in enumerate(advice.fallbacks, start=1)))
 
 
 settings = AppSettings.from_env()
@@ -82,20 +119,6 @@ answers = recommend.Answers(hardware=hardware, accuracy_drop_ok=accuracy_drop_ok
                             integer_io=integer_io and hardware == "cpu", uint8_io=uint8_io)
 advice = recommend.recommend(answers)
 
-# --- the recommendation, then the tree ------------------------------------------------------------
-with answer:
-    st.subheader("Recommendation")
-    if advice.technique:
-        st.markdown(f"### Try **{advice.label}** (`{advice.technique}`)")
-    else:
-        st.markdown(f"### {recommend.NODE_BY_ID[advice.leaf].text}")
-    st.markdown(f"Because {advice.reason}.")
-    st.caption("Your path: " + " → ".join(f"{step.question} **{step.answer}**" for step in advice.path))
-    if advice.fallbacks:
-        st.markdown("If it loses more accuracy than you accept, try next:\n" + "\n".join(
-            f"{i}. **{recommend.technique_label(f.technique)}** (`{f.technique}`): {f.why}"
-            for i, f in enumerate(advice.fallbacks, start=1)))
-
 st.markdown("**The decision tree**, your answers in red:")
 nodes, edges = recommend.tree_frames(advice)
 st.plotly_chart(charts.decision_tree_figure(nodes, edges), key="recommend_tree",
@@ -119,16 +142,30 @@ view = update_view(model=model, dataset=dataset, accuracy_drop_pp=max_drop, hard
 write_view(view, SHARED_FIELDS)
 
 frame = analysis.compare_frame(store, model=model, dataset=dataset)
+pick = recommend.measured_pick(advice, frame)
 backing = recommend.back_with_measurements(advice, frame)
+
+# --- the recommendation: what was measured first, the decision tree as its explanation ------------
+with answer:
+    st.subheader("Recommendation")
+    if pick:
+        measured_headline(pick, model)
+    else:
+        tree_headline(advice)
+    tree_explanation(advice, frame, pick)
+
 if backing.metric == "agreement":
     st.caption(f"**{model}** on **{dataset}**: {analysis.NO_LABELS_NOTE}; your tolerance is checked "
                f"against the drop in agreement.")
-BACKING_STYLE.get(backing.status, st.info)(backing.text)
-if backing.row_id and st.button("Open the measured row", key="recommend_open_row"):
+BACKING_STYLE.get(backing.status, st.info)(
+    backing.text if not pick or pick.technique == backing.technique
+    else f"The decision tree's path, checked: {backing.text}")
+shown_row = pick.row_id if pick else backing.row_id
+if shown_row and st.button("Open the measured row", key="recommend_open_row"):
     try:
-        st.switch_page("pages/details.py", query_params={"row": backing.row_id})
+        st.switch_page("pages/details.py", query_params={"row": shown_row})
     except StreamlitPageNotFoundError:
-        st.info(f"Row `{backing.row_id}`; the details page is not part of this app yet.")
+        st.info(f"Row `{shown_row}`; the details page is not part of this app yet.")
 
 if backing.to_run:
     runnable, unknown = recommend.runnable_techniques(backing.to_run)

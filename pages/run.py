@@ -90,15 +90,17 @@ def choose_input(kind, builtins, default, suffixes, help_text):
                             names.index(default), key=f"run_{kind}",
                             format_func=lambda n: f"{n}: {builtins[n].description}")
         return remember(kind, name), name, True
-    st.file_uploader(f"{kind.capitalize()} file ({', '.join(suffixes)})", type=[s.lstrip(".") for s in suffixes],
-                     key=f"run_{kind}_file", on_change=save_and_check, args=(kind,), help=help_text,
-                     max_upload_size=settings.max_upload_mb)
+    # Any file reaches the server, which refuses it in words below (the browser's own refusal of a
+    # type or size would only show in a hover).
+    st.file_uploader(f"{kind.capitalize()} file ({', '.join(suffixes)}; up to {settings.max_upload_mb} MB)",
+                     key=f"run_{kind}_file", on_change=save_and_check, args=(kind,), help=help_text)
     upload = form.get(f"{kind}_upload")
     if not upload:
         st.caption(f"Upload a {kind} file to go on, or switch back to a built-in {kind}.")
         return None, None, False
     if upload.get("error"):
-        st.error(f"{upload['name']}: {upload['error']}", icon=":material/error:")
+        error = upload["error"]
+        st.error(error if upload["name"] in error else f"{upload['name']}: {error}", icon=":material/error:")
         return upload["path"], upload["stored_as"], False
     st.caption(f"Using **{upload['name']}** (checked; it is loaded safely, in a separate process, "
                f"when the sweep starts).")

@@ -142,6 +142,30 @@ def test_a_bad_model_upload_is_explained_in_words(env):
     assert at.button(key="run_start").disabled
 
 
+@pytest.mark.parametrize("name, words", [
+    ("model.pt", "model.pt is not a model file QuantLab reads; upload .keras, .h5, .hdf5, .zip, .tflite"),
+    ("weights.hdf5", "weights.hdf5 is not an HDF5 file"),
+])
+def test_any_refused_model_upload_says_why_next_to_the_uploader_once(env, name, words):
+    at = run_app()
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    assert list(at.file_uploader(key="run_model_file").proto.type) == []  # the browser refuses nothing
+    at.file_uploader(key="run_model_file").set_value((name, b"not a model", "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    assert texts(at.error).startswith(words)
+    assert texts(at.error).count(name) == 1  # "bad.h5: bad.h5 is not..." no more
+    assert at.button(key="run_start").disabled
+
+
+def test_a_dataset_of_the_wrong_kind_is_refused_in_words(env):
+    at = run_app()
+    at.radio(key="run_dataset_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_dataset_file").set_value(("data.csv", b"1,2,3", "text/csv"))
+    at.run()
+    assert "data.csv is not a .npz file" in texts(at.error)
+
+
 def test_a_bad_dataset_upload_is_explained_in_words(env):
     at = run_app()
     at.radio(key="run_dataset_source").set_value("Upload a file").run()

@@ -324,3 +324,11 @@ def test_table_frame_orders_families_and_keeps_row_ids(frame):
     table = analysis.table_frame(frame)
     assert list(table["family"])[:2] == ["baseline", "float"]
     assert table["row_id"].notna().all() and "accuracy_change_points" in table.columns
+
+
+def test_the_table_leads_with_the_change_latency_and_speed_ups_and_dashes_missing_text(frame):
+    table = analysis.table_frame(frame.assign(input_dtype=None))
+    assert list(table.columns[:6]) == ["label", "accuracy_change_points", "latency_p50_ms",
+                                       "speedup_vs_float32", "speedup", "x_smaller"]
+    assert set(table["input_dtype"]) == {"—"}
+    assert analysis.table_frame(frame, "agreement").columns[1] == "agreement_change_points"

@@ -4,6 +4,7 @@ The filled store holds synthetic rows (made-up figures for two made-up models): 
 pages' logic and words, not any real measurement. No test here starts a sweep.
 """
 
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -321,3 +322,12 @@ def test_measuring_a_model_that_cannot_be_found_says_why_and_starts_nothing(stor
     assert not app.exception
     assert "neither a built-in model" in texts(app.error)[0]
     assert len(sweeps.list_sweeps()) == before
+
+
+def test_the_table_leads_with_the_change_latency_and_speed_ups_in_significant_digits(store):
+    app = run(COMPARE)
+    table = app.dataframe[0]
+    assert list(table.value.columns[:5]) == ["label", "accuracy_change_points", "latency_p50_ms",
+                                             "speedup_vs_float32", "speedup"]
+    config = json.loads(table.proto.columns)
+    assert config["latency_p50_ms"]["type_config"]["format"] == "%.3g"

@@ -31,7 +31,7 @@ store = settings.store()
 has_results = store.count() > 0
 
 # Run is the home page (its address never changes). A visitor who opens the bare address while
-# results exist is taken to Compare once per session.
+# results exist is taken to Compare once per session; a bookmarked /run stays on Run.
 pages = {name: st.Page(file, title=title, icon=icon, url_path=name, default=name == "run")
          for name, (file, title, icon) in PAGES.items() if (HERE / file).exists()}
 current = st.navigation(list(pages.values()))
@@ -39,7 +39,8 @@ current = st.navigation(list(pages.values()))
 # A shared link may name its page in the query (?page=details&row=...): open that page once.
 params = url_params()
 wanted = share.decode(params).page
-if not params and current is pages["run"] and has_results and "compare" in pages:
+bare_address = not share.names_a_page(st.context.url)
+if not params and bare_address and current is pages["run"] and has_results and "compare" in pages:
     wanted = "compare"
 if wanted in pages and pages[wanted] is not current and not st.session_state.get("opened_linked_page"):
     st.session_state["opened_linked_page"] = True

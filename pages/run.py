@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from quantlab.errors import QuantLabError
-from quantlab.sweeps import active_sweeps, get_sweep, start_sweep
+from quantlab.sweeps import active_sweeps, get_sweep, running_twin, start_sweep
 from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
@@ -309,14 +309,20 @@ measure = measurement_settings()
 ready = model_ok and dataset_ok and bool(techniques) and not technique_errors and settings.can_run
 if not techniques:
     st.caption("Pick at least one technique.")
-if st.button("Run sweep", type="primary", key="run_start", disabled=not ready, icon=":material/play_arrow:",
-             help=None if settings.can_run else "This dashboard is read-only"):
-    spec = make_sweep_spec(model, dataset, techniques, **measure)
+spec = make_sweep_spec(model, dataset, techniques, **measure) if ready else None
+twin = running_twin(spec, store)
+if twin is not None:
+    st.caption(f"This very sweep is already {'running' if twin.status == 'running' else 'waiting'} "
+               f"({twin.label}): its progress is below.")
+if st.button("Run sweep", type="primary", key="run_start", disabled=not ready or twin is not None,
+             icon=":material/play_arrow:",
+             help="The same sweep is already running" if twin is not None else
+             None if settings.can_run else "This dashboard is read-only") and twin is None:
     handle = start_sweep(spec, store, cache, settings.sweep_options(), label=f"{model_name} on {dataset_name}")
     st.session_state[HANDLE] = handle.id
     if handle.finished:  # refused at once (bad input): say so next to the upload it concerns
         note_upload_failure(handle)
-        st.rerun()
+    st.rerun()  # redraw with Run disabled while this very sweep runs
 
 mine = get_sweep(st.session_state.get(HANDLE))
 others = [h for h in active_sweeps() if mine is None or h.id != mine.id]

@@ -385,3 +385,29 @@ def test_demo_mode_limits_uploads_per_session_and_says_so():
     assert any("uploads per browser session" in line for line in settings.mode_lines())
     assert AppSettings.from_env({"QUANTLAB_DEMO": "1", "QUANTLAB_MAX_UPLOADS": "0"}).max_uploads == 0
     assert AppSettings.from_env({}).max_uploads == 0
+
+
+def test_run_is_disabled_while_the_very_same_sweep_runs(env, monkeypatch):
+    release = threading.Event()
+
+    def play(spec, *, store, cache, on_event, options, cancel):
+        on_event({"type": "sweep-start", "sweep_id": "s2", "total": len(spec.techniques)})
+        release.wait(20)
+        return SweepReport("s2", [])
+
+    monkeypatch.setattr(sweeps, "run_sweep", play)
+    at = run_app()
+    for checkbox in at.checkbox:
+        if checkbox.key and checkbox.key.startswith("run_technique_") and not checkbox.disabled:
+            checkbox.set_value(checkbox.key == "run_technique_float32")
+    at.run()
+    at.button(key="run_start").click().run()
+    assert len(sweeps.list_sweeps()) == 1
+    assert at.button(key="run_start").disabled
+    assert "This very sweep is already running" in texts(at.caption)
+    handle = sweeps.list_sweeps()[0]
+    assert sweeps.running_twin(handle.spec) is handle  # what the page checks again on a click
+    at.checkbox(key="run_technique_dynamic").check().run()
+    assert not at.button(key="run_start").disabled     # another sweep may start
+    release.set()
+    assert sweeps.list_sweeps()[0].wait(10)

@@ -114,8 +114,17 @@ def refusals_for(model_path, dataset_path, _stamp):
     return upload_refusals(model_path, has_labels, has_train)
 
 
+def forget_ticks_of_another_model_kind(model_kind):
+    """A model of another kind (a .tflite after a Keras model) starts from its own default ticks."""
+    previous = form.get("techniques_kind")
+    form["techniques_kind"] = model_kind
+    if previous is not None and previous != model_kind:
+        form["techniques"] = {}
+
+
 def choose_techniques(model_kind, refused):
     """Every registered technique by family: a checkbox each, its parameters in an expander."""
+    forget_ticks_of_another_model_kind(model_kind)
     chosen = {}
     for group in technique_groups(model_kind, refused):
         st.markdown(f"**{group.title}**")
@@ -123,10 +132,13 @@ def choose_techniques(model_kind, refused):
             technique = choice.technique
             saved = form.setdefault("techniques", {}).get(technique.id)
             tags = technique_tags(technique)
+            # A technique this model cannot take is a separate, unticked widget: when the model changes
+            # (a .tflite upload), what becomes available starts from its default, not a stale tick.
             selected = st.checkbox(
                 f"{technique.label} · `{technique.id}`" + (f" · _{', '.join(tags)}_" if tags else ""),
-                value=choice.default_selected if saved is None else saved and choice.available,
-                disabled=not choice.available, key=f"run_technique_{technique.id}",
+                value=(choice.default_selected if saved is None else saved) and choice.available,
+                disabled=not choice.available,
+                key=f"run_technique_{technique.id}" + ("" if choice.available else "_unavailable"),
                 help=technique.description)
             if not choice.available:
                 st.caption(f"Not for this model: {choice.reason}.")
@@ -282,7 +294,7 @@ with left:
         "model", BUILTIN_MODELS, DEFAULT_MODEL, (".keras", ".h5", ".hdf5", ".zip", ".tflite"),
         "A tf_keras/Keras .keras or .h5 file, a SavedModel folder as .zip, or a ready .tflite file. "
         "Nothing in the file is executed: unknown layers and custom code are refused.")
-    if form.get("model_source") == UPLOAD:
+    if form.get("model_source") == UPLOAD and model_kind_of(model_name or "") != "tflite":
         st.caption(keras3_note())
 with right:
     dataset, dataset_name, dataset_ok = choose_input(
@@ -290,7 +302,9 @@ with right:
         "A .npz with x_test and y_test (class ids or one-hot rows), optionally x_train/y_train (for "
         "fine-tuning) and x_calib (calibration samples). Without y_test, variants are compared on "
         "agreement with the float model.")
-view = update_view(model=model_name, dataset=dataset_name)
+# Only an accepted choice becomes the current model or dataset (the sidebar never names a refused one).
+view = update_view(**{kind: name for kind, name, ok in (("model", model_name, model_ok),
+                                                        ("dataset", dataset_name, dataset_ok)) if ok})
 
 st.subheader("2. Techniques")
 model_kind = model_kind_of(model_name or "")

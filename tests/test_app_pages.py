@@ -107,7 +107,8 @@ def test_the_technique_list_shows_every_registered_technique(env):
     # one that cannot start from a Keras model is shown, disabled, with the reason
     tflite_only = [t for t in all_techniques() if "keras" not in t.sources]
     for technique in tflite_only:
-        assert at.checkbox(key=f"run_technique_{technique.id}").disabled
+        box = at.checkbox(key=f"run_technique_{technique.id}_unavailable")
+        assert box.disabled and not box.value
     if tflite_only:
         assert "Not for this model" in texts(at.caption)
 
@@ -411,3 +412,28 @@ def test_run_is_disabled_while_the_very_same_sweep_runs(env, monkeypatch):
     assert not at.button(key="run_start").disabled     # another sweep may start
     release.set()
     assert sweeps.list_sweeps()[0].wait(10)
+
+
+def test_a_tflite_upload_ticks_as_uploaded_only_and_says_nothing_of_keras_3(env):
+    at = run_app()
+    assert at.checkbox(key="run_technique_dynamic").value  # ticked for the built-in Keras model
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_model_file").set_value(("ready.tflite", b"\x1c\x00\x00\x00TFL3" + bytes(100),
+                                                      "application/octet-stream"))
+    at.run()
+    assert not at.exception and not at.error
+    assert at.checkbox(key="run_technique_as-uploaded").value is True
+    dynamic = at.checkbox(key="run_technique_dynamic_unavailable")
+    assert dynamic.disabled and dynamic.value is False  # greyed and unticked
+    assert "Keras 3" not in texts(at.caption)
+    assert not at.button(key="run_start").disabled
+
+
+def test_the_sidebar_never_names_a_refused_dataset(env):
+    at = run_app()
+    at.radio(key="run_dataset_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_dataset_file").set_value(("broken.npz", b"not a zip", "application/zip"))
+    at.run()
+    assert "broken" in texts(at.error)
+    assert at.session_state["view"].dataset == "digits-28"  # what the sidebar names: the last accepted one
+    assert "dataset" not in at.query_params or at.query_params["dataset"] != "broken"

@@ -244,7 +244,7 @@ def test_lab_page_opens_on_the_swept_workload(swept, server, browser, shots):
     set_checkbox(page, "lab_per_channel", True)
     choose_option(page, "lab_calibrator", "mse")
     set_number(page, "lab_channel", 2)
-    title = page.locator('[data-testid="stPlotlyChart"] .gtitle').first.inner_text()
+    title = page.locator('[data-testid="stPlotlyChart"] .gtitle').first.text_content()
     link = page.evaluate("location.href")
     assert {key: query(link).get(key) for key in ("bits", "per_channel", "calibrator", "channel")} == {
         "bits": "4", "per_channel": "1", "calibrator": "mse", "channel": "2"}, link

@@ -303,7 +303,7 @@ def _fmt_ms(value: float) -> str:
 
 SORT_KEYS = {"size": ("model_bytes", "latency_p50_ms", "{quality}"),
              "latency": ("latency_p50_ms", "model_bytes", "{quality}"),
-             "accuracy": ("{quality}", "latency_p50_ms", "model_bytes")}
+             "accuracy": ("{quality}", "model_bytes", "latency_p50_ms")}
 
 
 def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
@@ -313,8 +313,10 @@ def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
 
     `objective`: size (fewest bytes), latency (lowest p50) or accuracy (highest quality). A None
     budget is no constraint. The drop is measured in `metric` (default: `quality_metric(frame)`,
-    agreement for a dataset without labels). Ties go to the faster, then the smaller, then the
-    better row; rows without a latency never fit a latency budget.
+    agreement for a dataset without labels). Ties go to the next criterion in
+    SORT_KEYS: smallest, then fastest, then better for size; fastest, then smallest for latency;
+    smallest, then fastest among equally accurate rows (a tie never goes to the larger file). Rows
+    without a latency never fit a latency budget.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")

@@ -374,7 +374,27 @@ def test_latency_histogram_keeps_a_rare_slow_run_from_squeezing_the_rest():
     samples = [0.05 + 0.001 * (i % 10) for i in range(199)] + [4.0]
     figure = latency_histogram(samples, {"latency_p50_ms": 0.055, "latency_p90_ms": 0.059})
     assert max(figure.data[0].x) < 0.1
-    assert "1 of 200 runs above" in figure.layout.title.text
+    assert "1 of the 200 drawn runs above" in figure.layout.title.text
+    p50, p90 = figure.layout.annotations
+    assert (p50.text, p90.text) == ("p50 0.055 ms", "p90 0.059 ms")
+    assert (p50.xanchor, p90.xanchor) == ("right", "left")  # either side of its line: never on top of each other
+
+
+def test_the_latency_caption_says_how_the_drawn_runs_were_sampled():
+    from quantlab.ui_state import latency_sample_note
+
+    assert latency_sample_note([0.1] * 1000, {"latency_runs": 49_045}) == (
+        "1,000 of the 49,045 timed runs are drawn, evenly spaced in time order (the p50 and p90 are of "
+        "every run).")
+    assert latency_sample_note([0.1] * 60, {"latency_runs": 60}) == "All 60 timed runs are drawn."
+
+
+def test_details_show_only_the_parameters_a_technique_has():
+    from quantlab.ui_state import declared_params
+
+    assert declared_params({"technique": "float16", "params": {"weights": "per-channel"}}) == {}
+    assert declared_params({"technique": "int8-only", "params": {"weights": "per-tensor"}}) == {
+        "weights": "per-tensor"}
 
 
 def test_demo_mode_limits_uploads_per_session_and_says_so():

@@ -284,3 +284,11 @@ def test_server_log_has_no_traceback(swept, server):
     time.sleep(0.5)
     log = server.log()
     assert "Traceback" not in log, log[-4000:]
+
+
+def test_a_bookmarked_run_page_stays_on_run(swept, server, browser):
+    page = new_page(browser)
+    open_app(page, server.url.rstrip("/") + "/run")
+    expect(page.locator("h1").first).to_contain_text("Run a sweep")  # not redirected to Compare
+    assert_no_errors(page, "Run, bookmarked")
+    page.context.close()

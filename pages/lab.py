@@ -159,8 +159,10 @@ with st.container(border=True):
     symmetric = col_shape.toggle("Symmetric", value=view.symmetric is not False, key="lab_symmetric", disabled=kmeans,
                                  help="Symmetric: zero point 0, range [-t, t] (TFLite weights). "
                                       "Asymmetric: a zero point, range [low, high] (TFLite activations).")
-    per_channel = col_shape.toggle("Per-channel", value=bool(view.per_channel), key="lab_per_channel", disabled=kmeans,
-                                   help="One scale per output channel (TFLite's conv and dense weights).")
+    per_channel = col_shape.toggle("Per-channel", value=view.per_channel is not False, key="lab_per_channel",
+                                   disabled=kmeans,
+                                   help="One scale per output channel, as TFLite's converter does for conv and "
+                                        "dense weights by default; off: one scale per tensor.")
     calibrator = col_calibrator.selectbox("Calibrator", CALIBRATORS, index=index_of(CALIBRATORS, view.calibrator),
                                           key="lab_calibrator", disabled=kmeans, help=CALIBRATOR_HELP)
     percentile = 99.99
@@ -293,6 +295,7 @@ def model_view() -> None:
 
 
 def sensitivity_view() -> None:
+    st.caption("Always int8, as TFLite's converter quantizes: the quantizer settings above do not apply here.")
     st.markdown("Per layer, the error TFLite's int8 conversion (float fallback) adds to the layer's output: "
                 "RMSE against the float model divided by the output's quantization scale, measured by "
                 "TFLite's QuantizationDebugger on the calibration split. Pure rounding gives about 0.29 "

@@ -410,4 +410,7 @@ def test_a_lab_link_with_layer_bits_activations_and_a_tab(prepared):
     assert app.toggle(key="lab_activations").value is True
     assert app.selectbox(key="lab_activation_bits").value == 16
     assert app.query_params["layer_bits"] == "dense:2" and app.query_params["tab"] == "model"
-    assert weights_tile(app) != weights_tile(run_page())   # the dense layer at 2 bits, not 8
+    default = run_page()
+    assert weights_tile(app) != weights_tile(default)   # the dense layer at 2 bits, not 8
+    assert default.toggle(key="lab_per_channel").value is True   # as the converter quantizes weights
+    assert any("Always int8" in caption.value for caption in default.caption)

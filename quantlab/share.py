@@ -314,12 +314,6 @@ def share_url(base_url: str | None, state: ViewState, fields: Iterable[str] | No
     return f"{base}?{query}" if query else base
 
 
-def names_a_page(url: str | None) -> bool:
-    """Whether an address names one of the app's pages (`.../run`), unlike the bare address."""
-    path = (url or "").split("?", 1)[0].split("#", 1)[0].rstrip("/")
-    return path.rsplit("/", 1)[-1] in PAGE_NAMES if "/" in path.split("://", 1)[-1] else False
-
-
 # --- exports --------------------------------------------------------------------------------------
 
 
@@ -471,5 +465,5 @@ def export_file_name(state: ViewState, suffix: str) -> str:
 
 
 __all__ = ["PAGE_NAMES", "METRIC_COLUMNS", "ViewState", "decode", "decode_with_report", "encode",
-           "query_string", "share_url", "names_a_page", "export_csv", "export_json", "export_records",
+           "query_string", "share_url", "export_csv", "export_json", "export_records",
            "export_html_report", "measurement_methods", "export_file_name"]

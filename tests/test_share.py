@@ -214,12 +214,3 @@ def test_measurement_methods_name_threads_and_runs(frame):
 def test_export_file_names_say_what_they_hold():
     assert share.export_file_name(FULL, "csv") == "quantlab-seed-cnn-digits-28.csv"
     assert share.export_file_name(ViewState(), ".json") == "quantlab.json"
-
-
-@pytest.mark.parametrize("url, named", [
-    ("http://localhost:8501", False), ("http://localhost:8501/", False), ("http://h/base/", False),
-    ("http://localhost:8501/run", True), ("http://h/base/compare/", True), ("http://h/base/runner", False),
-    (None, False), ("", False),
-])
-def test_only_an_address_that_names_a_page_is_kept_from_redirecting(url, named):
-    assert share.names_a_page(url) is named

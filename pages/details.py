@@ -7,10 +7,12 @@ import streamlit as st
 from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
 from quantlab.analysis import NO_LABELS_NOTE
-from quantlab.ui_state import (AppSettings, declared_params, downloadable_artifact, extra_details,
-                               float_ops_summary, format_bytes, has_no_labels, is_fine_tuned, latency_histogram,
-                               latency_sample_note, latency_summary, number_text, ops_table, provenance_table, row_frame,
-                               row_label, tensor_table, weight_granularity_summary)
+from quantlab.ui_state import (AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
+                               extra_details, float_ops_summary, format_bytes, has_no_labels,
+                               interval_text, is_fine_tuned, latency_histogram, latency_sample_note,
+                               latency_shape, latency_summary, number_text, ops_table, provenance_table,
+                               reference_lines, row_frame, row_label, tensor_table, uncertainty_lines,
+                               weight_granularity_summary)
 from ui.share import share_controls, sync_view, update_view, write_view
 
 RECENT_ROWS = 200
@@ -63,6 +65,12 @@ def key_numbers(row):
                                       (columns[4], "SQNR (dB)", "sqnr_db", 1),
                                       (columns[5], "p50 latency (ms)", "latency_p50_ms", 3)):
         column.metric(name, number_text(row, key, digits))
+    for line in uncertainty_lines(row):
+        st.caption(line)
+    for line in reference_lines(store, row):
+        st.markdown(f"**{line.split('?')[0]}?**{line.split('?', 1)[1]}")
+    if warning := busy_cpu_warning(row):
+        st.warning(warning, icon=":material/speed:")
     if has_no_labels(row):
         note = row["details"].get("label_note")
         st.caption(f"{NO_LABELS_NOTE[:1].upper()}{NO_LABELS_NOTE[1:]}" + (f" ({note})." if note else "."))
@@ -91,6 +99,11 @@ def latency(row):
     st.markdown("#### Latency")
     samples = row["details"].get("latency_samples_ms") or []
     st.caption(latency_summary(row))
+    if interval := interval_text(row, "latency_p50_ci_low_ms", "latency_p50_ci_high_ms", 4, " ms"):
+        st.caption(f"p50 {interval} (bootstrap of the timed runs: how far the median could move "
+                   f"if the same runs were repeated)")
+    if shape := latency_shape(row):
+        st.warning(shape, icon=":material/bar_chart:")
     if samples:
         st.plotly_chart(latency_histogram(samples, row), key="details_latency_histogram")
         st.caption(latency_sample_note(samples, row))

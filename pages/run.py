@@ -10,7 +10,7 @@ from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
-                               dataset_facts, file_stamp, keras3_note, make_sweep_spec, model_kind_of, param_input, results_table,
+                               NO_LABELS_UPLOAD, dataset_facts, file_stamp, keras3_note, make_sweep_spec, model_kind_of, param_input, results_table,
                                save_upload, stored_name, technique_groups, technique_tags,
                                unavailable_techniques, upload_refusals)
 from quantlab.workloads import BUILTIN_DATASETS, BUILTIN_MODELS
@@ -108,9 +108,15 @@ def choose_input(kind, builtins, default, suffixes, help_text):
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
+def facts_for(dataset_path, _stamp):
+    """(has labels, has a train split) of an uploaded dataset (cached per file)."""
+    return dataset_facts(dataset_path)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
 def refusals_for(model_path, dataset_path, _stamp):
     """Techniques that cannot run on the uploaded model and dataset, with the reason (cached per file)."""
-    has_labels, has_train = dataset_facts(dataset_path)
+    has_labels, has_train = facts_for(dataset_path, _stamp[-1:])
     return upload_refusals(model_path, has_labels, has_train)
 
 
@@ -302,6 +308,9 @@ with right:
         "A .npz with x_test and y_test (class ids or one-hot rows), optionally x_train/y_train (for "
         "fine-tuning) and x_calib (calibration samples). Without y_test, variants are compared on "
         "agreement with the float model.")
+    if form.get("dataset_source") == UPLOAD and dataset_ok:
+        if facts_for(dataset, file_stamp(dataset))[0] is False:
+            st.info(NO_LABELS_UPLOAD, icon=":material/label_off:")
 # Only an accepted choice becomes the current model or dataset (the sidebar never names a refused one).
 view = update_view(**{kind: name for kind, name, ok in (("model", model_name, model_ok),
                                                         ("dataset", dataset_name, dataset_ok)) if ok})

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .store import Store
+from .uncertainty import CHANGE_COLUMNS, add_change_tests
 
 BASELINE_TECHNIQUE = "baseline"
 FALLBACK_REFERENCE = "float32"
@@ -154,13 +155,13 @@ def compare_frame(store: Store, *, model: str | None, dataset: str | None,
     frame["reference_note"] = frame["reference_technique"].map(REFERENCE_NOTES).fillna(
         "no reference measured (run the baseline or float32 technique)")
     frame["label"] = frame["technique"].map(_label_map()).fillna(frame["technique"])
-    return frame.reset_index(drop=True)
+    return add_change_tests(frame.reset_index(drop=True), store)
 
 
 def _empty_compare_frame() -> pd.DataFrame:
     from .store import COLUMN_NAMES
 
-    return pd.DataFrame(columns=[*COLUMN_NAMES, *COMPARE_COLUMNS])
+    return pd.DataFrame(columns=[*COLUMN_NAMES, *COMPARE_COLUMNS, *CHANGE_COLUMNS])
 
 
 def family_rank(families: pd.Series) -> pd.Series:
@@ -313,10 +314,9 @@ def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
 
     `objective`: size (fewest bytes), latency (lowest p50) or accuracy (highest quality). A None
     budget is no constraint. The drop is measured in `metric` (default: `quality_metric(frame)`,
-    agreement for a dataset without labels). Ties go to the next criterion in
-    SORT_KEYS: smallest, then fastest, then better for size; fastest, then smallest for latency;
-    smallest, then fastest among equally accurate rows (a tie never goes to the larger file). Rows
-    without a latency never fit a latency budget.
+    agreement for a dataset without labels). The pick is rank_with_ties: differences inside the
+    95% intervals are ties, broken by the next criterion (smaller, then faster, then more
+    accurate), and the reason says so; rows without a latency never fit a latency budget.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
@@ -344,9 +344,8 @@ def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
     if inside.empty:
         return SweetSpot(None, _why_none(usable, fast, accurate, latency, change, latency_budget_ms,
                                          max_accuracy_drop_points, words), **spot)
-    columns = [c.format(quality=metric) for c in SORT_KEYS[objective]]
-    ascending = [c != metric for c in columns]
-    best = inside.sort_values(columns, ascending=ascending, na_position="last").iloc[0]
+    ranking = rank_with_ties(inside, objective, metric)
+    best = ranking.row
     budget_words = []
     if latency_budget_ms is not None:
         budget_words.append(f"p50 within {_fmt_ms(latency_budget_ms)}")
@@ -356,7 +355,102 @@ def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
         else OBJECTIVES[objective]
     reason = (f"the {best_word} of {len(inside)} variant(s) "
               f"{' and '.join(budget_words) or 'measured (no budget set)'}")
-    return SweetSpot(best.to_dict(), reason, candidates=len(inside), **spot)
+    if ranking.explanation:
+        reason += f"; {ranking.explanation}"
+    return SweetSpot(best, reason, candidates=len(inside), **spot)
+
+
+# --- ranking that treats differences inside the intervals as ties ---------------------------------
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One thing variants are ranked on: its column, direction and 95% interval columns (if any)."""
+
+    column: str
+    lower_is_better: bool
+    words: str                   # "smaller", "faster", "more accurate"
+    noun: str                    # "size", "p50 latency", "accuracy"
+    interval: tuple[str, str] | None = None
+
+
+def ranking_criteria(objective: str, metric: str = "accuracy") -> tuple[Criterion, ...]:
+    """The objective first, then the others in the order smaller, faster, more accurate."""
+    size = Criterion("model_bytes", True, "smaller", "size")
+    latency = Criterion("latency_p50_ms", True, "faster", "p50 latency",
+                        ("latency_p50_ci_low_ms", "latency_p50_ci_high_ms"))
+    quality_criterion = Criterion(metric, False, "closer to the float model" if metric == "agreement"
+                                  else "more accurate", QUALITY[metric].noun,
+                                  (f"{metric}_ci_low", f"{metric}_ci_high"))
+    order = {"size": (size, latency, quality_criterion), "latency": (latency, size, quality_criterion),
+             "accuracy": (quality_criterion, size, latency)}
+    if objective not in order:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    return order[objective]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The winner of rank_with_ties, the rows it was tied with, and why it won, in words."""
+
+    row: dict[str, Any]
+    tied_with: tuple[str, ...] = ()
+    explanation: str = ""
+
+
+def _interval_of(frame: pd.DataFrame, index: Any, criterion: Criterion) -> tuple[float, float] | None:
+    if criterion.interval is None or not all(c in frame.columns for c in criterion.interval):
+        return None
+    low, high = (pd.to_numeric(pd.Series([frame.at[index, c]]), errors="coerce").iloc[0]
+                 for c in criterion.interval)
+    return None if pd.isna(low) or pd.isna(high) else (float(low), float(high))
+
+
+def rank_with_ties(frame: pd.DataFrame, objective: str = "size", metric: str = "accuracy") -> Ranking:
+    """The best row of `frame` for `objective`, where a difference inside the 95% intervals is a tie.
+
+    Criterion by criterion (ranking_criteria: the objective, then smaller, faster, more accurate),
+    the rows whose interval overlaps the best row's interval stay in (rows without an interval only
+    when their value equals the best); the next criterion decides among them. Rows missing a value
+    go last. The explanation names the ties and what broke them.
+    """
+    if frame is None or frame.empty:
+        raise ValueError("nothing to rank; measure some variants first")
+    criteria = ranking_criteria(objective, metric)
+    candidates = frame
+    steps: list[str] = []
+    for position, criterion in enumerate(criteria):
+        if len(candidates) == 1 or criterion.column not in candidates.columns:
+            continue
+        values = pd.to_numeric(candidates[criterion.column], errors="coerce")
+        if values.notna().sum() == 0:
+            continue
+        candidates, values = candidates[values.notna()], values[values.notna()]
+        best = values.idxmin() if criterion.lower_is_better else values.idxmax()
+        best_interval = _interval_of(candidates, best, criterion)
+        tied = []
+        for index in candidates.index:
+            interval = _interval_of(candidates, index, criterion)
+            if index == best or values[index] == values[best] or (
+                    best_interval is not None and interval is not None
+                    and interval[0] <= best_interval[1] and best_interval[0] <= interval[1]):
+                tied.append(index)
+        if len(tied) > 1 and position < len(criteria) - 1:
+            names = ", ".join(str(candidates.at[i, "label"] if "label" in candidates.columns
+                                  else candidates.at[i, "technique"]) for i in tied)
+            how = "95% intervals overlap" if best_interval is not None else "equal"
+            steps.append(f"{names} tie on {criterion.noun} ({how}), so the "
+                         f"{criteria[position + 1].words} one is preferred")
+        candidates = candidates.loc[tied]
+    # Still tied after every criterion: the best point values decide, in the same order.
+    columns = [c.column for c in criteria if c.column in candidates.columns]
+    ordered = candidates.sort_values(columns, ascending=[c.lower_is_better for c in criteria
+                                                         if c.column in candidates.columns],
+                                     na_position="last")
+    winner = ordered.iloc[0]
+    label_column = "label" if "label" in ordered.columns else "technique"
+    return Ranking(winner.to_dict(), tuple(str(v) for v in ordered[label_column].iloc[1:]),
+                   "; ".join(steps))
 
 
 def _why_none(usable: pd.DataFrame, fast: pd.Series, accurate: pd.Series, latency: pd.Series,

@@ -95,5 +95,5 @@ def describe_model_file(path: Any) -> dict:
             return {"model_kind": "keras", "model_name": path.name}
     except QuantLabError:
         return {}
-    kind = "savedmodel" if info.get("keras_major") == 3 else "keras"
+    kind = "keras"  # a Keras 3 file is rebuilt in tf_keras when it prepares (or refused then, by layer)
     return {"model_kind": kind, "model_name": path.name, "layers": _config_layers(info["config"])}

@@ -72,6 +72,46 @@ def row_to_json(row: dict[str, Any]) -> str:
     return json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str, sort_keys=False)
 
 
+class _RowPrinter:
+    """Prints variant rows as JSON lines with their intervals and p-values (uncertainty.json_fields).
+
+    The p-values pair a row with the baseline and float32 rows of its model/dataset version, so a
+    row that finishes before this sweep's own baseline or float32 waits until those are measured.
+    """
+
+    def __init__(self, store: Store, techniques: Sequence[str]) -> None:
+        from .uncertainty import REFERENCE_TECHNIQUES
+
+        self.store = store
+        self.waiting_for = {t for t in REFERENCE_TECHNIQUES if t in techniques}
+        self.held: list[dict[str, Any]] = []
+        self.references: dict[tuple, dict] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.waiting_for.discard(row["technique"])
+        self.held.append(row)
+        if not self.waiting_for:
+            self.flush()
+
+    def flush(self) -> None:
+        for row in self.held:
+            print(row_to_json(with_uncertainty(row, self.store, self.references)), flush=True)
+        self.held = []
+
+
+def with_uncertainty(row: dict[str, Any], store: Store, memo: dict[tuple, dict] | None = None) -> dict[str, Any]:
+    """`row` with the --json interval fields and its p-values against the stored references."""
+    from . import uncertainty
+
+    if row.get("error") and not isinstance(row.get("error"), float):
+        return {**row, **uncertainty.json_fields({})}
+    memo = {} if memo is None else memo
+    key = (row.get("model_hash"), row.get("dataset_hash"))
+    if key not in memo:
+        memo[key] = uncertainty.stored_references(store, *key)
+    return {**row, **uncertainty.json_fields(row, uncertainty.change_fields(row, memo[key]))}
+
+
 def _format_progress(event: dict) -> str | None:
     kind = event.get("type")
     if kind in ("variant-done", "variant-failed"):
@@ -110,6 +150,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     # Checking the inputs happens in a worker; until it passes (training starts or the sweep does),
     # progress is held back so that a refused input prints exactly one `error:` line.
     held: list[str] | None = []
+    store = Store(args.db)
+    printer = _RowPrinter(store, [t.id for t in spec.techniques])
 
     def on_event(event: dict) -> None:
         nonlocal held
@@ -123,10 +165,14 @@ def command_sweep(args: argparse.Namespace) -> int:
         elif line:
             print(line, file=sys.stderr, flush=True)
         if args.json and event.get("type") in ("variant-done", "variant-failed"):
-            print(row_to_json(event["row"]), flush=True)
+            printer.add(event["row"])
 
-    report = run_sweep(spec, store=Store(args.db), cache=ArtifactCache(args.cache), on_event=on_event,
-                       options=SweepOptions(workers=args.workers, source="cli"))
+    try:
+        report = run_sweep(spec, store=store, cache=ArtifactCache(args.cache), on_event=on_event,
+                           options=SweepOptions(workers=args.workers, source="cli"))
+    finally:
+        if args.json:
+            printer.flush()  # rows still waiting for a reference that failed or never came
     if not args.json:
         _print_table([{**{k: r.get(k) for k in TABLE_COLUMNS},
                        "technique": variant_label(r["technique"], r.get("params"))} for r in report.rows])
@@ -165,8 +211,9 @@ def command_results(args: argparse.Namespace) -> int:
     if args.format == "csv":
         frame.to_csv(sys.stdout, index=False)
     elif args.format == "json":
+        memo: dict[tuple, dict] = {}
         for record in frame.to_dict(orient="records"):
-            print(row_to_json(record))
+            print(row_to_json(with_uncertainty(record, store, memo)))
     else:
         columns = [c for c in ("model_name", "dataset_name", *TABLE_COLUMNS) if c in frame.columns]
         _print_table(frame[columns].to_dict(orient="records") if not frame.empty else [])

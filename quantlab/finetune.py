@@ -5,8 +5,9 @@ and the train split, fine-tunes a *copy* (the caller's model is never touched) a
 `FineTuneResult`: a plain tf_keras model ready for `TFLiteConverter.from_keras_model` (the caller
 converts) and JSON-serialisable stats.
 
-- `quantization_aware_train` ("qat-int8"): `quantize_model`, fine-tune; the returned model is the
-  quantize-wrapped one (fake-quant), which converts to int8 with `Optimize.DEFAULT`.
+- `quantization_aware_train` ("qat-int8"): annotate the layers tfmot can quantize, `quantize_apply`,
+  fine-tune; the returned model is the quantize-wrapped one (fake-quant), which converts to int8
+  with `Optimize.DEFAULT`.
 - `cluster` ("cluster"): `cluster_weights`, fine-tune, `strip_clustering`; every clustered kernel is
   checked to hold at most `number_of_clusters` distinct values.
 - `prune` ("prune"): magnitude pruning to a target sparsity, fine-tune, `strip_pruning`; the sparsity
@@ -14,6 +15,11 @@ converts) and JSON-serialisable stats.
 - Collaborative optimization: `cluster_preserving_qat` ("cqat-int8"), `pruning_preserving_qat`
   ("pqat-int8") and `sparsity_preserving_cluster` ("prune-cluster"). All three work with these
   versions; `UNSUPPORTED` lists the ones that would not (none), see docs/tfmot-notes.md.
+
+Real users' models: every technique works layer by layer. Layers tfmot cannot handle stay as they
+are (float for QAT: preprocessing, Embedding, ...), recurrent layers are refused by the QAT techniques
+before any work, and the stats list both sides: "optimized_layers" [{"layer", "class", "weights"?}]
+and "untouched_layers" [{"layer", "class", "reason", "output_quantized"?}].
 
 Why a copy (docs/tfmot-notes.md has the details): tfmot's `prune_low_magnitude` and `cluster_weights`
 wrap the caller's own layer objects. Clustering replaces `layer.kernel` by a tensor, so a later
@@ -31,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -72,9 +78,14 @@ class FineTuneResult:
 # --- public measurements --------------------------------------------------------------------------
 
 
-def measure_sparsity(model: Any, layers: Iterable[str] | None = None) -> dict:
+LayerSelection = Iterable[str] | Mapping[str, Iterable[str]] | None
+
+
+def measure_sparsity(model: Any, layers: LayerSelection = None) -> dict:
     """Fraction of exact zeros in the kernels of each layer (biases excluded), or of `layers` only.
 
+    `layers` is a list of layer names, or {layer: [weight names]} to measure only those weights
+    (e.g. {"separable_conv2d": ["pointwise_kernel"]}: tfmot prunes that one, not the depthwise one).
     Layers are named as in the baseline (a QAT wrapper "quant_dense" counts as "dense"). Returns
     {"layers": {layer: {"zeros", "total", "sparsity"}}, "zeros", "total", "overall"}.
     """
@@ -88,11 +99,12 @@ def measure_sparsity(model: Any, layers: Iterable[str] | None = None) -> dict:
             "overall": zeros / total if total else 0.0}
 
 
-def count_unique_weights(model: Any, layers: Iterable[str] | None = None, *,
+def count_unique_weights(model: Any, layers: LayerSelection = None, *,
                          per_channel: bool = False) -> dict:
     """Number of distinct values in each layer's kernels: {layer: count} (the largest per layer).
 
-    With `per_channel`, the largest count within one output channel (the kernel's last axis).
+    `layers` selects layers (and weights) as in `measure_sparsity`. With `per_channel`, the largest
+    count within one output channel (the kernel's last axis).
     """
     def count(v: np.ndarray) -> int:
         if not per_channel or v.ndim < 2:
@@ -103,13 +115,17 @@ def count_unique_weights(model: Any, layers: Iterable[str] | None = None, *,
     return {layer_name: max(count(v) for v in values) for layer_name, values in _kernels(model, layers)}
 
 
-def _kernels(model: Any, only: Iterable[str] | None = None) -> list[tuple[str, list[np.ndarray]]]:
+def _kernels(model: Any, only: LayerSelection = None) -> list[tuple[str, list[np.ndarray]]]:
     """(layer name, [kernel values]) for each layer with kernel-like weights, nested models flattened.
 
-    Matches weight names such as "conv2d/kernel:0" (also inside QAT wrappers), not
-    "quant_conv2d/kernel_min:0". A wrapper (QAT, pruning, clustering) is named after its layer.
+    Matches weight names such as "conv2d/kernel:0" or "lstm/lstm_cell/recurrent_kernel:0" (also
+    inside QAT wrappers), not "quant_conv2d/kernel_min:0". A wrapper (QAT, pruning, clustering) is
+    named after its layer. `only` maps layer names to the weight names to read (see measure_sparsity).
     """
-    wanted = None if only is None else set(only)
+    if only is None or isinstance(only, Mapping):
+        wanted = only
+    else:
+        wanted = {name: KERNEL_WEIGHT_NAMES for name in only}
     found = []
     for layer in getattr(model, "layers", []):
         if hasattr(layer, "layers") and not hasattr(layer, "layer"):  # a nested model
@@ -118,11 +134,16 @@ def _kernels(model: Any, only: Iterable[str] | None = None) -> list[tuple[str, l
         name = layer.layer.name if hasattr(layer, "layer") else layer.name
         if wanted is not None and name not in wanted:
             continue
-        values = [w.numpy() for w in layer.weights
-                  if w.name.split("/")[-1].split(":")[0] in KERNEL_WEIGHT_NAMES]
+        names = KERNEL_WEIGHT_NAMES if wanted is None else tuple(wanted[name])
+        values = [w.numpy() for w in layer.weights if _short_name(w) in names]
         if values:
             found.append((name, values))
     return found
+
+
+def _short_name(weight: Any) -> str:
+    """"kernel" for "lstm/lstm_cell/kernel:0"."""
+    return weight.name.split("/")[-1].split(":")[0]
 
 
 # --- techniques ---------------------------------------------------------------------------------
@@ -132,19 +153,21 @@ def quantization_aware_train(model: Any, x_train: Any, y_train: Any, *, epochs: 
                              learning_rate: float = 1e-4, batch_size: int = 32, seed: int = 0,
                              x_val: Any = None, y_val: Any = None,
                              on_progress: ProgressFn | None = None) -> FineTuneResult:
-    """Quantization-aware training ("qat-int8"): `quantize_model` on a copy, then fine-tune.
+    """Quantization-aware training ("qat-int8"): annotate the layers tfmot can quantize, then
+    `quantize_apply` on a copy and fine-tune.
 
-    The returned model keeps its quantize wrappers (fake-quant ops with learned ranges); convert it
-    with `Optimize.DEFAULT` to get int8 weights and activations.
+    Layers tfmot cannot quantize (preprocessing, Embedding, ...) stay float; recurrent layers are
+    refused. The returned model keeps its quantize wrappers (fake-quant ops with learned ranges);
+    convert it with `Optimize.DEFAULT` to get int8 weights and activations.
     """
+    _precheck_qat("qat-int8", model)
     run = _Run("qat-int8", model, x_train, y_train, x_val, y_val, epochs, learning_rate, batch_size,
                seed, on_progress)
-    tfmot = run.tfmot
-    _check_layers(run.base, "qat-int8", "quantize")
-    quantized = _wrap("qat-int8", lambda: tfmot.quantization.keras.quantize_model(run.base))
+    quantized, optimized, untouched = _quantize_layers(run)
     fine_tune = run.fine_tune(quantized)
     stats = run.stats(fine_tune, quantized)
-    stats["quantized_layers"] = _quantized_layer_names(quantized)
+    stats.update(quantized_layers=_quantized_layer_names(quantized), optimized_layers=optimized,
+                 untouched_layers=untouched)
     return FineTuneResult(quantized, stats)
 
 
@@ -168,29 +191,31 @@ def cluster(model: Any, x_train: Any, y_train: Any, *, number_of_clusters: int =
     run = _Run(technique, model, x_train, y_train, x_val, y_val, epochs, learning_rate, batch_size,
                seed, on_progress)
     cl = run.tfmot.clustering.keras
-    _check_layers(run.base, technique, "cluster")
     init = {"linear": cl.CentroidInitialization.LINEAR,
             "kmeans++": cl.CentroidInitialization.KMEANS_PLUS_PLUS,
             "density-based": cl.CentroidInitialization.DENSITY_BASED,
             "random": cl.CentroidInitialization.RANDOM}[centroid_init]
-    wrapped = _wrap(technique, lambda: cl.cluster_weights(
-        run.base, number_of_clusters=int(number_of_clusters), cluster_centroids_init=init,
-        preserve_sparsity=bool(preserve_sparsity)))
-    # tfmot clusters Conv/Dense kernels; some supported layers (DepthwiseConv2D, BatchNormalization)
-    # are left as they are.
-    clustered_layers = [layer.layer.name for layer in wrapped.layers
-                        if getattr(layer, "original_clusterable_weights", None)]
-    if not clustered_layers:
-        raise ModelError(f"{technique}: no layer of this model has weights tfmot can cluster "
-                         f"(it clusters Conv and Dense kernels)")
-    sparsity_before = measure_sparsity(run.base, clustered_layers)
+    wrapped, optimized, untouched = _wrap_layers(run, "cluster", lambda layer: cl.cluster_weights(
+        layer, number_of_clusters=int(number_of_clusters), cluster_centroids_init=init,
+        preserve_sparsity=bool(preserve_sparsity)),
+        skip=lambda layer: _too_few_weights(layer, int(number_of_clusters), bool(preserve_sparsity)))
+    if preserve_sparsity:  # a pruned layer left unclustered must not train its zeros away
+        for entry in untouched:
+            layer = wrapped.get_layer(entry["layer"])
+            if layer.trainable_weights:
+                layer.trainable = False
+                entry["reason"] += "; frozen so its zeros survive"
+    # tfmot clusters Conv, Dense, Embedding and recurrent kernels; measured on those weights only.
+    clustered_layers = [entry["layer"] for entry in optimized]
+    clustered = {entry["layer"]: entry["weights"] for entry in optimized}
+    sparsity_before = measure_sparsity(run.base, clustered)
     # Clustering alone (before fine-tuning) already moves every weight to a centroid.
     accuracy_clustered = _accuracy(wrapped, run.x_val, run.y_val)
     fine_tune = run.fine_tune(wrapped)
     stripped = cl.strip_clustering(wrapped)
-    unique = count_unique_weights(stripped)
+    unique = count_unique_weights(stripped, clustered)
     _require_clusters(technique, unique, clustered_layers, int(number_of_clusters))
-    sparsity = measure_sparsity(stripped, clustered_layers)
+    sparsity = measure_sparsity(stripped, clustered)
     if preserve_sparsity and sparsity["overall"] < sparsity_before["overall"] - SPARSITY_TOLERANCE:
         raise TechniqueError(f"{technique}: clustering with preserve_sparsity lowered the sparsity of "
                              f"the clustered kernels from {sparsity_before['overall']:.1%} to "
@@ -199,7 +224,7 @@ def cluster(model: Any, x_train: Any, y_train: Any, *, number_of_clusters: int =
     stats.update(accuracy_before_fine_tune=accuracy_clustered,
                  number_of_clusters=int(number_of_clusters), centroid_init=centroid_init,
                  preserve_sparsity=bool(preserve_sparsity), clustered_layers=clustered_layers,
-                 unique_values=unique)
+                 unique_values=unique, optimized_layers=optimized, untouched_layers=untouched)
     if preserve_sparsity:
         stats.update(sparsity_before=sparsity_before, sparsity=sparsity)
     return FineTuneResult(stripped, stats)
@@ -222,27 +247,25 @@ def prune(model: Any, x_train: Any, y_train: Any, *, target_sparsity: float = 0.
     run = _Run("prune", model, x_train, y_train, x_val, y_val, epochs, learning_rate, batch_size,
                seed, on_progress)
     sp = run.tfmot.sparsity.keras
-    _check_layers(run.base, "prune", "prune")
     pruning_schedule, schedule_stats = _pruning_schedule(sp, schedule, float(target_sparsity),
                                                          run.total_steps)
-    wrapped = _wrap("prune", lambda: sp.prune_low_magnitude(run.base, pruning_schedule=pruning_schedule))
-    # tfmot prunes Conv/Dense kernels; some supported layers (DepthwiseConv2D, BatchNormalization)
-    # have no prunable weights. The target applies to the weights it prunes.
-    pruned_layers = [layer.layer.name for layer in wrapped.layers
-                     if getattr(layer, "prunable_weights", None)]
-    if not pruned_layers:
-        raise ModelError("prune: no layer of this model has weights tfmot can prune "
-                         "(it prunes Conv and Dense kernels)")
+    wrapped, optimized, untouched = _wrap_layers(run, "prune", lambda layer: sp.prune_low_magnitude(
+        layer, pruning_schedule=pruning_schedule))
+    # tfmot prunes Conv, Dense, Embedding and recurrent kernels (the pointwise kernel only of a
+    # SeparableConv2D). The target applies to the weights it prunes.
+    pruned_layers = [entry["layer"] for entry in optimized]
+    pruned = {entry["layer"]: entry["weights"] for entry in optimized}
     # UpdatePruningStep sets the step counter the schedule reads and re-applies the masks at the end
     # of every epoch; without it fit fails ("Prune() wrapper requires the UpdatePruningStep callback").
     fine_tune = run.fine_tune(wrapped, callbacks=[sp.UpdatePruningStep()])
     stripped = sp.strip_pruning(wrapped)
-    sparsity = measure_sparsity(stripped, pruned_layers)
+    sparsity = measure_sparsity(stripped, pruned)
     _require_sparsity("prune", sparsity, float(target_sparsity))
     stats = run.stats(fine_tune, stripped)
     stats.update(target_sparsity=float(target_sparsity), schedule=schedule_stats,
                  pruned_layers=pruned_layers, sparsity=sparsity,
-                 sparsity_all_kernels=measure_sparsity(stripped)["overall"])
+                 sparsity_all_kernels=measure_sparsity(stripped)["overall"],
+                 optimized_layers=optimized, untouched_layers=untouched)
     return FineTuneResult(stripped, stats)
 
 
@@ -258,33 +281,34 @@ def cluster_preserving_qat(model: Any, x_train: Any, y_train: Any, *, number_of_
     `number_of_clusters` distinct values (per output channel for per-channel quantized convolutions).
     """
     _check_positive_int("cqat-int8", "epochs", epochs)
+    _precheck_qat("cqat-int8", model, "cluster")
     first = cluster(model, x_train, y_train, number_of_clusters=number_of_clusters,
                     centroid_init=centroid_init, epochs=cluster_epochs, learning_rate=learning_rate,
                     batch_size=batch_size, seed=seed, x_val=x_val, y_val=y_val,
                     on_progress=_part(on_progress, 1, 2))
     run = _Run("cqat-int8", first.model, x_train, y_train, x_val, y_val, epochs, learning_rate,
                batch_size, seed, _part(on_progress, 2, 2))
-    q, combine = run.tfmot.quantization.keras, run.tfmot.experimental.combine
-    _check_layers(run.base, "cqat-int8", "quantize")
-    quantized = _wrap("cqat-int8", lambda: q.quantize_apply(
-        q.quantize_annotate_model(run.base),
-        combine.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=False)))
+    combine = run.tfmot.experimental.combine
+    quantized, optimized, untouched = _quantize_layers(run, "cluster",
+                                                       freeze=first.stats["clustered_layers"])
     fine_tune = run.fine_tune(quantized)
     # Drops the centroid, index and original-weight variables CQAT adds; keeps the quantize wrappers.
     stripped = combine.strip_clustering_cqat(quantized)
     # CQAT keeps a Conv2D's clusters per output channel when the channels hold about as many distinct
     # values each (it then trains one set of centroids per channel): the whole kernel may end with
     # up to k x channels values, each channel with at most k. Check what tfmot guarantees.
-    unique = count_unique_weights(stripped)
-    unique_per_channel = count_unique_weights(stripped, per_channel=True)
-    _require_clusters("cqat-int8", unique_per_channel, first.stats["clustered_layers"],
-                      int(number_of_clusters), "per output channel ")
+    clustered = _after_qat(first.stats["optimized_layers"], run.base, stripped)
+    unique = count_unique_weights(stripped, clustered)
+    unique_per_channel = count_unique_weights(stripped, clustered, per_channel=True)
+    _require_clusters("cqat-int8", unique_per_channel, list(clustered), int(number_of_clusters),
+                      "per output channel ")
     stats = run.stats(fine_tune, stripped)
     stats.update(accuracy_before=first.stats["accuracy_before"], stages={"cluster": first.stats},
                  number_of_clusters=int(number_of_clusters), centroid_init=centroid_init,
                  clustered_layers=first.stats["clustered_layers"], unique_values=unique,
                  unique_values_per_channel=unique_per_channel,
-                 quantized_layers=_quantized_layer_names(stripped))
+                 quantized_layers=_quantized_layer_names(stripped), optimized_layers=optimized,
+                 untouched_layers=untouched)
     return FineTuneResult(stripped, stats)
 
 
@@ -296,22 +320,21 @@ def pruning_preserving_qat(model: Any, x_train: Any, y_train: Any, *, target_spa
     """Pruning-preserving QAT ("pqat-int8"): `prune`, then QAT with
     `Default8BitPrunePreserveQuantizeScheme`; the int8 kernels keep the sparsity (checked)."""
     _check_positive_int("pqat-int8", "epochs", epochs)
+    _precheck_qat("pqat-int8", model, "prune")
     first = prune(model, x_train, y_train, target_sparsity=target_sparsity, schedule=schedule,
                   epochs=prune_epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                   x_val=x_val, y_val=y_val, on_progress=_part(on_progress, 1, 2))
     run = _Run("pqat-int8", first.model, x_train, y_train, x_val, y_val, epochs, learning_rate,
                batch_size, seed, _part(on_progress, 2, 2))
-    q, combine = run.tfmot.quantization.keras, run.tfmot.experimental.combine
-    _check_layers(run.base, "pqat-int8", "quantize")
-    quantized = _wrap("pqat-int8", lambda: q.quantize_apply(
-        q.quantize_annotate_model(run.base), combine.Default8BitPrunePreserveQuantizeScheme()))
+    quantized, optimized, untouched = _quantize_layers(run, "prune", freeze=first.stats["pruned_layers"])
     fine_tune = run.fine_tune(quantized)
-    sparsity = measure_sparsity(quantized, first.stats["pruned_layers"])
+    sparsity = measure_sparsity(quantized, _after_qat(first.stats["optimized_layers"], run.base, quantized))
     _require_sparsity("pqat-int8", sparsity, float(target_sparsity))
     stats = run.stats(fine_tune, quantized)
     stats.update(accuracy_before=first.stats["accuracy_before"], stages={"prune": first.stats},
                  target_sparsity=float(target_sparsity), pruned_layers=first.stats["pruned_layers"],
-                 sparsity=sparsity, quantized_layers=_quantized_layer_names(quantized))
+                 sparsity=sparsity, quantized_layers=_quantized_layer_names(quantized),
+                 optimized_layers=optimized, untouched_layers=untouched)
     return FineTuneResult(quantized, stats)
 
 
@@ -333,7 +356,8 @@ def sparsity_preserving_cluster(model: Any, x_train: Any, y_train: Any, *,
                      centroid_init=centroid_init, epochs=epochs, learning_rate=learning_rate,
                      batch_size=batch_size, seed=seed, preserve_sparsity=True, x_val=x_val,
                      y_val=y_val, on_progress=_part(on_progress, 2, 2))
-    sparsity = measure_sparsity(second.model, first.stats["pruned_layers"])
+    pruned = {entry["layer"]: entry["weights"] for entry in first.stats["optimized_layers"]}
+    sparsity = measure_sparsity(second.model, pruned)
     _require_sparsity("prune-cluster", sparsity, float(target_sparsity))
     stats = dict(second.stats, accuracy_before=first.stats["accuracy_before"],
                  target_sparsity=float(target_sparsity), pruned_layers=first.stats["pruned_layers"],
@@ -544,28 +568,67 @@ def _check_model_structure(keras: Any, model: Any, technique: str) -> None:
                                  f"the model again from its file and pass that")
 
 
-def _check_layers(model: Any, technique: str, action: str) -> None:
-    """Refuse, naming the layer, a layer tfmot cannot `action` (prune, cluster or quantize).
+# --- which layers a technique optimizes -----------------------------------------------------------
+#
+# Each technique wraps layer by layer (keras.models.clone_model with a clone_function), so a model
+# with layers tfmot cannot handle is optimized where it can be and left as it is elsewhere. The
+# stats name both sides: "optimized_layers" [{"layer", "class", "weights"?}] and "untouched_layers"
+# [{"layer", "class", "reason"}] (for the QAT techniques the untouched layers stay float).
 
-    Pruning and clustering ask tfmot's registries, as their wrappers do. Quantization refuses Lambda
-    layers (tfmot skips them with a warning, then fails to clone the model) and custom layers (they
-    need a QuantizeConfig); other built-in layers are left to quantize_model, whose transforms handle
-    more than its registry lists (e.g. BatchNormalization folded into the preceding convolution).
-    """
-    _, keras = import_tensorflow()
-    supported = _support_test(action)
+FOLDS_BATCH_NORM = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")  # tfmot's BN-fold patterns
+NO_QUANTIZE_CONFIG = "tfmot has no quantize config for it"
+PREPROCESSING_REASON = "preprocessing layer: tfmot has no quantize config"
+
+
+def _layer_entry(layer: Any, reason: str | None = None, weights: Iterable[str] = ()) -> dict:
+    entry = {"layer": layer.name, "class": type(layer).__name__}
+    if weights:
+        entry["weights"] = list(weights)
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+def _inbound_layers(layer: Any) -> list[Any]:
+    nodes = getattr(layer, "_inbound_nodes", [])
+    return _flatten(nodes[0].inbound_layers) if nodes else []
+
+
+def _input_dtypes(layer: Any) -> list[Any]:
+    nodes = getattr(layer, "_inbound_nodes", [])
+    return [t.dtype for t in _flatten(nodes[0].input_tensors)] if nodes else []
+
+
+def _flatten(value: Any) -> list[Any]:
+    tf, _ = import_tensorflow()
+    return list(tf.nest.flatten(value))
+
+
+def _is_builtin(layer: Any) -> bool:
+    return type(layer).__module__.startswith("tf_keras.")
+
+
+def _refuse_recurrent(keras: Any, model: Any, technique: str) -> None:
+    """QAT techniques: tfmot 0.8.1 has no quantization-aware training for recurrent layers."""
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer) or supported(layer):
-            continue
-        kind = type(layer).__name__
-        if action == "quantize" and isinstance(layer, keras.layers.Lambda):
-            raise ModelError(f"{technique}: layer {layer.name!r} is a Lambda layer, which tfmot cannot "
-                             f"quantize (its computation cannot be inspected); replace it with built-in "
-                             f"Keras layers")
-        if action == "quantize":
-            raise ModelError(f"{technique}: layer {layer.name!r} is a custom layer ({kind}) that tfmot "
-                             f"cannot quantize without a QuantizeConfig; replace it with built-in "
-                             f"Keras layers")
+        if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)):
+            raise ModelError(f"{technique}: layer {layer.name!r} ({type(layer).__name__}) has no "
+                             f"quantization-aware training in tfmot 0.8.1; use int8-fallback or "
+                             f"dynamic (post-training) for this model, or cluster / prune")
+
+
+def _refuse_custom(keras: Any, layer: Any, technique: str, action: str) -> None:
+    """Lambda and custom layers: refused for QAT, and for prune / cluster when tfmot cannot wrap them."""
+    kind = type(layer).__name__
+    if action == "quantize" and isinstance(layer, keras.layers.Lambda):
+        raise ModelError(f"{technique}: layer {layer.name!r} is a Lambda layer, which tfmot cannot "
+                         f"quantize (its computation cannot be inspected); replace it with built-in "
+                         f"Keras layers")
+    if action == "quantize" and not _is_builtin(layer):
+        raise ModelError(f"{technique}: layer {layer.name!r} is a custom layer ({kind}) that tfmot "
+                         f"cannot quantize without a QuantizeConfig; replace it with built-in "
+                         f"Keras layers")
+    if action != "quantize" and not _is_builtin(layer) and not _wrappable(layer, action):
         what_to_do = {
             "prune": "replace it with built-in Keras layers, or give it a get_prunable_weights() "
                      "method (tfmot.sparsity.keras.PrunableLayer)",
@@ -576,29 +639,343 @@ def _check_layers(model: Any, technique: str, action: str) -> None:
                          f"{action} API; {what_to_do}")
 
 
-def _support_test(action: str) -> Callable[[Any], bool]:
-    # tfmot's own registries (private modules, pinned to 0.8.1): the checks its wrappers make.
+# --- quantization-aware training: annotate the layers tfmot can quantize --------------------------
+
+
+def _plan_quantization(keras: Any, model: Any, technique: str, registry: Any,
+                       own_configs: bool) -> tuple[dict[str, Any], list[dict]]:
+    """{layer name: QuantizeConfig, or None for tfmot's own} of the layers QAT quantizes, and the
+    layers left float with why. Raises, naming the layer, for recurrent, Lambda and custom layers.
+
+    `own_configs` adds QuantLab's configs for layers tfmot's registry lacks (Conv1D, MaxPooling1D);
+    the collaborative schemes have no cluster- or sparsity-preserving quantizer for them.
+    """
+    _refuse_recurrent(keras, model, technique)
+    configs: dict[str, Any] = {}
+    untouched = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        _refuse_custom(keras, layer, technique, "quantize")
+        reason = _float_reason(keras, layer, configs, registry, own_configs)
+        if reason:
+            untouched.append(_layer_entry(layer, reason))
+        else:
+            own = own_configs or not layer.trainable_weights
+            configs[layer.name] = _own_quantize_config(keras, layer) if own else None
+    if not any(layer.trainable_weights for layer in model.layers if layer.name in configs):
+        floats = ", ".join(f"{e['layer']} ({e['class']})" for e in untouched)
+        raise ModelError(f"{technique}: no layer of this model with weights can be quantization-aware "
+                         f"trained by tfmot 0.8.1 (float: {floats or 'none'}); use int8-fallback or "
+                         f"dynamic (post-training) instead")
+    _quantize_boundary_outputs(model, configs, untouched)
+    return configs, untouched
+
+
+def _quantize_boundary_outputs(model: Any, configs: dict[str, Any], untouched: list[dict]) -> None:
+    """Give each float layer that feeds a quantized one an output-only config (its computation stays
+    float, its output gets a fake-quant), so the next layer has an input range and converts to int8.
+
+    Without it the converter folded Rescaling + Normalization into the next Conv2D and left that
+    kernel float32. Not for layers fed by integer inputs: tfmot would quantize the integer input
+    itself (TypeError in QuantizeLayer).
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_configs as quantize_configs)
+
+    by_name = {layer.name: layer for layer in model.layers}
+    for entry in untouched:
+        layer = by_name[entry["layer"]]
+        feeds = [node.outbound_layer.name for node in getattr(layer, "_outbound_nodes", [])]
+        floats = all(d.is_floating for d in _input_dtypes(layer)) and layer.dtype.startswith("float")
+        if floats and any(name in configs for name in feeds):
+            configs[layer.name] = quantize_configs.Default8BitOutputQuantizeConfig()
+            entry["reason"] += "; it runs in float and its output is quantized for the next layer"
+            entry["output_quantized"] = True
+
+
+def _precheck_qat(technique: str, model: Any, first_stage: str | None = None) -> None:
+    """Refuse, naming the layer and before any fine-tuning, a model the QAT stage cannot handle.
+
+    `first_stage` is "cluster" (cqat-int8) or "prune" (pqat-int8), whose QAT uses a collaborative scheme.
+    """
+    _, keras = import_tensorflow()
+    import tensorflow_model_optimization as tfmot  # only after TF_USE_LEGACY_KERAS is set
+
+    _check_model_structure(keras, model, technique)
+    _plan_quantization(keras, model, technique, _qat_scheme(tfmot, first_stage).get_quantize_registry(),
+                       own_configs=first_stage is None)
+
+
+def _qat_scheme(tfmot: Any, first_stage: str | None) -> Any:
+    """tfmot's 8-bit scheme, or its cluster- or sparsity-preserving one after a first stage."""
+    combine = tfmot.experimental.combine
+    default = tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
+    if first_stage is None:
+        return default
+    if first_stage == "cluster":
+        scheme = combine.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=False)
+    else:
+        scheme = combine.Default8BitPrunePreserveQuantizeScheme()
+    return _StrictScheme(scheme, default.get_quantize_registry())
+
+
+class _StrictScheme:
+    """A collaborative scheme whose registry supports only what tfmot's 8-bit registry supports.
+
+    The cluster- and prune-preserving registries claim every layer without trainable weights
+    (Normalization, Embedding's neighbours...), then fail in `get_quantize_config` ("called on an
+    unsupported layer ... Normalization") when quantize_apply asks them to quantize the output of a
+    float layer feeding a quantized one. quantize_apply only calls these two methods.
+    """
+
+    def __init__(self, scheme: Any, default_registry: Any) -> None:
+        self._scheme, self._default = scheme, default_registry
+
+    def get_layout_transformer(self) -> Any:
+        return self._scheme.get_layout_transformer()
+
+    def get_quantize_registry(self) -> Any:
+        registry, default = self._scheme.get_quantize_registry(), self._default
+
+        class Strict:
+            def supports(self, layer: Any) -> bool:
+                return registry.supports(layer) and default.supports(layer)
+
+            def get_quantize_config(self, layer: Any) -> Any:
+                return registry.get_quantize_config(layer)
+
+        return Strict()
+
+
+def _float_reason(keras: Any, layer: Any, annotated: dict, registry: Any, own_configs: bool) -> str | None:
+    """Why QAT leaves `layer` float, or None when it quantizes it."""
+    tf, _ = import_tensorflow()
+    kind = type(layer).__name__
+    if type(layer).__module__.startswith("tf_keras.src.layers.preprocessing"):
+        return PREPROCESSING_REASON
+    if isinstance(layer, keras.layers.Embedding):
+        return "integer token lookup: tfmot has no quantize config for Embedding"
+    integer = [d for d in _input_dtypes(layer) if d.is_integer]
+    if integer:
+        return f"integer input ({integer[0].name}): tfmot quantizes float tensors only"
+    if isinstance(layer, keras.layers.BatchNormalization):
+        inbound = _inbound_layers(layer)
+        if (len(inbound) == 1 and inbound[0].name in annotated
+                and type(inbound[0]).__name__ in FOLDS_BATCH_NORM
+                and getattr(inbound[0], "activation", None) is keras.activations.linear):
+            return None
+        return ("BatchNormalization not right after a Conv2D, DepthwiseConv2D, SeparableConv2D or Dense "
+                "without activation: tfmot only quantizes it folded into that layer")
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        return None  # tfmot's transforms split it into a depthwise and a 1x1 convolution
+    if registry.supports(layer):
+        return None
+    if _own_quantize_config(keras, layer) is not None:
+        if own_configs or not layer.trainable_weights:
+            return None
+        return (f"tfmot's cluster- and sparsity-preserving QAT has no {kind} quantizer; it stays "
+                f"float")
+    return f"tfmot 0.8.1 has no quantize config for {kind}"
+
+
+def _own_quantize_config(keras: Any, layer: Any) -> Any:
+    """QuantLab's QuantizeConfig for a layer tfmot's 8-bit registry lacks, or None.
+
+    Both are tfmot's own classes (they serialize inside `quantize_scope()`). Conv1D gets the config
+    tfmot gives Conv2D with per-axis disabled (its commented-out Conv1D entry): an 8-bit symmetric
+    narrow-range LastValue kernel quantizer, per tensor, and an 8-bit MovingAverage activation.
+    Per-channel is not possible: tfmot's per-channel quantizer handles 2-D and 4-D kernels only
+    ("'reduce_dims' is used before assignment" on a 3-D Conv1D kernel). MaxPooling1D passes its
+    quantized input through, like MaxPooling2D.
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry as registry)
+
+    if type(layer) is keras.layers.Conv1D:
+        return registry.Default8BitQuantizeConfig(["kernel"], ["activation"], False)
+    if type(layer) is keras.layers.MaxPooling1D:
+        return registry.Default8BitQuantizeConfig([], [], False)
+    return None
+
+
+def _quantize_layers(run: "_Run", first_stage: str | None = None,
+                     freeze: Iterable[str] = ()) -> tuple[Any, list[dict], list[dict]]:
+    """The quantize-wrapped copy of `run.base`: supported layers fake-quantized, the rest float.
+
+    `first_stage` ("cluster", "prune") picks the collaborative scheme (then no QuantLab configs);
+    `freeze` names first-stage layers that stay float, made non-trainable so their clusters or zeros
+    survive the QAT fine-tune. Returns (model, optimized_layers, untouched_layers).
+    """
+    q, keras, technique = run.tfmot.quantization.keras, run.keras, run.technique
+    scheme = _qat_scheme(run.tfmot, first_stage)
+    configs, untouched = _plan_quantization(keras, run.base, technique, scheme.get_quantize_registry(),
+                                            own_configs=first_stage is None)
+    by_name = {layer.name: layer for layer in run.base.layers}
+    frozen = set(freeze) & {entry["layer"] for entry in untouched}  # float layers the first stage optimized
+    for entry in untouched:
+        if entry["layer"] in frozen and by_name[entry["layer"]].trainable_weights:
+            by_name[entry["layer"]].trainable = False
+            entry["reason"] += "; frozen during QAT so its clusters or zeros survive"
+
+    def annotate(layer: Any) -> Any:
+        if layer.name not in configs:
+            return layer
+        return q.quantize_annotate_layer(layer, configs[layer.name])
+
+    _reserve_layer_names(run.base)
+    with q.quantize_scope():
+        annotated = keras.models.clone_model(run.base, clone_function=annotate)
+        quantized = _wrap(technique, lambda: q.quantize_apply(annotated, scheme))
+    for layer in quantized.layers:  # a QuantizeWrapper around a frozen layer would train it again
+        if getattr(layer, "layer", layer).name in frozen:
+            layer.trainable = False
+    boundary = {entry["layer"] for entry in untouched if entry.get("output_quantized")}
+    optimized = [_layer_entry(by_name[name]) for name in configs if name not in boundary]
+    return quantized, optimized, untouched
+
+
+def _after_qat(optimized: list[dict], base: Any, quantized: Any) -> dict[str, list[str]]:
+    """{layer: [weight names]} of first-stage optimized layers, as named in the QAT model.
+
+    tfmot's transforms split a SeparableConv2D into a DepthwiseConv2D and a new 1x1 Conv2D that
+    holds its pointwise kernel; the i-th SeparableConv2D maps to the i-th new 1x1 Conv2D (the
+    transform keeps the layer order; shapes are checked).
+    """
+    inner = [getattr(layer, "layer", layer) for layer in quantized.layers]
+    known = {layer.name for layer in base.layers}
+    pointwise = [layer for layer in inner if layer.name not in known and type(layer).__name__ == "Conv2D"]
+    separable = [layer for layer in base.layers if type(layer).__name__ == "SeparableConv2D"]
+    renamed = {}
+    if len(pointwise) == len(separable):
+        renamed = {old.name: new.name for old, new in zip(separable, pointwise)
+                   if tuple(old.pointwise_kernel.shape) == tuple(new.kernel.shape)}
+    selection = {}
+    for entry in optimized:
+        name, weights = entry["layer"], entry["weights"]
+        if name in renamed:
+            name, weights = renamed[name], ["kernel" if w == "pointwise_kernel" else w for w in weights]
+        selection[name] = weights
+    return selection
+
+
+def _reserve_layer_names(model: Any) -> None:
+    """Make Keras's automatic layer names skip the names already in `model`.
+
+    tfmot's SeparableConv2D transform creates a DepthwiseConv2D and a Conv2D with automatic names
+    ("conv2d", "conv2d_1", ... counted per process), and its ModelTransformer wires layers and copies
+    weights by name. A model loaded from a file in a fresh process already holds a "conv2d", so the
+    new 1x1 convolution took that name and tfmot connected layers to the wrong inputs ("Inputs have
+    incompatible shapes (30, 30, 8) and (30, 30, 16)" on a mini-Xception loaded from .h5).
+    """
+    from tensorflow_model_optimization.python.core.keras import compat as tfmot_compat
+    from tf_keras.src import backend
+
+    for uids in (backend.get_default_graph_uid_map(), tfmot_compat.get_default_graph_uid_map()):
+        for layer in model.layers:
+            candidates = [(layer.name, 0)]
+            prefix, _, suffix = layer.name.rpartition("_")
+            if prefix and suffix.isdigit():
+                candidates.append((prefix, int(suffix)))
+            for name, number in candidates:
+                uids[("", name)] = max(uids[("", name)], number + 1)
+
+
+# --- pruning and clustering: wrap the layers tfmot can --------------------------------------------
+
+
+def _wrap_layers(run: "_Run", action: str, wrap: Callable[[Any], Any],
+                 skip: Callable[[Any], str | None] = lambda layer: None) -> tuple[Any, list[dict], list[dict]]:
+    """`run.base` with `wrap(layer)` (prune_low_magnitude or cluster_weights) around each layer tfmot
+    can `action`, the others as they are (also those `skip` gives a reason for). Returns (model,
+    optimized_layers, untouched_layers); an optimized entry lists the weights tfmot optimizes (e.g.
+    only the pointwise kernel of a SeparableConv2D)."""
+    keras, technique = run.keras, run.technique
+    optimized, untouched, wrappers = [], [], {}
+    skipped = {layer.name: reason for layer in run.base.layers if (reason := skip(layer))}
+    for layer in run.base.layers:
+        if not isinstance(layer, keras.layers.InputLayer):
+            _refuse_custom(keras, layer, technique, action)
+
+    def clone(layer: Any) -> Any:
+        if not layer.trainable_weights or not _wrappable(layer, action) or layer.name in skipped:
+            return layer
+        wrappers[layer.name] = _wrap(technique, lambda: wrap(layer))
+        return wrappers[layer.name]
+
+    wrapped = keras.models.clone_model(run.base, clone_function=clone)
+    for layer in run.base.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        weights = _optimized_weights(wrappers[layer.name], action) if layer.name in wrappers else []
+        if weights:
+            optimized.append(_layer_entry(layer, weights=weights))
+        elif layer.name in skipped:
+            untouched.append(_layer_entry(layer, skipped[layer.name]))
+        else:
+            untouched.append(_layer_entry(layer, _untouched_reason(layer, action, layer.name in wrappers)))
+    if not optimized:
+        verb = {"prune": "prune", "cluster": "cluster"}[action]
+        raise ModelError(f"{technique}: no layer of this model has weights tfmot can {verb} (it "
+                         f"{verb}s Conv, Dense, Embedding and recurrent kernels)")
+    return wrapped, optimized, untouched
+
+
+def _too_few_weights(layer: Any, clusters: int, preserve_sparsity: bool) -> str | None:
+    """Why a layer's kernel is too small to cluster, or None. tfmot's centroid initialisation fails
+    ("Expected num_to_sample <= points.rows(). 9 vs 7") on a kernel with fewer values than clusters;
+    with preserve_sparsity it clusters positive and negative weights apart, so it needs about twice
+    as many non-zero values."""
+    needed = 2 * clusters if preserve_sparsity else clusters
+    for name in KERNEL_WEIGHT_NAMES:
+        weight = getattr(layer, name, None)
+        if weight is None or not hasattr(weight, "numpy"):
+            continue
+        values = weight.numpy()
+        count = int(np.count_nonzero(values)) if preserve_sparsity else int(values.size)
+        if count < needed:
+            which = "non-zero values" if preserve_sparsity else "values"
+            return (f"its {name} has {count} {which}, fewer than the {needed} that {clusters} "
+                    f"clusters need{' with preserve_sparsity' if preserve_sparsity else ''}")
+    return None
+
+
+def _optimized_weights(wrapper: Any, action: str) -> list[str]:
+    if action == "prune":
+        return [_short_name(w) for w in wrapper.prunable_weights]
+    return [_short_name(w) for w in getattr(wrapper, "original_clusterable_weights", {}).values()]
+
+
+def _untouched_reason(layer: Any, action: str, wrapped: bool) -> str:
+    kind = type(layer).__name__
+    if not layer.trainable_weights:
+        return "no trainable weights"
+    if wrapped:
+        return f"tfmot wraps {kind} but has no weights of it to {action}"
+    if type(layer).__module__.startswith("tf_keras.src.layers.preprocessing"):
+        return f"preprocessing layer: tfmot has no {action} config"
+    return f"tfmot 0.8.1 has no {action} config for {kind}"
+
+
+def _wrappable(layer: Any, action: str) -> bool:
+    """Whether tfmot's `action` wrapper accepts `layer` (its registries, private modules pinned to 0.8.1)."""
     if action == "prune":
         from tensorflow_model_optimization.python.core.sparsity.keras import (prunable_layer,
                                                                                prune_registry)
-        return lambda layer: (isinstance(layer, prunable_layer.PrunableLayer)
-                              or hasattr(layer, "get_prunable_weights")
-                              or prune_registry.PruneRegistry.supports(layer))
-    if action == "cluster":
-        from tensorflow_model_optimization.python.core.clustering.keras import (clusterable_layer,
-                                                                                clustering_registry)
-        return lambda layer: (isinstance(layer, clusterable_layer.ClusterableLayer)
-                              or clustering_registry.ClusteringRegistry.supports(layer))
-    _, keras = import_tensorflow()
-    return lambda layer: (type(layer).__module__.startswith("tf_keras.")
-                          and not isinstance(layer, keras.layers.Lambda))
+        return (isinstance(layer, prunable_layer.PrunableLayer)
+                or hasattr(layer, "get_prunable_weights")
+                or prune_registry.PruneRegistry.supports(layer))
+    from tensorflow_model_optimization.python.core.clustering.keras import (clusterable_layer,
+                                                                            clustering_registry)
+    return (isinstance(layer, clusterable_layer.ClusterableLayer)
+            or clustering_registry.ClusteringRegistry.supports(layer))
 
 
 def _wrap(technique: str, make: Callable[[], Any]) -> Any:
-    """Run a tfmot wrapping call; its ValueError (often many lines) becomes a one-line ModelError."""
+    """Run a tfmot wrapping call; its error (often many lines) becomes a one-line ModelError."""
     try:
         return make()
-    except (ValueError, NotImplementedError) as error:
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as error:
         raise ModelError(f"{technique}: tfmot could not wrap the model: {_first_line(error)}") from error
 
 
@@ -610,10 +987,11 @@ def _quantized_layer_names(model: Any) -> list[str]:
 
 
 def _labelled_arrays(model: Any, x: Any, y: Any, technique: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """float32 inputs and int64 labels of the model's shape; the caller's arrays are not modified."""
+    """Inputs in the model's input dtype (float32, or int32 token ids) and int64 labels of the model's
+    shape; the caller's arrays are not modified."""
     if x is None or y is None:
         raise DatasetError(f"{technique}: the {split} split needs both inputs and labels")
-    x = np.asarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=_input_dtype(model))
     y = np.asarray(y)
     if len(x) == 0:
         raise DatasetError(f"{technique}: the {split} split is empty")
@@ -631,6 +1009,11 @@ def _labelled_arrays(model: Any, x: Any, y: Any, technique: str, split: str) -> 
         raise DatasetError(f"{technique}: {split} labels run from {y.min()} to {y.max()}, the model "
                            f"has {classes} outputs")
     return x, y.astype(np.int64)
+
+
+def _input_dtype(model: Any) -> np.dtype:
+    dtype = getattr(model.inputs[0], "dtype", None)
+    return np.dtype(dtype.as_numpy_dtype) if dtype is not None and dtype.is_integer else np.dtype(np.float32)
 
 
 def _outputs_logits(keras: Any, model: Any) -> bool:

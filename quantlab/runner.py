@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from . import predictions, uncertainty
 from .applicability import refusal
 from .cache import ArtifactCache
 from .config import ENGINE_VERSION, SweepSpec, TechniqueSpec, content_hash
@@ -173,10 +174,14 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             key = result_key(manifest, technique, measure_settings)
             reason = refusal(technique.id, manifest)
             if reason:  # known from the manifest: no worker, no conversion
-                refused.append(_make_row(report.sweep_id, manifest, technique, key, {}, False, reason))
+                refused.append(_make_row(report.sweep_id, manifest, technique, key,
+                                         {"details": {"error_kind": "refused", "before_work": True}},
+                                         False, reason))
                 continue
             body = cache.read_json("results", key)
-            if body is not None and Path(body.get("artifact_path", "")).exists():
+            # A result cached before per-sample predictions were kept is measured again, once.
+            if body is not None and Path(body.get("artifact_path", "")).exists() \
+                    and predictions.all_present(body.get("details")):
                 cached_rows.append(_make_row(report.sweep_id, manifest, technique, key, body, True, None))
                 continue
             keyed[key] = technique
@@ -199,8 +204,9 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
                 if outcome.ok:
                     cache.write_json("results", outcome.task_id, outcome.result)
                     record(technique, outcome.task_id, outcome.result, error=None)
-                else:
-                    record(technique, outcome.task_id, {}, error=outcome.error)
+                else:  # a QuantLab check said no (refused), or something broke (failed)
+                    kind = "refused" if outcome.user_error else "failed"
+                    record(technique, outcome.task_id, {"details": {"error_kind": kind}}, error=outcome.error)
             for key in pool.stopped_tasks:  # killed mid-way by the cancel: no row, nothing cached
                 emit({"type": "variant-cancelled", "technique": keyed[key].id,
                       "params": dict(keyed[key].params)})
@@ -252,4 +258,6 @@ def _make_row(sweep_id: str | None, manifest: dict, technique: TechniqueSpec, ke
                        "dataset_hash": manifest["dataset_hash"], "technique": technique.to_dict(),
                        "engine_version": ENGINE_VERSION})
     row["provenance"] = provenance
+    if error is None and body and not set(uncertainty.INTERVAL_COLUMNS) <= set(body):
+        row.update(uncertainty.row_intervals(row))  # a body cached before its worker computed them
     return row

@@ -998,7 +998,9 @@ def _load_tf_keras(path: Path, source: str, version: str | None, **kwargs: Any) 
 
 
 def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) -> LoadedModel:
-    """Load a vetted Keras 3 file with Keras 3 and export it to a SavedModel for conversion."""
+    """Load a vetted Keras 3 file with Keras 3 and rebuild it in tf_keras (keras3_rebuild), so that
+    every technique applies; when a layer has no tf_keras equivalent, export it to a SavedModel
+    instead (post-training techniques only) and say which layer."""
     from quantlab.tfcompat import import_tensorflow
 
     import_tensorflow()  # TF_USE_LEGACY_KERAS=1 first; Keras 3 itself is unaffected by it
@@ -1009,6 +1011,18 @@ def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) ->
     except Exception as exc:
         raise _load_error(source, exc) from None
     input_shape, num_classes = _keras_model_shapes(model, source)
+    from quantlab.keras3_rebuild import rebuild_in_tf_keras
+
+    try:
+        rebuilt = rebuild_in_tf_keras(model, source)
+    except QuantLabError as refusal:
+        why = str(refusal)
+    else:
+        return LoadedModel(
+            "tf_keras", source, input_shape, num_classes, keras_model=rebuilt.model,
+            keras_version=version, keras3_file=path,
+            notes=(*rebuilt.notes, "Keras 3 model: the baseline and the float reference run in "
+                   "Keras 3 itself; conversions and fine-tuning start from the tf_keras rebuild."))
     export_dir = Path(tempfile.mkdtemp(prefix="keras3-", dir=workdir)) / "saved_model"
     try:
         model.export(str(export_dir), verbose=False)
@@ -1019,8 +1033,7 @@ def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) ->
     return LoadedModel(
         "keras3-savedmodel", source, input_shape, num_classes, saved_model_dir=export_dir,
         keras_version=version, keras3_file=path,
-        notes=(f"Keras 3 model exported to a SavedModel: post-training techniques only; "
-               f"{TRAINING_TECHNIQUES_HINT} need a tf_keras (Keras 2) model.",),
+        notes=(f"Keras 3 model exported to a SavedModel: post-training techniques only ({why})",),
     )
 
 

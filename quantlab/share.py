@@ -32,8 +32,11 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 
 # Columns exported first and shown in the report table, in this order.
 REPORT_COLUMNS = ("model_name", "dataset_name", "technique", "family", "params", "model_bytes",
-                  "gzip_bytes", "accuracy", "agreement", "sqnr_db", "latency_p50_ms", "latency_p90_ms",
-                  "latency_runs", "num_threads", "input_dtype", "output_dtype", "float_ops", "total_ops",
+                  "gzip_bytes", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_change_p",
+                  "agreement", "agreement_ci_low", "agreement_ci_high", "agreement_change_p",
+                  "differs_from_reference", "sqnr_db", "latency_p50_ms", "latency_p50_ci_low_ms",
+                  "latency_p50_ci_high_ms", "latency_cpu_busy", "latency_p90_ms", "latency_runs",
+                  "test_samples", "num_threads", "input_dtype", "output_dtype", "float_ops", "total_ops",
                   "cached", "error", "recorded_at", "row_id")
 JSON_TEXT_COLUMNS = ("params", "provenance", "details")
 
@@ -401,6 +404,11 @@ METRIC_NOTES = (
     "agreement: share of test samples whose top-1 class equals the float reference model's",
     "SQNR: signal-to-quantization-noise ratio of the outputs against the float reference, in dB",
     "size: bytes of the .tflite file (gzip: the same file gzip-compressed, a proxy for download size)",
+    "*_ci_low / *_ci_high: 95% intervals: Wilson score intervals for accuracy and agreement over the "
+    "test_samples, a seeded bootstrap of the median over the timed runs for the p50",
+    "*_change_p: exact McNemar test against the reference row on the same samples (1.0: identical); "
+    "differs_from_reference: p below 0.05. A difference inside the intervals is noise, not a ranking",
+    "latency_cpu_busy: other processes used more than 30% of the CPU while the row was timed",
 )
 
 

@@ -62,7 +62,19 @@ RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("provenance", "VARCHAR"),
     ("details", "VARCHAR"),
 )
-COLUMN_NAMES = tuple(name for name, _ in RESULT_COLUMNS)
+# Added by migration 3: each row's own 95% intervals (see uncertainty.row_intervals). Paired
+# p-values against a reference are not columns: they are computed when rows are read.
+INTERVAL_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("accuracy_ci_low", "DOUBLE"),
+    ("accuracy_ci_high", "DOUBLE"),
+    ("agreement_ci_low", "DOUBLE"),
+    ("agreement_ci_high", "DOUBLE"),
+    ("latency_p50_ci_low_ms", "DOUBLE"),
+    ("latency_p50_ci_high_ms", "DOUBLE"),
+    ("latency_cpu_busy", "BOOLEAN"),
+    ("test_samples", "INTEGER"),
+)
+COLUMN_NAMES = tuple(name for name, _ in RESULT_COLUMNS + INTERVAL_COLUMNS)
 JSON_COLUMNS = ("params", "provenance", "details")
 
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -78,6 +90,10 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         "UPDATE results SET params = '{\"weights\": \"per-channel\"}' "
         "WHERE technique IN ('int8-fallback', 'int8-only', 'uint8-only') AND params IN ('{}', '')",
     )),
+    # Rows stored before it keep NULL intervals (their per-sample predictions were not kept);
+    # a sweep measures those variants again (runner: a cached result needs its predictions).
+    (3, "95% intervals of accuracy, agreement and p50; busy-CPU flag; test sample count", tuple(
+        f"ALTER TABLE results ADD COLUMN {name} {kind}" for name, kind in INTERVAL_COLUMNS)),
 )
 
 

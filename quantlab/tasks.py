@@ -229,7 +229,7 @@ def measure_call_latency(call: Callable[[Any], Any], sample: Any, settings: Meas
 
 def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
     """Produce one variant and measure size, accuracy, agreement, SQNR, latency and ops."""
-    from . import measure
+    from . import measure, predictions, uncertainty
     from .techniques import BuildContext, get_technique
 
     manifest = payload["manifest"]
@@ -282,6 +282,11 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
     if shared_lock is not None and not held.acquired:
         details["latency_note"] = (f"timed without the workers' shared lock (not free after "
                                    f"{held.wait:.0f} s): another measurement may have overlapped")
+    details["predictions"] = {
+        "top1": str(predictions.save_variant(cache, payload["result_key"], outputs)),
+        **predictions.save_workload(cache, manifest["model_hash"], manifest["dataset_hash"], reference,
+                                    dataset.y_test if dataset.has_labels else None,
+                                    manifest.get("num_classes"))}
     details["latency_samples_ms"] = latency.pop("samples_ms", [])
     details["latency_others_cpu_share"] = latency.pop("others_cpu_share", None)
     if not dataset.has_labels:
@@ -298,6 +303,7 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
         measured_at=datetime.now(timezone.utc).isoformat(),
         provenance=provenance(settings), details=details,
     )
+    row.update(uncertainty.row_intervals(row))  # in the body, so a warm run reads them from the cache
     return row
 
 

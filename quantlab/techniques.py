@@ -7,6 +7,7 @@ in a worker process (see runner.py).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -180,7 +181,25 @@ def convert_model(context: BuildContext, model: Any, mode: str, *,
     converter, notes = context.make_converter(model, mode)
     configure_converter(converter, mode, context.dataset.x_calib, weights=weights,
                         input_dtype=context.manifest.get("input_dtype") or "float32")
-    return converter.convert(), notes
+    try:
+        return converter.convert(), notes
+    except Exception as error:  # noqa: BLE001 - ConverterError, ValueError, RuntimeError...
+        raise converter_failure(mode, error) from None
+
+
+_QUOTED_OP = re.compile(r"op[:\s]+'([^']+)'|'(tf\.[A-Za-z0-9_]+)'")
+
+
+def converter_failure(mode: str, error: BaseException) -> TechniqueError:
+    """The converter's many-line failure as one line naming the op, and what to try instead."""
+    text = " ".join(str(error).split())
+    match = _QUOTED_OP.search(text)
+    op = next((g for g in match.groups() if g), None) if match else None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    where = f" on op {op}" if op else ""
+    return TechniqueError(f"{mode}: the TFLite converter failed{where} ({first}); try dynamic or "
+                          f"float16, which keep float kernels, or int8-fallback, which lets such an "
+                          f"op stay float")
 
 
 def io_details(mode: str, input_dtype: str | None) -> dict[str, Any]:

@@ -221,6 +221,11 @@ def upload_refusals(model_path: str | None, dataset_has_labels: bool | None = No
     return refusals(manifest, [t.id for t in all_techniques()])
 
 
+NO_LABELS_UPLOAD = ("This dataset has no labels (no y_test): variants are compared on agreement with "
+                    "the float model (top-1 agreement, SQNR), accuracy is not measured, and techniques "
+                    "that fine-tune are not available.")
+
+
 def file_stamp(*paths: str | None) -> tuple:
     """(path, size, mtime) of each existing file: a cache key that changes when a file does."""
     stamp = []
@@ -326,14 +331,10 @@ def model_kind_of(model: str) -> str:
 
 
 def keras3_note() -> str:
-    """What a Keras 3 upload can do, from the registry (techniques that cannot start from a SavedModel)."""
-    keras_only = [t.label for t in all_techniques() if "keras" in t.sources and "savedmodel" not in t.sources]
-    text = ("A Keras 3 .keras file is checked, then exported to a SavedModel: every post-training "
-            "technique runs on it.")
-    if keras_only:
-        text += (f" These need a tf_keras (Keras 2) model and fail with a reason on a Keras 3 file: "
-                 f"{', '.join(keras_only)}.")
-    return text
+    """What a Keras 3 upload can do (see quantlab.keras3_rebuild)."""
+    return ("A Keras 3 .keras file is checked, then rebuilt in tf_keras (its outputs must match): "
+            "every technique runs on it, and its baseline runs in Keras 3 itself. A layer with no "
+            "tf_keras equivalent is named, and the model then gets post-training techniques only.")
 
 
 # --- uploads --------------------------------------------------------------------------------------
@@ -681,7 +682,7 @@ def provenance_table(row: Mapping[str, Any]) -> Any:
 
 
 STANDARD_DETAIL_KEYS = ("inspection", "latency_samples_ms", "split_sizes", "conversion", "keras_layers",
-                        "labels", "label_note")
+                        "labels", "label_note", "predictions")
 
 
 def extra_details(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -726,3 +727,86 @@ def downloadable_artifact(row: Mapping[str, Any], cache_dir: Path) -> Path | Non
         return None
     return path
 
+
+
+# --- how uncertain one row's numbers are (Details) ------------------------------------------------
+
+
+def interval_text(row: Mapping[str, Any], low_key: str, high_key: str, digits: int = 4,
+                  unit: str = "") -> str | None:
+    """`95% CI 0.9324–0.9710` from a row's interval columns, None when they are not recorded."""
+    low, high = _number(row.get(low_key)), _number(row.get(high_key))
+    if low is None or high is None:
+        return None
+    return f"95% CI {low:.{digits}f}–{high:.{digits}f}{unit}"
+
+
+def uncertainty_lines(row: Mapping[str, Any]) -> list[str]:
+    """The row's own intervals in words, for the key numbers of Details."""
+    samples = _number(row.get("test_samples"))
+    lines = []
+    for name, key in (("Accuracy", "accuracy"), ("Agreement", "agreement")):
+        text = interval_text(row, f"{key}_ci_low", f"{key}_ci_high")
+        if text and not (key == "accuracy" and has_no_labels(row)):
+            lines.append(f"{name} {float(row[key]):.4f}, {text} (Wilson"
+                         + (f", {int(samples)} test samples: one sample is {100 / samples:.2g} points"
+                            if samples else "") + ").")
+    latency = interval_text(row, "latency_p50_ci_low_ms", "latency_p50_ci_high_ms", 4, " ms")
+    if latency:
+        lines.append(f"p50 latency {float(row['latency_p50_ms']):.4f} ms, {latency} "
+                     f"(bootstrap of the timed runs).")
+    if not lines:
+        lines.append("No intervals recorded for this row (it was stored before QuantLab kept them; "
+                     "run the sweep again to measure it with intervals).")
+    return lines
+
+
+def busy_cpu_warning(row: Mapping[str, Any]) -> str | None:
+    """A warning when other processes used more than 30% of the CPU while this row was timed."""
+    from .uncertainty import BUSY_CPU_SHARE
+
+    share = _number(_as_dict(row.get("details")).get("latency_others_cpu_share"))
+    if share is None or share <= BUSY_CPU_SHARE:
+        return None
+    return (f"Other processes used {share:.0%} of the CPU while this variant was timed (more than "
+            f"{BUSY_CPU_SHARE:.0%}): its latency is not comparable with rows timed on a quiet "
+            f"machine. Measure latency again when the machine is idle (run the sweep again with a "
+            f"fresh cache folder, or another --min-runs so the cached result is not reused).")
+
+
+def latency_shape(row: Mapping[str, Any]) -> str | None:
+    """`bimodal: 60% of runs near ...` when the kept timings have two modes, else None."""
+    from .stats import latency_modes
+
+    samples = _as_dict(row.get("details")).get("latency_samples_ms") or []
+    modes = latency_modes(samples)
+    return f"The latency distribution is {modes.describe()}." if modes.bimodal else None
+
+
+def reference_lines(store: Store, row: Mapping[str, Any]) -> list[str]:
+    """"Differs from the baseline?" (and from TFLite float32) with the exact McNemar test on the
+    same samples, in the quality the workload is judged by."""
+    from .uncertainty import change_test, stored_references
+
+    if row.get("error"):
+        return []
+    metric = quality_metric(row)
+    against, noun = ("labels", "accuracy") if metric == "accuracy" else ("float", "agreement")
+    references = stored_references(store, row.get("model_hash"), row.get("dataset_hash"))
+    lines: list[str] = []
+    seen = {row.get("row_id")}
+    for reference in (references["reference"], references["float32"]):
+        if reference is None or reference["row_id"] in seen:
+            continue
+        seen.add(reference["row_id"])
+        name = "the Keras baseline" if reference["technique"] == "baseline" else "TFLite float32"
+        test = change_test(row, reference, against)
+        if test is None:
+            lines.append(f"Differs from {name}? Unknown: the per-sample predictions of one of the two "
+                         f"rows were not kept (stored before QuantLab kept them; run the sweep again).")
+            continue
+        interval = test.change_ci_points
+        lines.append(f"Differs from {name} in {noun}? {'Yes' if test.differs else 'No'}: "
+                     f"{(test.gained - test.lost) * 100 / test.samples:+.2f} points (95% CI {interval.low:+.2f} "
+                     f"to {interval.high:+.2f}); {test.describe()}.")
+    return lines

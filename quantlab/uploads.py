@@ -115,20 +115,21 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
     workdir = cache.path("uploads-work", file_hash, "")
     loaded = load_keras_model(path, workdir)
     fitted = fit_dataset_to_model(dataset, loaded.input_shape, loaded.num_classes)
-    if loaded.kind == "tf_keras":
-        target = cache.path("models", f"upload-{file_hash}", ".keras")
-        _save_model(loaded.keras_model, target)
-        return PreparedModel(target, "keras", fitted, tuple(loaded.notes))
     from .tasks import copy_into_cache
 
-    target = cache.path("models", f"upload-{file_hash}", "")
-    if not target.exists():
-        copy_into_cache(Path(loaded.saved_model_dir), target)
     keras3_path = None
     if loaded.keras3_file is not None:
         keras3_path = cache.path("models", f"upload-{file_hash}-keras3", loaded.keras3_file.suffix)
         if not keras3_path.exists():
             copy_into_cache(loaded.keras3_file, keras3_path)
+    if loaded.kind == "tf_keras":
+        target = cache.path("models", f"upload-{file_hash}", ".keras")
+        _save_model(loaded.keras_model, target)
+        return PreparedModel(target, "keras", fitted, tuple(loaded.notes), keras3_path)
+
+    target = cache.path("models", f"upload-{file_hash}", "")
+    if not target.exists():
+        copy_into_cache(Path(loaded.saved_model_dir), target)
     reference = "the Keras 3 model" if keras3_path else "the SavedModel's serving signature in TensorFlow"
     notes = (*loaded.notes, f"post-training techniques only; {reference} is the float reference")
     return PreparedModel(target, "savedmodel", fitted, notes, keras3_path)

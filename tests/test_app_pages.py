@@ -457,3 +457,32 @@ def test_the_sidebar_never_names_a_refused_dataset(env):
     assert "broken" in texts(at.error)
     assert at.session_state["view"].dataset == "digits-28"  # what the sidebar names: the last accepted one
     assert "dataset" not in at.query_params or at.query_params["dataset"] != "broken"
+
+
+def test_details_shows_intervals_the_busy_cpu_the_two_speeds_and_the_baseline_test(env):
+    from quantlab import predictions
+
+    folder = env / "cache" / "predictions"
+    labels = np.arange(450) % 10
+    variant = labels.copy()
+    variant[:30] = (labels[:30] + 1) % 10
+    files = {name: str(predictions.save(folder / f"{name}.npy", predictions.compact(classes, 10)))
+             for name, classes in (("labels", labels), ("baseline", labels), ("variant", variant))}
+    kept = lambda top1: {"top1": files[top1], "float_top1": files["baseline"], "labels": files["labels"]}
+    two_speeds = [0.10] * 150 + [0.15] * 100
+    add_row(env, "baseline", accuracy=1.0, agreement=1.0, details={"predictions": kept("baseline")})
+    row_id = add_row(env, accuracy=420 / 450, agreement=420 / 450, accuracy_ci_low=0.906,
+                     accuracy_ci_high=0.953, test_samples=450, latency_p50_ci_low_ms=0.1,
+                     latency_p50_ci_high_ms=0.15,
+                     details={"predictions": kept("variant"), "latency_samples_ms": two_speeds,
+                              "latency_others_cpu_share": 0.8})
+    at = run_app(page="details", row=row_id)
+    assert not at.exception
+    captions = texts(at.caption)
+    assert "Accuracy 0.9333, 95% CI 0.9060–0.9530 (Wilson, 450 test samples" in captions
+    assert "p50 95% CI 0.1000–0.1500 ms" in captions
+    assert "**Differs from the Keras baseline in accuracy?** Yes: -6.67 points" in texts(at.markdown)
+    assert "30 samples lost, 0 gained of 450" in texts(at.markdown)
+    warnings = texts(at.warning)
+    assert "Other processes used 80% of the CPU" in warnings and "Measure latency again" in warnings
+    assert "bimodal: 60% of runs near 0.1 ms and 40% near 0.15 ms" in warnings

@@ -92,6 +92,7 @@ def test_lstm_qat_is_refused_before_any_work_naming_the_layer(lstm_rows):
     row = lstm_rows["qat-int8"]
     assert "'lstm' (LSTM)" in row["error"] and "int8-fallback" in row["error"]
     assert row.get("conversion_seconds") is None and row.get("model_bytes") is None  # no worker ran it
+    assert details(row) == {"error_kind": "refused", "before_work": True}
 
 
 def test_lstm_prunes_and_clusters(lstm_rows):
@@ -163,10 +164,11 @@ def image_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("functional", [False, True], ids=["sequential", "functional"])
-def test_keras3_model_baseline_runs_in_keras3_and_every_ptq_gives_a_row(tmp_path, image_data, functional):
+def test_keras3_model_baseline_runs_in_keras3_and_every_technique_gives_a_row(tmp_path, image_data, functional):
     model = zoo.keras3_model(functional)
-    rows = sweep(tmp_path, zoo.save_keras(model, tmp_path, "k3"), image_data["labelled"], ("baseline", *PTQ))
-    for technique in ("baseline", *PTQ):
+    rows = sweep(tmp_path, zoo.save_keras(model, tmp_path, "k3"), image_data["labelled"],
+                 ("baseline", *PTQ, "qat-int8", "prune"))
+    for technique in ("baseline", *PTQ, "qat-int8", "prune"):  # fine-tuned on the tf_keras rebuild
         assert_full(rows[technique])
     assert details(rows["baseline"])["float_framework"] == "keras3"
     assert "Keras 3" in rows["baseline"]["latency_method"]

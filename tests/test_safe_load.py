@@ -892,10 +892,10 @@ def test_plain_savedmodel_is_post_training_only(tfk, tmp_path):
     assert_clear(info.value, "plain TensorFlow SavedModel", "post-training")
 
 
-def test_keras3_upload_is_exported_for_post_training_only(tfk, tmp_path):
+def test_keras3_upload_of_standard_layers_is_rebuilt_in_tf_keras(tfk, tmp_path):
     import keras
 
-    tf, _ = tfk
+    _, tf_keras = tfk
     inputs = keras.Input((8, 8, 1))
     hidden = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(inputs))
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
@@ -903,9 +903,29 @@ def test_keras3_upload_is_exported_for_post_training_only(tfk, tmp_path):
     assert inspect_keras_archive(tmp_path / "k3.keras")["keras_major"] == 3
 
     loaded = load_keras_model(tmp_path / "k3.keras", tmp_path / "work")
-    assert loaded.kind == "keras3-savedmodel" and loaded.keras_model is None
+    assert loaded.kind == "tf_keras" and isinstance(loaded.keras_model, tf_keras.Model)
+    assert loaded.supports_training_techniques and loaded.keras3_file.exists()
     assert loaded.input_shape == (8, 8, 1) and loaded.num_classes == 3
     assert loaded.keras_version.startswith("3.")
+    assert any("Rebuilt in tf_keras" in note for note in loaded.notes)
+    x = np.random.default_rng(2).random((4, 8, 8, 1), dtype=np.float32)
+    np.testing.assert_allclose(loaded.keras_model.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_keras3_upload_with_a_keras3_only_layer_is_exported_for_post_training_only(tfk, tmp_path):
+    import keras
+
+    tf, _ = tfk
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(inputs))
+    hidden = keras.layers.RMSNormalization(name="rms")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
+    model.save(tmp_path / "k3.keras")
+
+    loaded = load_keras_model(tmp_path / "k3.keras", tmp_path / "work")
+    assert loaded.kind == "keras3-savedmodel" and loaded.keras_model is None
+    assert "'rms' (RMSNormalization)" in " ".join(loaded.notes)
     with pytest.raises(ModelError) as info:
         loaded.require_keras_model("quantization-aware training")
     assert_clear(info.value, "k3.keras is a Keras 3 model", "tf_keras", "post-training")

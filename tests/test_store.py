@@ -6,7 +6,7 @@ import duckdb
 import pytest
 
 from quantlab.errors import StoreError
-from quantlab.store import MIGRATIONS, Store
+from quantlab.store import MIGRATIONS, RESULT_COLUMNS, Store, _result_values
 
 
 def make_row(technique: str = "dynamic", **overrides) -> dict:
@@ -24,23 +24,44 @@ def test_migrations_are_recorded_once(tmp_path):
     assert store.schema_versions() == [v for v, _, _ in MIGRATIONS]
 
 
-def test_migration_2_gives_old_int8_rows_their_default_weights(tmp_path):
-    store = Store(tmp_path / "q.duckdb")
-    with store.connect() as con:  # a store as version 1 left it
+def make_old_store(store: Store, version: int, rows: list[dict]) -> None:
+    """A store as `version` left it, holding `rows` (written with the columns it had)."""
+    with store.connect() as con:
         con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description VARCHAR, "
                     "applied_at TIMESTAMPTZ)")
-        for statement in MIGRATIONS[0][2]:
-            con.execute(statement)
-        con.execute("INSERT INTO schema_migrations VALUES (1, 'v1', now())")
-    store.insert_result(make_row("int8-only", result_key="old", params={}))
-    store.insert_result(make_row("dynamic", params={}))
-    store.insert_result(make_row("int8-only", result_key="new", params={"weights": "per-channel"}))
-    assert store.migrate() == [2]
+        for number, _, statements in MIGRATIONS[:version]:
+            for statement in statements:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_migrations VALUES (?, 'old', now())", [number])
+        columns = [name for name, _ in RESULT_COLUMNS]
+        for row in rows:
+            values = _result_values(row)
+            con.execute(f"INSERT INTO results ({', '.join(columns)}) VALUES "
+                        f"({', '.join('?' for _ in columns)})", [values.get(c) for c in columns])
+
+
+def test_migration_2_gives_old_int8_rows_their_default_weights(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    make_old_store(store, 1, [make_row("int8-only", result_key="old", params={}),
+                              make_row("dynamic", params={}),
+                              make_row("int8-only", result_key="new", params={"weights": "per-channel"})])
+    assert store.migrate() == [2, 3]
     latest = store.results(latest_only=True)
     assert sorted(latest["technique"]) == ["dynamic", "int8-only"]  # one int8-only variant, not two
     params = dict(zip(store.results()["result_key"], store.results()["params"]))
     assert params["old"] == params["new"] == '{"weights": "per-channel"}'
     assert store.results(latest_only=True).set_index("technique").loc["dynamic", "params"] == "{}"
+
+
+def test_migration_3_adds_empty_intervals_to_old_rows(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    make_old_store(store, 2, [make_row("dynamic")])
+    assert store.migrate() == [3]
+    old = store.results().iloc[0]
+    assert old["accuracy"] == 0.9 and old[["accuracy_ci_low", "latency_cpu_busy"]].isna().all()
+    row_id = store.insert_result(make_row("int8-only", accuracy_ci_low=0.85, accuracy_ci_high=0.93,
+                                          latency_cpu_busy=True, test_samples=450))
+    assert store.row(row_id)["accuracy_ci_high"] == 0.93
 
 
 def test_inserted_row_reads_back_with_json_columns(tmp_path):

@@ -175,3 +175,22 @@ def test_bad_input_is_refused_in_one_line_and_the_store_is_unchanged(tiny_sweep,
         result = run_cli("sweep", "--model", "seed-cnn")
         assert_refused(result, "--dataset")
     assert Store(tiny_sweep["db"]).count() == before
+
+
+def test_rows_carry_intervals_and_p_values_cold_and_warm(tiny_sweep):
+    rows = json_rows(tiny_sweep["stdout"])
+    baseline, int8 = rows["baseline"], rows["int8-only"]
+    low, high = int8["accuracy_ci95"]
+    assert low < int8["accuracy"] < high and high - low < 0.1
+    assert baseline["accuracy_change_p"] == 1.0
+    assert 0 <= int8["accuracy_change_p"] <= 1 and int8["accuracy_change_p_vs_float32"] is not None
+    p50_low, p50_high = int8["latency_p50_ci95_ms"]
+    assert p50_low <= int8["latency_p50_ms"] <= p50_high
+    assert isinstance(int8["latency_cpu_busy"], bool) and int8["test_samples"] == 450
+    kept = np.load(int8["details"]["predictions"]["top1"])
+    assert kept.dtype == np.uint8 and kept.shape == (450,)
+    warm = run_cli("sweep", *TINY_ARGS, "--techniques", "baseline,int8-only", "--db", str(tiny_sweep["db"]),
+                   "--cache", str(tiny_sweep["cache"]), "--json", check=True)
+    again = json_rows(warm.stdout)["int8-only"]
+    assert again["cached"] and again["accuracy_ci95"] == int8["accuracy_ci95"]
+    assert again["accuracy_change_p"] == int8["accuracy_change_p"]

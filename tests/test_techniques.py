@@ -43,3 +43,14 @@ def test_integer_only_techniques_need_calibration():
     for technique_id in ("int8-only", "uint8-only", "int16x8"):
         technique = get_technique(technique_id)
         assert technique.integer_only and technique.needs_calibration
+
+
+def test_a_converter_failure_is_one_line_naming_the_op_and_what_to_try():
+    from quantlab.techniques import converter_failure
+
+    error = converter_failure("int16x8", RuntimeError(
+        "Quantization to 16x8-bit not yet supported for op: 'UNIDIRECTIONAL_SEQUENCE_LSTM'.\nat ..."))
+    text = str(error)
+    assert "\n" not in text and text.startswith("int16x8:")
+    assert "on op UNIDIRECTIONAL_SEQUENCE_LSTM" in text and "int8-fallback" in text
+    assert "on op" not in str(converter_failure("dynamic", ValueError("something else")))

@@ -30,18 +30,29 @@ sweeps.configure(max_concurrent=settings.max_concurrent)
 store = settings.store()
 has_results = store.count() > 0
 
-# Run is the home page (its address never changes). A visitor who opens the bare address while
-# results exist is taken to Compare once per session.
-pages = {name: st.Page(file, title=title, icon=icon, url_path=name, default=name == "run")
-         for name, (file, title, icon) in PAGES.items() if (HERE / file).exists()}
-current = st.navigation(list(pages.values()))
-
-# A shared link may name its page in the query (?page=details&row=...): open that page once.
 params = url_params()
+
+
+def open_home() -> None:
+    """The bare address: Compare when results are stored, else Run; a link's ?page= names another."""
+    wanted = share.decode(params).page
+    if wanted not in pages:
+        wanted = "compare" if has_results and "compare" in pages else "run"
+    st.switch_page(pages[wanted], query_params={k: v for k, v in params.items() if k != "page"})
+
+
+# Only the bare address (a hidden home page) redirects; every page has its own address, so a
+# bookmarked /run stays on Run.
+pages = {name: st.Page(file, title=title, icon=icon, url_path=name)
+         for name, (file, title, icon) in PAGES.items() if (HERE / file).exists()}
+home = st.Page(open_home, title="QuantLab", default=True, visibility="hidden")
+current = st.navigation([home, *pages.values()])
+
+# A shared link to a page may name another in its query (/compare?page=details&row=...): open that
+# page once per session.
 wanted = share.decode(params).page
-if not params and current is pages["run"] and has_results and "compare" in pages:
-    wanted = "compare"
-if wanted in pages and pages[wanted] is not current and not st.session_state.get("opened_linked_page"):
+if current is not home and wanted in pages and pages[wanted] is not current \
+        and not st.session_state.get("opened_linked_page"):
     st.session_state["opened_linked_page"] = True
     st.switch_page(pages[wanted], query_params={k: v for k, v in params.items() if k != "page"})
 st.session_state["opened_linked_page"] = True

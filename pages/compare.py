@@ -13,7 +13,8 @@ from quantlab import analysis, charts
 from quantlab.ui_state import AppSettings
 from ui.share import share_controls, sync_view, update_view, write_view
 
-SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp")
+SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp",
+                 "objective")
 DEFAULT_DROP_POINTS = 1.0
 OBJECTIVE_LABELS = {"size": "Smallest", "latency": "Fastest", "accuracy": "Most accurate"}
 NO_LABELS_OBJECTIVE = "Closest to the float model"
@@ -30,8 +31,8 @@ TABLE_COLUMNS = {
     "agreement_change_points": st.column_config.NumberColumn("Δ agreement (points)", format="%+.2f"),
     "agreement": st.column_config.NumberColumn("Agreement", format="percent"),
     "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
-    "latency_p50_ms": st.column_config.NumberColumn("p50 (ms)", format="%.3f"),
-    "latency_p90_ms": st.column_config.NumberColumn("p90 (ms)", format="%.3f"),
+    "latency_p50_ms": st.column_config.NumberColumn("p50 (ms)", format="%.3g"),
+    "latency_p90_ms": st.column_config.NumberColumn("p90 (ms)", format="%.3g"),
     "speedup": st.column_config.NumberColumn("x faster (vs baseline)", format="%.2fx"),
     "speedup_vs_float32": st.column_config.NumberColumn("x faster (vs TFLite float32)", format="%.2fx"),
     "num_threads": st.column_config.NumberColumn("Threads"),
@@ -116,7 +117,9 @@ with st.container(horizontal=True):
                            max_value=100.0, value=view.accuracy_drop_pp if view.accuracy_drop_pp is not None
                            else DEFAULT_DROP_POINTS, step=0.1, key="compare_drop",
                            help=f"Points of {quality.noun} below the baseline (1.0 = 95.0% -> 94.0%)")
-    objective = st.radio("Among those, pick the", list(OBJECTIVE_LABELS), key="compare_objective",
+    objectives = list(OBJECTIVE_LABELS)
+    objective = st.radio("Among those, pick the", objectives, key="compare_objective",
+                         index=objectives.index(view.objective) if view.objective in objectives else 0,
                          format_func=lambda o: NO_LABELS_OBJECTIVE if no_labels and o == "accuracy"
                          else OBJECTIVE_LABELS[o], horizontal=True)
 every_row = st.checkbox("Show every stored measurement, not only the newest of each variant",
@@ -124,7 +127,7 @@ every_row = st.checkbox("Show every stored measurement, not only the newest of e
                         help="Repeated sweeps measure a variant again: see how much its numbers vary")
 
 view = update_view(model=model, dataset=dataset, sweep=sweep_id, latency_budget_ms=budget or None,
-                   accuracy_drop_pp=drop, latest_only=False if every_row else None)
+                   accuracy_drop_pp=drop, latest_only=False if every_row else None, objective=objective)
 write_view(view, SHARED_FIELDS)
 
 everything = analysis.compare_frame(store, model=model, dataset=dataset, sweep_id=sweep_id,

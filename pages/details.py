@@ -7,11 +7,12 @@ import streamlit as st
 from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
 from quantlab.analysis import NO_LABELS_NOTE
-from quantlab.ui_state import (AppSettings, busy_cpu_warning, downloadable_artifact, extra_details,
-                               float_ops_summary, format_bytes, has_no_labels, interval_text,
-                               is_fine_tuned, latency_histogram, latency_shape, latency_summary,
-                               number_text, ops_table, provenance_table, reference_lines, row_frame,
-                               row_label, tensor_table, uncertainty_lines, weight_granularity_summary)
+from quantlab.ui_state import (AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
+                               extra_details, float_ops_summary, format_bytes, has_no_labels,
+                               interval_text, is_fine_tuned, latency_histogram, latency_sample_note,
+                               latency_shape, latency_summary, number_text, ops_table, provenance_table,
+                               reference_lines, row_frame, row_label, tensor_table, uncertainty_lines,
+                               weight_granularity_summary)
 from ui.share import share_controls, sync_view, update_view, write_view
 
 RECENT_ROWS = 200
@@ -48,7 +49,7 @@ def technique_label(technique_id):
 
 def headline(row):
     st.subheader(f"{technique_label(row['technique'])} · {row['model_name']} on {row['dataset_name']}")
-    params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+    params = ", ".join(f"{k}={v}" for k, v in declared_params(row).items())
     st.caption(f"Technique `{row['technique']}` ({row['family']})" + (f", parameters {params}" if params else "")
                + f"; recorded {row['recorded_at']}" + ("; reused from the cache" if row["cached"] else ""))
     if row.get("error"):
@@ -105,6 +106,7 @@ def latency(row):
         st.warning(shape, icon=":material/bar_chart:")
     if samples:
         st.plotly_chart(latency_histogram(samples, row), key="details_latency_histogram")
+        st.caption(latency_sample_note(samples, row))
     else:
         st.caption("No per-run latencies were recorded for this variant.")
     st.caption(f"Method: {row.get('latency_method') or 'not recorded'}")
@@ -124,7 +126,9 @@ def fine_tuning(row):
 
 def provenance(row):
     st.markdown("#### Provenance")
-    st.dataframe(provenance_table(row), hide_index=True)
+    table = provenance_table(row)
+    st.dataframe(table, hide_index=True, key="details_provenance",
+                 height=38 + 35 * len(table))  # every line shown: no scroll inside the table
 
 
 def download(row):

@@ -14,11 +14,16 @@ import streamlit as st
 from quantlab import lab
 from quantlab.calibrate import CALIBRATORS, KMEANS_MAX_BITS, SUPPORTED_BITS, WEIGHT_BITS, QuantConfig
 from quantlab.errors import QuantLabError
+from ui.share import current_view, share_controls, sync_view, update_view, write_view
 
 CONTEXT = lab.app_context()
 STORE, CACHE = CONTEXT.store, CONTEXT.cache
 METHOD_LABELS = {"linear": "Linear (evenly spaced levels)", "kmeans": "k-means (2^bits centroids)"}
 SOURCE_LABELS = {"weights": "Weights of a layer", "activations": "Activations on the calibration split"}
+TAB_LABELS = {"tensor": "Tensor", "model": "Model accuracy", "sensitivity": "Per-layer sensitivity"}
+SHARED_FIELDS = ("model", "dataset", "workload", "lab_tab", "source", "layer", "bits", "levels", "symmetric",
+                 "per_channel", "calibrator", "percentile", "channel", "log_scale", "layer_bits",
+                 "activations", "activation_bits", "keep_float")
 CALIBRATOR_HELP = ("max: the full range · percentile: a percentile of |x| · kl: TensorRT's entropy "
                    "threshold · mse: the range with the smallest squared error")
 
@@ -63,6 +68,36 @@ def int8_rows(db_path: str, model_hash: str, dataset_hash: str):
     return lab.converted_int8_rows(STORE, {"model_hash": model_hash, "dataset_hash": dataset_hash})
 
 
+def index_of(options, value, default: int = 0) -> int:
+    """The position of `value` (a link's choice) in `options`, or `default` when it is not one of them."""
+    options = list(options)
+    return options.index(value) if value in options else default
+
+
+def linked_workload(workloads: list[lab.Workload], view) -> int:
+    """The workload a link names (by model hash prefix, else by model and dataset), or the first."""
+    for i, workload in enumerate(workloads):
+        if view.workload and workload.model_hash.startswith(view.workload):
+            return i
+    for i, workload in enumerate(workloads):
+        if (workload.manifest.get("model_name"), workload.manifest.get("dataset_name")) == (view.model, view.dataset):
+            return i
+    return 0
+
+
+def layer_overrides(table, default_bits: int) -> tuple[str, ...]:
+    """`layer:bits` for each layer of the bit-width table not at `default_bits` (what a link carries)."""
+    return tuple(f"{layer}:{bits}" for layer, bits in lab.bits_from_table(table).items() if bits != default_bits)
+
+
+def with_overrides(table, overrides: tuple[str, ...]):
+    """The bit-width table with a link's `layer:bits` overrides applied to the layers it has."""
+    wanted = {layer: int(bits) for layer, _, bits in (item.rpartition(":") for item in overrides)}
+    table = table.copy()
+    table["bits"] = [wanted.get(layer, bits) for layer, bits in zip(table["layer"], table["bits"])]
+    return table
+
+
 def worker_button(label: str, key: str, working: str, work) -> None:
     """A button that runs `work` (a worker-process job) under a spinner, then redraws the page."""
     if st.button(label, key=key, type="primary"):
@@ -77,6 +112,7 @@ def worker_button(label: str, key: str, working: str, work) -> None:
 # --- page -------------------------------------------------------------------------------------------
 
 lab.warm_up()
+view = sync_view("lab")
 st.title("Calibration lab")
 st.caption("How a calibrator, a bit width or per-channel scales change one tensor's quantization error, "
            "what fake quantization does to the model's accuracy, and which layers int8 hurts most.")
@@ -88,8 +124,11 @@ if not workloads:
     st.stop()
 
 workload = st.selectbox("Workload: a model and dataset a sweep prepared", workloads,
-                        format_func=lambda w: w.label, key="lab_workload")
+                        index=linked_workload(workloads, view), format_func=lambda w: w.label, key="lab_workload")
 manifest = workload.manifest
+view = update_view(model=manifest.get("model_name"), dataset=manifest.get("dataset_name"),
+                   workload=workload.model_hash[:8] or None)
+write_view(view, SHARED_FIELDS)
 if not workload.usable:
     st.warning(workload.reason)
     st.stop()
@@ -112,32 +151,43 @@ weights = load_tensors(str(weights_file), file_stamp(weights_file))
 with st.container(border=True):
     st.markdown("**Quantizer**")
     col_bits, col_method, col_shape, col_calibrator = st.columns([0.8, 1.5, 1.2, 1.3])
-    bits = col_bits.selectbox("Bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(8), key="lab_bits")
-    method = col_method.radio("Levels", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="lab_method")
+    bits = col_bits.selectbox("Bits", SUPPORTED_BITS, index=index_of(SUPPORTED_BITS, view.bits, SUPPORTED_BITS.index(8)),
+                              key="lab_bits")
+    method = col_method.radio("Levels", list(METHOD_LABELS), index=index_of(METHOD_LABELS, view.levels),
+                              format_func=METHOD_LABELS.get, key="lab_method")
     kmeans = method == "kmeans"
-    symmetric = col_shape.toggle("Symmetric", value=True, key="lab_symmetric", disabled=kmeans,
+    symmetric = col_shape.toggle("Symmetric", value=view.symmetric is not False, key="lab_symmetric", disabled=kmeans,
                                  help="Symmetric: zero point 0, range [-t, t] (TFLite weights). "
                                       "Asymmetric: a zero point, range [low, high] (TFLite activations).")
-    per_channel = col_shape.toggle("Per-channel", value=False, key="lab_per_channel", disabled=kmeans,
-                                   help="One scale per output channel (TFLite's conv and dense weights).")
-    calibrator = col_calibrator.selectbox("Calibrator", CALIBRATORS, key="lab_calibrator", disabled=kmeans,
-                                          help=CALIBRATOR_HELP)
+    per_channel = col_shape.toggle("Per-channel", value=view.per_channel is not False, key="lab_per_channel",
+                                   disabled=kmeans,
+                                   help="One scale per output channel, as TFLite's converter does for conv and "
+                                        "dense weights by default; off: one scale per tensor.")
+    calibrator = col_calibrator.selectbox("Calibrator", CALIBRATORS, index=index_of(CALIBRATORS, view.calibrator),
+                                          key="lab_calibrator", disabled=kmeans, help=CALIBRATOR_HELP)
     percentile = 99.99
     if calibrator == "percentile" and not kmeans:
-        percentile = col_calibrator.number_input("Percentile", min_value=50.0, max_value=100.0, value=99.99,
-                                                 step=0.01, format="%.2f", key="lab_percentile")
+        percentile = col_calibrator.number_input("Percentile", min_value=50.0, max_value=100.0,
+                                                 value=view.percentile or 99.99, step=0.01, format="%.2f",
+                                                 key="lab_percentile")
+view = update_view(bits=bits, levels=method, symmetric=symmetric, per_channel=per_channel, calibrator=calibrator,
+                   percentile=percentile if calibrator == "percentile" and not kmeans else None)
 
-tensor_tab, model_tab, sensitivity_tab = st.tabs(["Tensor", "Model accuracy", "Per-layer sensitivity"])
+tab_label = st.session_state.get("lab_tab") or TAB_LABELS.get(view.lab_tab or "tensor", TAB_LABELS["tensor"])
+tensor_tab, model_tab, sensitivity_tab = st.tabs(list(TAB_LABELS.values()), default=tab_label, key="lab_tab",
+                                                 on_change="rerun")
+view = update_view(lab_tab=next((tab for tab, label in TAB_LABELS.items()
+                                 if label == st.session_state.get("lab_tab", tab_label)), None))
 
 
 def tensor_view() -> None:
-    source = st.radio("Tensor", list(SOURCE_LABELS), format_func=SOURCE_LABELS.get, horizontal=True,
-                      key="lab_source")
+    source = st.radio("Tensor", list(SOURCE_LABELS), index=index_of(SOURCE_LABELS, view.source),
+                      format_func=SOURCE_LABELS.get, horizontal=True, key="lab_source")
     path = weights_file if source == "weights" else activations_file
     stamp = file_stamp(path)
     tensors = load_tensors(str(path), stamp)
-    name = st.selectbox("Layer", tensors.names, format_func=lambda n: tensors.info(n).label,
-                        key=f"lab_tensor_{source}")
+    name = st.selectbox("Layer", tensors.names, index=index_of(tensors.names, view.layer),
+                        format_func=lambda n: tensors.info(n).label, key=f"lab_tensor_{source}")
     info = tensors.info(name)
     if source == "activations":
         st.caption(f"Output of {info.layer} on {info.samples} calibration samples"
@@ -164,9 +214,12 @@ def tensor_view() -> None:
     col_channel, col_log = st.columns([2, 1])
     if config.per_channel and info.channels > 1:
         channel = int(col_channel.number_input(f"Channel shown (of {info.channels}, axis {info.channel_axis})",
-                                               min_value=0, max_value=info.channels - 1, value=0, step=1,
+                                               min_value=0, max_value=info.channels - 1,
+                                               value=min(view.channel or 0, info.channels - 1), step=1,
                                                key="lab_channel"))
-    log_scale = col_log.toggle("Log-scale counts", value=False, key="lab_log_scale")
+    log_scale = col_log.toggle("Log-scale counts", value=bool(view.log_scale), key="lab_log_scale")
+    update_view(source=source, layer=name, channel=channel if config.per_channel and info.channels > 1 else None,
+                log_scale=log_scale or None)
     analysis = tensor_analysis(str(path), stamp, name, config.to_dict(), channel)
     title = f"{name}" + (f", channel {analysis.channel}" if config.per_channel else "")
     st.plotly_chart(lab.histogram_figure(analysis, log_scale, title), key="lab_histogram")
@@ -189,13 +242,14 @@ def model_view() -> None:
                 f"by the quantizer above, at each layer's bit width (32 = float). Biases stay float, as "
                 f"in TFLite; a kernel followed by batch norm is folded with it first, as TFLite does.")
     default_bits = bits if bits in WEIGHT_BITS and not (kmeans and bits > KMEANS_MAX_BITS) else 8
-    table = lab.layer_table(weights, default_bits)
+    table = with_overrides(lab.layer_table(weights, default_bits), view.layer_bits)
     edited = st.data_editor(
         table, hide_index=True, key=f"lab_layer_bits_{default_bits}",
         disabled=["layer", "type", "quantized params", "float params"],
         column_config={"bits": st.column_config.SelectboxColumn(
             "bits", options=list(WEIGHT_BITS), required=True,
             help="This layer's kernel bit width; 32 keeps it float")})
+    update_view(layer_bits=layer_overrides(edited, default_bits))
     size = lab.weight_size(edited)
     col_size, col_float, col_ratio = st.columns(3)
     col_size.metric("Weights at these bit widths", f"{size.total_bytes:,} bytes",
@@ -203,14 +257,18 @@ def model_view() -> None:
     col_float.metric("All float32", f"{size.float32_bytes:,} bytes")
     col_ratio.metric("Smaller by", f"{size.ratio:.2f}×")
     col_act, col_act_bits = st.columns([2, 1])
-    activations = col_act.toggle("Fake-quantize activations too", value=False, key="lab_activations",
+    activations = col_act.toggle("Fake-quantize activations too", value=bool(view.activations),
+                                 key="lab_activations",
                                  help="The input and every layer's output, per tensor and asymmetric (as "
                                       "TFLite's int8 activations), with ranges the calibrator finds on "
                                       "the calibration split.")
     activation_bits = 8
     if activations:
         activation_bits = col_act_bits.selectbox("Activation bits", SUPPORTED_BITS,
-                                                 index=SUPPORTED_BITS.index(8), key="lab_activation_bits")
+                                                 index=index_of(SUPPORTED_BITS, view.activation_bits,
+                                                                SUPPORTED_BITS.index(8)),
+                                                 key="lab_activation_bits")
+    update_view(activations=activations or None, activation_bits=activation_bits if activations else None)
     try:
         request = lab.FakeQuantRequest(lab.bits_from_table(edited), symmetric=symmetric,
                                        per_channel=per_channel, calibrator=calibrator, percentile=percentile,
@@ -237,6 +295,7 @@ def model_view() -> None:
 
 
 def sensitivity_view() -> None:
+    st.caption("Always int8, as TFLite's converter quantizes: the quantizer settings above do not apply here.")
     st.markdown("Per layer, the error TFLite's int8 conversion (float fallback) adds to the layer's output: "
                 "RMSE against the float model divided by the output's quantization scale, measured by "
                 "TFLite's QuantizationDebugger on the calibration split. Pure rounding gives about 0.29 "
@@ -249,8 +308,10 @@ def sensitivity_view() -> None:
         return
     ranked = len(result.get("ranking", []))
     keep_float = int(st.number_input("Keep the N most sensitive layers in float", min_value=0,
-                                     max_value=max(ranked, 1), value=min(2, ranked), step=1,
-                                     key="lab_keep_float"))
+                                     max_value=max(ranked, 1),
+                                     value=min(2 if view.keep_float is None else view.keep_float, ranked),
+                                     step=1, key="lab_keep_float"))
+    update_view(keep_float=keep_float)
     frame = lab.sensitivity_frame(result, keep_float)
     st.plotly_chart(lab.sensitivity_figure(frame), key="lab_sensitivity_chart")
     st.caption(f"Red: the {keep_float} most sensitive layer(s), which int8-selective(keep_float={keep_float}) "
@@ -296,3 +357,8 @@ with model_tab:
     model_view()
 with sensitivity_tab:
     sensitivity_view()
+
+view = current_view()
+write_view(view, SHARED_FIELDS)
+with st.expander("Share this view"):
+    share_controls(view.with_(page="lab"), ("page", *SHARED_FIELDS), key="lab_share")

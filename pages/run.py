@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from quantlab.errors import QuantLabError
-from quantlab.sweeps import active_sweeps, get_sweep, start_sweep
+from quantlab.sweeps import active_sweeps, get_sweep, running_twin, start_sweep
 from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
@@ -90,15 +90,17 @@ def choose_input(kind, builtins, default, suffixes, help_text):
                             names.index(default), key=f"run_{kind}",
                             format_func=lambda n: f"{n}: {builtins[n].description}")
         return remember(kind, name), name, True
-    st.file_uploader(f"{kind.capitalize()} file ({', '.join(suffixes)})", type=[s.lstrip(".") for s in suffixes],
-                     key=f"run_{kind}_file", on_change=save_and_check, args=(kind,), help=help_text,
-                     max_upload_size=settings.max_upload_mb)
+    # Any file reaches the server, which refuses it in words below (the browser's own refusal of a
+    # type or size would only show in a hover).
+    st.file_uploader(f"{kind.capitalize()} file ({', '.join(suffixes)}; up to {settings.max_upload_mb} MB)",
+                     key=f"run_{kind}_file", on_change=save_and_check, args=(kind,), help=help_text)
     upload = form.get(f"{kind}_upload")
     if not upload:
         st.caption(f"Upload a {kind} file to go on, or switch back to a built-in {kind}.")
         return None, None, False
     if upload.get("error"):
-        st.error(f"{upload['name']}: {upload['error']}", icon=":material/error:")
+        error = upload["error"]
+        st.error(error if upload["name"] in error else f"{upload['name']}: {error}", icon=":material/error:")
         return upload["path"], upload["stored_as"], False
     st.caption(f"Using **{upload['name']}** (checked; it is loaded safely, in a separate process, "
                f"when the sweep starts).")
@@ -118,8 +120,17 @@ def refusals_for(model_path, dataset_path, _stamp):
     return upload_refusals(model_path, has_labels, has_train)
 
 
+def forget_ticks_of_another_model_kind(model_kind):
+    """A model of another kind (a .tflite after a Keras model) starts from its own default ticks."""
+    previous = form.get("techniques_kind")
+    form["techniques_kind"] = model_kind
+    if previous is not None and previous != model_kind:
+        form["techniques"] = {}
+
+
 def choose_techniques(model_kind, refused):
     """Every registered technique by family: a checkbox each, its parameters in an expander."""
+    forget_ticks_of_another_model_kind(model_kind)
     chosen = {}
     for group in technique_groups(model_kind, refused):
         st.markdown(f"**{group.title}**")
@@ -127,10 +138,13 @@ def choose_techniques(model_kind, refused):
             technique = choice.technique
             saved = form.setdefault("techniques", {}).get(technique.id)
             tags = technique_tags(technique)
+            # A technique this model cannot take is a separate, unticked widget: when the model changes
+            # (a .tflite upload), what becomes available starts from its default, not a stale tick.
             selected = st.checkbox(
                 f"{technique.label} · `{technique.id}`" + (f" · _{', '.join(tags)}_" if tags else ""),
-                value=choice.default_selected if saved is None else saved and choice.available,
-                disabled=not choice.available, key=f"run_technique_{technique.id}",
+                value=(choice.default_selected if saved is None else saved) and choice.available,
+                disabled=not choice.available,
+                key=f"run_technique_{technique.id}" + ("" if choice.available else "_unavailable"),
                 help=technique.description)
             if not choice.available:
                 st.caption(f"Not for this model: {choice.reason}.")
@@ -286,7 +300,7 @@ with left:
         "model", BUILTIN_MODELS, DEFAULT_MODEL, (".keras", ".h5", ".hdf5", ".zip", ".tflite"),
         "A tf_keras/Keras .keras or .h5 file, a SavedModel folder as .zip, or a ready .tflite file. "
         "Nothing in the file is executed: unknown layers and custom code are refused.")
-    if form.get("model_source") == UPLOAD:
+    if form.get("model_source") == UPLOAD and model_kind_of(model_name or "") != "tflite":
         st.caption(keras3_note())
 with right:
     dataset, dataset_name, dataset_ok = choose_input(
@@ -297,7 +311,9 @@ with right:
     if form.get("dataset_source") == UPLOAD and dataset_ok:
         if facts_for(dataset, file_stamp(dataset))[0] is False:
             st.info(NO_LABELS_UPLOAD, icon=":material/label_off:")
-view = update_view(model=model_name, dataset=dataset_name)
+# Only an accepted choice becomes the current model or dataset (the sidebar never names a refused one).
+view = update_view(**{kind: name for kind, name, ok in (("model", model_name, model_ok),
+                                                        ("dataset", dataset_name, dataset_ok)) if ok})
 
 st.subheader("2. Techniques")
 model_kind = model_kind_of(model_name or "")
@@ -316,14 +332,20 @@ measure = measurement_settings()
 ready = model_ok and dataset_ok and bool(techniques) and not technique_errors and settings.can_run
 if not techniques:
     st.caption("Pick at least one technique.")
-if st.button("Run sweep", type="primary", key="run_start", disabled=not ready, icon=":material/play_arrow:",
-             help=None if settings.can_run else "This dashboard is read-only"):
-    spec = make_sweep_spec(model, dataset, techniques, **measure)
+spec = make_sweep_spec(model, dataset, techniques, **measure) if ready else None
+twin = running_twin(spec, store)
+if twin is not None:
+    st.caption(f"This very sweep is already {'running' if twin.status == 'running' else 'waiting'} "
+               f"({twin.label}): its progress is below.")
+if st.button("Run sweep", type="primary", key="run_start", disabled=not ready or twin is not None,
+             icon=":material/play_arrow:",
+             help="The same sweep is already running" if twin is not None else
+             None if settings.can_run else "This dashboard is read-only") and twin is None:
     handle = start_sweep(spec, store, cache, settings.sweep_options(), label=f"{model_name} on {dataset_name}")
     st.session_state[HANDLE] = handle.id
     if handle.finished:  # refused at once (bad input): say so next to the upload it concerns
         note_upload_failure(handle)
-        st.rerun()
+    st.rerun()  # redraw with Run disabled while this very sweep runs
 
 mine = get_sweep(st.session_state.get(HANDLE))
 others = [h for h in active_sweeps() if mine is None or h.id != mine.id]

@@ -304,7 +304,7 @@ def _fmt_ms(value: float) -> str:
 
 SORT_KEYS = {"size": ("model_bytes", "latency_p50_ms", "{quality}"),
              "latency": ("latency_p50_ms", "model_bytes", "{quality}"),
-             "accuracy": ("{quality}", "latency_p50_ms", "model_bytes")}
+             "accuracy": ("{quality}", "model_bytes", "latency_p50_ms")}
 
 
 def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
@@ -629,10 +629,14 @@ def sweep_label(sweep: Mapping[str, Any]) -> str:
             + (f" ({failed} failed)" if failed else "") + f" · {str(sweep['sweep_id'])[:8]}")
 
 
-TABLE_COLUMNS = ("label", "variant", "family", "model_bytes", "x_smaller", "gzip_bytes",
-                 "x_smaller_gzip", "accuracy", "accuracy_change_points", "agreement", "sqnr_db",
-                 "latency_p50_ms", "latency_p90_ms", "speedup", "speedup_vs_float32", "num_threads",
-                 "input_dtype", "output_dtype", "cached", "recorded_at", "row_id")
+# What a reader compares first (the change in quality, the latency, the speed-ups, the size), then
+# the rest of the measurements, then where the row came from.
+TABLE_COLUMNS = ("label", "accuracy_change_points", "latency_p50_ms", "speedup_vs_float32", "speedup",
+                 "x_smaller", "model_bytes", "accuracy", "agreement", "sqnr_db", "latency_p90_ms",
+                 "x_smaller_gzip", "gzip_bytes", "variant", "family", "num_threads", "input_dtype",
+                 "output_dtype", "cached", "recorded_at", "row_id")
+TEXT_COLUMNS = ("label", "variant", "family", "input_dtype", "output_dtype")
+MISSING = "—"
 
 
 def table_columns(metric: str = "accuracy") -> tuple[str, ...]:
@@ -644,7 +648,8 @@ def table_columns(metric: str = "accuracy") -> tuple[str, ...]:
 
 
 def table_frame(frame: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """The baseline-relative table: the columns a reader compares, families in their order.
+    """The baseline-relative table: the columns a reader compares first, families in their order;
+    a missing text reads MISSING (a dash).
 
     Without labels (`metric` agreement, by default `quality_metric(frame)`), the accuracy column
     says NO_LABELS and Δ agreement replaces Δ accuracy.
@@ -658,6 +663,8 @@ def table_frame(frame: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     table = ordered[[c for c in columns if c in ordered.columns]].reset_index(drop=True)
     if metric == "agreement" and "accuracy" in table.columns:
         table["accuracy"] = NO_LABELS
+    for column in (c for c in TEXT_COLUMNS if c in table.columns):
+        table[column] = table[column].astype(object).where(table[column].notna(), MISSING)
     return table
 
 

@@ -34,6 +34,7 @@ MUTED = "#b0b0b0"
 BUDGET_COLOR = "#6c757d"
 WEBGL_ABOVE = 1000          # points per trace above which scatter traces use WebGL
 LABEL_POINTS_UP_TO = 30     # write technique names next to points up to this many rows
+MIN_QUALITY_SPAN = 5.0      # points: the quality axis never zooms in further (a 1-sample gap stays small)
 HOVER_TEMPLATE = "%{hovertext}<extra></extra>"
 
 
@@ -154,10 +155,12 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
         fig.update_xaxes(type="log")
     hover = hover_text(data, metric)
     label_points = len(data) <= LABEL_POINTS_UP_TO
-    labels = point_labels(data) if label_points else None
+    front_ids = set(pareto_front(data, x, metric)["row_id"]) if show_front else set(data["row_id"])
+    labels = front_labels(data, front_ids) if label_points else None
+    positions = label_positions(data, x, front_ids)
     has_star = sweet_spot_row_id is not None and (data["row_id"] == sweet_spot_row_id).any()
     if has_star:  # the star carries its point's label, above the star where nothing hides it
-        star_labels = labels[data["row_id"] == sweet_spot_row_id] if label_points else None
+        star_labels = point_labels(data)[data["row_id"] == sweet_spot_row_id] if label_points else None
         if label_points:
             labels = labels.where(data["row_id"] != sweet_spot_row_id, "")
     scatter = _scatter_class(len(data))
@@ -167,7 +170,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
         fig.add_trace(scatter(
             x=part[x], y=part[metric] * 100, name=str(family), legendgroup=str(family),
             mode="markers+text" if label_points else "markers",
-            text=labels.loc[part.index] if label_points else None, textposition="top center",
+            text=labels.loc[part.index] if label_points else None,
+            textposition=positions.loc[part.index].tolist(),
             textfont=dict(size=10),
             marker=dict(color=family_color(family), size=11, line=dict(width=1, color="white"),
                         symbol=FAMILY_SYMBOLS.get(family, "circle")),
@@ -189,11 +193,10 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
                         line=dict(width=2.5, color=PATH_COLOR)),
             customdata=best[["row_id", "technique"]].to_numpy(),
             hovertext=hover.loc[best.index], hovertemplate=HOVER_TEMPLATE))
-    y_values = pd.to_numeric(data[metric], errors="coerce") * 100
     floor = accuracy_floor(data, max_accuracy_drop_points, metric)
-    y_low = min(y_values.min(), floor if floor is not None else math.inf)
-    y_high = y_values.max()
-    pad = max((y_high - y_low) * 0.08, 0.5)
+    y_low, y_high = quality_range(frame, max_accuracy_drop_points, metric)
+    pad = 0.0
+    fig.update_yaxes(range=[y_low, y_high])
     if x_budget is not None and x_budget > 0:
         fig.add_trace(go.Scatter(
             x=[x_budget, x_budget], y=[y_low - pad, y_high + pad], mode="lines",
@@ -203,9 +206,50 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
         x_low, x_high = min(xs.min(), x_budget or math.inf), max(xs.max(), x_budget or 0)
         fig.add_trace(go.Scatter(
             x=[x_low * (0.8 if log_x else 1), x_high * (1.25 if log_x else 1)], y=[floor, floor],
-            mode="lines", name=f"{words.noun} floor (-{points(max_accuracy_drop_points)})",
+            mode="lines", name=floor_name(words.noun, max_accuracy_drop_points),
             hoverinfo="skip", line=dict(color=BUDGET_COLOR, dash="dot", width=1.5)))
     return fig
+
+
+def front_labels(data: pd.DataFrame, front_ids: set) -> pd.Series:
+    """Technique names for the points on the Pareto front only; every other point is named on hover."""
+    labels = point_labels(data)
+    return labels.where(data["row_id"].isin(front_ids), "")
+
+
+def label_positions(data: pd.DataFrame, x: str, front_ids: set) -> pd.Series:
+    """Above and below in turn along x for the labelled points, so neighbours' names do not collide."""
+    positions = pd.Series("top center", index=data.index, dtype=object)
+    labelled = data[data["row_id"].isin(front_ids)]
+    order = pd.to_numeric(labelled[x], errors="coerce").sort_values(kind="stable").index
+    for i, index in enumerate(order):
+        positions[index] = "top center" if i % 2 == 0 else "bottom center"
+    return positions
+
+
+def quality_range(frame: pd.DataFrame, max_accuracy_drop_points: float | None,
+                  metric: str | None = None) -> tuple[float, float]:
+    """The quality axis (%) for every chart of `frame`: its measured values and the floor, at least
+    MIN_QUALITY_SPAN points tall (extended downwards, the best stays near the top), padded; both
+    trade-off charts of one frame get the same range."""
+    metric = metric or quality_metric(frame)
+    values = pd.Series(dtype=float)
+    if frame is not None and not frame.empty and metric in frame.columns:
+        rows = frame[frame["error"].isna()] if "error" in frame.columns else frame
+        values = (pd.to_numeric(rows[metric], errors="coerce") * 100).dropna()
+    if values.empty:
+        return 0.0, 100.0
+    floor = accuracy_floor(frame if "error" not in frame.columns else frame[frame["error"].isna()],
+                           max_accuracy_drop_points, metric)
+    low, high = min(values.min(), floor if floor is not None else math.inf), values.max()
+    low = min(low, high - MIN_QUALITY_SPAN)
+    pad = (high - low) * 0.08
+    return float(low - pad), float(high + pad)
+
+
+def floor_name(noun: str, drop_points: float | None) -> str:
+    """`accuracy floor (-1 point)`, or `accuracy floor (no drop)` for a zero tolerance."""
+    return f"{noun} floor (no drop)" if not drop_points else f"{noun} floor (-{points(drop_points)})"
 
 
 def log_ticks(values: pd.Series, unit: str = "") -> tuple[list[float], list[str]]:

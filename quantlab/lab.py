@@ -685,7 +685,9 @@ def model_view_tiles(result: Mapping[str, Any] | None, rows: Sequence[Mapping[st
         accuracy, agreement = _figure(result.get("accuracy")), _figure(result.get("agreement"))
         float_accuracy = _figure(result.get("float_accuracy"))
         if accuracy is not None:
-            delta = f"{accuracy - float_accuracy:+.4f} vs float" if float_accuracy is not None else None
+            # in points, as on the Compare page (0.9000 vs 0.9500: -5.00 points)
+            delta = f"{(accuracy - float_accuracy) * 100:+.2f} points vs float" \
+                if float_accuracy is not None else None
             tiles.append(Tile("Predicted (fake-quantized)", f"{accuracy:.4f}", delta,
                               f"Agreement with the float model: {agreement:.4f}"
                               if agreement is not None else None))

@@ -83,6 +83,7 @@ class Node:
     field: str | None = None          # the Answers field a question reads; None for a leaf
     technique: str | None = None      # a leaf's recommendation (None: nothing can be run yet)
     reason: str = ""
+    claim: str = ""                   # the docs' generic figures: shown only until this model is measured
 
 
 @dataclass(frozen=True)
@@ -97,23 +98,26 @@ NODES: tuple[Node, ...] = (
     Node("hardware", "Which hardware runs the model?", field="hardware"),
     Node("gpu_drop", "Any accuracy drop acceptable?", field="accuracy_drop_ok"),
     Node("gpu_float16", "Float16", technique="float16",
-         reason="GPU delegates run float16 natively: about 2x smaller with a negligible accuracy "
-                "loss, the docs' choice for GPUs"),
+         reason="GPU delegates run float16 natively, the docs' choice for GPUs",
+         claim="the docs expect about 2x smaller with a negligible accuracy loss"),
     Node("gpu_float32", "Float32 (no quantization)", technique="float32",
          reason="you accept no accuracy loss and GPUs run float models well: keep float32; "
                 "check the measured float16 row, which is often lossless too"),
     Node("cpu_io", "Integer-only input/output required?", field="integer_io"),
     Node("cpu_drop", "Any accuracy drop acceptable?", field="accuracy_drop_ok"),
     Node("cpu_float16", "Float16", technique="float16",
-         reason="you accept no accuracy loss: float16 weights halve the size and are usually "
-                "lossless (a CPU computes them in float32, so no speedup)"),
+         reason="you accept no accuracy loss: float16 weights are usually lossless (a CPU computes "
+                "them in float32, so no speedup)",
+         claim="the docs expect half the size"),
     Node("cpu_data", "Representative data (~100-500 samples)?", field="representative_data"),
     Node("cpu_dynamic", "Dynamic range", technique="dynamic",
          reason="without representative data, dynamic range quantization is the docs' starting "
-                "point: int8 weights, about 4x smaller and 2-3x faster on CPU, no calibration"),
+                "point: int8 weights, no calibration",
+         claim="the docs expect about 4x smaller and 2-3x faster on CPU"),
     Node("cpu_int8", "Full integer, float fallback", technique="int8-fallback",
-         reason="with representative data, full integer quantization gives the best CPU latency "
-                "(about 4x smaller, 3x+ faster) while keeping float input/output"),
+         reason="with representative data, full integer quantization runs integer kernels while "
+                "keeping float input/output",
+         claim="the docs expect about 4x smaller and 3x+ faster on CPU"),
     Node("int_data", "Representative data (~100-500 samples)?", field="representative_data"),
     Node("int_uint8", "Toolchain expects uint8 I/O (older accelerators)?", field="uint8_io"),
     Node("int_int8", "Integer only (int8 I/O)", technique="int8-only",
@@ -182,6 +186,7 @@ class Recommendation:
     technique: str | None
     reason: str
     fallbacks: tuple[Fallback, ...] = ()
+    claim: str = ""
 
     @property
     def label(self) -> str:
@@ -204,7 +209,7 @@ class Recommendation:
     def to_dict(self) -> dict[str, Any]:
         return {"answers": self.answers.to_dict(), "path": [asdict(s) for s in self.path],
                 "leaf": self.leaf, "technique": self.technique, "reason": self.reason,
-                "fallbacks": [asdict(f) for f in self.fallbacks]}
+                "claim": self.claim, "fallbacks": [asdict(f) for f in self.fallbacks]}
 
 
 def _answer_text(node: Node, value: Any) -> str:
@@ -223,7 +228,7 @@ def recommend(answers: Answers) -> Recommendation:
         path.append(Step(node.id, node.text, _answer_text(node, value)))
         node = NODE_BY_ID[edge.target]
     return Recommendation(answers, tuple(path), node.id, node.technique, node.reason,
-                          fallback_chain(node.technique, answers))
+                          fallback_chain(node.technique, answers), node.claim)
 
 
 def fallback_chain(technique: str | None, answers: Answers) -> tuple[Fallback, ...]:
@@ -245,12 +250,12 @@ def fallback_chain(technique: str | None, answers: Answers) -> tuple[Fallback, .
                                               "while keeping int8 speed"))
         chain.append(Fallback("dynamic", "dynamic range keeps activations in float: usually "
                                          "closer to the float model, a little slower"))
-        chain.append(Fallback("float16", "float16 weights: 2x smaller, usually lossless"))
+        chain.append(Fallback("float16", "float16 weights: usually lossless"))
     elif technique == "dynamic":
         if retrain:
             chain.append(Fallback("qat-int8", "quantization-aware training: int8 with accuracy "
                                               "recovered by fine-tuning"))
-        chain.append(Fallback("float16", "float16 weights: 2x smaller, usually lossless"))
+        chain.append(Fallback("float16", "float16 weights: usually lossless"))
         chain.append(Fallback("float32", "no quantization"))
     elif technique == "float16":
         chain.append(Fallback("float32", "no quantization"))
@@ -443,6 +448,118 @@ def _exceeded_words(exceeded: list[tuple[str, float]], tolerance: float, words: 
              for t, change in exceeded]
     return (f"On this model{_judged_by(words.metric)}, {', and '.join(parts)}, more than your "
             f"{tolerance:g}-point tolerance")
+
+
+# --- the measured recommendation: what this model's rows say to use -------------------------------
+
+GPU_TECHNIQUES = ("float32", "float16", "cluster", "prune", "prune-cluster")  # float kernels end to end
+INTEGER_DTYPES = ("int8", "uint8", "int16")
+
+
+@dataclass(frozen=True)
+class MeasuredPick:
+    """The measured variant to use: the smallest of those the answers allow inside the tolerance."""
+
+    technique: str
+    row: dict[str, Any]
+    label: str
+    gain: str                          # analysis.describe_gain of the row
+    reason: str                        # why this one, in words
+    candidates: int                    # measured variants the answers allow
+    metric: str = "accuracy"
+
+    @property
+    def row_id(self) -> str:
+        return str(self.row["row_id"])
+
+
+def _technique_facts(technique_id: str) -> tuple[bool, bool, bool]:
+    """(needs calibration data, fine-tunes, integer input/output) from the registry."""
+    try:
+        from .techniques import get_technique
+
+        technique = get_technique(technique_id)
+    except Exception:  # not registered in this install: judged by its measured dtypes only
+        return False, technique_id in KNOWN_LABELS, False
+    return technique.needs_calibration, technique.fine_tunes, technique.integer_only
+
+
+def io_dtype(row: Mapping[str, Any]) -> str:
+    """The row's measured input dtype, or, when it was not recorded, the one its technique gives."""
+    measured = row.get("input_dtype")
+    if isinstance(measured, str) and measured:
+        return measured
+    technique = str(row.get("technique"))
+    if technique == "uint8-only":
+        return "uint8"
+    if technique == "int16x8":
+        return "int16"
+    return "int8" if _technique_facts(technique)[2] else "float32"
+
+
+def why_not_deployable(row: Mapping[str, Any], answers: Answers) -> str | None:
+    """Why the deployment the answers describe cannot use this measured row (None: it can)."""
+    technique = str(row.get("technique"))
+    needs_data, fine_tunes, _ = _technique_facts(technique)
+    dtype = io_dtype(row)
+    if technique == "baseline":
+        return "the Keras model is not a TensorFlow Lite file"
+    if needs_data and not answers.representative_data:
+        return "it needs representative data"
+    if fine_tunes and not answers.can_retrain:
+        return "it needs retraining"
+    if answers.hardware == "gpu":
+        return None if technique in GPU_TECHNIQUES else "a GPU delegate runs float kernels"
+    if answers.hardware not in INTEGER_HARDWARE and not answers.integer_io:
+        return "its input and output are integer" if dtype in INTEGER_DTYPES else None
+    if dtype not in INTEGER_DTYPES:
+        return "its input and output are float"
+    if answers.uint8_io and dtype != "uint8":
+        return f"its input and output are {dtype}, not uint8"
+    if answers.hardware == "edgetpu" and dtype == "int16":
+        return "the Edge TPU has no 16-bit kernels"
+    float_ops = row.get("float_ops")
+    if answers.hardware in INTEGER_HARDWARE and isinstance(float_ops, (int, float)) and float_ops > 0:
+        return f"{int(float_ops)} of its ops stayed float"
+    return None
+
+
+def measured_pick(recommendation: Recommendation, frame: pd.DataFrame | None) -> MeasuredPick | None:
+    """The smallest measured variant the answers allow that stays within the tolerance (ties: the
+    faster, then the better), or None when no measured variant does. The tolerance is in the
+    workload's quality (analysis.quality_metric: agreement without labels)."""
+    from .analysis import QUALITY, describe_gain, quality_metric, sweet_spot
+
+    if frame is None or frame.empty or not _has_reference(frame):
+        return None
+    answers = recommendation.answers
+    allowed = frame[[why_not_deployable(row, answers) is None for row in frame.to_dict("records")]]
+    allowed = allowed[allowed["error"].isna()]
+    if allowed.empty:
+        return None
+    metric = quality_metric(frame)
+    spot = sweet_spot(allowed, None, answers.tolerance_points, "size", metric)
+    if not spot.found:
+        return None
+    row = spot.row
+    technique = str(row["technique"])
+    words = QUALITY[metric]
+    reason = (f"the smallest of {len(allowed)} measured variant(s) your deployment can run, among the "
+              f"{spot.candidates} losing at most {words.points(answers.tolerance_points)}")
+    return MeasuredPick(technique, row, _row_label(technique, row), describe_gain(row, metric), reason,
+                        len(allowed), metric)
+
+
+def measured_gain(technique: str | None, frame: pd.DataFrame | None) -> str | None:
+    """This model's measured figures for `technique` (its best row), or None when it is not measured:
+    the page shows these instead of the docs' generic claims."""
+    from .analysis import QUALITY, describe_gain, quality_metric
+
+    if technique is None or not _has_reference(frame):
+        return None
+    metric = quality_metric(frame)
+    row = _best_row(frame, technique, QUALITY[metric].change)
+    return None if row is None else describe_gain(row, metric)
 
 
 # --- running what is missing ---------------------------------------------------------------------

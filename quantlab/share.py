@@ -43,11 +43,13 @@ JSON_TEXT_COLUMNS = ("params", "provenance", "details")
 
 @dataclass(frozen=True)
 class ViewState:
-    """What a link reproduces: the page, the workload, the selection and the decision thresholds.
+    """What a link reproduces: every control that changes what a page concludes.
 
-    `accuracy_drop_pp` is the tolerated accuracy drop in percentage points (1.0 = one point).
+    `accuracy_drop_pp` is the tolerated accuracy drop in percentage points (1.0 = one point). None (or
+    `()`) means "not set": the page uses its default.
     """
 
+    # every page: where the view is
     page: str | None = None
     model: str | None = None
     dataset: str | None = None
@@ -57,10 +59,36 @@ class ViewState:
     latest_only: bool | None = None
     x_metric: str | None = None
     y_metric: str | None = None
-    latency_budget_ms: float | None = None
-    accuracy_drop_pp: float | None = None
     row: str | None = None
     sweep: str | None = None
+    # Compare's budgets and objective (the drop is also Recommend's tolerance)
+    latency_budget_ms: float | None = None
+    accuracy_drop_pp: float | None = None
+    objective: str | None = None
+    # Recommend: the answers to the decision tree's questions
+    hardware: str | None = None
+    drop_ok: bool | None = None
+    representative_data: bool | None = None
+    can_retrain: bool | None = None
+    integer_io: bool | None = None
+    uint8_io: bool | None = None
+    # Lab: the workload (a model hash prefix), the tab, the tensor and the quantizer
+    workload: str | None = None
+    lab_tab: str | None = None
+    source: str | None = None
+    layer: str | None = None
+    bits: int | None = None
+    levels: str | None = None
+    symmetric: bool | None = None
+    per_channel: bool | None = None
+    calibrator: str | None = None
+    percentile: float | None = None
+    channel: int | None = None
+    log_scale: bool | None = None
+    layer_bits: tuple[str, ...] = ()   # "layer:bits" for the model tab's layers not at `bits`
+    activations: bool | None = None
+    activation_bits: int | None = None
+    keep_float: int | None = None
 
     def merged(self, newer: "ViewState") -> "ViewState":
         """This state with every field that `newer` sets taken from `newer`."""
@@ -76,8 +104,28 @@ class ViewState:
 PARAM_FIELDS = {"page": "page", "model": "model", "dataset": "dataset", "techniques": "techniques",
                 "families": "families", "errors": "include_errors", "latest": "latest_only",
                 "x": "x_metric", "y": "y_metric", "budget": "latency_budget_ms",
-                "drop": "accuracy_drop_pp", "row": "row", "sweep": "sweep"}
+                "drop": "accuracy_drop_pp", "row": "row", "sweep": "sweep",
+                "objective": "objective",
+                "hw": "hardware", "drop_ok": "drop_ok", "data": "representative_data",
+                "retrain": "can_retrain", "int_io": "integer_io", "uint8": "uint8_io",
+                "workload": "workload", "tab": "lab_tab", "source": "source", "layer": "layer",
+                "bits": "bits", "levels": "levels", "sym": "symmetric", "per_channel": "per_channel",
+                "calibrator": "calibrator", "pct": "percentile", "channel": "channel",
+                "log": "log_scale", "layer_bits": "layer_bits", "act": "activations",
+                "act_bits": "activation_bits", "keep_float": "keep_float"}
 FIELD_PARAMS = {value: key for key, value in PARAM_FIELDS.items()}
+
+# Choices a page offers, as they appear in links (analysis.OBJECTIVES, recommend.HARDWARE and
+# calibrate's constants are the sources; tests check they agree).
+OBJECTIVES = ("size", "latency", "accuracy")
+LAB_TABS = ("tensor", "model", "sensitivity")
+LAB_SOURCES = ("weights", "activations")
+LAB_LEVELS = ("linear", "kmeans")
+BOOLEAN_FIELDS = ("include_errors", "latest_only", "drop_ok", "representative_data", "can_retrain",
+                  "integer_io", "uint8_io", "symmetric", "per_channel", "log_scale", "activations")
+LAYER_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./:\-]*$")
+MAX_CHANNEL = 100_000
+MAX_KEEP_FLOAT = 10_000
 
 
 def _known_techniques() -> tuple[set[str], set[str]]:
@@ -113,6 +161,13 @@ def _name(text: str | None) -> str | None:
     return None
 
 
+def _layer(text: str | None) -> str | None:
+    """A layer or tensor name (`conv2d/kernel`): looked up among the model's names, never a path."""
+    if text and len(text) <= MAX_TEXT_LENGTH and LAYER_PATTERN.match(text) and ".." not in text:
+        return text
+    return None
+
+
 def _number(text: str | None, low: float, high: float) -> float | None:
     try:
         value = float(text) if text is not None else None
@@ -123,6 +178,14 @@ def _number(text: str | None, low: float, high: float) -> float | None:
     return value
 
 
+def _integer(text: str | None, allowed: Iterable[int] | range) -> int | None:
+    try:
+        value = int(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value in allowed else None
+
+
 def _flag(text: str | None) -> bool | None:
     if text is None:
         return None
@@ -130,13 +193,71 @@ def _flag(text: str | None) -> bool | None:
     return True if text in TRUE_WORDS else False if text in FALSE_WORDS else None
 
 
+def _choice(text: str | None, allowed: Iterable[str]) -> str | None:
+    return text if text in tuple(allowed) else None
+
+
 def _choices(raw: Any, allowed: set[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(v for v in _values(raw) if v in allowed))
 
 
+def _layer_bits(raw: Any, allowed: Iterable[int]) -> tuple[str, ...]:
+    """`layer:bits` pairs with a valid layer name and bit width; the last one of a layer wins."""
+    pairs: dict[str, str] = {}
+    for value in _values(raw):
+        layer, _, bits = value.rpartition(":")
+        if _layer(layer) and _integer(bits, allowed) is not None:
+            pairs[layer] = str(int(bits))
+    return tuple(f"{layer}:{bits}" for layer, bits in pairs.items())
+
+
+def _parsers() -> dict[str, Any]:
+    """field -> function(raw parameter) -> value or None (dropped)."""
+    from .calibrate import CALIBRATORS, SUPPORTED_BITS, WEIGHT_BITS
+    from .recommend import HARDWARE
+
+    technique_ids, families = _known_techniques()
+
+    def budget(raw: Any) -> float | None:
+        value = _number(_one(raw), 0.0, MAX_LATENCY_BUDGET_MS)
+        return value if value else None  # a budget of 0 ms admits nothing
+
+    def hex_id(raw: Any) -> str | None:
+        text = (_one(raw) or "").lower()
+        return text if ID_PATTERN.match(text) else None
+
+    parsers: dict[str, Any] = {
+        "page": lambda raw: _choice(_one(raw), PAGE_NAMES),
+        "model": lambda raw: _name(_one(raw)),
+        "dataset": lambda raw: _name(_one(raw)),
+        "techniques": lambda raw: _choices(raw, technique_ids) or None,
+        "families": lambda raw: _choices(raw, families) or None,
+        "x_metric": lambda raw: _choice(_one(raw), METRIC_COLUMNS),
+        "y_metric": lambda raw: _choice(_one(raw), METRIC_COLUMNS),
+        "latency_budget_ms": budget,
+        "accuracy_drop_pp": lambda raw: _number(_one(raw), 0.0, 100.0),
+        "row": hex_id, "sweep": hex_id, "workload": hex_id,
+        "objective": lambda raw: _choice(_one(raw), OBJECTIVES),
+        "hardware": lambda raw: _choice(_one(raw), HARDWARE),
+        "lab_tab": lambda raw: _choice(_one(raw), LAB_TABS),
+        "source": lambda raw: _choice(_one(raw), LAB_SOURCES),
+        "layer": lambda raw: _layer(_one(raw)),
+        "bits": lambda raw: _integer(_one(raw), SUPPORTED_BITS),
+        "activation_bits": lambda raw: _integer(_one(raw), SUPPORTED_BITS),
+        "levels": lambda raw: _choice(_one(raw), LAB_LEVELS),
+        "calibrator": lambda raw: _choice(_one(raw), CALIBRATORS),
+        "percentile": lambda raw: _number(_one(raw), 50.0, 100.0),
+        "channel": lambda raw: _integer(_one(raw), range(MAX_CHANNEL + 1)),
+        "keep_float": lambda raw: _integer(_one(raw), range(MAX_KEEP_FLOAT + 1)),
+        "layer_bits": lambda raw: _layer_bits(raw, WEIGHT_BITS) or None,
+    }
+    parsers.update({name: (lambda raw: _flag(_one(raw))) for name in BOOLEAN_FIELDS})
+    return parsers
+
+
 def decode_with_report(params: Mapping[str, Any] | None) -> tuple[ViewState, list[str]]:
     """The view state in `params` (a st.query_params-like mapping) and the names of dropped params."""
-    technique_ids, families = _known_techniques()
+    parsers = _parsers()
     fields: dict[str, Any] = {}
     dropped: list[str] = []
     try:
@@ -145,29 +266,7 @@ def decode_with_report(params: Mapping[str, Any] | None) -> tuple[ViewState, lis
         return ViewState(), ["(unreadable parameters)"]
     for key, raw in items:
         name = PARAM_FIELDS.get(str(key))
-        if name is None:
-            dropped.append(str(key))
-            continue
-        text = _one(raw)
-        if name == "page":
-            value: Any = text if text in PAGE_NAMES else None
-        elif name in ("model", "dataset"):
-            value = _name(text)
-        elif name == "techniques":
-            value = _choices(raw, technique_ids) or None
-        elif name == "families":
-            value = _choices(raw, families) or None
-        elif name in ("include_errors", "latest_only"):
-            value = _flag(text)
-        elif name in ("x_metric", "y_metric"):
-            value = text if text in METRIC_COLUMNS else None
-        elif name == "latency_budget_ms":
-            value = _number(text, 0.0, MAX_LATENCY_BUDGET_MS)
-            value = value if value else None  # a budget of 0 ms admits nothing
-        elif name == "accuracy_drop_pp":
-            value = _number(text, 0.0, 100.0)
-        else:  # row, sweep
-            value = text.lower() if text and ID_PATTERN.match(text.lower()) else None
+        value = parsers[name](raw) if name is not None else None
         if value is None:
             dropped.append(str(key))
         else:
@@ -198,6 +297,8 @@ def encode(state: ViewState, fields: Iterable[str] | None = None) -> dict[str, s
             params[key] = "1" if value else "0"
         elif isinstance(value, float):
             params[key] = _format_number(value)
+        elif isinstance(value, int):
+            params[key] = str(value)
         elif isinstance(value, tuple):
             params[key] = ",".join(value)
         else:

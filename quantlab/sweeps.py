@@ -353,6 +353,13 @@ class SweepManager:
     def active(self) -> list[SweepHandle]:
         return [h for h in self.list() if not h.finished]
 
+    def running_twin(self, spec: SweepSpec | None, store: Store | None = None) -> SweepHandle | None:
+        """The unfinished sweep of this very spec (into the same store, when given), if any."""
+        if spec is None:
+            return None
+        return next((h for h in self.active() if h.spec == spec and not h.cancel_requested
+                     and (store is None or Path(h.store.path) == Path(store.path))), None)
+
     def _number_queue(self) -> None:
         for position, handle in enumerate(self._queue):
             handle.queue_position = position + len(self._running)
@@ -425,6 +432,11 @@ def list_sweeps() -> list[SweepHandle]:
 
 def active_sweeps() -> list[SweepHandle]:
     return _DEFAULT.active()
+
+
+def running_twin(spec: SweepSpec | None, store: Store | None = None) -> SweepHandle | None:
+    """The unfinished sweep of this very spec, if any (see SweepManager.running_twin)."""
+    return _DEFAULT.running_twin(spec, store)
 
 
 def cancel_sweep(handle_id: str) -> bool:

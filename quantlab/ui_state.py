@@ -600,11 +600,21 @@ def latency_summary(row: Mapping[str, Any]) -> str:
     return ", ".join(parts) if parts else "No latency was measured."
 
 
+def latency_sample_note(samples: Sequence[float], row: Mapping[str, Any] | None = None) -> str:
+    """How the drawn runs relate to the timed ones: every run, or an evenly spaced sample of them."""
+    kept, timed = len(samples), _number((row or {}).get("latency_runs"))
+    if timed is None or int(timed) <= kept:
+        return f"All {kept} timed runs are drawn."
+    return (f"{kept:,} of the {int(timed):,} timed runs are drawn, evenly spaced in time order (the "
+            f"p50 and p90 are of every run).")
+
+
 def latency_histogram(samples: Sequence[float], row: Mapping[str, Any] | None = None) -> Any:
-    """A Plotly histogram of per-run latencies, with the p50 and p90 marked.
+    """A Plotly histogram of per-run latencies, with the p50 and p90 marked (their labels left and
+    right of their lines, so they never overlap).
 
     The axis spans the runs up to the 99th percentile so that a rare slow run does not squeeze the
-    rest into one bar; how many runs lie beyond is said in the title.
+    rest into one bar; how many drawn runs lie beyond is said in the title.
     """
     import numpy as np
     import plotly.graph_objects as go
@@ -617,16 +627,18 @@ def latency_histogram(samples: Sequence[float], row: Mapping[str, Any] | None = 
         shown = values[values <= cut]
         beyond = len(values) - len(shown)
         if beyond:
-            title = f"{beyond} of {len(values)} runs above {cut:.3f} ms (max {values.max():.3f} ms) not drawn"
+            title = (f"{beyond} of the {len(values)} drawn runs above {cut:.3g} ms (max "
+                     f"{values.max():.3g} ms) are off the axis")
     figure = go.Figure(go.Histogram(x=shown.tolist(), nbinsx=min(60, max(10, len(shown) // 5)),
                                     name="runs", marker_color="#4C78A8"))
     if title:
         figure.update_layout(title=dict(text=title, font=dict(size=12)))
-    for name, key, dash in (("p50", "latency_p50_ms", "solid"), ("p90", "latency_p90_ms", "dash")):
+    for name, key, dash, side in (("p50", "latency_p50_ms", "solid", "top left"),
+                                  ("p90", "latency_p90_ms", "dash", "top right")):
         value = _number((row or {}).get(key))
         if value is not None:
             figure.add_vline(x=value, line_dash=dash, line_color="#E45756",
-                             annotation_text=f"{name} {value:.3f} ms", annotation_position="top")
+                             annotation_text=f"{name} {value:.3g} ms", annotation_position=side)
     figure.update_layout(xaxis_title="latency per inference (ms)", yaxis_title="runs", bargap=0.05,
                          margin=dict(l=10, r=10, t=50 if title else 30, b=10), height=320,
                          showlegend=False)
@@ -682,6 +694,16 @@ def extra_details(row: Mapping[str, Any]) -> dict[str, Any]:
 def row_frame(store: Store, row_id: str) -> Any:
     """One stored row as a one-line frame, JSON columns as stored text (what the exports expect)."""
     return store.query("SELECT * FROM results WHERE row_id = ?", [row_id])
+
+
+def declared_params(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's parameters that its technique declares (a stray `weights` on a float16 row is not)."""
+    params = _as_dict(row.get("params"))
+    try:
+        names = {p.name for p in get_technique(str(row.get("technique"))).params}
+    except QuantLabError:
+        return params
+    return {k: v for k, v in params.items() if k in names}
 
 
 def is_fine_tuned(row: Mapping[str, Any]) -> bool:

@@ -324,3 +324,21 @@ def test_table_frame_orders_families_and_keeps_row_ids(frame):
     table = analysis.table_frame(frame)
     assert list(table["family"])[:2] == ["baseline", "float"]
     assert table["row_id"].notna().all() and "accuracy_change_points" in table.columns
+
+
+def test_the_table_leads_with_the_change_latency_and_speed_ups_and_dashes_missing_text(frame):
+    table = analysis.table_frame(frame.assign(input_dtype=None))
+    assert list(table.columns[:6]) == ["label", "accuracy_change_points", "latency_p50_ms",
+                                       "speedup_vs_float32", "speedup", "x_smaller"]
+    assert set(table["input_dtype"]) == {"—"}
+    assert analysis.table_frame(frame, "agreement").columns[1] == "agreement_change_points"
+
+
+def test_most_accurate_breaks_a_tie_by_the_smaller_file_then_the_faster():
+    rows = pd.DataFrame([
+        {"row_id": r, "technique": t, "label": t, "error": None, "model_bytes": b, "latency_p50_ms": p,
+         "accuracy": 0.95, "accuracy_change_points": 0.0}
+        for r, t, b, p in (("a", "float32", 97_000, 0.008), ("b", "float16", 45_000, 0.009),
+                           ("c", "dynamic", 24_000, 0.010))])
+    assert analysis.sweet_spot(rows, None, 1.0, "accuracy", "accuracy").row["technique"] == "dynamic"
+    assert analysis.sweet_spot(rows, None, 1.0, "latency", "accuracy").row["technique"] == "float32"

@@ -107,7 +107,8 @@ def test_the_technique_list_shows_every_registered_technique(env):
     # one that cannot start from a Keras model is shown, disabled, with the reason
     tflite_only = [t for t in all_techniques() if "keras" not in t.sources]
     for technique in tflite_only:
-        assert at.checkbox(key=f"run_technique_{technique.id}").disabled
+        box = at.checkbox(key=f"run_technique_{technique.id}_unavailable")
+        assert box.disabled and not box.value
     if tflite_only:
         assert "Not for this model" in texts(at.caption)
 
@@ -140,6 +141,30 @@ def test_a_bad_model_upload_is_explained_in_words(env):
     assert not at.exception
     assert "model.tflite" in texts(at.error) and "not a TensorFlow Lite file" in texts(at.error)
     assert at.button(key="run_start").disabled
+
+
+@pytest.mark.parametrize("name, words", [
+    ("model.pt", "model.pt is not a model file QuantLab reads; upload .keras, .h5, .hdf5, .zip, .tflite"),
+    ("weights.hdf5", "weights.hdf5 is not an HDF5 file"),
+])
+def test_any_refused_model_upload_says_why_next_to_the_uploader_once(env, name, words):
+    at = run_app()
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    assert list(at.file_uploader(key="run_model_file").proto.type) == []  # the browser refuses nothing
+    at.file_uploader(key="run_model_file").set_value((name, b"not a model", "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    assert texts(at.error).startswith(words)
+    assert texts(at.error).count(name) == 1  # "bad.h5: bad.h5 is not..." no more
+    assert at.button(key="run_start").disabled
+
+
+def test_a_dataset_of_the_wrong_kind_is_refused_in_words(env):
+    at = run_app()
+    at.radio(key="run_dataset_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_dataset_file").set_value(("data.csv", b"1,2,3", "text/csv"))
+    at.run()
+    assert "data.csv is not a .npz file" in texts(at.error)
 
 
 def test_a_bad_dataset_upload_is_explained_in_words(env):
@@ -349,7 +374,27 @@ def test_latency_histogram_keeps_a_rare_slow_run_from_squeezing_the_rest():
     samples = [0.05 + 0.001 * (i % 10) for i in range(199)] + [4.0]
     figure = latency_histogram(samples, {"latency_p50_ms": 0.055, "latency_p90_ms": 0.059})
     assert max(figure.data[0].x) < 0.1
-    assert "1 of 200 runs above" in figure.layout.title.text
+    assert "1 of the 200 drawn runs above" in figure.layout.title.text
+    p50, p90 = figure.layout.annotations
+    assert (p50.text, p90.text) == ("p50 0.055 ms", "p90 0.059 ms")
+    assert (p50.xanchor, p90.xanchor) == ("right", "left")  # either side of its line: never on top of each other
+
+
+def test_the_latency_caption_says_how_the_drawn_runs_were_sampled():
+    from quantlab.ui_state import latency_sample_note
+
+    assert latency_sample_note([0.1] * 1000, {"latency_runs": 49_045}) == (
+        "1,000 of the 49,045 timed runs are drawn, evenly spaced in time order (the p50 and p90 are of "
+        "every run).")
+    assert latency_sample_note([0.1] * 60, {"latency_runs": 60}) == "All 60 timed runs are drawn."
+
+
+def test_details_show_only_the_parameters_a_technique_has():
+    from quantlab.ui_state import declared_params
+
+    assert declared_params({"technique": "float16", "params": {"weights": "per-channel"}}) == {}
+    assert declared_params({"technique": "int8-only", "params": {"weights": "per-tensor"}}) == {
+        "weights": "per-tensor"}
 
 
 def test_demo_mode_limits_uploads_per_session_and_says_so():
@@ -361,6 +406,57 @@ def test_demo_mode_limits_uploads_per_session_and_says_so():
     assert any("uploads per browser session" in line for line in settings.mode_lines())
     assert AppSettings.from_env({"QUANTLAB_DEMO": "1", "QUANTLAB_MAX_UPLOADS": "0"}).max_uploads == 0
     assert AppSettings.from_env({}).max_uploads == 0
+
+
+def test_run_is_disabled_while_the_very_same_sweep_runs(env, monkeypatch):
+    release = threading.Event()
+
+    def play(spec, *, store, cache, on_event, options, cancel):
+        on_event({"type": "sweep-start", "sweep_id": "s2", "total": len(spec.techniques)})
+        release.wait(20)
+        return SweepReport("s2", [])
+
+    monkeypatch.setattr(sweeps, "run_sweep", play)
+    at = run_app()
+    for checkbox in at.checkbox:
+        if checkbox.key and checkbox.key.startswith("run_technique_") and not checkbox.disabled:
+            checkbox.set_value(checkbox.key == "run_technique_float32")
+    at.run()
+    at.button(key="run_start").click().run()
+    assert len(sweeps.list_sweeps()) == 1
+    assert at.button(key="run_start").disabled
+    assert "This very sweep is already running" in texts(at.caption)
+    handle = sweeps.list_sweeps()[0]
+    assert sweeps.running_twin(handle.spec) is handle  # what the page checks again on a click
+    at.checkbox(key="run_technique_dynamic").check().run()
+    assert not at.button(key="run_start").disabled     # another sweep may start
+    release.set()
+    assert sweeps.list_sweeps()[0].wait(10)
+
+
+def test_a_tflite_upload_ticks_as_uploaded_only_and_says_nothing_of_keras_3(env):
+    at = run_app()
+    assert at.checkbox(key="run_technique_dynamic").value  # ticked for the built-in Keras model
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_model_file").set_value(("ready.tflite", b"\x1c\x00\x00\x00TFL3" + bytes(100),
+                                                      "application/octet-stream"))
+    at.run()
+    assert not at.exception and not at.error
+    assert at.checkbox(key="run_technique_as-uploaded").value is True
+    dynamic = at.checkbox(key="run_technique_dynamic_unavailable")
+    assert dynamic.disabled and dynamic.value is False  # greyed and unticked
+    assert "Keras 3" not in texts(at.caption)
+    assert not at.button(key="run_start").disabled
+
+
+def test_the_sidebar_never_names_a_refused_dataset(env):
+    at = run_app()
+    at.radio(key="run_dataset_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_dataset_file").set_value(("broken.npz", b"not a zip", "application/zip"))
+    at.run()
+    assert "broken" in texts(at.error)
+    assert at.session_state["view"].dataset == "digits-28"  # what the sidebar names: the last accepted one
+    assert "dataset" not in at.query_params or at.query_params["dataset"] != "broken"
 
 
 def test_details_shows_intervals_the_busy_cpu_the_two_speeds_and_the_baseline_test(env):

@@ -17,9 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser_support import (assert_no_errors, by_key, go_to_page, new_page, open_app, running_server,
-                                   screenshot, set_checkbox, set_number, start_sweep_in_browser,
-                                   wait_for_sweep, wait_idle)
+from tests.browser_support import (assert_no_errors, by_key, choose_option, go_to_page, new_page, open_app,
+                                   running_server, screenshot, set_checkbox, set_number,
+                                   start_sweep_in_browser, wait_for_sweep, wait_idle)
 from tests.browser_support import artifacts, browser, playwright_instance  # noqa: F401, F811  (fixtures)
 
 pytestmark = pytest.mark.browser
@@ -89,6 +89,16 @@ def number_value(page, key: str) -> float | None:
     return float(text) if text else None
 
 
+def headline(page) -> str:
+    """The Compare page's answer: the sweet spot, or why none fits."""
+    box = page.locator('[data-testid="stAlertContentSuccess"], [data-testid="stAlertContentWarning"]').first
+    return box.inner_text().strip()
+
+
+def radio_value(page, key: str) -> str:
+    return by_key(page, key).locator("label:has(input:checked)").inner_text().strip()
+
+
 def combobox_value(page, key: str) -> str:
     return by_key(page, key).locator('[role="combobox"]').input_value()
 
@@ -106,11 +116,15 @@ def test_compare_chart_filter_share_link_and_csv(swept, server, browser, shots):
     assert_no_errors(page, "Compare")
     screenshot(page, shots, "03-compare")
 
-    # Change the filters: a latency budget and a larger tolerated accuracy drop.
+    # Change the filters: a latency budget, a larger tolerated accuracy drop, the fastest variant.
     set_number(page, "compare_budget", 1.5)
     set_number(page, "compare_drop", 5.0)
+    by_key(page, "compare_objective").locator("label", has_text="Fastest").click()
+    wait_idle(page)
+    answer = headline(page)
     link = page.evaluate("location.href")
-    assert query(link) == {"model": "seed-cnn", "dataset": DATASET, "budget": "1.5", "drop": "5"}, link
+    assert query(link) == {"model": "seed-cnn", "dataset": DATASET, "budget": "1.5", "drop": "5",
+                           "objective": "latency"}, link
     shown = page.locator('[data-testid="stCode"]').first.inner_text().strip()
     assert query(shown) == {"page": "compare", **query(link)}, shown
     assert number_value(page, "compare_budget") == pytest.approx(1.5)
@@ -141,6 +155,8 @@ def test_compare_chart_filter_share_link_and_csv(swept, server, browser, shots):
         assert combobox_value(other, "compare_dataset") == DATASET, where
         assert number_value(other, "compare_budget") == pytest.approx(1.5), where
         assert number_value(other, "compare_drop") == pytest.approx(5.0), where
+        assert radio_value(other, "compare_objective") == "Fastest", where
+        assert headline(other) == answer, where  # the same winner
         assert chart_points(other) >= len(TECHNIQUES), where
         assert query(other.evaluate("location.href")) == query(link), where
         screenshot(other, shots, name)
@@ -152,28 +168,53 @@ def test_recommend_walks_the_decision_tree(swept, server, browser, shots):
     open_app(page, server.url)
     go_to_page(page, "Recommend")
     expect(page.locator("h1").first).to_have_text("Which quantization should I try?")
-    heading = page.locator("h3", has_text="Try").first
+    heading = page.locator("h3", has_text=re.compile(r"^(Try|Use) ")).first
     path = page.get_by_text(re.compile(r"^Your path: "))
 
-    # An Edge TPU whose toolchain wants uint8 input and output.
+    # An Edge TPU whose toolchain wants uint8 input and output: nothing measured fits, so the tree's
+    # leaf leads.
     by_key(page, "recommend_hardware").locator("label", has_text="Edge TPU").click()
     wait_idle(page)
     set_checkbox(page, "recommend_uint8", True)
+    expect(heading).to_contain_text("Try")
     expect(heading).to_contain_text("uint8-only")
     expect(path).to_contain_text("Which hardware runs the model? Edge TPU")
     expect(path).to_contain_text("Toolchain expects uint8 I/O (older accelerators)? yes")
 
-    # A CPU, some accuracy drop acceptable, calibration data at hand: int8-fallback, which the sweep
-    # measured, so the page backs the advice with this model's numbers and links the row.
+    # A CPU, some accuracy drop acceptable, calibration data at hand: the headline is the measured
+    # variant to use, the tree's int8-fallback its explanation, with this model's numbers and no
+    # generic docs' figure next to them.
     by_key(page, "recommend_hardware").locator("label", has_text="CPU").click()
     wait_idle(page)
-    expect(heading).to_contain_text("int8-fallback")
+    expect(heading).to_contain_text("Use")
+    expect(page.get_by_text(re.compile(r"^Measured on seed-cnn: "))).to_be_visible()
+    expect(page.get_by_text("int8-fallback").first).to_be_visible()
     expect(path).to_contain_text("Representative data (~100-500 samples)? yes")
+    assert "3x+ faster" not in page.locator("section.main, [data-testid='stMain']").first.inner_text()
     expect(by_key(page, "recommend_open_row").locator("button")).to_be_visible()
     expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
     assert_no_errors(page, "Recommend")
     screenshot(page, shots, "07-recommend")
+
+    # A microcontroller, no data, retraining possible: the link reopens with the same advice.
+    by_key(page, "recommend_hardware").locator("label", has_text="Microcontroller").click()
+    wait_idle(page)
+    set_checkbox(page, "recommend_data", False)
+    set_checkbox(page, "recommend_retrain", True)
+    advice = heading.inner_text().strip()
+    assert "qat-int8" in advice, advice
+    link = page.evaluate("location.href")
+    assert {key: query(link)[key] for key in ("hw", "data", "retrain")} == {"hw": "mcu", "data": "0",
+                                                                           "retrain": "1"}, link
     page.context.close()
+    other = new_page(browser)
+    open_app(other, link)
+    where = f"Recommend opened from {link}"
+    expect(other.locator("h3", has_text=re.compile(r"^(Try|Use) ")).first).to_have_text(advice)
+    assert radio_value(other, "recommend_hardware") == "Microcontroller", where
+    assert_no_errors(other, where)
+    screenshot(other, shots, "07-recommend-from-link")
+    other.context.close()
 
 
 def test_lab_page_opens_on_the_swept_workload(swept, server, browser, shots):
@@ -196,7 +237,29 @@ def test_lab_page_opens_on_the_swept_workload(swept, server, browser, shots):
     expect(page.locator('[data-testid="stDataFrame"]').first).to_be_visible()
     assert_no_errors(page, "Lab, after extraction")
     screenshot(page, shots, "08-lab-extracted")
+
+    # 4 bits, per-channel, the mse calibrator, channel 2: a colleague opening the link sees the same
+    # tensor, channel and quantizer (the histogram's title names the tensor and channel).
+    choose_option(page, "lab_bits", "4")
+    set_checkbox(page, "lab_per_channel", True)
+    choose_option(page, "lab_calibrator", "mse")
+    set_number(page, "lab_channel", 2)
+    title = page.locator('[data-testid="stPlotlyChart"] .gtitle').first.text_content()
+    link = page.evaluate("location.href")
+    assert {key: query(link).get(key) for key in ("bits", "per_channel", "calibrator", "channel")} == {
+        "bits": "4", "per_channel": "1", "calibrator": "mse", "channel": "2"}, link
     page.context.close()
+    other = new_page(browser)
+    open_app(other, link)
+    where = f"Lab opened from {link}"
+    expect(other.locator("h1").first).to_have_text("Calibration lab")
+    assert combobox_value(other, "lab_bits") == "4", where
+    assert combobox_value(other, "lab_calibrator") == "mse", where
+    assert number_value(other, "lab_channel") == 2, where
+    expect(other.locator('[data-testid="stPlotlyChart"] .gtitle').first).to_have_text(title)
+    assert_no_errors(other, where)
+    screenshot(other, shots, "08-lab-from-link")
+    other.context.close()
 
 
 def test_details_page_of_the_recommended_variant(swept, server, browser, shots):
@@ -221,3 +284,11 @@ def test_server_log_has_no_traceback(swept, server):
     time.sleep(0.5)
     log = server.log()
     assert "Traceback" not in log, log[-4000:]
+
+
+def test_a_bookmarked_run_page_stays_on_run(swept, server, browser):
+    page = new_page(browser)
+    open_app(page, server.url.rstrip("/") + "/run")
+    expect(page.locator("h1").first).to_contain_text("Run a sweep")  # not redirected to Compare
+    assert_no_errors(page, "Run, bookmarked")
+    page.context.close()

@@ -89,7 +89,9 @@ def test_sweet_spot_is_ringed_and_budgets_are_dashed_lines():
 def test_points_are_labelled_with_changed_parameters_and_the_star_carries_its_own_label():
     fig = charts.accuracy_vs_size(synthetic_frame(), sweet_spot_row_id="synthetic-cnn-dynamic")
     ptq = traces(fig, "ptq")[0]
-    assert list(ptq.text) == ["", "int8-only", "int16x8"]  # dynamic's label moved to the star
+    # dynamic's label moved to the star; int8-only is off the front (prune is smaller and better):
+    # named on hover only
+    assert list(ptq.text) == ["", "", "int16x8"]
     assert list(traces(fig, "prune")[0].text) == ["prune(target_sparsity=0.8)"]  # default 0.5
     best = traces(fig, "Best inside budget")[0]
     assert list(best.text) == ["dynamic"] and best.textposition == "top center"
@@ -176,3 +178,25 @@ def test_log_ticks_step_1_2_5_with_short_labels():
     assert labels == ["20k", "50k", "100k", "200k", "500k"]
     assert charts.log_ticks(pd.Series([0.5, 20.0]))[1] == ["0.5", "1", "2", "5", "10", "20"]
     assert charts.log_ticks(pd.Series([], dtype=float)) == ([], [])
+
+
+def test_only_the_front_and_the_sweet_spot_are_named_above_and_below_in_turn():
+    fig = charts.accuracy_vs_size(synthetic_frame(), sweet_spot_row_id="synthetic-cnn-int8-only")
+    named = {text: position for trace in fig.data if trace.text is not None and trace.name != "Best inside budget"
+             for text, position in zip(trace.text, trace.textposition) if text}
+    assert set(named) == {"prune(target_sparsity=0.8)", "dynamic", "int16x8", "float32"}  # the front
+    assert list(traces(fig, "Best inside budget")[0].text) == ["int8-only"]  # the star is named anyway
+    # along x: prune 24k, dynamic 26k, int16x8 27k, float32 100k (the baseline is off the front)
+    assert [named[t] for t in ("prune(target_sparsity=0.8)", "dynamic", "int16x8", "float32")] == [
+        "top center", "bottom center", "top center", "bottom center"]
+
+
+def test_the_quality_axis_keeps_a_minimum_span_and_both_charts_share_it():
+    close = synthetic_frame()[lambda f: f.technique.isin(["baseline", "float32", "dynamic"])]
+    size, latency = charts.accuracy_vs_size(close, max_accuracy_drop_points=0.0), \
+        charts.accuracy_vs_latency(close.assign(latency_p50_ms=[2.0, 1.0, None]), max_accuracy_drop_points=0.0)
+    low, high = size.layout.yaxis.range
+    assert high - low >= charts.MIN_QUALITY_SPAN       # 94.8 vs 95.0 does not fill the plot
+    assert high > 95.0 and low < 95.0 - charts.MIN_QUALITY_SPAN
+    assert tuple(latency.layout.yaxis.range) == (low, high)   # the same range, though a point is missing
+    assert traces(size, "accuracy floor (no drop)")  # not "(-0 points)"

@@ -4,6 +4,7 @@ The filled store holds synthetic rows (made-up figures for two made-up models): 
 pages' logic and words, not any real measurement. No test here starts a sweep.
 """
 
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -28,14 +29,14 @@ SYNTHETIC = (("baseline", "baseline", 400_000, 0.950, 2.0),
              ("int8-only", "ptq", 25_000, 0.930, 0.5))
 
 
-def synthetic_rows(model, accuracy_offset=0.0):
+def synthetic_rows(model, accuracy_offset=0.0, variants=SYNTHETIC):
     return [{"row_id": uuid.uuid4().hex, "sweep_id": SWEEP, "recorded_at": T0 + timedelta(seconds=i),
              "result_key": f"{model}-{t}", "cached": False, "model_name": model, "model_hash": f"{model}-hash",
              "dataset_name": "synthetic-digits", "dataset_hash": "dh", "technique": t, "family": f,
              "params": "{}", "model_bytes": b, "gzip_bytes": b // 2, "accuracy": a + accuracy_offset,
              "agreement": 0.99, "latency_p50_ms": p, "latency_p90_ms": p * 1.2, "latency_runs": 50,
              "num_threads": 1, "latency_method": "synthetic timing, batch 1", "provenance": "{}",
-             "details": "{}"} for i, (t, f, b, a, p) in enumerate(SYNTHETIC)]
+             "details": "{}"} for i, (t, f, b, a, p) in enumerate(variants)]
 
 
 @pytest.fixture
@@ -45,15 +46,32 @@ def empty_store(tmp_path, monkeypatch):
     return Store(tmp_path / "q.duckdb")
 
 
-@pytest.fixture
-def store(empty_store):
-    empty_store.migrate()
-    frame = pd.DataFrame(synthetic_rows("synthetic-a") + synthetic_rows("synthetic-b", -0.01))
-    frame = frame.reindex(columns=list(COLUMN_NAMES))
-    with empty_store.connect() as con:
+def fill(store, rows):
+    store.migrate()
+    frame = pd.DataFrame(rows).reindex(columns=list(COLUMN_NAMES))
+    with store.connect() as con:
         con.register("incoming", frame)
         con.execute("INSERT INTO results SELECT * FROM incoming")
-    return empty_store
+    return store
+
+
+@pytest.fixture
+def store(empty_store):
+    return fill(empty_store, synthetic_rows("synthetic-a") + synthetic_rows("synthetic-b", -0.01))
+
+
+# A CPU-like model where int8 kernels are slower than float ones (as seed-cnn on x86): dynamic range
+# is lossless and 4.1x smaller, float16 2.2x smaller, int8-fallback 1.1x slower than TFLite float32.
+CPU_LIKE = (("baseline", "baseline", 100_000, 0.950, 0.500),
+            ("float32", "float", 97_000, 0.950, 0.010),
+            ("float16", "ptq", 45_000, 0.950, 0.010),
+            ("dynamic", "ptq", 24_400, 0.950, 0.009),
+            ("int8-fallback", "ptq", 24_800, 0.950, 0.011))
+
+
+@pytest.fixture
+def cpu_like(empty_store):
+    return fill(empty_store, synthetic_rows("cpu-like", variants=CPU_LIKE))
 
 
 def run(path, **query):
@@ -63,6 +81,11 @@ def run(path, **query):
     app.run()
     assert not app.exception, app.exception
     return app
+
+
+def reopened(app, path):
+    """The page opened fresh (a colleague's browser: no session) from the link `app` shows."""
+    return run(path, **{key: app.query_params[key] for key in app.query_params})
 
 
 def texts(elements):
@@ -119,6 +142,24 @@ def test_compare_opens_the_view_a_link_describes(store):
     assert "Integer only (int8 I/O)" in texts(app.success)[0]
 
 
+def test_a_compare_link_carries_the_objective_and_budgets_so_it_names_the_same_winner(store):
+    app = run(COMPARE)
+    app.number_input(key="compare_drop").set_value(5.0).run()
+    app.radio(key="compare_objective").set_value("accuracy").run()
+    assert app.query_params["objective"] == "accuracy"
+    winner = texts(app.success)
+    assert "Float16" in winner[0]
+    other = reopened(app, COMPARE)
+    assert other.radio(key="compare_objective").value == "accuracy"
+    assert texts(other.success) == winner
+
+
+def test_the_fastest_objective_from_a_link(store):
+    app = run(COMPARE, drop="5", objective="latency")
+    assert "Integer only (int8 I/O)" in texts(app.success)[0]
+    assert app.radio(key="compare_objective").value == "latency"
+
+
 def test_compare_can_show_every_stored_measurement(store):
     app = run(COMPARE)
     app.checkbox(key="compare_every_row").check().run()
@@ -141,18 +182,33 @@ def recommendation(app):
     return next(text for text in texts(app.markdown) if text.startswith("### "))
 
 
-def test_recommend_starts_from_a_cpu_and_offers_to_measure_what_is_missing(store):
+def page_words(app):
+    return "\n".join(texts(app.markdown) + texts(app.caption) + texts(app.info) + texts(app.success)
+                     + texts(app.warning))
+
+
+def test_recommend_leads_with_what_was_measured_and_explains_with_the_tree(store):
     app = run(RECOMMEND)
-    assert recommendation(app) == "### Try **Full integer, float fallback** (`int8-fallback`)"
-    assert texts(app.info) == ["Not measured yet on this model: run int8-fallback."]
-    assert [b.label for b in app.button] == ["Measure int8-fallback on synthetic-a"]
+    assert recommendation(app) == "### Use **Dynamic range** (`dynamic`)"
+    assert ("Measured on synthetic-a: **15.4x smaller, -0.2 points, 1.2x faster than TFLite float32 (2.5x "
+            "faster than the Keras model in TensorFlow)**; the smallest of 3 measured variant(s) your "
+            "deployment can run, among the 3 losing at most 1 point.") in texts(app.markdown)
+    assert any(text.startswith("The decision tree's starting point for your answers is **Full integer, "
+                               "float fallback** (`int8-fallback`)") and "not measured on this model yet"
+               in text for text in texts(app.markdown))
+    assert "3x+ faster" not in page_words(app)  # the docs' claim for int8: not next to measurements
+    assert texts(app.info) == ["The decision tree's path, checked: Not measured yet on this model: run "
+                               "int8-fallback."]
+    assert [b.label for b in app.button] == ["Open the measured row", "Measure int8-fallback on synthetic-a"]
     assert charts_of(app)  # the tree
 
 
 def test_recommend_changes_with_the_answers_and_quotes_measurements(store):
     app = run(RECOMMEND)
     app.radio(key="recommend_hardware").set_value("gpu").run()
-    assert recommendation(app) == "### Try **Float16** (`float16`)"
+    assert recommendation(app) == "### Use **Float16** (`float16`)"
+    assert "The decision tree agrees: GPU delegates run float16 natively, the docs' choice for GPUs." \
+        in texts(app.markdown)
     assert texts(app.success) == ["On this model, against the Keras baseline: Float16 is 8.0x smaller, "
                                   "±0.0 points, 1.0x faster than TFLite float32 (2.0x faster than the Keras "
                                   "model in TensorFlow)."]
@@ -160,7 +216,55 @@ def test_recommend_changes_with_the_answers_and_quotes_measurements(store):
     assert recommendation(app) == "### Try **Integer only (int8 I/O)** (`int8-only`)"
     assert "loses 2.0 points" in texts(app.warning)[0]
     app.number_input(key="recommend_drop").set_value(3.0).run()
+    assert recommendation(app) == "### Use **Integer only (int8 I/O)** (`int8-only`)"
     assert "Integer only (int8 I/O) is 16.0x smaller" in texts(app.success)[0]
+
+
+def test_on_a_cpu_with_no_drop_allowed_the_lossless_smaller_dynamic_range_beats_the_trees_float16(cpu_like):
+    app = run(RECOMMEND, drop_ok="0")
+    assert recommendation(app) == "### Use **Dynamic range** (`dynamic`)"
+    assert any("4.1x smaller, ±0.0 points" in text for text in texts(app.markdown))
+    tree = next(text for text in texts(app.markdown) if text.startswith("The decision tree's starting point"))
+    assert "**Float16**" in tree and "measured here, 2.2x smaller, ±0.0 points" in tree
+    assert "half the size" not in page_words(app)
+
+
+def test_a_measured_slower_int8_never_sits_under_the_docs_3x_faster(cpu_like):
+    app = run(RECOMMEND)
+    assert recommendation(app) == "### Use **Dynamic range** (`dynamic`)"
+    words = page_words(app)
+    assert "1.1x slower than TFLite float32" in words and "3x+" not in words
+    app.toggle(key="recommend_data").set_value(False).run()   # the tree now says dynamic range itself
+    assert "The decision tree agrees" in page_words(app) and "2-3x faster" not in page_words(app)
+
+
+def test_before_anything_is_measured_the_tree_leads_with_the_docs_figures(empty_store):
+    app = run(RECOMMEND)
+    assert recommendation(app) == "### Try **Full integer, float fallback** (`int8-fallback`)"
+    assert any("the docs expect about 4x smaller and 3x+ faster on CPU" in text for text in texts(app.markdown))
+
+
+def test_a_recommend_link_carries_every_answer_so_it_reopens_with_the_same_advice(store):
+    app = run(RECOMMEND)
+    app.radio(key="recommend_hardware").set_value("mcu").run()
+    app.toggle(key="recommend_data").set_value(False).run()
+    app.toggle(key="recommend_retrain").set_value(True).run()
+    app.number_input(key="recommend_drop").set_value(2.5).run()
+    assert {key: app.query_params[key] for key in ("hw", "data", "retrain", "drop")} == {
+        "hw": "mcu", "data": "0", "retrain": "1", "drop": "2.5"}
+    other = reopened(app, RECOMMEND)
+    assert other.radio(key="recommend_hardware").value == "mcu"
+    assert recommendation(other) == recommendation(app)
+    assert "qat-int8" in recommendation(other)
+    assert texts(other.info) + texts(other.success) + texts(other.warning) == \
+        texts(app.info) + texts(app.success) + texts(app.warning)
+
+
+def test_a_recommend_link_with_integer_io_on_a_cpu_and_uint8(store):
+    app = run(RECOMMEND, int_io="1", uint8="1", drop_ok="0")
+    assert "uint8-only" in recommendation(app)
+    assert app.toggle(key="recommend_drop_ok").value is False
+    assert any("uint8=1" in code.value and "int_io=1" in code.value for code in app.code)
 
 
 def test_recommend_with_no_data_and_no_retraining_is_blocked(store):
@@ -192,7 +296,7 @@ def test_questions_the_hardware_decides_show_its_answer_greyed_out(store):
     app.radio(key="recommend_hardware").set_value("gpu").run()
     assert shown("Integer-only input/output") == (False, True)
     assert shown("The toolchain expects uint8") == (False, True)
-    assert recommendation(app) == "### Try **Float16** (`float16`)"
+    assert recommendation(app) == "### Use **Float16** (`float16`)"
     app.radio(key="recommend_hardware").set_value("edgetpu").run()
     assert shown("Integer-only input/output") == (True, True)
     assert shown("The toolchain expects uint8")[1] is False
@@ -218,3 +322,12 @@ def test_measuring_a_model_that_cannot_be_found_says_why_and_starts_nothing(stor
     assert not app.exception
     assert "neither a built-in model" in texts(app.error)[0]
     assert len(sweeps.list_sweeps()) == before
+
+
+def test_the_table_leads_with_the_change_latency_and_speed_ups_in_significant_digits(store):
+    app = run(COMPARE)
+    table = app.dataframe[0]
+    assert list(table.value.columns[:5]) == ["label", "accuracy_change_points", "latency_p50_ms",
+                                             "speedup_vs_float32", "speedup"]
+    config = json.loads(table.proto.columns)
+    assert config["latency_p50_ms"]["type_config"]["format"] == "%.3g"

@@ -360,3 +360,57 @@ def test_lab_workers_do_not_re_run_a_script_installed_as_main(tmp_path, monkeypa
         outcome = next(pool.run([("bad", {"kind": "lab-nothing"})]))
     assert "unknown lab task kind" in outcome.error
     assert not marker.exists()
+
+
+def test_a_lab_link_reopens_the_same_layer_quantizer_and_numbers(prepared):
+    from streamlit.testing.v1 import AppTest
+
+    workload = lab.list_workloads(prepared["store"], prepared["cache"])[0]
+    lab.extract_tensors(workload.manifest, prepared["cache"])
+    app = run_page()
+    app.selectbox(key="lab_bits").set_value(4).run()
+    app.toggle(key="lab_per_channel").set_value(True).run()
+    app.selectbox(key="lab_calibrator").set_value("mse").run()
+    app.number_input(key="lab_channel").set_value(3).run()
+    link = {key: app.query_params[key] for key in app.query_params}
+    assert {k: link[k] for k in ("bits", "per_channel", "calibrator", "channel", "layer")} == {
+        "bits": "4", "per_channel": "1", "calibrator": "mse", "channel": "3", "layer": "conv2d/kernel"}
+    assert link["workload"] == workload.model_hash[:8]
+
+    other = AppTest.from_file(PAGE, default_timeout=300)
+    for key, value in link.items():
+        other.query_params[key] = value
+    other.run()
+    assert not other.exception, [e.value for e in other.exception]
+    assert (other.selectbox(key="lab_bits").value, other.toggle(key="lab_per_channel").value,
+            other.selectbox(key="lab_calibrator").value, other.number_input(key="lab_channel").value) == (
+        4, True, "mse", 3)
+    mine, theirs = table_with(app, "SQNR (dB)"), table_with(other, "SQNR (dB)")
+    assert theirs.drop(columns=["time (ms)"]).equals(mine.drop(columns=["time (ms)"]))
+    assert weights_tile(other) == weights_tile(app)
+
+
+def weights_tile(app) -> str:
+    return next(m.value for m in app.metric if m.label == "Weights at these bit widths")
+
+
+def test_a_lab_link_with_layer_bits_activations_and_a_tab(prepared):
+    workload = lab.list_workloads(prepared["store"], prepared["cache"])[0]
+    lab.extract_tensors(workload.manifest, prepared["cache"])
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(PAGE, default_timeout=300)
+    for key, value in {"tab": "model", "layer_bits": "dense:2", "act": "1", "act_bits": "16",
+                       "source": "activations", "layer": "conv2d", "keep_float": "1"}.items():
+        app.query_params[key] = value
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.radio(key="lab_source").value == "activations"
+    assert app.selectbox(key="lab_tensor_activations").value == "conv2d"
+    assert app.toggle(key="lab_activations").value is True
+    assert app.selectbox(key="lab_activation_bits").value == 16
+    assert app.query_params["layer_bits"] == "dense:2" and app.query_params["tab"] == "model"
+    default = run_page()
+    assert weights_tile(app) != weights_tile(default)   # the dense layer at 2 bits, not 8
+    assert default.toggle(key="lab_per_channel").value is True   # as the converter quantizes weights
+    assert any("Always int8" in caption.value for caption in default.caption)

@@ -207,5 +207,5 @@ def test_the_lab_tiles_show_agreement_without_labels():
     assert tiles == {"Predicted agreement (fake-quantized)": "0.9850", "Float (Keras)": NO_LABELS,
                      "Converted: int8-fallback": "0.9800 agreement"}
     labelled = lab.model_view_tiles({"accuracy": 0.9, "float_accuracy": 0.95, "agreement": 0.97}, [])
-    assert labelled[0].value == "0.9000" and labelled[0].delta == "-0.0500 vs float"
+    assert labelled[0].value == "0.9000" and labelled[0].delta == "-5.00 points vs float"
     assert lab.quality_text(rows[0]) == "no labels, agreement 0.9800"

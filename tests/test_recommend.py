@@ -233,3 +233,84 @@ def test_follow_up_spec_keeps_the_previous_sweeps_files_and_settings():
     assert [t.id for t in spec.techniques] == ["int8-only"]
     fresh = recommend.follow_up_spec(None, "seed-cnn", "digits", ["dynamic"])
     assert fresh.model == "seed-cnn" and fresh.dataset == "digits"
+
+
+# --- the measured recommendation -------------------------------------------------------------------
+
+
+def variants(*rows):
+    """A compare frame from (technique, x smaller, accuracy change in points, x faster than float32[,
+    input dtype, float ops]) rows, against a Keras baseline of 100,000 bytes."""
+    frame = []
+    for technique, smaller, change, faster, *io in rows:
+        dtype, float_ops = (io + [None, None])[:2]
+        frame.append({"row_id": f"row-{technique}", "technique": technique, "error": None,
+                      "label": recommend.technique_label(technique), "model_bytes": int(100_000 / smaller),
+                      "x_smaller": smaller, "accuracy": 0.95 + change / 100, "accuracy_change_points": change,
+                      "latency_p50_ms": 0.01 / faster, "speedup": 50.0 * faster, "speedup_vs_float32": faster,
+                      "reference_technique": "baseline", "reference_note": "Keras baseline",
+                      "input_dtype": dtype, "float_ops": float_ops})
+    return pd.DataFrame(frame)
+
+
+CPU_MODEL = variants(("float32", 1.03, 0.0, 1.0), ("float16", 2.2, 0.0, 1.0), ("dynamic", 4.1, 0.0, 1.1),
+                     ("int8-fallback", 4.0, -3.1, 1 / 1.1), ("int8-only", 4.1, -3.1, 0.9, "int8", 0))
+
+
+def test_on_a_cpu_with_no_drop_allowed_the_measured_lossless_dynamic_range_wins():
+    advice = advise(accuracy_drop_ok=False)
+    assert advice.technique == "float16"  # the tree
+    pick = recommend.measured_pick(advice, CPU_MODEL)
+    assert pick.technique == "dynamic" and pick.row_id == "row-dynamic"
+    assert pick.gain.startswith("4.1x smaller, ±0.0 points, 1.1x faster than TFLite float32")
+    assert "losing at most 0 points" in pick.reason
+
+
+def test_an_int8_that_loses_more_than_the_tolerance_is_not_the_headline():
+    pick = recommend.measured_pick(advise(), CPU_MODEL)
+    assert pick.technique == "dynamic"
+    assert recommend.measured_gain("int8-fallback", CPU_MODEL).endswith("1.1x slower than TFLite float32 "
+                                                                         "(45.5x faster than the Keras model "
+                                                                         "in TensorFlow)")
+
+
+def test_the_generic_figures_are_the_trees_claims_only():
+    assert "3x+ faster" in advise().claim and "3x+" not in advise().reason
+    assert all("x smaller" not in f.why and "x faster" not in f.why
+               for answers in (dict(), dict(representative_data=False))
+               for f in advise(**answers).fallbacks)
+
+
+@pytest.mark.parametrize("answers, allowed", [
+    (dict(), {"float32", "float16", "dynamic", "int8-fallback"}),
+    (dict(representative_data=False), {"float32", "float16", "dynamic"}),
+    (dict(hardware="gpu"), {"float32", "float16"}),
+    (dict(hardware="edgetpu"), {"int8-only"}),
+    (dict(hardware="edgetpu", uint8_io=True), set()),
+    (dict(hardware="cpu", integer_io=True), {"int8-only"}),
+])
+def test_only_variants_the_deployment_can_run_are_candidates(answers, allowed):
+    rows = CPU_MODEL.to_dict("records")
+    assert {r["technique"] for r in rows if recommend.why_not_deployable(r, Answers(**answers)) is None} == allowed
+
+
+def test_integer_hardware_refuses_a_variant_with_float_ops_and_the_edge_tpu_16_bits():
+    rows = variants(("int8-only", 4.0, 0.0, 1.0, "int8", 2), ("int16x8", 4.0, 0.0, 0.1, "int16", 0))
+    reasons = [recommend.why_not_deployable(r, Answers(hardware="edgetpu")) for r in rows.to_dict("records")]
+    assert reasons == ["2 of its ops stayed float", "the Edge TPU has no 16-bit kernels"]
+    assert recommend.why_not_deployable(rows.iloc[1].to_dict(), Answers(hardware="mcu")) is None
+
+
+def test_no_measured_pick_when_nothing_fits_or_nothing_is_measured():
+    assert recommend.measured_pick(advise(hardware="edgetpu"), CPU_MODEL) is None   # int8-only loses 3.1
+    assert recommend.measured_pick(advise(), None) is None
+    assert recommend.measured_pick(advise(), CPU_MODEL.assign(reference_technique=None)) is None
+
+
+def test_without_labels_the_pick_is_judged_by_agreement():
+    frame = CPU_MODEL.assign(accuracy=None, accuracy_change_points=None,
+                             agreement=[1.0, 0.99, 0.97, 1.0, 1.0],
+                             agreement_change_points=[0.0, -1.0, -3.0, 0.0, 0.0])
+    pick = recommend.measured_pick(advise(), frame)
+    assert pick.metric == "agreement" and pick.technique == "int8-fallback"
+    assert "points of agreement" in pick.gain

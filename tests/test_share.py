@@ -18,6 +18,15 @@ FULL = ViewState(page="compare", model="seed-cnn", dataset="digits-28", techniqu
                  families=("ptq",), include_errors=False, latest_only=True, x_metric="latency_p50_ms",
                  y_metric="accuracy", latency_budget_ms=2.5, accuracy_drop_pp=1.0,
                  row="0123456789abcdef0123456789abcdef", sweep="fedcba9876543210")
+COMPARE = ViewState(page="compare", model="seed-cnn", dataset="digits-28", latency_budget_ms=0.5,
+                    accuracy_drop_pp=0.0, objective="latency")
+RECOMMEND = ViewState(page="recommend", model="seed-cnn", dataset="digits-28", accuracy_drop_pp=2.5,
+                      hardware="mcu", drop_ok=True, representative_data=False, can_retrain=True,
+                      integer_io=False, uint8_io=True)
+LAB = ViewState(page="lab", workload="0123abcd", lab_tab="model", source="activations",
+                layer="conv2d/kernel", bits=4, levels="kmeans", symmetric=False, per_channel=True,
+                calibrator="percentile", percentile=99.9, channel=3, log_scale=True,
+                layer_bits=("dense:2", "conv2d:32"), activations=True, activation_bits=16, keep_float=1)
 
 
 def test_a_full_state_round_trips_through_the_url():
@@ -25,6 +34,32 @@ def test_a_full_state_round_trips_through_the_url():
     assert params["techniques"] == "dynamic,int8-only"
     assert params["budget"] == "2.5" and params["errors"] == "0" and params["latest"] == "1"
     assert share.decode(params) == FULL
+
+
+@pytest.mark.parametrize("state", [COMPARE, RECOMMEND, LAB], ids=["compare", "recommend", "lab"])
+def test_every_control_that_changes_a_conclusion_round_trips(state):
+    params = share.encode(state)
+    assert share.decode(params) == state
+    assert share.decode_with_report(params)[1] == []
+
+
+def test_a_link_says_which_objective_answers_and_quantizer_it_shows():
+    assert share.encode(COMPARE)["objective"] == "latency"
+    assert share.encode(RECOMMEND) == {"page": "recommend", "model": "seed-cnn", "dataset": "digits-28",
+                                       "drop": "2.5", "hw": "mcu", "drop_ok": "1", "data": "0",
+                                       "retrain": "1", "int_io": "0", "uint8": "1"}
+    lab = share.encode(LAB)
+    assert (lab["bits"], lab["layer"], lab["layer_bits"], lab["pct"]) == ("4", "conv2d/kernel",
+                                                                         "dense:2,conv2d:32", "99.9")
+
+
+def test_the_links_choices_are_the_pages_choices():
+    from quantlab import analysis, calibrate, recommend
+
+    assert share.OBJECTIVES == tuple(analysis.OBJECTIVES)
+    assert {"cpu", "gpu", "edgetpu", "mcu"} == set(recommend.HARDWARE)
+    assert share.decode({"calibrator": "kl", "bits": "16"}) == ViewState(calibrator="kl", bits=16)
+    assert set(calibrate.CALIBRATORS) >= {"max", "percentile", "kl", "mse"}
 
 
 def test_an_empty_state_has_no_parameters():
@@ -54,6 +89,20 @@ def test_encode_can_limit_the_fields():
     ({"row": "not-hex!"}, "row"),
     ({"row": "'; DROP TABLE results; --"}, "row"),
     ({"unknown": "1"}, "unknown"),
+    ({"objective": "cheapest"}, "objective"),
+    ({"hw": "tpu-v9"}, "hw"),
+    ({"data": "perhaps"}, "data"),
+    ({"bits": "9"}, "bits"),
+    ({"bits": "4.5"}, "bits"),
+    ({"act_bits": "32"}, "act_bits"),
+    ({"channel": "-1"}, "channel"),
+    ({"pct": "20"}, "pct"),
+    ({"calibrator": "magic"}, "calibrator"),
+    ({"tab": "admin"}, "tab"),
+    ({"layer": "../../etc/passwd"}, "layer"),
+    ({"layer": "dense<script>"}, "layer"),
+    ({"layer_bits": "dense:9,conv2d"}, "layer_bits"),
+    ({"workload": "xyz"}, "workload"),
 ])
 def test_invalid_values_are_dropped_and_reported(params, dropped):
     state, report = share.decode_with_report(params)

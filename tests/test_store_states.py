@@ -283,7 +283,7 @@ def prepare_lab_workload(env: Path, store: Store) -> None:
     lab.save_tensors(lab.activations_path(cache, manifest), {"a0": rng.normal(size=(4, 3))}, [output], manifest)
     weights = lab.load_tensors(lab.weights_path(cache, manifest))
     request = lab.FakeQuantRequest(lab.bits_from_table(lab.layer_table(weights, 8)), symmetric=True,
-                                   per_channel=False, calibrator=CALIBRATORS[0], percentile=99.99,
+                                   per_channel=True, calibrator=CALIBRATORS[0], percentile=99.99,
                                    method="linear", activations=False, activation_bits=8)
     lab.write_json(lab.evaluation_path(cache, manifest, request),
                    {"accuracy": None, "float_accuracy": None, "agreement": 0.985})

@@ -29,6 +29,12 @@ def refusal(technique: Technique | str, manifest: dict) -> str | None:
     if kind not in technique.sources:
         needs = " or ".join(_KIND_WORDS[k] for k in technique.sources)
         return f"{technique.id} cannot run on {name} ({_KIND_WORDS[kind]}); it needs {needs}"
+    io = manifest.get("io")
+    if io and (technique.fine_tunes or technique.id == "int8-selective"):
+        what = "fine-tuning" if technique.fine_tunes else "the quantization debugger"
+        return (f"{technique.id}: {what} handles models with one input and one output, and "
+                f"{name} has {len(io.get('inputs') or [0])} input(s) and {len(io['outputs'])} "
+                f"output(s); use the post-training techniques")
     if not technique.fine_tunes:
         return None
     if manifest.get("has_labels") is False:

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads for latency")
     sweep.add_argument("--workers", type=int, default=None, help="worker processes (default: up to 2)")
     sweep.add_argument("--epochs", type=int, default=TrainSettings.epochs, help="baseline training epochs")
+    sweep.add_argument("--label-output", default=None,
+                       help="a model with several outputs: the output the labels belong to (default: "
+                            "the first classifier output)")
     sweep.add_argument("--min-runs", type=int, default=MeasureSettings.min_runs)
     sweep.add_argument("--min-seconds", type=float, default=MeasureSettings.min_seconds)
     sweep.add_argument("--json", action="store_true", help="one JSON object per variant on stdout")
@@ -145,7 +148,8 @@ def command_sweep(args: argparse.Namespace) -> int:
                      techniques=parse_technique_list(args.techniques, kind),
                      train=TrainSettings(epochs=args.epochs),
                      measure=MeasureSettings(num_threads=args.threads, min_runs=args.min_runs,
-                                             min_seconds=args.min_seconds))
+                                             min_seconds=args.min_seconds),
+                     label_output=args.label_output)
 
     # Checking the inputs happens in a worker; until it passes (training starts or the sweep does),
     # progress is held back so that a refused input prints exactly one `error:` line.

@@ -94,15 +94,19 @@ class SweepSpec:
     techniques: tuple[TechniqueSpec, ...]
     train: TrainSettings = TrainSettings()
     measure: MeasureSettings = MeasureSettings()
+    label_output: str | None = None  # a model with several outputs: the one the labels belong to
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "model": self.model,
             "dataset": self.dataset,
             "techniques": [t.to_dict() for t in self.techniques],
             "train": self.train.to_dict(),
             "measure": self.measure.to_dict(),
         }
+        if self.label_output:
+            data["label_output"] = self.label_output
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SweepSpec":
@@ -112,4 +116,5 @@ class SweepSpec:
             techniques=tuple(TechniqueSpec.from_dict(t) for t in data["techniques"]),
             train=TrainSettings.from_dict(data.get("train", {})),
             measure=MeasureSettings.from_dict(data.get("measure", {})),
+            label_output=data.get("label_output") or None,
         )

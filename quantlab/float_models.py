@@ -37,6 +37,14 @@ class FloatModel:
     input_dtype: str
     fixed_batch: int | None = None
     layers: tuple[str, ...] = ()
+    call_all: Callable[[np.ndarray], list[np.ndarray]] | None = None  # every output, several outputs
+
+    def predict_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output (in the model's order) for packed samples x: a model with several outputs."""
+        assert self.call_all is not None
+        x = np.asarray(x).astype(self.input_dtype, copy=False)
+        parts = [self.call_all(x[i:i + PREDICT_BATCH]) for i in range(0, len(x), PREDICT_BATCH)]
+        return [np.concatenate([p[k] for p in parts]).astype(np.float32) for k in range(len(parts[0]))]
 
     @property
     def latency_method(self) -> str:
@@ -68,17 +76,39 @@ def _tf() -> Any:
     return import_tensorflow()[0]
 
 
-def keras_float_model(model: Any, path: Path, framework: str) -> FloatModel:
-    """A tf_keras or Keras 3 model, called through tf.function (compiled once per input shape)."""
+def unpack_inputs(x: np.ndarray, inputs: list[dict]) -> list[np.ndarray]:
+    """Packed rows (N, total) back into one array per input, each in its shape and dtype."""
+    return [x[:, spec["offset"]:spec["offset"] + spec["size"]].reshape(len(x), *spec["shape"])
+            .astype(spec["dtype"]) for spec in inputs]
+
+
+def keras_float_model(model: Any, path: Path, framework: str, io: dict | None = None) -> FloatModel:
+    """A tf_keras or Keras 3 model, called through tf.function (compiled once per input shape).
+
+    `io` (several inputs or outputs, see uploads.model_io_plan): packed rows are unpacked per input,
+    `call` returns the label output and `call_all` every output.
+    """
     tf = _tf()
     fn = tf.function(lambda x: model(x, training=False))
-    dtype = np.dtype(getattr(model.inputs[0].dtype, "as_numpy_dtype", model.inputs[0].dtype)).name
+    layers = tuple(f"{type(layer).__name__}:{layer.name}" for layer in model.layers)
+    if not io:
+        dtype = np.dtype(getattr(model.inputs[0].dtype, "as_numpy_dtype", model.inputs[0].dtype)).name
 
-    def call(x: np.ndarray) -> np.ndarray:
-        return np.asarray(fn(tf.constant(x)))
+        def call(x: np.ndarray) -> np.ndarray:
+            return np.asarray(fn(tf.constant(x)))
 
-    return FloatModel(framework, path, call, dtype,
-                      layers=tuple(f"{type(layer).__name__}:{layer.name}" for layer in model.layers))
+        return FloatModel(framework, path, call, dtype, layers=layers)
+    inputs, names = io.get("inputs"), [o["name"] for o in io["outputs"]]
+    label = names.index(io["label_output"])
+
+    def call_all(x: np.ndarray) -> list[np.ndarray]:
+        feed = [tf.constant(a) for a in unpack_inputs(x, inputs)] if inputs else tf.constant(x)
+        return [np.asarray(o) for o in fn(feed)]
+
+    dtype = "float32" if inputs else np.dtype(
+        getattr(model.inputs[0].dtype, "as_numpy_dtype", model.inputs[0].dtype)).name
+    return FloatModel(framework, path, lambda x: call_all(x)[label], dtype, layers=layers,
+                      call_all=call_all)
 
 
 def load_keras3(path: Path) -> Any:

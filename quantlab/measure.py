@@ -534,6 +534,11 @@ def measure_latency(model_bytes: bytes, sample: Any,
     interp = create_interpreter(model_bytes, settings.num_threads)
     sig = _signature(interp)
     interp.set_tensor(sig.input_index, _one_sample(sample, sig))
+    return _time_invokes(interp, settings)
+
+
+def _time_invokes(interp: Any, settings: MeasureSettings) -> LatencyStats:
+    """Warm up, then time invoke() on the inputs already set (see LATENCY_METHOD)."""
     invoke, clock = interp.invoke, time.perf_counter
     # A model that keeps state is reset before each run, outside the timed span (see STATEFUL_OPS).
     reset = interp.reset_all_variables if keeps_state(interp) else (lambda: None)
@@ -703,3 +708,98 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
         outputs=tuple(_io_dict(d) for d in interp.get_output_details()),
         ops=tuple(ops), float_ops=sum(op["computes_in_float"] for op in ops), total_ops=len(ops),
     )
+
+
+# --- models with several inputs or outputs ---------------------------------------------------------
+
+
+def _io_tensors(interp: Any, io: dict) -> tuple[list[tuple[dict, dict]], list[dict]]:
+    """Each model input (from `io`, see uploads.model_io_plan) with its TFLite tensor, and the TFLite
+    output tensors in the model's output order.
+
+    TFLite orders tensors its own way (inputs and outputs were seen reversed and sorted by name), so
+    they are matched by the signature's names, which are the Keras input and output names; outputs
+    of a concrete-function conversion are named output_0, output_1, ... in the model's order.
+    """
+    try:
+        runner = interp.get_signature_runner()
+        inputs, outputs = runner.get_input_details(), runner.get_output_details()
+    except Exception as exc:  # noqa: BLE001 - a model without a signature
+        raise _invalid_model(f"no serving signature to match inputs and outputs by name ({exc})") from None
+    specs = io.get("inputs") or [{"name": None, "offset": 0, "size": None}]
+    matched = []
+    for position, spec in enumerate(specs):
+        detail = inputs.get(spec["name"]) if spec["name"] else None
+        if detail is None:
+            detail = inputs.get(f"x_{position}") or (list(inputs.values())[position]
+                                                        if len(inputs) == len(specs) == 1 else None)
+        if detail is None:
+            raise ModelError(f"the .tflite has inputs {', '.join(inputs)}, not {spec['name']!r}; "
+                             f"convert the model with its input names")
+        matched.append((spec, detail))
+    ordered = []
+    for position, head in enumerate(io["outputs"]):
+        detail = outputs.get(head["name"]) or outputs.get(f"output_{position}")
+        if detail is None:
+            raise ModelError(f"the .tflite has outputs {', '.join(outputs)}, not {head['name']!r}; "
+                             f"convert the model with its output names")
+        ordered.append(detail)
+    return matched, ordered
+
+
+def _feed_value(values: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    shaped = np.asarray(values).reshape(tuple(int(d) for d in detail["shape"]))
+    if dtype.type in _INT_DTYPES and scale:
+        return quantize_input(shaped, dtype, scale, zero_point)
+    return np.ascontiguousarray(shaped.astype(dtype))
+
+
+def _read_output(interp: Any, detail: dict) -> np.ndarray:
+    raw = interp.get_tensor(detail["index"])
+    scale, zero_point = detail["quantization"]
+    if np.dtype(detail["dtype"]).kind in "iu" and scale:
+        return dequantize_output(raw, scale, zero_point)
+    return raw.astype(np.float32)
+
+
+def _one_packed_sample(row: np.ndarray, spec: dict) -> np.ndarray:
+    if spec.get("size") is None:
+        return row
+    return row[spec["offset"]:spec["offset"] + spec["size"]]
+
+
+def predict_tflite_io(model_bytes: bytes, x: Any, io: dict, *, num_threads: int = 1) -> list[np.ndarray]:
+    """Float32 outputs, one array per model output (in the model's order), of a model with several
+    inputs or outputs, for packed samples x (N, total): one sample per invoke()."""
+    interp = create_interpreter(model_bytes, num_threads)
+    matched, ordered = _io_tensors(interp, io)
+    x = np.asarray(x)
+    reset = interp.reset_all_variables if keeps_state(interp) else (lambda: None)
+    results: list[list[np.ndarray]] = [[] for _ in ordered]
+    try:
+        for row in x.reshape(len(x), -1):
+            for spec, detail in matched:
+                interp.set_tensor(detail["index"], _feed_value(_one_packed_sample(row, spec), detail))
+            reset()
+            interp.invoke()
+            for k, detail in enumerate(ordered):
+                results[k].append(_read_output(interp, detail)[0])
+    except (ModelError, DatasetError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a kernel failing in invoke(), a shape that does not fit
+        raise _cannot_run(exc) from None
+    return [np.asarray(r, dtype=np.float32) for r in results]
+
+
+def measure_latency_io(model_bytes: bytes, x: Any, io: dict,
+                       settings: MeasureSettings = DEFAULT_MEASURE_SETTINGS) -> LatencyStats:
+    """measure_latency for a model with several inputs or outputs: every input set once, from the
+    first packed sample, then invoke() timed as described in LATENCY_METHOD."""
+    interp = create_interpreter(model_bytes, settings.num_threads)
+    matched, _ = _io_tensors(interp, io)
+    row = np.asarray(x).reshape(len(x), -1)[0]
+    for spec, detail in matched:
+        interp.set_tensor(detail["index"], _feed_value(_one_packed_sample(row, spec), detail))
+    return _time_invokes(interp, settings)

@@ -130,15 +130,19 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
     stop = cancel.is_set if cancel is not None else None
     measure_settings = spec.measure.to_dict()
     try:
-        prepare_key = content_hash({"engine": ENGINE_VERSION, "model": model_ref.identity,
-                                    "dataset": dataset_ref.identity, "train": spec.train.to_dict()})
+        identity = {"engine": ENGINE_VERSION, "model": model_ref.identity,
+                    "dataset": dataset_ref.identity, "train": spec.train.to_dict()}
+        if spec.label_output:
+            identity["label_output"] = spec.label_output
+        prepare_key = content_hash(identity)
         manifest = _cached_manifest(cache, prepare_key)
         pending = spec.techniques
         if manifest is None:
             pool = _make_pool(options, len(spec.techniques), cache)
             emit({"type": "prepare", "message": "preparing the dataset and the baseline model"})
             payload = {"kind": "prepare", "cache_dir": str(cache.root), "model": model_ref.to_dict(),
-                       "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict()}
+                       "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict(),
+                       "label_output": spec.label_output}
             outcome = next(pool.run([("prepare", payload)],
                                     lambda task, event: emit({"type": "progress", "technique": None,
                                                               **event}), stop=stop), None)

@@ -933,6 +933,8 @@ class LoadedModel:
     keras_version: str | None = None
     notes: tuple[str, ...] = ()
     keras3_file: Path | None = None  # the vetted Keras 3 file itself (its baseline runs in Keras 3)
+    inputs: tuple[dict, ...] = ()   # several inputs or outputs: each (name, shape, dtype) / (name, shape)
+    outputs: tuple[dict, ...] = ()
 
     @property
     def supports_training_techniques(self) -> bool:
@@ -969,12 +971,49 @@ def _classifier_shapes(input_dims: Any, output_dims: Any,
     return tuple(int(d) for d in input_dims[1:]), int(output_dims[-1])
 
 
+def _tensor_name(tensor: Any, fallback: str) -> str:
+    name = str(getattr(tensor, "name", "") or fallback)
+    return name.split(":")[0].split("/")[0] or fallback
+
+
+def _dtype_name(tensor: Any) -> str:
+    dtype = getattr(tensor, "dtype", "float32")
+    return str(getattr(dtype, "name", dtype))
+
+
+def model_io(model: Any, source: str) -> tuple[tuple[dict, ...], tuple[dict, ...]]:
+    """Each input (name, per-sample shape, dtype) and output (name, per-sample shape) of a Keras
+    model, in the model's own order; every shape must be fixed."""
+    input_names = list(getattr(model, "input_names", None) or [])
+    output_names = list(getattr(model, "output_names", None) or [])
+    inputs = []
+    for i, tensor in enumerate(model.inputs):
+        dims = list(tensor.shape)[1:]
+        name = input_names[i] if i < len(input_names) else _tensor_name(tensor, f"input_{i}")
+        if not dims or any(d is None for d in dims):
+            raise _fail(ModelError, f"{source}: input {name!r} has shape {tuple(dims)} per sample, "
+                        "which is not fixed; re-save the model with a fully defined input shape")
+        inputs.append({"name": name, "shape": [int(d) for d in dims], "dtype": _dtype_name(tensor)})
+    outputs = []
+    for i, tensor in enumerate(model.outputs):
+        name = output_names[i] if i < len(output_names) else _tensor_name(tensor, f"output_{i}")
+        outputs.append({"name": name, "shape": [d if d is None else int(d) for d in list(tensor.shape)[1:]]})
+    return tuple(inputs), tuple(outputs)
+
+
 def _keras_model_shapes(model: Any, source: str) -> tuple[tuple[int, ...], int]:
+    """(per-sample input shape, classes) of a one-input, one-output model; for several inputs or
+    outputs, the packed input size and the first output's classes (see LoadedModel)."""
     inputs, outputs = model.inputs, model.outputs
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise _fail(ModelError, f"{source} has {len(inputs)} inputs and {len(outputs)} outputs; "
-                    "QuantLab compares single-input, single-output classifiers")
-    return _classifier_shapes(list(inputs[0].shape), list(outputs[0].shape), source)
+    if len(inputs) == 1 and len(outputs) == 1:
+        return _classifier_shapes(list(inputs[0].shape), list(outputs[0].shape), source)
+    specs, heads = model_io(model, source)
+    classifiers = [head for head in heads if len(head["shape"]) == 1 and (head["shape"][0] or 0) >= 2]
+    if not classifiers:
+        raise _fail(ModelError, f"{source} has no output of shape (classes,); QuantLab needs one "
+                    "classifier output to measure accuracy and agreement on")
+    size = sum(math.prod(spec["shape"]) for spec in specs)
+    return (int(size),), int(classifiers[0]["shape"][0])
 
 
 def _load_error(source: str, exc: BaseException) -> QuantLabError:
@@ -993,8 +1032,9 @@ def _load_tf_keras(path: Path, source: str, version: str | None, **kwargs: Any) 
     except Exception as exc:
         raise _load_error(source, exc) from None
     input_shape, num_classes = _keras_model_shapes(model, source)
+    inputs, outputs = model_io(model, source)
     return LoadedModel("tf_keras", source, input_shape, num_classes, keras_model=model,
-                       keras_version=version)
+                       keras_version=version, inputs=inputs, outputs=outputs)
 
 
 def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) -> LoadedModel:
@@ -1018,9 +1058,10 @@ def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) ->
     except QuantLabError as refusal:
         why = str(refusal)
     else:
+        inputs, outputs = model_io(rebuilt.model, source)
         return LoadedModel(
             "tf_keras", source, input_shape, num_classes, keras_model=rebuilt.model,
-            keras_version=version, keras3_file=path,
+            keras_version=version, keras3_file=path, inputs=inputs, outputs=outputs,
             notes=(*rebuilt.notes, "Keras 3 model: the baseline and the float reference run in "
                    "Keras 3 itself; conversions and fine-tuning start from the tf_keras rebuild."))
     export_dir = Path(tempfile.mkdtemp(prefix="keras3-", dir=workdir)) / "saved_model"
@@ -1172,6 +1213,8 @@ def load_tflite_bytes(path: str | os.PathLike, limits: UploadLimits = DEFAULT_LI
 # --------------------------------------------------------------------------------------------------
 
 REQUIRED_ARRAYS = ("x_test",)
+# A model with several inputs takes one array per input and split: x_test_<input name>, ...
+PER_INPUT_ARRAY = re.compile(r"^x_(test|calib|train)_[A-Za-z0-9_.\-]{1,64}$")
 OPTIONAL_ARRAYS = ("y_test", "x_train", "y_train", "x_calib")
 _NPZ_EXAMPLE = "np.savez('data.npz', x_test=x, y_test=y)"
 
@@ -1277,18 +1320,29 @@ def load_npz_dataset(path: str | os.PathLike, limits: UploadLimits = DEFAULT_LIM
     check_file_size(path, limits, DatasetError)
     headers = _npz_headers(path, source, limits)
     accepted = REQUIRED_ARRAYS + OPTIONAL_ARRAYS
-    unknown = sorted(set(headers) - set(accepted))
+    per_input = {name for name in headers if PER_INPUT_ARRAY.match(name)}
+    if per_input and "x_test" in headers:
+        raise _fail(DatasetError, f"{source} has both x_test and per-input arrays ({sorted(per_input)[0]}); "
+                    "for one input save x_test, for several save x_test_<input name> for each")
+    if per_input and not any(name.startswith("x_test_") for name in per_input):
+        raise _fail(DatasetError, f"{source} has per-input arrays but no x_test_<input name>; save "
+                    "the test samples of every input")
+    unknown = sorted(set(headers) - set(accepted) - per_input)
     if unknown:
         raise _fail(DatasetError, f"{source} has unexpected array(s) {', '.join(unknown)}; name "
                     f"the arrays {', '.join(accepted)}")
-    missing = [k for k in REQUIRED_ARRAYS if k not in headers]
+    missing = [k for k in REQUIRED_ARRAYS if k not in headers and not per_input]
     if missing:
         raise _fail(DatasetError, f"{source} is missing {' and '.join(missing)}; save the arrays "
                     f"with {_NPZ_EXAMPLE}")
-    if "x_train" in headers and "y_test" not in headers:
+    has_train = "x_train" in headers or any(n.startswith("x_train_") for n in per_input)
+    if per_input and has_train != ("y_train" in headers):
+        raise _fail(DatasetError, f"{source}: x_train_<input> arrays and y_train go together; add "
+                    "the missing one or remove the other")
+    if has_train and "y_test" not in headers:
         raise _fail(DatasetError, f"{source} has x_train but no y_test; an unlabelled dataset takes "
                     "x_test and x_calib (calibration samples) only, or add y_test")
-    if ("x_train" in headers) != ("y_train" in headers):
+    if not per_input and ("x_train" in headers) != ("y_train" in headers):
         have, lack = ("x_train", "y_train") if "x_train" in headers else ("y_train", "x_train")
         raise _fail(DatasetError, f"{source} has {have} but no {lack}; add {lack} or remove {have}")
     arrays: dict[str, np.ndarray] = {}
@@ -1316,6 +1370,12 @@ def load_npz_dataset(path: str | os.PathLike, limits: UploadLimits = DEFAULT_LIM
         if x is not None and y is not None and len(x) != len(y):
             raise _fail(DatasetError, f"{source}: x_{split} has {len(x)} samples but y_{split} has "
                         f"{len(y)} labels; save one label per sample")
+    for split in ("test", "calib", "train"):
+        named = {n: a for n, a in arrays.items() if n.startswith(f"x_{split}_")}
+        lengths = {len(a) for a in named.values()} | ({len(arrays[f"y_{split}"])} if named and f"y_{split}" in arrays else set())
+        if len(lengths) > 1:
+            raise _fail(DatasetError, f"{source}: the x_{split}_<input> arrays (and y_{split}) have "
+                        f"different lengths {sorted(lengths)}; save one row per sample in each")
     return arrays
 
 

@@ -86,6 +86,7 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
     notes: list[str] = []
     trained_seconds = None
     keras3_path: str | None = None
+    io: dict | None = None
     if model_ref["path"] is None:
         if dataset_ref["path"]:
             from .uploads import check_dataset_for_builtin_model
@@ -103,11 +104,13 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
     else:
         from .uploads import prepare_uploaded_model
         emit({"stage": "prepare", "message": f"checking {model_ref['name']}"})
-        prepared = prepare_uploaded_model(Path(model_ref["path"]), model_ref["hash"], dataset, cache)
+        prepared = prepare_uploaded_model(Path(model_ref["path"]), model_ref["hash"], dataset, cache,
+                                          payload.get("label_output"))
         model_hash, model_path, kind = model_ref["hash"], prepared.path, prepared.kind
         dataset = prepared.dataset
         notes.extend(prepared.notes)
         keras3_path = str(prepared.keras3_path) if prepared.keras3_path else None
+        io = prepared.io
 
     dataset_hash = dataset.hash
     dataset_path = cache.path("datasets", f"{dataset.name}-{dataset_hash}", ".npz")
@@ -115,16 +118,20 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
         dataset_path.parent.mkdir(parents=True, exist_ok=True)
         dataset.save(dataset_path)
     reference_path = cache.path("references", f"{model_hash}-{dataset_hash}", ".npy")
-    described = {"model_kind": kind, "model_path": str(model_path), "keras3_path": keras3_path}
+    described = {"model_kind": kind, "model_path": str(model_path), "keras3_path": keras3_path,
+                 "io": io}
     float_model = float_model_of(described) if kind in ("keras", "savedmodel") else None
     if float_model is not None and not reference_path.exists():
         emit({"stage": "prepare", "message": f"computing the float reference outputs "
                                              f"({float_model.framework})"})
-        reference = float_model.predict(dataset.x_test)
-        reference_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = reference_path.with_name(reference_path.name + ".tmp.npy")
-        np.save(tmp, reference)
-        tmp.replace(reference_path)
+        if io:  # every output kept; the label output is the reference the row's numbers use
+            outputs = float_model.predict_all(dataset.x_test)
+            label = [o["name"] for o in io["outputs"]].index(io["label_output"])
+            _save_array(reference_path.with_suffix(".all.npz"), outputs=outputs)
+            reference = outputs[label]
+        else:
+            reference = float_model.predict(dataset.x_test)
+        _save_array(reference_path, reference=reference)
     if not dataset.has_labels:
         notes.append("no labels: variants are compared on fidelity to the float model (top-1 "
                      "agreement, SQNR); accuracy is not measured")
@@ -141,6 +148,18 @@ def prepare_workload(payload: dict, emit: Emit) -> dict:
     }
 
 
+def _save_array(path: Path, *, reference: np.ndarray | None = None,
+                outputs: list[np.ndarray] | None = None) -> None:
+    """Write a reference .npy (or every output as .npz) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    if outputs is not None:
+        np.savez(tmp, **{f"output_{k}": o for k, o in enumerate(outputs)})
+    else:
+        np.save(tmp, reference)
+    tmp.replace(path)
+
+
 def float_model_of(manifest: dict) -> Any:
     """The workload's float model in its own framework (see float_models), memoized per worker."""
     from . import float_models
@@ -149,10 +168,12 @@ def float_model_of(manifest: dict) -> Any:
     if key not in _MEMO:
         if manifest.get("keras3_path"):
             path = Path(manifest["keras3_path"])
-            _MEMO[key] = float_models.keras_float_model(float_models.load_keras3(path), path, "keras3")
+            _MEMO[key] = float_models.keras_float_model(float_models.load_keras3(path), path, "keras3",
+                                                        manifest.get("io"))
         elif manifest["model_kind"] == "keras":
             path = Path(manifest["model_path"])
-            _MEMO[key] = float_models.keras_float_model(_load_keras(str(path)), path, "tf_keras")
+            _MEMO[key] = float_models.keras_float_model(_load_keras(str(path)), path, "tf_keras",
+                                                        manifest.get("io"))
         else:
             _MEMO[key] = float_models.saved_model_float_model(Path(manifest["model_path"]))
     return _MEMO[key]
@@ -255,9 +276,15 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
     row: dict[str, Any] = {"conversion_seconds": conversion_seconds}
 
     emit({"stage": "measure", "message": f"measuring {spec.id}"})
+    io = manifest.get("io")
+    every_output: list[np.ndarray] | None = None
     if produced.tflite is None:
         float_model = float_model_of(manifest)
-        outputs = float_model.predict(dataset.x_test)
+        if io:
+            every_output = float_model.predict_all(dataset.x_test)
+            outputs = every_output[_label_index(io)]
+        else:
+            outputs = float_model.predict(dataset.x_test)
         artifact = float_model.path
         row["conversion_seconds"] = None
         with _held(shared_lock) as held:
@@ -270,9 +297,16 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
         details["float_framework"] = float_model.framework
     else:
         artifact = cache.write_bytes("artifacts", payload["result_key"], ".tflite", produced.tflite)
-        outputs = measure.predict_tflite(produced.tflite, dataset.x_test, num_threads=settings.num_threads)
-        with _held(shared_lock) as held:
-            latency = measure.measure_latency(produced.tflite, dataset.x_test[0], settings).to_dict()
+        if io:
+            every_output = measure.predict_tflite_io(produced.tflite, dataset.x_test, io,
+                                                     num_threads=settings.num_threads)
+            outputs = every_output[_label_index(io)]
+            with _held(shared_lock) as held:
+                latency = measure.measure_latency_io(produced.tflite, dataset.x_test, io, settings).to_dict()
+        else:
+            outputs = measure.predict_tflite(produced.tflite, dataset.x_test, num_threads=settings.num_threads)
+            with _held(shared_lock) as held:
+                latency = measure.measure_latency(produced.tflite, dataset.x_test[0], settings).to_dict()
         inspection = measure.inspect_tflite(produced.tflite)
         details["inspection"] = inspection.to_dict()
         row.update(model_bytes=len(produced.tflite), gzip_bytes=measure.gzip_size(produced.tflite),
@@ -287,6 +321,8 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
         **predictions.save_workload(cache, manifest["model_hash"], manifest["dataset_hash"], reference,
                                     dataset.y_test if dataset.has_labels else None,
                                     manifest.get("num_classes"))}
+    if io and every_output is not None:
+        details["outputs"] = _per_output_fidelity(io, every_output, manifest)
     details["latency_samples_ms"] = latency.pop("samples_ms", [])
     details["latency_others_cpu_share"] = latency.pop("others_cpu_share", None)
     if not dataset.has_labels:
@@ -305,6 +341,30 @@ def measure_variant(payload: dict, emit: Emit, shared_lock: Any = None) -> dict:
     )
     row.update(uncertainty.row_intervals(row))  # in the body, so a warm run reads them from the cache
     return row
+
+
+def _label_index(io: dict) -> int:
+    return [o["name"] for o in io["outputs"]].index(io["label_output"])
+
+
+def _per_output_fidelity(io: dict, outputs: list[np.ndarray], manifest: dict) -> list[dict]:
+    """Agreement (for class outputs) and SQNR of every output against the float model's."""
+    from . import measure
+
+    path = Path(manifest["reference_path"]).with_suffix(".all.npz") if manifest.get("reference_path") else None
+    references = None
+    if path is not None and path.exists():
+        with np.load(path) as data:
+            references = [data[f"output_{k}"] for k in range(len(outputs))]
+    rows = []
+    for k, head in enumerate(io["outputs"]):
+        entry: dict[str, Any] = {"output": head["name"], "labels": head["name"] == io["label_output"]}
+        if references is not None:
+            classes = len(head["shape"]) == 1 and (head["shape"][0] or 0) >= 2
+            entry["agreement"] = measure.agreement(outputs[k], references[k]) if classes else None
+            entry["sqnr_db"] = measure.sqnr_db(outputs[k].reshape(references[k].shape), references[k])
+        rows.append(entry)
+    return rows
 
 
 _KIND_WORDS = {"keras": "a tf_keras model", "savedmodel": "a SavedModel",

@@ -137,8 +137,19 @@ def representative_dataset(x: np.ndarray, dtype: str = "float32") -> Callable[[]
 WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
 
 
+def representative_inputs(x: np.ndarray, inputs: list[dict]) -> Callable[[], Any]:
+    """Calibration samples of a model with several inputs: one dict {input name: sample} each, the
+    form the converter matches to the signature's inputs by name."""
+    def generate() -> Any:
+        for row in np.asarray(x).reshape(len(x), -1):
+            yield {spec["name"]: row[spec["offset"]:spec["offset"] + spec["size"]]
+                   .reshape(1, *spec["shape"]).astype(spec["dtype"]) for spec in inputs}
+    return generate
+
+
 def configure_converter(converter: Any, mode: str, calibration: np.ndarray | None, *,
-                        weights: str = "per-channel", input_dtype: str = "float32") -> Any:
+                        weights: str = "per-channel", input_dtype: str = "float32",
+                        inputs: list[dict] | None = None) -> Any:
     """Set a TFLiteConverter up for one post-training quantization mode.
 
     `weights="per-tensor"` gives each int8 kernel one scale instead of one per output channel, as
@@ -158,7 +169,8 @@ def configure_converter(converter: Any, mode: str, calibration: np.ndarray | Non
         if calibration is None or len(calibration) == 0:
             raise TechniqueError(f"{mode} needs representative (calibration) data; "
                                  f"provide x_calib or x_train in the dataset")
-        converter.representative_dataset = representative_dataset(calibration, input_dtype)
+        converter.representative_dataset = (representative_inputs(calibration, inputs) if inputs
+                                             else representative_dataset(calibration, input_dtype))
     if weights not in WEIGHT_GRANULARITIES:
         raise TechniqueError(f"weights must be one of {', '.join(WEIGHT_GRANULARITIES)}, not {weights!r}")
     if weights == "per-tensor":
@@ -180,7 +192,8 @@ def convert_model(context: BuildContext, model: Any, mode: str, *,
     .tflite bytes and notes on how (see keras_convert)."""
     converter, notes = context.make_converter(model, mode)
     configure_converter(converter, mode, context.dataset.x_calib, weights=weights,
-                        input_dtype=context.manifest.get("input_dtype") or "float32")
+                        input_dtype=context.manifest.get("input_dtype") or "float32",
+                        inputs=(context.manifest.get("io") or {}).get("inputs"))
     try:
         return converter.convert(), notes
     except Exception as error:  # noqa: BLE001 - ConverterError, ValueError, RuntimeError...

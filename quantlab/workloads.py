@@ -36,6 +36,9 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     source: str
+    # Several inputs: JSON list of [name, per-sample shape] in the order their values are packed
+    # side by side in each x_* row (see uploads.pack_inputs); "" for one input.
+    layout: str = ""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -54,20 +57,26 @@ class Dataset:
     def hash(self) -> str:
         """Content hash of every array: two datasets with equal data hash equally."""
         parts = [hash_bytes(np.ascontiguousarray(getattr(self, k)).tobytes()) for k in _ARRAY_KEYS]
-        return content_hash({"arrays": parts, "shapes": [list(getattr(self, k).shape) for k in _ARRAY_KEYS]})
+        identity = {"arrays": parts, "shapes": [list(getattr(self, k).shape) for k in _ARRAY_KEYS]}
+        if self.layout:
+            identity["layout"] = self.layout
+        return content_hash(identity)
 
     def save(self, path: Path) -> None:
         """Write the dataset as .npz atomically (a reader never sees half a file)."""
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, name=np.array(self.name), source=np.array(self.source),
-                 num_classes=np.array(self.num_classes), **{k: getattr(self, k) for k in _ARRAY_KEYS})
+                 num_classes=np.array(self.num_classes), layout=np.array(self.layout),
+                 **{k: getattr(self, k) for k in _ARRAY_KEYS})
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> "Dataset":
         with np.load(path, allow_pickle=False) as data:
             return cls(name=str(data["name"]), source=str(data["source"]),
-                       num_classes=int(data["num_classes"]), **{k: data[k] for k in _ARRAY_KEYS})
+                       num_classes=int(data["num_classes"]),
+                       layout=str(data["layout"]) if "layout" in data else "",
+                       **{k: data[k] for k in _ARRAY_KEYS})
 
 
 _ARRAY_KEYS = ("x_train", "y_train", "x_calib", "y_calib", "x_test", "y_test")

@@ -160,3 +160,32 @@ def save_dataset(folder: Path, name: str, x_test, y_test=None, *, x_train=None, 
 
 def one_hot(y: np.ndarray, classes: int = CLASSES) -> np.ndarray:
     return np.eye(classes, dtype=np.float32)[y]
+
+
+def two_input_two_output_model():
+    """Features and int32 tokens in; a 3-class head and a 2-unit auxiliary head out (tf_keras)."""
+    k = keras2()
+    features = k.Input((8,), name="features")
+    tokens_in = k.Input((TOKENS,), dtype="int32", name="tokens")
+    pooled = k.layers.GlobalAveragePooling1D()(k.layers.Embedding(VOCAB, 4)(tokens_in))
+    hidden = k.layers.Concatenate()([k.layers.Dense(12, activation="relu")(features), pooled])
+    return k.Model([features, tokens_in], [k.layers.Dense(CLASSES, name="label_head")(hidden),
+                                           k.layers.Dense(2, name="aux_head")(hidden)])
+
+
+def two_input_arrays(n: int, seed: int = RNG_SEED) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"features": rng.normal(size=(n, 8)).astype(np.float32),
+            "tokens": rng.integers(0, VOCAB, size=(n, TOKENS)).astype(np.int32)}
+
+
+def save_multi_input_dataset(folder: Path, name: str, n_test: int = 80, n_calib: int = 40,
+                             labels: bool = True) -> Path:
+    """x_test_<input> and x_calib_<input> for each input of two_input_two_output_model, y_test."""
+    test, calib = two_input_arrays(n_test, seed=3), two_input_arrays(n_calib, seed=4)
+    arrays = {f"x_test_{k}": v for k, v in test.items()} | {f"x_calib_{k}": v for k, v in calib.items()}
+    if labels:
+        arrays["y_test"] = (test["tokens"][:, 0] % CLASSES).astype(np.int64)
+    path = folder / f"{name}.npz"
+    np.savez(path, **arrays)
+    return path

@@ -327,7 +327,8 @@ def test_measuring_a_model_that_cannot_be_found_says_why_and_starts_nothing(stor
 def test_the_table_leads_with_the_change_latency_and_speed_ups_in_significant_digits(store):
     app = run(COMPARE)
     table = app.dataframe[0]
-    assert list(table.value.columns[:5]) == ["label", "accuracy_change_points", "latency_p50_ms",
-                                             "speedup_vs_float32", "speedup"]
+    assert list(table.value.columns[:7]) == ["label", "accuracy_change_points", "accuracy_change_ci",
+                                             "differs_from_baseline", "latency_p50_ms", "latency_cpu_busy",
+                                             "speedup_vs_float32"]
     config = json.loads(table.proto.columns)
     assert config["latency_p50_ms"]["type_config"]["format"] == "%.3g"

@@ -58,6 +58,7 @@ refs AS (   -- per version: the baseline row if any, else the float32 row; newes
     SELECT model_hash, dataset_hash, technique AS reference_technique, row_id AS reference_row_id,
            model_bytes AS ref_bytes, gzip_bytes AS ref_gzip_bytes, latency_p50_ms AS ref_p50_ms,
            accuracy AS ref_accuracy, agreement AS ref_agreement,
+           latency_p50_ci_low_ms AS ref_p50_low, latency_p50_ci_high_ms AS ref_p50_high,
            latency_method AS reference_latency_method
     FROM results
     WHERE technique IN ('{baseline}', '{fallback}') AND error IS NULL AND {ref_where}
@@ -66,7 +67,8 @@ refs AS (   -- per version: the baseline row if any, else the float32 row; newes
                                         recorded_at DESC) = 1
 ),
 f32 AS (   -- the TFLite float32 row: same runtime as the other variants, for a like-for-like speedup
-    SELECT model_hash, dataset_hash, latency_p50_ms AS f32_p50_ms FROM results
+    SELECT model_hash, dataset_hash, latency_p50_ms AS f32_p50_ms,
+           latency_p50_ci_low_ms AS f32_p50_low, latency_p50_ci_high_ms AS f32_p50_high FROM results
     WHERE technique = '{fallback}' AND error IS NULL AND {ref_where}
     QUALIFY row_number() OVER (PARTITION BY model_hash, dataset_hash
                                ORDER BY {ref_sweep_order} recorded_at DESC) = 1
@@ -83,6 +85,11 @@ SELECT
     r.ref_gzip_bytes::DOUBLE / NULLIF(p.gzip_bytes, 0) AS x_smaller_gzip,
     r.ref_p50_ms / NULLIF(p.latency_p50_ms, 0) AS speedup,
     f.f32_p50_ms / NULLIF(p.latency_p50_ms, 0) AS speedup_vs_float32,
+    -- the p50 95% intervals overlap: the speed-up is inside the noise (NULL: an interval unknown)
+    (p.latency_p50_ci_low_ms <= r.ref_p50_high AND r.ref_p50_low <= p.latency_p50_ci_high_ms)
+        AS speedup_within_noise,
+    (p.latency_p50_ci_low_ms <= f.f32_p50_high AND f.f32_p50_low <= p.latency_p50_ci_high_ms)
+        AS speedup_vs_float32_within_noise,
     (p.accuracy - r.ref_accuracy) * 100 AS accuracy_change_points,
     (p.agreement - r.ref_agreement) * 100 AS agreement_change_points
 FROM picked p
@@ -95,7 +102,8 @@ ORDER BY p.model_name, p.dataset_name, p.model_bytes DESC NULLS LAST, p.techniqu
 
 COMPARE_COLUMNS = ("variant", "reference_technique", "reference_note", "reference_row_id",
                    "reference_latency_method", "x_smaller", "x_smaller_gzip", "speedup",
-                   "speedup_vs_float32", "accuracy_change_points", "agreement_change_points", "label")
+                   "speedup_vs_float32", "speedup_within_noise", "speedup_vs_float32_within_noise",
+                   "accuracy_change_points", "agreement_change_points", "label")
 
 
 def _label_map() -> dict[str, str]:
@@ -520,10 +528,22 @@ def describe_gain(row: Mapping[str, Any], metric: str | None = None) -> str:
         like_for_like = row.get("speedup_vs_float32")
         if row.get("reference_technique") == BASELINE_TECHNIQUE and _is_number(like_for_like) \
                 and row.get("technique") != FALLBACK_REFERENCE:
-            text = (f"{_times(like_for_like, 'faster', 'slower')} than TFLite float32 "
-                    f"({text} than the Keras model in TensorFlow)")
+            notes = [n for n in (_latency_noise(row, "speedup_vs_float32_within_noise"),
+                                 f"{text} than the Keras model in TensorFlow"
+                                 + (", within noise" if _latency_noise(row, "speedup_within_noise")
+                                    else "")) if n]
+            text = f"{_times(like_for_like, 'faster', 'slower')} than TFLite float32 ({'; '.join(notes)})"
+        elif _latency_noise(row, "speedup_within_noise"):
+            text += " (within noise)"
         parts.append(text)
     return ", ".join(parts)
+
+
+def _latency_noise(row: Mapping[str, Any], column: str) -> str:
+    """`within noise` when the row's p50 interval overlaps its comparison's (`column`, from
+    compare_frame), else "": a speed-up inside the noise is not called one without saying so."""
+    value = row.get(column)
+    return "within noise" if value is True or (_is_number(value) and bool(value)) else ""
 
 
 def change_noise(row: Mapping[str, Any], metric: str = "accuracy") -> str | None:

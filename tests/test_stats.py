@@ -311,4 +311,16 @@ def test_a_one_sample_loss_is_described_as_within_noise_and_a_real_loss_with_its
     real = workload_frame(tmp_path / "b", lost=25).set_index("technique").loc["int8-only"].to_dict()
     text = describe_gain(real, "accuracy")
     assert "-5.6 points (95% CI -" in text and "p = " in text and "on 450 samples" in text
-    assert "within noise" not in text
+    assert "points (within noise" not in text
+    assert text.endswith("1.0x faster (within noise)")    # both timed from the same runs
+
+
+def test_a_speed_up_inside_the_p50_intervals_is_said_to_be_within_noise():
+    from quantlab.analysis import describe_gain
+
+    row = {"x_smaller": 4.0, "accuracy_change_points": 0.0, "speedup": 30.0, "speedup_vs_float32": 1.07,
+           "reference_technique": "baseline", "technique": "dynamic", "speedup_within_noise": False,
+           "speedup_vs_float32_within_noise": True}
+    assert describe_gain(row, "accuracy") == ("4.0x smaller, ±0.0 points, 1.1x faster than TFLite float32 "
+                                              "(within noise; 30.0x faster than the Keras model in "
+                                              "TensorFlow)")

@@ -53,6 +53,13 @@ def _fmt(series: pd.Series, fmt: str, unit: str = "", missing: str = "—") -> p
     return numbers.map(lambda v: missing if pd.isna(v) else format(v, fmt) + unit).astype(object)
 
 
+def _ci_text(low: pd.Series, high: pd.Series, scale: float = 1.0, fmt: str = ".2f") -> pd.Series:
+    """` [93.24–97.10]` (a 95% interval, times `scale`) per row, "" where it is unknown."""
+    lows, highs = pd.to_numeric(low, errors="coerce") * scale, pd.to_numeric(high, errors="coerce") * scale
+    return pd.Series([" [" + format(a, fmt) + "–" + format(b, fmt) + "]" if pd.notna(a) and pd.notna(b) else ""
+                      for a, b in zip(lows, highs)], index=low.index, dtype=object)
+
+
 def format_bytes(series: pd.Series) -> pd.Series:
     numbers = pd.to_numeric(series, errors="coerce")
 
@@ -95,16 +102,19 @@ def hover_text(frame: pd.DataFrame, metric: str | None = None) -> pd.Series:
     size = ("size " + format_bytes(get("model_bytes")) + " (" + _fmt(get("x_smaller"), ".2f", "x")
             + " smaller) · gzip " + format_bytes(get("gzip_bytes")) + " ("
             + _fmt(get("x_smaller_gzip"), ".2f", "x") + ")")
-    accuracy = _fmt(get("accuracy") * 100, ".2f", "%")
-    agreement = _fmt(get("agreement") * 100, ".2f", "%")
+    accuracy = _fmt(get("accuracy") * 100, ".2f", "%") + _ci_text(get("accuracy_ci_low"), get("accuracy_ci_high"), 100)
+    agreement = _fmt(get("agreement") * 100, ".2f", "%") + _ci_text(get("agreement_ci_low"),
+                                                                    get("agreement_ci_high"), 100)
     if metric == "agreement":
         quality = "accuracy " + NO_LABELS + " · agreement " + agreement + change_text
     else:
         quality = "accuracy " + accuracy + change_text + " · agreement " + agreement
     quality = quality + " · SQNR " + _fmt(get("sqnr_db"), ".1f", " dB")
-    latency = ("latency p50 " + _fmt(get("latency_p50_ms"), ".3g", " ms") + " · p90 "
+    busy = busy_mask(frame).map(lambda b: " · CPU busy while timed" if b else "").astype(object)
+    latency = ("latency p50 " + _fmt(get("latency_p50_ms"), ".3g", " ms")
+               + _ci_text(get("latency_p50_ci_low_ms"), get("latency_p50_ci_high_ms"), 1, ".3g") + " · p90 "
                + _fmt(get("latency_p90_ms"), ".3g", " ms") + " (" + _fmt(get("speedup"), ".2f", "x")
-               + " vs baseline) · threads " + _fmt(get("num_threads"), ".0f"))
+               + " vs baseline) · threads " + _fmt(get("num_threads"), ".0f") + busy)
     return ("<b>" + label + "</b> · " + get("family").astype(str) + "<br>" + size + "<br>" + quality
             + "<br>" + latency + "<br>params " + _params_text(get("params")).astype(object)
             + " · cached " + cached + "<br>row " + get("row_id").astype(str).str[:12])

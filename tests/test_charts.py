@@ -246,3 +246,10 @@ def test_a_row_timed_on_a_busy_cpu_is_ringed_on_the_latency_chart():
     assert list(busy.customdata[:, 0]) == ["synthetic-cnn-int8-only"]
     assert "CPU busy" in busy.hovertext[0]
     assert not traces(charts.accuracy_vs_size(frame), charts.BUSY_NAME)
+
+
+def test_hover_shows_the_intervals_and_the_busy_cpu():
+    hover = charts.hover_text(with_intervals(), "accuracy")
+    assert "accuracy 94.80% [93.00–96.00]" in hover.iloc[0] and "p50 0.8 ms [0.7–1]" in hover.iloc[0]
+    assert "CPU busy while timed" in hover.iloc[1] and "CPU busy" not in hover.iloc[0]
+    assert "[" not in hover.iloc[2].split("<br>")[2]       # no interval: none shown

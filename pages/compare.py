@@ -29,6 +29,16 @@ TABLE_COLUMNS = {
     "accuracy": st.column_config.NumberColumn("Accuracy", format="percent"),
     "accuracy_change_points": st.column_config.NumberColumn("Δ accuracy (points)", format="%+.2f"),
     "agreement_change_points": st.column_config.NumberColumn("Δ agreement (points)", format="%+.2f"),
+    "accuracy_change_ci": st.column_config.TextColumn(
+        "Δ accuracy ± CI", help="Change in points against the baseline [paired 95% interval]"),
+    "agreement_change_ci": st.column_config.TextColumn(
+        "Δ agreement ± CI", help="Change in points against the baseline [paired 95% interval]"),
+    "differs_from_baseline": st.column_config.TextColumn(
+        "Differs from baseline?", help="Exact McNemar test on the same test samples: yes when p < 0.05; "
+                                       "— when the per-sample predictions are not kept"),
+    "latency_cpu_busy": st.column_config.CheckboxColumn(
+        "CPU busy while timed", help="Other processes used more than 30% of the CPU while this row was "
+                                     "timed: its latency is not comparable; measure it again"),
     "agreement": st.column_config.NumberColumn("Agreement", format="percent"),
     "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
     "latency_p50_ms": st.column_config.NumberColumn("p50 (ms)", format="%.3g"),
@@ -138,7 +148,8 @@ failed = everything[everything["error"].notna()]
 # --- the answer ----------------------------------------------------------------------------------
 spot = analysis.sweet_spot(frame, budget or None, drop, objective, quality.metric)
 if spot.found:
-    st.success(f"**{spot.headline()}**", icon=":material/verified:")
+    tie = spot.tie_note()
+    st.success(f"**{spot.headline()}**" + (f"\n\n{tie}" if tie else ""), icon=":material/verified:")
     st.caption(f"{spot.reason[:1].upper()}{spot.reason[1:]}; relative to the {spot.row['reference_note']}.")
     if st.button(f"Open the details of {spot.row['label']}", key="compare_open_best"):
         open_details(spot.row_id)
@@ -163,8 +174,17 @@ with right:
     latency_click = st.plotly_chart(latency_figure, key="compare_latency_chart", on_select="rerun",
                                     selection_mode="points")
 better = "closer to the float model" if no_labels else "more accurate"
-st.caption(f"Click a point to open its details. The line joins the Pareto front: no variant is both "
-           f"smaller (or faster) and {better} than a point on it. Dashed: your budgets.")
+st.caption(f"Click a point to open its details. Error bars: 95% intervals ({quality.noun}: Wilson; "
+           f"latency p50: bootstrap of the timed runs); points whose bars overlap are not told apart. "
+           f"The line joins the Pareto front: no variant is both smaller (or faster) and {better} than a "
+           f"point on it. Dashed: your budgets.")
+busy = analysis.busy_labels(frame)
+if busy:
+    st.warning(f"Timed while other processes kept the CPU busy (ringed in red on the latency chart): "
+               f"{', '.join(busy)}. Their latency is not comparable with rows timed on a quiet machine: "
+               f"measure latency again when the machine is idle.", icon=":material/speed:")
+    page_link("pages/run.py", label="Measure latency again on the Run page", icon=":material/play_circle:",
+              query_params={"model": model, "dataset": dataset})
 clicked = picked_point(size_click) or picked_point(latency_click)
 if clicked:
     open_details(clicked)

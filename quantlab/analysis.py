@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .store import Store
+from .stats import SIGNIFICANCE_LEVEL
 from .uncertainty import CHANGE_COLUMNS, add_change_tests
 
 BASELINE_TECHNIQUE = "baseline"
@@ -57,6 +58,7 @@ refs AS (   -- per version: the baseline row if any, else the float32 row; newes
     SELECT model_hash, dataset_hash, technique AS reference_technique, row_id AS reference_row_id,
            model_bytes AS ref_bytes, gzip_bytes AS ref_gzip_bytes, latency_p50_ms AS ref_p50_ms,
            accuracy AS ref_accuracy, agreement AS ref_agreement,
+           latency_p50_ci_low_ms AS ref_p50_low, latency_p50_ci_high_ms AS ref_p50_high,
            latency_method AS reference_latency_method
     FROM results
     WHERE technique IN ('{baseline}', '{fallback}') AND error IS NULL AND {ref_where}
@@ -65,7 +67,8 @@ refs AS (   -- per version: the baseline row if any, else the float32 row; newes
                                         recorded_at DESC) = 1
 ),
 f32 AS (   -- the TFLite float32 row: same runtime as the other variants, for a like-for-like speedup
-    SELECT model_hash, dataset_hash, latency_p50_ms AS f32_p50_ms FROM results
+    SELECT model_hash, dataset_hash, latency_p50_ms AS f32_p50_ms,
+           latency_p50_ci_low_ms AS f32_p50_low, latency_p50_ci_high_ms AS f32_p50_high FROM results
     WHERE technique = '{fallback}' AND error IS NULL AND {ref_where}
     QUALIFY row_number() OVER (PARTITION BY model_hash, dataset_hash
                                ORDER BY {ref_sweep_order} recorded_at DESC) = 1
@@ -82,6 +85,11 @@ SELECT
     r.ref_gzip_bytes::DOUBLE / NULLIF(p.gzip_bytes, 0) AS x_smaller_gzip,
     r.ref_p50_ms / NULLIF(p.latency_p50_ms, 0) AS speedup,
     f.f32_p50_ms / NULLIF(p.latency_p50_ms, 0) AS speedup_vs_float32,
+    -- the p50 95% intervals overlap: the speed-up is inside the noise (NULL: an interval unknown)
+    (p.latency_p50_ci_low_ms <= r.ref_p50_high AND r.ref_p50_low <= p.latency_p50_ci_high_ms)
+        AS speedup_within_noise,
+    (p.latency_p50_ci_low_ms <= f.f32_p50_high AND f.f32_p50_low <= p.latency_p50_ci_high_ms)
+        AS speedup_vs_float32_within_noise,
     (p.accuracy - r.ref_accuracy) * 100 AS accuracy_change_points,
     (p.agreement - r.ref_agreement) * 100 AS agreement_change_points
 FROM picked p
@@ -94,7 +102,8 @@ ORDER BY p.model_name, p.dataset_name, p.model_bytes DESC NULLS LAST, p.techniqu
 
 COMPARE_COLUMNS = ("variant", "reference_technique", "reference_note", "reference_row_id",
                    "reference_latency_method", "x_smaller", "x_smaller_gzip", "speedup",
-                   "speedup_vs_float32", "accuracy_change_points", "agreement_change_points", "label")
+                   "speedup_vs_float32", "speedup_within_noise", "speedup_vs_float32_within_noise",
+                   "accuracy_change_points", "agreement_change_points", "label")
 
 
 def _label_map() -> dict[str, str]:
@@ -277,6 +286,7 @@ class SweetSpot:
     candidates: int = 0          # rows inside both budgets
     objective: str = "size"
     metric: str = "accuracy"     # the quality the drop was measured in (quality_metric)
+    tie_break: str = ""          # rank_with_ties' explanation when the pick was a tie ("" otherwise)
 
     @property
     def found(self) -> bool:
@@ -291,6 +301,13 @@ class SweetSpot:
             return f"None fits, because {self.reason}."
         return (f"Best inside your budget: {self.row['label']} — "
                 f"{describe_gain(self.row, self.metric)}")
+
+    def tie_note(self) -> str | None:
+        """`Picked from a tie: ...` when differences inside the 95% intervals tied the pick with
+        others and the next criterion decided; None when the pick won outright."""
+        if self.row is None or not self.tie_break:
+            return None
+        return f"Picked from a tie: {self.tie_break}."
 
 
 def points(value: float) -> str:
@@ -357,7 +374,7 @@ def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
               f"{' and '.join(budget_words) or 'measured (no budget set)'}")
     if ranking.explanation:
         reason += f"; {ranking.explanation}"
-    return SweetSpot(best, reason, candidates=len(inside), **spot)
+    return SweetSpot(best, reason, candidates=len(inside), tie_break=ranking.explanation, **spot)
 
 
 # --- ranking that treats differences inside the intervals as ties ---------------------------------
@@ -500,8 +517,9 @@ def describe_gain(row: Mapping[str, Any], metric: str | None = None) -> str:
         parts.append(f"{smaller:.1f}x smaller" if smaller >= 1 else f"{1 / smaller:.1f}x larger")
     change = row.get(words.change)
     if _is_number(change):
+        noise = change_noise(row, words.metric)
         parts.append(("±0.0 points" if round(change, 1) == 0 else f"{change:+.1f} points")
-                     + words.points_suffix)
+                     + words.points_suffix + (f" ({noise})" if noise else ""))
     else:
         parts.append(f"{words.noun} change unknown")
     speedup = row.get("speedup")
@@ -510,10 +528,77 @@ def describe_gain(row: Mapping[str, Any], metric: str | None = None) -> str:
         like_for_like = row.get("speedup_vs_float32")
         if row.get("reference_technique") == BASELINE_TECHNIQUE and _is_number(like_for_like) \
                 and row.get("technique") != FALLBACK_REFERENCE:
-            text = (f"{_times(like_for_like, 'faster', 'slower')} than TFLite float32 "
-                    f"({text} than the Keras model in TensorFlow)")
+            notes = [n for n in (_latency_noise(row, "speedup_vs_float32_within_noise"),
+                                 f"{text} than the Keras model in TensorFlow"
+                                 + (", within noise" if _latency_noise(row, "speedup_within_noise")
+                                    else "")) if n]
+            text = f"{_times(like_for_like, 'faster', 'slower')} than TFLite float32 ({'; '.join(notes)})"
+        elif _latency_noise(row, "speedup_within_noise"):
+            text += " (within noise)"
         parts.append(text)
     return ", ".join(parts)
+
+
+def _latency_noise(row: Mapping[str, Any], column: str) -> str:
+    """`within noise` when the row's p50 interval overlaps its comparison's (`column`, from
+    compare_frame), else "": a speed-up inside the noise is not called one without saying so."""
+    value = row.get(column)
+    return "within noise" if value is True or (_is_number(value) and bool(value)) else ""
+
+
+def change_noise(row: Mapping[str, Any], metric: str = "accuracy") -> str | None:
+    """How a row's change in `metric` against its reference stands against the noise, from the
+    compare_frame columns (exact McNemar p, paired 95% interval, test samples): `within noise on
+    450 samples`, or `95% CI -7.9 to -3.3 points, p = 0.0001 on 450 samples`; None when the
+    per-sample predictions needed for the test are not kept."""
+    p = row.get(f"{metric}_change_p")
+    if not _is_number(p):
+        return None
+    samples = row.get("test_samples")
+    on = f" on {int(samples)} samples" if _is_number(samples) and samples else ""
+    if float(p) >= SIGNIFICANCE_LEVEL:
+        return f"within noise{on}"
+    low, high = row.get(f"{metric}_change_ci_low"), row.get(f"{metric}_change_ci_high")
+    interval = f"95% CI {low:+.1f} to {high:+.1f} points, " if _is_number(low) and _is_number(high) else ""
+    return f"{interval}p = {float(p):.2g}{on}"
+
+
+def change_ci_text(row: Mapping[str, Any], metric: str = "accuracy") -> str:
+    """`-0.22 [-0.89, +0.44]`: the change in points and its paired 95% interval (MISSING when the
+    change is unknown; the change alone when its interval is)."""
+    change = row.get(QUALITY[metric].change)
+    if not _is_number(change):
+        return MISSING
+    low, high = row.get(f"{metric}_change_ci_low"), row.get(f"{metric}_change_ci_high")
+    if not (_is_number(low) and _is_number(high)):
+        return f"{change:+.2f}"
+    return f"{change:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def differs_text(row: Mapping[str, Any], metric: str = "accuracy") -> str:
+    """`yes (p = 0.0003)`, `no (p = 1)` against the reference, `reference` for the reference row
+    itself, MISSING when the per-sample predictions are not kept."""
+    if row.get("row_id") is not None and row.get("row_id") == row.get("reference_row_id"):
+        return "reference"
+    p = row.get(f"{metric}_change_p")
+    if not _is_number(p):
+        return MISSING
+    return f"{'yes' if float(p) < SIGNIFICANCE_LEVEL else 'no'} (p = {float(p):.2g})"
+
+
+def busy_mask(frame: pd.DataFrame) -> pd.Series:
+    """Per row, whether other processes kept the CPU busy while it was timed (latency_cpu_busy)."""
+    if frame is None or frame.empty or "latency_cpu_busy" not in frame.columns:
+        return pd.Series(False, index=frame.index if frame is not None else None, dtype=bool)
+    return frame["latency_cpu_busy"].map(lambda v: v is True or (_is_number(v) and bool(v))).astype(bool)
+
+
+def busy_labels(frame: pd.DataFrame) -> list[str]:
+    """Labels of the rows timed while other processes kept the CPU busy (latency_cpu_busy)."""
+    if frame is None or frame.empty:
+        return []
+    names = frame["label"] if "label" in frame.columns else frame["technique"]
+    return [str(n) for n in names[busy_mask(frame)]]
 
 
 def _times(ratio: float, more: str, less: str) -> str:
@@ -631,11 +716,13 @@ def sweep_label(sweep: Mapping[str, Any]) -> str:
 
 # What a reader compares first (the change in quality, the latency, the speed-ups, the size), then
 # the rest of the measurements, then where the row came from.
-TABLE_COLUMNS = ("label", "accuracy_change_points", "latency_p50_ms", "speedup_vs_float32", "speedup",
+TABLE_COLUMNS = ("label", "accuracy_change_points", "accuracy_change_ci", "differs_from_baseline",
+                 "latency_p50_ms", "latency_cpu_busy", "speedup_vs_float32", "speedup",
                  "x_smaller", "model_bytes", "accuracy", "agreement", "sqnr_db", "latency_p90_ms",
                  "x_smaller_gzip", "gzip_bytes", "variant", "family", "num_threads", "input_dtype",
                  "output_dtype", "cached", "recorded_at", "row_id")
-TEXT_COLUMNS = ("label", "variant", "family", "input_dtype", "output_dtype")
+TEXT_COLUMNS = ("label", "accuracy_change_ci", "agreement_change_ci", "differs_from_baseline", "variant",
+                "family", "input_dtype", "output_dtype")
 MISSING = "—"
 
 
@@ -643,8 +730,9 @@ def table_columns(metric: str = "accuracy") -> tuple[str, ...]:
     """TABLE_COLUMNS, with Δ agreement in place of Δ accuracy for a dataset without labels."""
     if metric != "agreement":
         return TABLE_COLUMNS
-    return tuple(QUALITY["agreement"].change if c == "accuracy_change_points" else c
-                 for c in TABLE_COLUMNS)
+    swap = {"accuracy_change_points": QUALITY["agreement"].change,
+            "accuracy_change_ci": "agreement_change_ci"}
+    return tuple(swap.get(c, c) for c in TABLE_COLUMNS)
 
 
 def table_frame(frame: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
@@ -652,14 +740,19 @@ def table_frame(frame: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     a missing text reads MISSING (a dash).
 
     Without labels (`metric` agreement, by default `quality_metric(frame)`), the accuracy column
-    says NO_LABELS and Δ agreement replaces Δ accuracy.
+    says NO_LABELS and Δ agreement replaces Δ accuracy. `{metric}_change_ci` is the change with its
+    paired 95% interval (change_ci_text), `differs_from_baseline` the McNemar verdict against the
+    reference (differs_text); `latency_cpu_busy` flags a p50 timed on a busy machine.
     """
     metric = metric or quality_metric(frame)
     columns = table_columns(metric)
     if frame.empty:
         return pd.DataFrame(columns=list(columns))
-    ordered = frame.assign(_rank=family_rank(frame["family"])).sort_values(
-        ["_rank", "model_bytes"], ascending=[True, False])
+    records = frame.to_dict(orient="records")
+    ordered = frame.assign(_rank=family_rank(frame["family"]),
+                           **{f"{metric}_change_ci": [change_ci_text(r, metric) for r in records],
+                              "differs_from_baseline": [differs_text(r, metric) for r in records]}
+                           ).sort_values(["_rank", "model_bytes"], ascending=[True, False])
     table = ordered[[c for c in columns if c in ordered.columns]].reset_index(drop=True)
     if metric == "agreement" and "accuracy" in table.columns:
         table["accuracy"] = NO_LABELS

@@ -15,8 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .analysis import (BASELINE_TECHNIQUE, NO_LABELS, QUALITY, family_rank, pareto_front, points,
-                       quality_metric)
+from .analysis import (BASELINE_TECHNIQUE, NO_LABELS, QUALITY, busy_mask, family_rank, pareto_front,
+                       points, quality_metric)
 from .techniques import params_text, variant_label
 
 # One colour per technique family, stable across pages and sessions (colour-blind-safe Okabe-Ito
@@ -51,6 +51,13 @@ def _fmt(series: pd.Series, fmt: str, unit: str = "", missing: str = "—") -> p
     """Formatted text per value (object dtype, also for an empty series: it is added to strings)."""
     numbers = pd.to_numeric(series, errors="coerce")
     return numbers.map(lambda v: missing if pd.isna(v) else format(v, fmt) + unit).astype(object)
+
+
+def _ci_text(low: pd.Series, high: pd.Series, scale: float = 1.0, fmt: str = ".2f") -> pd.Series:
+    """` [93.24–97.10]` (a 95% interval, times `scale`) per row, "" where it is unknown."""
+    lows, highs = pd.to_numeric(low, errors="coerce") * scale, pd.to_numeric(high, errors="coerce") * scale
+    return pd.Series([" [" + format(a, fmt) + "–" + format(b, fmt) + "]" if pd.notna(a) and pd.notna(b) else ""
+                      for a, b in zip(lows, highs)], index=low.index, dtype=object)
 
 
 def format_bytes(series: pd.Series) -> pd.Series:
@@ -95,16 +102,19 @@ def hover_text(frame: pd.DataFrame, metric: str | None = None) -> pd.Series:
     size = ("size " + format_bytes(get("model_bytes")) + " (" + _fmt(get("x_smaller"), ".2f", "x")
             + " smaller) · gzip " + format_bytes(get("gzip_bytes")) + " ("
             + _fmt(get("x_smaller_gzip"), ".2f", "x") + ")")
-    accuracy = _fmt(get("accuracy") * 100, ".2f", "%")
-    agreement = _fmt(get("agreement") * 100, ".2f", "%")
+    accuracy = _fmt(get("accuracy") * 100, ".2f", "%") + _ci_text(get("accuracy_ci_low"), get("accuracy_ci_high"), 100)
+    agreement = _fmt(get("agreement") * 100, ".2f", "%") + _ci_text(get("agreement_ci_low"),
+                                                                    get("agreement_ci_high"), 100)
     if metric == "agreement":
         quality = "accuracy " + NO_LABELS + " · agreement " + agreement + change_text
     else:
         quality = "accuracy " + accuracy + change_text + " · agreement " + agreement
     quality = quality + " · SQNR " + _fmt(get("sqnr_db"), ".1f", " dB")
-    latency = ("latency p50 " + _fmt(get("latency_p50_ms"), ".3g", " ms") + " · p90 "
+    busy = busy_mask(frame).map(lambda b: " · CPU busy while timed" if b else "").astype(object)
+    latency = ("latency p50 " + _fmt(get("latency_p50_ms"), ".3g", " ms")
+               + _ci_text(get("latency_p50_ci_low_ms"), get("latency_p50_ci_high_ms"), 1, ".3g") + " · p90 "
                + _fmt(get("latency_p90_ms"), ".3g", " ms") + " (" + _fmt(get("speedup"), ".2f", "x")
-               + " vs baseline) · threads " + _fmt(get("num_threads"), ".0f"))
+               + " vs baseline) · threads " + _fmt(get("num_threads"), ".0f") + busy)
     return ("<b>" + label + "</b> · " + get("family").astype(str) + "<br>" + size + "<br>" + quality
             + "<br>" + latency + "<br>params " + _params_text(get("params")).astype(object)
             + " · cached " + cached + "<br>row " + get("row_id").astype(str).str[:12])
@@ -124,6 +134,27 @@ def _plottable(frame: pd.DataFrame, x: str, metric: str = "accuracy") -> pd.Data
     return frame[keep]
 
 
+def interval_bars(frame: pd.DataFrame, value: str, low: str, high: str, scale: float = 1.0
+                  ) -> dict | None:
+    """Plotly error-bar settings (error_x / error_y) from a row's 95% interval columns: the
+    distances from `value` up to `high` (`array`) and down to `low` (`arrayminus`), times `scale`
+    (100 for a 0..1 share drawn in %); None when no row has the interval. A row without one gets
+    no bar (NaN), never a zero-width bar that would look certain."""
+    if frame is None or frame.empty or not {value, low, high} <= set(frame.columns):
+        return None
+    values = pd.to_numeric(frame[value], errors="coerce")
+    lows, highs = pd.to_numeric(frame[low], errors="coerce"), pd.to_numeric(frame[high], errors="coerce")
+    if (lows.isna() | highs.isna()).all():
+        return None
+    up = ((highs - values).clip(lower=0) * scale).to_numpy(dtype=float)
+    down = ((values - lows).clip(lower=0) * scale).to_numpy(dtype=float)
+    return dict(type="data", symmetric=False, array=up, arrayminus=down, thickness=1, width=3,
+                color="rgba(60,60,60,0.55)")
+
+
+BUSY_NAME = "timed on a busy CPU"
+
+
 def _scatter_class(points: int) -> type:
     return go.Scattergl if points > WEBGL_ABOVE else go.Scatter
 
@@ -131,11 +162,14 @@ def _scatter_class(points: int) -> type:
 def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | None = None,
                     sweet_spot_row_id: str | None = None, x_budget: float | None = None,
                     x_budget_name: str = "budget {:g}", max_accuracy_drop_points: float | None = None,
-                    title: str = "", show_front: bool = True, metric: str | None = None) -> go.Figure:
+                    title: str = "", show_front: bool = True, metric: str | None = None,
+                    x_interval: tuple[str, str] | None = None, mark_busy: bool = False) -> go.Figure:
     """Quality (%) against column `x` (smaller is better): one trace per family, the Pareto
     front as a line, the sweet spot ringed, budgets as dashed lines. Quality is `metric`, by
     default `quality_metric(frame)`: accuracy, or agreement with the float model without labels.
-    log_x None: log when the values span more than 10x."""
+    log_x None: log when the values span more than 10x. Each point carries its 95% interval as an
+    error bar: of `metric` on y (`{metric}_ci_low/high`), of x on x when `x_interval` names its
+    (low, high) columns. `mark_busy` rings the rows timed on a busy CPU (latency_cpu_busy)."""
     metric = metric or quality_metric(frame)
     words = QUALITY[metric]
     data = _plottable(frame, x, metric)
@@ -167,6 +201,8 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
     families = data["family"].drop_duplicates()
     for family in families.iloc[np.argsort(family_rank(families).to_numpy(), kind="stable")]:
         part = data[data["family"] == family]
+        error_y = interval_bars(part, metric, f"{metric}_ci_low", f"{metric}_ci_high", 100.0)
+        error_x = interval_bars(part, x, *x_interval) if x_interval else None
         fig.add_trace(scatter(
             x=part[x], y=part[metric] * 100, name=str(family), legendgroup=str(family),
             mode="markers+text" if label_points else "markers",
@@ -176,7 +212,18 @@ def tradeoff_figure(frame: pd.DataFrame, x: str, x_title: str, *, log_x: bool | 
             marker=dict(color=family_color(family), size=11, line=dict(width=1, color="white"),
                         symbol=FAMILY_SYMBOLS.get(family, "circle")),
             customdata=part[["row_id", "technique"]].to_numpy(),
-            hovertext=hover.loc[part.index], hovertemplate=HOVER_TEMPLATE))
+            hovertext=hover.loc[part.index], hovertemplate=HOVER_TEMPLATE,
+            **({"error_y": error_y} if error_y else {}), **({"error_x": error_x} if error_x else {})))
+    busy = busy_mask(data) if mark_busy else pd.Series(False, index=data.index)
+    if busy.any():
+        flagged = data[busy]
+        fig.add_trace(go.Scatter(
+            x=flagged[x], y=flagged[metric] * 100, mode="markers", name=BUSY_NAME,
+            marker=dict(symbol="circle-open-dot", size=20, color="#d00000", line=dict(width=1.5)),
+            customdata=flagged[["row_id", "technique"]].to_numpy(),
+            hovertext=("other processes kept the CPU busy while this row was timed: its latency is "
+                       "not comparable<br>" + hover.loc[flagged.index]),
+            hovertemplate=HOVER_TEMPLATE))
     if show_front:
         front = pareto_front(data, x, metric)
         if len(front) > 1:
@@ -311,7 +358,8 @@ def accuracy_vs_latency(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = 
                           sweet_spot_row_id=sweet_spot_row_id, x_budget=latency_budget_ms,
                           x_budget_name="latency budget {:g} ms",
                           max_accuracy_drop_points=max_accuracy_drop_points, metric=metric,
-                          title=f"{QUALITY[metric].noun.capitalize()} vs latency")
+                          title=f"{QUALITY[metric].noun.capitalize()} vs latency",
+                          x_interval=("latency_p50_ci_low_ms", "latency_p50_ci_high_ms"), mark_busy=True)
     if log_x:
         ticks, labels = log_ticks(pd.concat([data["latency_p50_ms"], pd.Series([latency_budget_ms])]))
         fig.update_xaxes(tickvals=ticks, ticktext=labels)

@@ -384,7 +384,7 @@ def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame |
     (analysis.quality_metric), to the drop in top-1 agreement with the float model, and the
     sentence says so.
     """
-    from .analysis import QUALITY, describe_gain, quality_metric
+    from .analysis import QUALITY, change_noise, describe_gain, quality_metric
 
     metric = quality_metric(frame)
     words = QUALITY[metric]
@@ -392,7 +392,7 @@ def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame |
         return Backing("blocked", f"Nothing to measure yet: {recommendation.reason}.", metric=metric)
     tolerance = recommendation.tolerance_points
     chain = recommendation.chain
-    exceeded: list[tuple[str, float]] = []
+    exceeded: list[tuple[str, float, str | None]] = []
     checked: list[tuple[str, float | None]] = []
     for technique in chain:
         row = _best_row(frame, technique, words.change)
@@ -426,7 +426,7 @@ def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame |
                         f"fits: {gain}.")
             return Backing("fits", text, technique=technique, row_id=row["row_id"],
                            checked=tuple(checked), metric=metric)
-        exceeded.append((technique, float(change)))
+        exceeded.append((technique, float(change), change_noise(row, metric)))
     return Backing("exceeds", _exceeded_words(exceeded, tolerance, words) +
                    "; no further option in the chain: relax the tolerance, or try retraining "
                    "techniques (qat-int8) if you can fine-tune.", checked=tuple(checked),
@@ -440,12 +440,15 @@ def _judged_by(metric: str) -> str:
     return "" if metric == "accuracy" else f" ({NO_LABELS_NOTE}, so the tolerance applies to it)"
 
 
-def _exceeded_words(exceeded: list[tuple[str, float]], tolerance: float, words: Any = None) -> str:
+def _exceeded_words(exceeded: list[tuple[str, float, str | None]], tolerance: float,
+                    words: Any = None) -> str:
+    """Each option's loss, with how it stands against the noise when the predictions are kept
+    (a loss inside the noise is said to be: it is measured, not proven)."""
     from .analysis import QUALITY
 
     words = words or QUALITY["accuracy"]
     parts = [f"{technique_label(t)} loses {-change:.1f} points{words.points_suffix}"
-             for t, change in exceeded]
+             + (f" ({noise})" if noise else "") for t, change, noise in exceeded]
     return (f"On this model{_judged_by(words.metric)}, {', and '.join(parts)}, more than your "
             f"{tolerance:g}-point tolerance")
 
@@ -546,6 +549,8 @@ def measured_pick(recommendation: Recommendation, frame: pd.DataFrame | None) ->
     words = QUALITY[metric]
     reason = (f"the smallest of {len(allowed)} measured variant(s) your deployment can run, among the "
               f"{spot.candidates} losing at most {words.points(answers.tolerance_points)}")
+    if spot.tie_break:  # differences inside the noise are ties: say which criterion decided
+        reason += f"; {spot.tie_break}"
     return MeasuredPick(technique, row, _row_label(technique, row), describe_gain(row, metric), reason,
                         len(allowed), metric)
 

@@ -328,10 +328,12 @@ def test_table_frame_orders_families_and_keeps_row_ids(frame):
 
 def test_the_table_leads_with_the_change_latency_and_speed_ups_and_dashes_missing_text(frame):
     table = analysis.table_frame(frame.assign(input_dtype=None))
-    assert list(table.columns[:6]) == ["label", "accuracy_change_points", "latency_p50_ms",
+    assert list(table.columns[:9]) == ["label", "accuracy_change_points", "accuracy_change_ci",
+                                       "differs_from_baseline", "latency_p50_ms", "latency_cpu_busy",
                                        "speedup_vs_float32", "speedup", "x_smaller"]
     assert set(table["input_dtype"]) == {"—"}
-    assert analysis.table_frame(frame, "agreement").columns[1] == "agreement_change_points"
+    assert list(analysis.table_frame(frame, "agreement").columns[1:3]) == ["agreement_change_points",
+                                                                          "agreement_change_ci"]
 
 
 def test_most_accurate_breaks_a_tie_by_the_smaller_file_then_the_faster():

@@ -200,3 +200,56 @@ def test_the_quality_axis_keeps_a_minimum_span_and_both_charts_share_it():
     assert high > 95.0 and low < 95.0 - charts.MIN_QUALITY_SPAN
     assert tuple(latency.layout.yaxis.range) == (low, high)   # the same range, though a point is missing
     assert traces(size, "accuracy floor (no drop)")  # not "(-0 points)"
+
+
+# --- uncertainty: error bars and the busy-CPU marker ------------------------------------------------
+
+
+def with_intervals():
+    """Two ptq rows with known 95% intervals (accuracy 0..1, latency ms), one timed on a busy CPU;
+    a third without intervals."""
+    frame = synthetic_frame(ROWS[2:5])                       # dynamic, int8-only, int16x8 (all ptq)
+    frame["accuracy_ci_low"] = [0.930, 0.900, None]
+    frame["accuracy_ci_high"] = [0.960, 0.950, None]
+    frame["latency_p50_ci_low_ms"] = [0.7, 0.45, None]
+    frame["latency_p50_ci_high_ms"] = [1.0, 0.52, None]
+    frame["latency_cpu_busy"] = [False, True, None]
+    return frame
+
+
+def test_quality_error_bars_are_the_interval_distances_in_points_on_both_charts():
+    frame = with_intervals()
+    for fig in (charts.accuracy_vs_size(frame), charts.accuracy_vs_latency(frame)):
+        (ptq,) = traces(fig, "ptq")
+        assert ptq.error_y.type == "data" and ptq.error_y.symmetric is False
+        np.testing.assert_allclose(ptq.error_y.array, [1.2, 2.0, np.nan])        # (high - acc) * 100
+        np.testing.assert_allclose(ptq.error_y.arrayminus, [1.8, 3.0, np.nan])   # (acc - low) * 100
+
+
+def test_latency_error_bars_are_the_p50_interval_on_the_latency_chart_only():
+    frame = with_intervals()
+    (ptq,) = traces(charts.accuracy_vs_latency(frame), "ptq")
+    np.testing.assert_allclose(ptq.error_x.array, [0.2, 0.02, np.nan], atol=1e-12)
+    np.testing.assert_allclose(ptq.error_x.arrayminus, [0.1, 0.05, np.nan], atol=1e-12)
+    (size_ptq,) = traces(charts.accuracy_vs_size(frame), "ptq")
+    assert size_ptq.error_x.array is None
+
+
+def test_rows_without_intervals_get_no_error_bars():
+    (ptq,) = traces(charts.accuracy_vs_size(synthetic_frame()), "ptq")
+    assert ptq.error_y.array is None and ptq.error_x.array is None
+
+
+def test_a_row_timed_on_a_busy_cpu_is_ringed_on_the_latency_chart():
+    frame = with_intervals()
+    (busy,) = traces(charts.accuracy_vs_latency(frame), charts.BUSY_NAME)
+    assert list(busy.customdata[:, 0]) == ["synthetic-cnn-int8-only"]
+    assert "CPU busy" in busy.hovertext[0]
+    assert not traces(charts.accuracy_vs_size(frame), charts.BUSY_NAME)
+
+
+def test_hover_shows_the_intervals_and_the_busy_cpu():
+    hover = charts.hover_text(with_intervals(), "accuracy")
+    assert "accuracy 94.80% [93.00–96.00]" in hover.iloc[0] and "p50 0.8 ms [0.7–1]" in hover.iloc[0]
+    assert "CPU busy while timed" in hover.iloc[1] and "CPU busy" not in hover.iloc[0]
+    assert "[" not in hover.iloc[2].split("<br>")[2]       # no interval: none shown

@@ -327,7 +327,76 @@ def test_measuring_a_model_that_cannot_be_found_says_why_and_starts_nothing(stor
 def test_the_table_leads_with_the_change_latency_and_speed_ups_in_significant_digits(store):
     app = run(COMPARE)
     table = app.dataframe[0]
-    assert list(table.value.columns[:5]) == ["label", "accuracy_change_points", "latency_p50_ms",
-                                             "speedup_vs_float32", "speedup"]
+    assert list(table.value.columns[:7]) == ["label", "accuracy_change_points", "accuracy_change_ci",
+                                             "differs_from_baseline", "latency_p50_ms", "latency_cpu_busy",
+                                             "speedup_vs_float32"]
     config = json.loads(table.proto.columns)
     assert config["latency_p50_ms"]["type_config"]["format"] == "%.3g"
+
+
+# --- uncertainty on the pages ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kept_predictions(empty_store, tmp_path):
+    """A 450-sample workload whose rows keep their per-sample top-1: baseline and float32 get 430
+    right, dynamic range one sample fewer (noise), int8-only 25 fewer (a real loss, timed while
+    other processes kept the CPU busy)."""
+    import numpy as np
+
+    from quantlab import predictions, uncertainty
+
+    labels = np.arange(450) % 10
+    reference = labels.copy()
+    reference[:20] = (labels[:20] + 1) % 10
+
+    def losing(lost):
+        top1 = reference.copy()
+        top1[20:20 + lost] = (labels[20:20 + lost] + 1) % 10
+        return top1
+
+    def save(name, classes):
+        return str(predictions.save(tmp_path / f"{name}.npy", predictions.compact(classes, 10)))
+
+    paths = {"labels": save("labels", labels), "float": save("float", reference)}
+    variants = (("baseline", "baseline", 400_000, 0, 2.0, 0.1), ("float32", "float", 100_000, 0, 1.0, 0.1),
+                ("dynamic", "ptq", 25_000, 1, 0.8, 0.1), ("int8-only", "ptq", 24_000, 25, 0.5, 0.8))
+    timings = np.random.default_rng(3).normal(1.0, 0.01, 60)
+    rows = synthetic_rows("kept", variants=[(t, f, b, (430 - lost) / 450, p) for t, f, b, lost, p, _ in variants])
+    for row, (technique, _, _, lost, p50, others) in zip(rows, variants):
+        details = {"predictions": {"top1": save(technique, losing(lost)), "float_top1": paths["float"],
+                                   "labels": paths["labels"]},
+                   "latency_samples_ms": list(timings * p50), "latency_others_cpu_share": others}
+        row["details"] = details
+        row.update(uncertainty.row_intervals(row))
+        row["details"] = json.dumps(details)
+    return fill(empty_store, rows)
+
+
+def test_compare_shows_the_change_interval_the_verdict_and_the_busy_cpu(kept_predictions):
+    app = run(COMPARE, drop="10")
+    table = app.dataframe[0].value.set_index("label")
+    assert table.loc["Dynamic range", "differs_from_baseline"] == "no (p = 1)"
+    assert table.loc["Dynamic range", "accuracy_change_ci"].startswith("-0.22 [")
+    assert table.loc["Integer only (int8 I/O)", "differs_from_baseline"].startswith("yes (p = ")
+    assert bool(table.loc["Integer only (int8 I/O)", "latency_cpu_busy"])
+    config = json.loads(app.dataframe[0].proto.columns)
+    assert config["accuracy_change_ci"]["label"] == "Δ accuracy ± CI"
+    assert config["differs_from_baseline"]["label"] == "Differs from baseline?"
+    assert any("Integer only (int8 I/O)" in text and "CPU busy" in text for text in texts(app.warning))
+    assert "p = " in texts(app.success)[0]          # the pick's loss with its interval and p
+
+
+def test_recommend_says_a_one_sample_difference_on_450_samples_is_within_noise(kept_predictions):
+    app = run(RECOMMEND)
+    words = page_words(app)
+    assert "Use **Dynamic range** (`dynamic`)" in words
+    assert "-0.2 points (within noise on 450 samples)" in words
+
+
+def test_the_sweet_spot_says_when_its_pick_was_a_tie_broken_by_the_next_criterion(kept_predictions):
+    app = run(COMPARE, drop="10", objective="accuracy")
+    headline = texts(app.success)[0]
+    assert headline.startswith("**Best inside your budget: Dynamic range")
+    assert "Picked from a tie: " in headline and "tie on accuracy (95% intervals overlap)" in headline
+    assert "so the smaller one is preferred" in headline

@@ -176,6 +176,11 @@ def test_the_sweet_spot_uses_the_tie_aware_ranking():
     spot = sweet_spot(rows, None, 1.0, "latency", "accuracy")
     assert spot.row["technique"] == "dynamic"
     assert "tie on p50 latency" in spot.reason
+    assert spot.tie_note() == ("Picked from a tie: TFLite float32, Dynamic range tie on p50 latency "
+                               "(95% intervals overlap), so the smaller one is preferred.")
+    apart = ranked_rows(error=[None, None], family=["float", "ptq"], accuracy_change_points=[0.0, 0.0],
+                        latency_p50_ci_high_ms=[0.0066, 0.0074], latency_p50_ci_low_ms=[0.0063, 0.0069])
+    assert sweet_spot(apart, None, 1.0, "latency", "accuracy").tie_note() is None
 
 
 # --- rows: intervals stored, p-values against the reference when read -----------------------------
@@ -255,3 +260,67 @@ def test_exports_carry_the_intervals_and_p_values(tmp_path):
     assert records["int8-only"]["differs_from_reference"] is False
     report = share.export_html_report(frame)
     assert "accuracy_ci_low" in report and "McNemar" in report
+
+
+def workload_frame(tmp_path, lost):
+    """compare_frame of a 450-sample baseline and an int8-only losing `lost` samples."""
+    from quantlab.analysis import compare_frame
+    from quantlab.store import Store
+
+    paths = write_workload(tmp_path, lost=lost)
+    samples = np.random.default_rng(7).normal(0.5, 0.02, 100)
+    store = Store(tmp_path / "q.duckdb")
+    store.migrate()
+    store.insert_results([stored_row(paths, "baseline", 430 / 450, samples),
+                          stored_row(paths, "int8-only", (430 - lost) / 450, samples)])
+    return compare_frame(store, model="m", dataset="d")
+
+
+def test_the_table_shows_the_change_with_its_interval_and_whether_it_differs(tmp_path):
+    from quantlab.analysis import table_frame
+
+    table = table_frame(workload_frame(tmp_path, lost=1)).set_index("label")
+    assert {"accuracy_change_ci", "differs_from_baseline", "latency_cpu_busy"} <= set(table.columns)
+    row = table.loc["Integer only (int8 I/O)"]
+    assert row["accuracy_change_ci"].startswith("-0.22 [") and row["accuracy_change_ci"].endswith("]")
+    low, high = (float(v) for v in row["accuracy_change_ci"][7:-1].split(", "))
+    assert low < -0.22 < 0 < high
+    assert row["differs_from_baseline"] == "no (p = 1)"
+    assert bool(row["latency_cpu_busy"])                      # others used 80% of the CPU
+    assert table.loc["Float baseline", "differs_from_baseline"] == "reference"
+
+
+def test_a_five_point_loss_differs_and_a_frame_without_predictions_says_dash(tmp_path):
+    import pandas as pd
+
+    from quantlab.analysis import MISSING, table_frame
+
+    table = table_frame(workload_frame(tmp_path, lost=25)).set_index("label")
+    assert table.loc["Integer only (int8 I/O)", "differs_from_baseline"].startswith("yes (p = ")
+    bare = pd.DataFrame([{"row_id": "r", "technique": "dynamic", "label": "Dynamic", "family": "ptq",
+                          "model_bytes": 1, "accuracy": 0.9, "accuracy_change_points": -0.4}])
+    shown = table_frame(bare, "accuracy").iloc[0]
+    assert shown["accuracy_change_ci"] == "-0.40" and shown["differs_from_baseline"] == MISSING
+
+
+def test_a_one_sample_loss_is_described_as_within_noise_and_a_real_loss_with_its_interval(tmp_path):
+    from quantlab.analysis import describe_gain
+
+    noise = workload_frame(tmp_path / "a", lost=1).set_index("technique").loc["int8-only"].to_dict()
+    assert "-0.2 points (within noise on 450 samples)" in describe_gain(noise, "accuracy")
+    real = workload_frame(tmp_path / "b", lost=25).set_index("technique").loc["int8-only"].to_dict()
+    text = describe_gain(real, "accuracy")
+    assert "-5.6 points (95% CI -" in text and "p = " in text and "on 450 samples" in text
+    assert "points (within noise" not in text
+    assert text.endswith("1.0x faster (within noise)")    # both timed from the same runs
+
+
+def test_a_speed_up_inside_the_p50_intervals_is_said_to_be_within_noise():
+    from quantlab.analysis import describe_gain
+
+    row = {"x_smaller": 4.0, "accuracy_change_points": 0.0, "speedup": 30.0, "speedup_vs_float32": 1.07,
+           "reference_technique": "baseline", "technique": "dynamic", "speedup_within_noise": False,
+           "speedup_vs_float32_within_noise": True}
+    assert describe_gain(row, "accuracy") == ("4.0x smaller, ±0.0 points, 1.1x faster than TFLite float32 "
+                                              "(within noise; 30.0x faster than the Keras model in "
+                                              "TensorFlow)")

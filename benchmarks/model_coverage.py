@@ -53,6 +53,8 @@ def build_kinds(folder: Path) -> dict[str, tuple[Path, Path]]:
         "Keras 3 Functional (.keras)": (zoo.save_keras(zoo.keras3_model(True), folder, "k3f"), img),
         "SavedModel (.zip)": (zoo.save_saved_model_zip(plain, folder, "sm"), img),
         "unlabelled data (mini-Xception)": (folder / "xception.h5", unlabelled),
+        "two inputs, two outputs (.h5)": (zoo.save_h5(zoo.two_input_two_output_model(), folder, "multi"),
+                                          zoo.save_multi_input_dataset(folder, "multi")),
     }
 
 

@@ -205,3 +205,52 @@ def test_one_hot_and_unlabelled_arrays_stay_numbers(image_data):
     dataset = load_uploaded_dataset(image_data["unlabelled"])
     assert not dataset.has_labels and "no labels" in dataset.source
     assert np.all(dataset.y_test == -1)
+
+
+# --- several inputs and outputs ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi_rows(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multi")
+    model = zoo.save_h5(zoo.two_input_two_output_model(), folder, "two-in-two-out")
+    data = zoo.save_multi_input_dataset(folder, "two-in")
+    return sweep(folder, model, data, ("baseline", *PTQ, "int8-selective", "prune"))
+
+
+def test_two_inputs_two_outputs_get_every_post_training_row(multi_rows):
+    for technique in ("baseline", *PTQ):
+        assert_full(multi_rows[technique])
+    assert multi_rows["float32"]["agreement"] == 1.0 and multi_rows["float32"]["sqnr_db"] > 60
+
+
+def test_every_output_is_compared_with_the_float_model_and_the_labels_go_to_the_first(multi_rows):
+    outputs = {entry["output"]: entry for entry in details(multi_rows["float32"])["outputs"]}
+    assert set(outputs) == {"label_head", "aux_head"}
+    assert outputs["label_head"]["labels"] and not outputs["aux_head"]["labels"]
+    assert outputs["aux_head"]["sqnr_db"] > 60 and outputs["label_head"]["agreement"] == 1.0
+
+
+def test_integer_only_io_quantizes_the_float_input_and_keeps_the_token_input(multi_rows):
+    inputs = {i["name"].split("_")[-1].split(":")[0]: i["dtype"]
+              for i in details(multi_rows["int8-only"])["inspection"]["inputs"]}
+    assert sorted(inputs.values()) == ["int32", "int8"]
+
+
+def test_fine_tuning_and_the_debugger_refuse_several_outputs_before_work(multi_rows):
+    for technique in ("prune", "int8-selective"):
+        row = multi_rows[technique]
+        assert "2 input(s) and 2 output(s)" in row["error"] and details(row)["before_work"]
+
+
+def test_label_output_picks_the_head_the_labels_belong_to(tmp_path):
+    from quantlab.errors import QuantLabError
+
+    model = zoo.save_h5(zoo.two_input_two_output_model(), tmp_path, "m")
+    data = zoo.save_multi_input_dataset(tmp_path, "d")
+    spec = SweepSpec(str(model), str(data), (resolve_spec(TechniqueSpec("float32")),),
+                     TrainSettings(epochs=1), FAST, label_output="no_such_head")
+    with pytest.raises(QuantLabError) as error:
+        run_sweep(spec, store=Store(tmp_path / "q.duckdb"), cache=ArtifactCache(tmp_path / "cache"),
+                  options=SweepOptions(workers=1, source="test"))
+    assert "no_such_head" in str(error.value) and "label_head" in str(error.value)

@@ -969,3 +969,32 @@ def test_savedmodel_folder_with_symlink_is_refused(tmp_path):
     with pytest.raises(ModelError) as info:
         load_keras_model(folder, tmp_path / "work")
     assert_clear(info.value, "symbolic link", "variables.index")
+
+
+def test_npz_with_one_array_per_input_is_accepted_and_packed(tmp_path):
+    from quantlab.uploads import load_uploaded_dataset
+
+    rng = np.random.default_rng(0)
+    path = save_npz(tmp_path / "two.npz", x_test_image=rng.random((6, 4, 4, 1), dtype=np.float32),
+                    x_test_tokens=rng.integers(0, 9, (6, 5)), y_test=np.arange(6) % 2)
+    dataset = load_uploaded_dataset(path)
+    assert dataset.x_test.shape == (6, 5 + 16)  # packed in name order: image, then tokens
+    assert json.loads(dataset.layout) == [["image", [4, 4, 1]], ["tokens", [5]]]
+
+
+def test_npz_mixing_x_test_and_per_input_arrays_is_refused(tmp_path):
+    arrays = good_arrays()
+    path = save_npz(tmp_path / "mixed.npz", x_test=arrays["x_test"], x_test_other=arrays["x_test"],
+                    y_test=arrays["y_test"])
+    with pytest.raises(DatasetError) as info:
+        load_npz_dataset(path)
+    assert_clear(info.value, "x_test_<input name>")
+
+
+def test_per_input_arrays_of_different_lengths_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    path = save_npz(tmp_path / "ragged.npz", x_test_a=rng.random((6, 3), dtype=np.float32),
+                    x_test_b=rng.random((5, 3), dtype=np.float32))
+    with pytest.raises(DatasetError) as info:
+        load_npz_dataset(path)
+    assert_clear(info.value, "different lengths")

@@ -10,7 +10,8 @@ from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
-                               NO_LABELS_UPLOAD, dataset_facts, file_stamp, keras3_note, make_sweep_spec, model_kind_of, param_input, results_table,
+                               NO_LABELS_UPLOAD, dataset_facts, file_stamp, keras3_note, make_sweep_spec,
+                               model_kind_of, model_output_names, param_input, results_table,
                                save_upload, stored_name, technique_groups, technique_tags,
                                unavailable_techniques, upload_refusals)
 from quantlab.workloads import BUILTIN_DATASETS, BUILTIN_MODELS
@@ -105,6 +106,12 @@ def choose_input(kind, builtins, default, suffixes, help_text):
     st.caption(f"Using **{upload['name']}** (checked; it is loaded safely, in a separate process, "
                f"when the sweep starts).")
     return upload["path"], upload["stored_as"], True
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def outputs_for(model_path, _stamp):
+    """The output names of an uploaded model (cached per file)."""
+    return model_output_names(model_path)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -321,6 +328,12 @@ uploaded_model = model if form.get("model_source") == UPLOAD and model_ok else N
 uploaded_dataset = dataset if form.get("dataset_source") == UPLOAD and dataset_ok else None
 refused = refusals_for(uploaded_model, uploaded_dataset,
                        file_stamp(uploaded_model, uploaded_dataset)) if uploaded_model else {}
+label_output = None
+outputs = outputs_for(uploaded_model, file_stamp(uploaded_model)) if uploaded_model else []
+if len(outputs) > 1:
+    label_output = st.selectbox("The output the labels belong to (accuracy is measured on it; "
+                                "every output is compared with the float model)", outputs,
+                                key="run_label_output")
 chosen = choose_techniques(model_kind, refused)
 techniques, technique_errors = build_technique_specs(chosen)
 for technique_id, error in technique_errors.items():
@@ -332,7 +345,7 @@ measure = measurement_settings()
 ready = model_ok and dataset_ok and bool(techniques) and not technique_errors and settings.can_run
 if not techniques:
     st.caption("Pick at least one technique.")
-spec = make_sweep_spec(model, dataset, techniques, **measure) if ready else None
+spec = make_sweep_spec(model, dataset, techniques, **measure, label_output=label_output) if ready else None
 twin = running_twin(spec, store)
 if twin is not None:
     st.caption(f"This very sweep is already {'running' if twin.status == 'running' else 'waiting'} "

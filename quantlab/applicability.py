@@ -102,4 +102,17 @@ def describe_model_file(path: Any) -> dict:
     except QuantLabError:
         return {}
     kind = "keras"  # a Keras 3 file is rebuilt in tf_keras when it prepares (or refused then, by layer)
-    return {"model_kind": kind, "model_name": path.name, "layers": _config_layers(info["config"])}
+    return {"model_kind": kind, "model_name": path.name, "layers": _config_layers(info["config"]),
+            "output_names": _config_outputs(info["config"])}
+
+
+def _config_outputs(config: dict) -> list[str]:
+    """The output layer names a Functional config lists (one unnamed output for a Sequential)."""
+    outputs = (config.get("config") or {}).get("output_layers")
+    if isinstance(outputs, list) and outputs and not isinstance(outputs[0], list):
+        outputs = [outputs]  # a single output written as [name, node, index]
+    names = []
+    for entry in outputs if isinstance(outputs, list) else []:
+        if isinstance(entry, list) and entry and isinstance(entry[0], str):
+            names.append(entry[0])
+    return names

@@ -318,11 +318,22 @@ def build_technique_specs(choices: Mapping[str, Mapping[str, Any]]
 def make_sweep_spec(model: str, dataset: str, techniques: Sequence[TechniqueSpec], *,
                     epochs: int = TrainSettings.epochs, num_threads: int = 1,
                     min_runs: int = MeasureSettings.min_runs,
-                    min_seconds: float = MeasureSettings.min_seconds) -> SweepSpec:
+                    min_seconds: float = MeasureSettings.min_seconds,
+                    label_output: str | None = None) -> SweepSpec:
     return SweepSpec(model=model, dataset=dataset, techniques=tuple(techniques),
                      train=TrainSettings(epochs=int(epochs)),
                      measure=MeasureSettings(num_threads=int(num_threads), min_runs=int(min_runs),
-                                             min_seconds=float(min_seconds)))
+                                             min_seconds=float(min_seconds)),
+                     label_output=label_output or None)
+
+
+def model_output_names(model_path: str | None) -> list[str]:
+    """The output names of an uploaded Keras model, read from its config (empty when unknown)."""
+    from .applicability import describe_model_file
+
+    if not model_path:
+        return []
+    return list(describe_model_file(model_path).get("output_names") or [])
 
 
 def model_kind_of(model: str) -> str:

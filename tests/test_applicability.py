@@ -54,3 +54,14 @@ def test_an_unreadable_file_describes_as_nothing_and_refuses_nothing(tmp_path):
     path = tmp_path / "broken.h5"
     path.write_bytes(b"not hdf5")
     assert describe_model_file(path) == {} and upload_refusals(str(path)) == {}
+
+
+def test_output_names_of_an_uploaded_model_come_from_its_config(tmp_path):
+    from quantlab.ui_state import make_sweep_spec, model_output_names
+
+    path = zoo.save_h5(zoo.two_input_two_output_model(), tmp_path, "two")
+    assert model_output_names(str(path)) == ["label_head", "aux_head"]
+    assert model_output_names(str(zoo.save_h5(zoo.conv1d_model(), tmp_path, "one"))) == []  # Sequential: one
+    spec = make_sweep_spec(str(path), "d.npz", (), label_output="aux_head")
+    assert spec.label_output == "aux_head" and spec.to_dict()["label_output"] == "aux_head"
+    assert "label_output" not in make_sweep_spec(str(path), "d.npz", ()).to_dict()

@@ -200,9 +200,10 @@ def cluster(model: Any, x_train: Any, y_train: Any, *, number_of_clusters: int =
         preserve_sparsity=bool(preserve_sparsity)),
         skip=lambda layer: _too_few_weights(layer, int(number_of_clusters), bool(preserve_sparsity)))
     if preserve_sparsity:  # a pruned layer left unclustered must not train its zeros away
+        by_name = {getattr(layer, "layer", layer).name: layer for layer in wrapped.layers}
         for entry in untouched:
-            layer = wrapped.get_layer(entry["layer"])
-            if layer.trainable_weights:
+            layer = by_name.get(entry["layer"])
+            if layer is not None and layer.trainable_weights:
                 layer.trainable = False
                 entry["reason"] += "; frozen so its zeros survive"
     # tfmot clusters Conv, Dense, Embedding and recurrent kernels; measured on those weights only.

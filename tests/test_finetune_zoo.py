@@ -395,3 +395,8 @@ def test_mini_xception_qat_prune_cluster_and_pqat(xception_h5):
     assert len(pqat.stats["sparsity"]["layers"]) == len(kernels)
     assert pqat.stats["sparsity"]["overall"] >= SPARSITY - 0.01
     assert_int8_kernels(to_tflite(pqat.model, optimize=True), model, kernels)
+
+    # tfmot wraps BatchNormalization for clustering without clustering it: frozen all the same.
+    both = ft.sparsity_preserving_cluster(model, x, y, prune_epochs=1, number_of_clusters=CLUSTERS, **FIT)
+    assert_sparse(both.model, both.stats["stages"]["prune"]["optimized_layers"])
+    to_tflite(both.model)

@@ -52,10 +52,10 @@ def swept(server, browser, files, artifacts):
     open_app(page, server.url)
     upload(page, "model", files["model"])
     upload(page, "dataset", files["dataset"])
-    offered = technique_ids(page)
-    refusals = {t: by_key(page, f"run_technique_{t}").locator("input").is_disabled() for t in offered}
-    for technique in offered:
-        if not refusals[technique]:
+    offered = technique_ids(page)  # an unavailable technique's checkbox is keyed <id>_unavailable
+    refusals = {t.removesuffix("_unavailable"): t.endswith("_unavailable") for t in offered}
+    for technique, refused in refusals.items():
+        if not refused:
             set_checkbox(page, f"run_technique_{technique}", technique in TECHNIQUES)
     expand(page, "Training and measurement settings")
     set_number(page, "run_min_runs", 5)

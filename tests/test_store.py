@@ -135,8 +135,11 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     path = str(tmp_path / "q.duckdb")
     context = multiprocessing.get_context("spawn")
     writers = [context.Process(target=_write_rows, args=(path, p, 25)) for p in ("a", "b")]
-    for writer in writers:
-        writer.start()
+    from quantlab.pool import neutral_main
+
+    with neutral_main():  # an AppTest earlier in this process may have left a page as __main__
+        for writer in writers:
+            writer.start()
     for writer in writers:
         writer.join(120)
     assert [w.exitcode for w in writers] == [0, 0]

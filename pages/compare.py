@@ -184,7 +184,7 @@ if busy:
                f"{', '.join(busy)}. Their latency is not comparable with rows timed on a quiet machine: "
                f"measure latency again when the machine is idle.", icon=":material/speed:")
     page_link("pages/run.py", label="Measure latency again on the Run page", icon=":material/play_circle:",
-              query_params={"model": model, "dataset": dataset})
+              query_params={"model": model, "dataset": dataset, "remeasure": "1"})
 clicked = picked_point(size_click) or picked_point(latency_click)
 if clicked:
     open_details(clicked)

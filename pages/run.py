@@ -342,6 +342,8 @@ view = update_view(techniques=tuple(chosen))
 
 st.subheader("3. Run")
 measure = measurement_settings()
+remeasure = st.checkbox("Measure again, ignoring cached results (for latencies timed while the machine "
+                        "was busy)", value=st.query_params.get("remeasure") == "1", key="run_remeasure")
 ready = model_ok and dataset_ok and bool(techniques) and not technique_errors and settings.can_run
 if not techniques:
     st.caption("Pick at least one technique.")
@@ -354,7 +356,8 @@ if st.button("Run sweep", type="primary", key="run_start", disabled=not ready or
              icon=":material/play_arrow:",
              help="The same sweep is already running" if twin is not None else
              None if settings.can_run else "This dashboard is read-only") and twin is None:
-    handle = start_sweep(spec, store, cache, settings.sweep_options(), label=f"{model_name} on {dataset_name}")
+    handle = start_sweep(spec, store, cache, settings.sweep_options(remeasure=remeasure),
+                         label=f"{model_name} on {dataset_name}")
     st.session_state[HANDLE] = handle.id
     if handle.finished:  # refused at once (bad input): say so next to the upload it concerns
         note_upload_failure(handle)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--min-runs", type=int, default=MeasureSettings.min_runs)
     sweep.add_argument("--min-seconds", type=float, default=MeasureSettings.min_seconds)
     sweep.add_argument("--json", action="store_true", help="one JSON object per variant on stdout")
+    sweep.add_argument("--remeasure", action="store_true",
+                       help="measure every variant again instead of reusing cached results (e.g. "
+                            "latency timed while the machine was busy)")
 
     results = commands.add_parser("results", help="print stored results")
     results.add_argument("--db", type=Path, default=DEFAULT_DB_PATH)
@@ -173,7 +176,8 @@ def command_sweep(args: argparse.Namespace) -> int:
 
     try:
         report = run_sweep(spec, store=store, cache=ArtifactCache(args.cache), on_event=on_event,
-                           options=SweepOptions(workers=args.workers, source="cli"))
+                           options=SweepOptions(workers=args.workers, source="cli",
+                                                remeasure=args.remeasure))
     finally:
         if args.json:
             printer.flush()  # rows still waiting for a reference that failed or never came

@@ -90,6 +90,7 @@ class SweepOptions:
     workers: int | None = None
     limits: PoolLimits = PoolLimits()
     source: str = "cli"
+    remeasure: bool = False  # measure every variant again, ignoring cached results (e.g. a busy CPU)
 
 
 @dataclass
@@ -182,7 +183,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
                                          {"details": {"error_kind": "refused", "before_work": True}},
                                          False, reason))
                 continue
-            body = cache.read_json("results", key)
+            body = None if options.remeasure else cache.read_json("results", key)
             # A result cached before per-sample predictions were kept is measured again, once.
             if body is not None and Path(body.get("artifact_path", "")).exists() \
                     and predictions.all_present(body.get("details")):

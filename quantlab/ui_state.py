@@ -127,10 +127,10 @@ class AppSettings:
 
         return UploadLimits(max_bytes=self.max_upload_mb * 1024 * 1024)
 
-    def sweep_options(self) -> SweepOptions:
+    def sweep_options(self, remeasure: bool = False) -> SweepOptions:
         limits = PoolLimits(task_timeout_seconds=DEMO_TASK_TIMEOUT_SECONDS,
                             memory_limit_mb=DEMO_MEMORY_LIMIT_MB) if self.demo else PoolLimits()
-        return SweepOptions(limits=limits, source="app")
+        return SweepOptions(limits=limits, source="app", remeasure=remeasure)
 
     def check_upload_quota(self, uploads_so_far: int) -> None:
         """Refuse one more upload when this session has used its quota (demo mode)."""

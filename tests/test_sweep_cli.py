@@ -194,3 +194,18 @@ def test_rows_carry_intervals_and_p_values_cold_and_warm(tiny_sweep):
     again = json_rows(warm.stdout)["int8-only"]
     assert again["cached"] and again["accuracy_ci95"] == int8["accuracy_ci95"]
     assert again["accuracy_change_p"] == int8["accuracy_change_p"]
+
+
+def test_remeasure_measures_again_what_the_cache_holds(tiny_sweep, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_sweep["cache"], cache)  # a copy: the shared fixture's store stays as it is
+    args = ("sweep", *TINY_ARGS, "--techniques", "float32", "--db", str(tmp_path / "q.duckdb"),
+            "--cache", str(cache), "--json")
+    warm = [json.loads(line) for line in run_cli(*args, check=True).stdout.splitlines() if line.strip()]
+    again = [json.loads(line) for line in run_cli(*args, "--remeasure", check=True).stdout.splitlines()
+             if line.strip()]
+    assert [row["cached"] for row in warm] == [True]
+    assert [row["cached"] for row in again] == [False]
+    assert again[0]["measured_at"] != warm[0]["measured_at"]

@@ -52,6 +52,10 @@ def swept(server, browser, files, artifacts):
     open_app(page, server.url)
     upload(page, "model", files["model"])
     upload(page, "dataset", files["dataset"])
+    wait_for_text(page, "This dataset has no labels")
+    # The technique list redraws once the dataset's facts are known: fine-tuning becomes unavailable.
+    by_key(page, "run_technique_qat-int8_unavailable").wait_for(timeout=60_000)
+    wait_idle(page)
     offered = technique_ids(page)  # an unavailable technique's checkbox is keyed <id>_unavailable
     refusals = {t.removesuffix("_unavailable"): t.endswith("_unavailable") for t in offered}
     for technique, refused in refusals.items():

@@ -18,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from quantlab.config import MeasureSettings, TrainSettings  # noqa: E402
-from quantlab.techniques import PTQ_MODES  # noqa: E402
+from quantlab.ptq import PTQ_MODES  # noqa: E402
 from quantlab.workloads import load_digits, train_baseline  # noqa: E402
 
 

@@ -17,7 +17,7 @@ Runs in worker processes (imports TensorFlow). Measured with TF 2.21 on small us
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -138,3 +138,69 @@ def keras_converter(model: Any, mode: str) -> tuple[Any, list[str]]:
 def input_dtype(model: Any) -> str:
     """The numpy name of the model's (first) input dtype, e.g. float32 or int32."""
     return np.dtype(model.inputs[0].dtype.as_numpy_dtype).name
+
+
+# --- one post-training quantization mode --------------------------------------------------------
+
+PTQ_MODES = ("float32", "dynamic", "float16", "int8-fallback", "int8-only", "uint8-only", "int16x8")
+
+
+def representative_dataset(x: np.ndarray, dtype: str = "float32") -> Callable[[], Any]:
+    """The calibration samples, one at a time and in the model input's dtype, as the converter
+    expects (token ids into an Embedding are calibrated as int32, not float32)."""
+    def generate() -> Any:
+        for sample in x:
+            yield [np.asarray(sample, dtype=dtype)[None]]
+    return generate
+
+
+WEIGHT_GRANULARITIES = ("per-channel", "per-tensor")
+
+
+def representative_inputs(x: np.ndarray, inputs: list[dict]) -> Callable[[], Any]:
+    """Calibration samples of a model with several inputs: one dict {input name: sample} each, the
+    form the converter matches to the signature's inputs by name."""
+    def generate() -> Any:
+        for row in np.asarray(x).reshape(len(x), -1):
+            yield {spec["name"]: row[spec["offset"]:spec["offset"] + spec["size"]]
+                   .reshape(1, *spec["shape"]).astype(spec["dtype"]) for spec in inputs}
+    return generate
+
+
+def configure_converter(converter: Any, mode: str, calibration: np.ndarray | None, *,
+                        weights: str = "per-channel", input_dtype: str = "float32",
+                        inputs: list[dict] | None = None) -> Any:
+    """Set a TFLiteConverter up for one post-training quantization mode.
+
+    `weights="per-tensor"` gives each int8 kernel one scale instead of one per output channel, as
+    some older DSP/NPU delegates require; it uses the converter's `_experimental_disable_per_channel`.
+    """
+    from .tfcompat import import_tensorflow
+
+    tf, _ = import_tensorflow()
+    if mode not in PTQ_MODES:
+        raise TechniqueError(f"unknown conversion mode {mode!r}; use one of {', '.join(PTQ_MODES)}")
+    if mode == "float32":
+        return converter
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode in ("int8-fallback", "int8-only", "uint8-only", "int16x8"):
+        if calibration is None or len(calibration) == 0:
+            raise TechniqueError(f"{mode} needs representative (calibration) data; "
+                                 f"provide x_calib or x_train in the dataset")
+        converter.representative_dataset = (representative_inputs(calibration, inputs) if inputs
+                                             else representative_dataset(calibration, input_dtype))
+    if weights not in WEIGHT_GRANULARITIES:
+        raise TechniqueError(f"weights must be one of {', '.join(WEIGHT_GRANULARITIES)}, not {weights!r}")
+    if weights == "per-tensor":
+        converter._experimental_disable_per_channel = True
+    if mode in ("int8-only", "uint8-only"):
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io_type = tf.int8 if mode == "int8-only" else tf.uint8
+        converter.inference_input_type = io_type
+        converter.inference_output_type = io_type
+    if mode == "int16x8":
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    return converter

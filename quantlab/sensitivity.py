@@ -208,7 +208,7 @@ def forward_batched(model: Any, x: np.ndarray, on_output: Callable[[str, np.ndar
 
 def extract_tensors(payload: dict, emit: Emit) -> dict:
     """Save the workload's weights and its activations on the calibration split as .npz files."""
-    from . import lab
+    from . import lab_files as lab
 
     manifest = payload["manifest"]
     cache = ArtifactCache(Path(payload["cache_dir"]))
@@ -275,7 +275,7 @@ def evaluate_fake_quant(payload: dict, emit: Emit) -> dict:
     fake-quantized per tensor with ranges the request's calibrator finds on the float activations of
     the calibration split, the way TFLite calibrates.
     """
-    from .lab import FakeQuantRequest
+    from .lab_files import FakeQuantRequest
     from .measure import accuracy, agreement
 
     manifest = payload["manifest"]
@@ -358,7 +358,7 @@ def evaluate_fake_quant(payload: dict, emit: Emit) -> dict:
 def make_debugger(converter: Any, calibration: np.ndarray, input_dtype: str = "float32") -> Any:
     """A QuantizationDebugger on the int8 (float fallback) conversion of `converter`'s model, fed
     one calibration sample at a time in the input's dtype, as the converter is calibrated."""
-    from .techniques import configure_converter, representative_dataset
+    from .keras_convert import configure_converter, representative_dataset
     from .tfcompat import import_tensorflow
 
     tf, _ = import_tensorflow()

@@ -34,7 +34,7 @@ def library_versions() -> dict[str, str]:
 
     versions = {}
     for name in ("tensorflow-cpu", "tensorflow", "tf-keras", "tensorflow-model-optimization",
-                 "ai-edge-litert", "numpy"):
+                 "ai-edge-litert", "litert-quantizer", "numpy"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

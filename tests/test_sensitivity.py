@@ -18,7 +18,8 @@ from quantlab.cache import ArtifactCache
 from quantlab.config import TrainSettings
 from quantlab.measure import accuracy, inspect_tflite, predict_tflite
 from quantlab.pool import WorkerPool
-from quantlab.techniques import BuildContext, configure_converter, get_technique
+from quantlab.ptq import configure_converter
+from quantlab.techniques import BuildContext, get_technique
 from quantlab.workloads import load_digits, train_baseline
 
 NO_EVENTS = lambda event: None  # noqa: E731

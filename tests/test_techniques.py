@@ -4,7 +4,8 @@ import pytest
 
 from quantlab.config import TechniqueSpec
 from quantlab.errors import TechniqueError
-from quantlab.techniques import PTQ_MODES, all_techniques, get_technique, parse_technique_list
+from quantlab.ptq import PTQ_MODES
+from quantlab.techniques import all_techniques, get_technique, parse_technique_list
 
 PTQ_IDS = {"baseline", "float32", "dynamic", "float16", "int8-fallback", "int8-only", "uint8-only",
            "int16x8"}
@@ -46,7 +47,7 @@ def test_integer_only_techniques_need_calibration():
 
 
 def test_a_converter_failure_is_one_line_naming_the_op_and_what_to_try():
-    from quantlab.techniques import converter_failure
+    from quantlab.ptq import converter_failure
 
     error = converter_failure("int16x8", RuntimeError(
         "Quantization to 16x8-bit not yet supported for op: 'UNIDIRECTIONAL_SEQUENCE_LSTM'.\nat ..."))

@@ -1,0 +1,147 @@
+"""The tensorflow-model-optimization family: quantization-aware training, clustering, pruning and
+their combinations; the training itself is in quantlab.finetune."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .errors import TechniqueError
+from .ptq import conversion_details, convert_model
+from .techniques import BuildContext, Param, Produced, Technique, register
+
+
+# --- training-aware techniques (tensorflow-model-optimization; see finetune.py) -------------------
+
+THEN_MODES = ("float32", "dynamic", "float16", "int8-fallback", "int8-only")
+QAT_IO = ("float", "int8")
+_CONVERSION_PARAMS = ("then", "io")
+
+
+def _epochs(default: int) -> Param:
+    return Param("epochs", default, "fine-tuning epochs on the train split", minimum=1, maximum=50)
+
+
+LEARNING_RATE = Param("learning_rate", 1e-4, "fine-tuning learning rate (Adam)", minimum=1e-7, maximum=1.0)
+CLUSTERS = Param("number_of_clusters", 16, "distinct weight values per kernel", minimum=2, maximum=256)
+CENTROIDS = Param("centroid_init", "kmeans++", "how cluster centroids start",
+                  choices=("linear", "kmeans++", "density-based", "random"))
+SPARSITY = Param("target_sparsity", 0.5, "share of weights set to zero", minimum=0.05, maximum=0.95)
+SCHEDULE = Param("schedule", "constant", "pruning schedule", choices=("constant", "polynomial"))
+THEN = Param("then", "float32", "conversion after fine-tuning", choices=THEN_MODES)
+IO = Param("io", "float", "float input/output, or integer-only with int8 input/output", choices=QAT_IO)
+
+
+def _is_qat(technique_id: str) -> bool:
+    return technique_id.endswith("-int8")
+
+
+def _quantize_scope(technique_id: str) -> Any:
+    """Saving and loading a QAT model needs tfmot's custom objects in scope."""
+    from contextlib import nullcontext
+
+    if not _is_qat(technique_id):
+        return nullcontext()
+    from .tfcompat import import_tensorflow
+
+    import_tensorflow()
+    import tensorflow_model_optimization as tfmot
+
+    return tfmot.quantization.keras.quantize_scope()
+
+
+def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict) -> tuple[Any, dict]:
+    """The fine-tuned Keras model and its stats, from the cache when this exact run was done before."""
+    from .config import ENGINE_VERSION, content_hash
+    from .finetune import TECHNIQUES
+    from .tfcompat import import_tensorflow
+
+    manifest = context.manifest
+    if manifest.get("model_kind") != "keras":
+        raise TechniqueError(f"{technique_id} fine-tunes a tf_keras model; {manifest.get('model_name')} "
+                             f"is not one: upload the tf_keras model or use post-training techniques")
+    key = content_hash({"engine": ENGINE_VERSION, "model": manifest["model_hash"],
+                        "dataset": manifest["dataset_hash"], "technique": technique_id, "params": fit_params})
+    model_path = context.cache.path("models", f"ft-{key}", ".keras")
+    cached_stats = context.cache.read_json("models", f"ft-{key}")
+    _, tf_keras = import_tensorflow()
+    if model_path.exists() and cached_stats is not None:
+        with _quantize_scope(technique_id):
+            model = tf_keras.models.load_model(model_path, compile=False)
+        return model, {**cached_stats, "fine_tune_cached": True}
+    dataset = context.dataset
+    if len(dataset.x_train) == 0:
+        raise TechniqueError(f"{technique_id} fine-tunes on a train split and the dataset has none; "
+                             f"add x_train and y_train to the .npz")
+    has_labels = len(dataset.y_calib) and int(dataset.y_calib.min()) >= 0
+    result = TECHNIQUES[technique_id](
+        context.load_keras_model(), dataset.x_train, dataset.y_train, **fit_params,
+        x_val=dataset.x_calib if has_labels else None, y_val=dataset.y_calib if has_labels else None,
+        on_progress=context.on_progress)
+    stats = {**result.stats, "validation_split": "calibration" if has_labels else None}
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_path.with_name(f".{model_path.stem}.tmp.keras")
+    with _quantize_scope(technique_id):
+        result.model.save(tmp)
+    tmp.replace(model_path)
+    context.cache.write_json("models", f"ft-{key}", stats)
+    return result.model, {**stats, "fine_tune_cached": False}
+
+
+def convert_qat_model(model: Any, io: str) -> bytes:
+    """Convert a quantization-aware model: its learned ranges make it int8 without calibration."""
+    from .tfcompat import import_tensorflow
+
+    tf, _ = import_tensorflow()
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if io == "int8":
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+def _fine_tune(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
+    def produce(context: BuildContext, params: dict) -> Produced:
+        fit_params = {k: v for k, v in params.items() if k not in _CONVERSION_PARAMS}
+        model, stats = fine_tuned_model(context, technique_id, fit_params)
+        extra: dict[str, Any] = {}
+        if _is_qat(technique_id):
+            tflite = convert_qat_model(model, params["io"])
+            conversion = f"quantization-aware int8 ({params['io']} I/O)"
+        else:
+            tflite, notes = convert_model(context, model, params["then"])
+            conversion = params["then"]
+            extra = conversion_details(context, params["then"], notes)
+        return Produced(tflite=tflite, details={"conversion": conversion, "fine_tune": stats, **extra})
+    return produce
+
+
+for _technique in (
+    Technique("qat-int8", "qat", "Quantization-aware training",
+              "fine-tune with fake quantization (quantize_model), then int8: recovers accuracy PTQ loses",
+              _fine_tune("qat-int8"), params=(_epochs(1), LEARNING_RATE, IO), fine_tunes=True,
+              sources=("keras",)),
+    Technique("cluster", "cluster", "Weight clustering",
+              "k shared values per kernel (cluster_weights), fine-tune, strip: far smaller gzipped",
+              _fine_tune("cluster"), params=(CLUSTERS, CENTROIDS, _epochs(1), LEARNING_RATE, THEN),
+              fine_tunes=True, sources=("keras",)),
+    Technique("prune", "prune", "Magnitude pruning",
+              "zero the smallest weights to a target sparsity, fine-tune, strip: smaller gzipped",
+              _fine_tune("prune"), params=(SPARSITY, SCHEDULE, _epochs(2), LEARNING_RATE, THEN),
+              fine_tunes=True, sources=("keras",)),
+    Technique("cqat-int8", "qat", "Cluster-preserving QAT",
+              "clustering, then quantization-aware training that keeps the clusters, then int8",
+              _fine_tune("cqat-int8"), params=(CLUSTERS, CENTROIDS, _epochs(1), LEARNING_RATE, IO),
+              fine_tunes=True, sources=("keras",)),
+    Technique("pqat-int8", "qat", "Pruning-preserving QAT",
+              "pruning, then quantization-aware training that keeps the zeros, then int8",
+              _fine_tune("pqat-int8"), params=(SPARSITY, SCHEDULE, _epochs(1), LEARNING_RATE, IO),
+              fine_tunes=True, sources=("keras",)),
+    Technique("prune-cluster", "cluster", "Sparsity-preserving clustering",
+              "pruning, then clustering that keeps the zeros",
+              _fine_tune("prune-cluster"),
+              params=(SPARSITY, SCHEDULE, CLUSTERS, CENTROIDS, _epochs(1), LEARNING_RATE, THEN),
+              fine_tunes=True, sources=("keras",)),
+):
+    register(_technique)

@@ -24,7 +24,8 @@ from quantlab.store import Store  # noqa: E402
 from quantlab.techniques import all_techniques, resolve_spec  # noqa: E402
 from tests import model_zoo as zoo  # noqa: E402
 
-TECHNIQUES = [t.id for t in all_techniques() if t.id != "as-uploaded"]
+ALL = [t.id for t in all_techniques() if t.id != "as-uploaded" and t.in_all]
+TECHNIQUES = list(ALL)
 FAST = MeasureSettings(min_runs=5, min_seconds=0.02, warmup_runs=2)
 
 
@@ -86,8 +87,11 @@ def cell(row: dict | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default="", help="comma-separated substrings of kind names")
+    parser.add_argument("--techniques", default="", help="comma-separated technique ids (default: all)")
     parser.add_argument("--out", default="", help="folder for the models, stores and caches")
     args = parser.parse_args()
+    if args.techniques:
+        TECHNIQUES[:] = [t.strip() for t in args.techniques.split(",") if t.strip()]
     folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="coverage-"))
     folder.mkdir(parents=True, exist_ok=True)
     kinds = build_kinds(folder)

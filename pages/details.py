@@ -4,6 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from quantlab.charts import quantizer_validation_figure
 from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
 from quantlab.analysis import NO_LABELS_NOTE
@@ -11,7 +12,8 @@ from quantlab.ui_state import (AppSettings, busy_cpu_warning, declared_params, d
                                extra_details, float_ops_summary, format_bytes, has_no_labels,
                                interval_text, is_fine_tuned, latency_histogram, latency_sample_note,
                                latency_shape, latency_summary, number_text, ops_table, provenance_table,
-                               reference_lines, row_frame, row_label, tensor_table, uncertainty_lines,
+                               quantizer_report, reference_lines, row_frame, row_label, tensor_table,
+                               uncertainty_lines,
                                weight_granularity_summary)
 from ui.share import share_controls, sync_view, update_view, write_view
 
@@ -124,6 +126,28 @@ def fine_tuning(row):
     st.json(extra, expanded=1)
 
 
+def litert_quantizer(row):
+    report = quantizer_report(row)
+    if report is None:
+        return
+    st.markdown(f"#### LiteRT Quantizer {report.version}")
+    if report.warning:
+        st.warning(report.warning, icon=":material/warning:")
+    st.caption(f"The recipe {report.summary}. Tensor types in the file: {report.tensor_types}.")
+    for note in report.notes:
+        st.caption(note)
+    columns = st.columns([1, 2])
+    columns[0].dataframe(report.coverage, hide_index=True, key="details_lq_coverage")
+    columns[0].download_button("Download the recipe (.json)", data=report.recipe_json,
+                               file_name=f"{row['model_name']}-{row['technique']}-recipe.json".replace(" ", "_"),
+                               mime="application/json", key="details_lq_recipe", on_click="ignore",
+                               icon=":material/download:")
+    if report.validation:
+        columns[1].plotly_chart(quantizer_validation_figure(report.validation), key="details_lq_validation")
+        columns[1].caption("The quantizer's own check: each activation of the quantized model against the "
+                           "float model's, on the first test samples (SNR in dB; MSE and cosine on hover).")
+
+
 def provenance(row):
     st.markdown("#### Provenance")
     table = provenance_table(row)
@@ -163,6 +187,7 @@ else:
     tensors_and_ops(record)
     latency(record)
     fine_tuning(record)
+    litert_quantizer(record)
     provenance(record)
     with st.expander("Share this result", key="details_share_expander"):
         share_controls(view, ("row",), frame=row_frame(store, row_id),

@@ -292,6 +292,50 @@ def model_view() -> None:
     if result is not None and not len(rows):
         st.caption("No converted int8 variant of this model is stored yet: run int8-fallback on the Run "
                    "page to compare the prediction with the real thing.")
+    recipe_controls("model", lambda: lab.mixed_precision_recipe(request),
+                    "Measure these bit widths as a LiteRT recipe",
+                    "Turns the table into a LiteRT Quantizer recipe and measures it as an lq-recipe "
+                    "variant of this workload: the real .tflite next to the prediction, also on Compare.")
+
+
+def recipe_controls(where: str, make_recipe, label: str, help_text: str) -> None:
+    """A button that measures the Lab's current choices as an lq-recipe variant, and its result."""
+    try:
+        recipe = make_recipe()
+    except QuantLabError as exc:
+        st.caption(f"As a LiteRT recipe: {exc}.")
+        return
+    for note in recipe.notes:
+        st.caption(f"Recipe: {note}.")
+    measured = lab.recipe_rows(STORE, manifest, recipe)
+    for row in measured:
+        st.success(f"Measured as a LiteRT recipe ({recipe.what}): {lab.quality_text(row)}, "
+                   f"{row['model_bytes']:,} bytes. It is on the Compare page with the other variants.",
+                   icon=":material/check_circle:")
+    reason = ("" if CONTEXT.can_run else "This dashboard is read-only.") or \
+             ("" if workload.spec else "No stored sweep of this workload to repeat its settings from.")
+    if not measured and st.button(label, key=f"lab_run_recipe_{where}", disabled=bool(reason),
+                                  help=reason or help_text, icon=":material/science:"):
+        try:
+            st.session_state["lab_recipe"] = lab.start_recipe_sweep(workload, recipe, STORE, CACHE,
+                                                                    CONTEXT.sweep_options)
+            st.session_state["lab_recipe_shown"] = False
+        except QuantLabError as exc:
+            st.error(str(exc))
+    sweep = st.session_state.get("lab_recipe")
+    if sweep is not None and sweep.recipe == recipe and not measured:
+        st.fragment(recipe_status, run_every=None if sweep.finished else 2.0)()
+
+
+def recipe_status() -> None:
+    sweep = st.session_state.get("lab_recipe")
+    st.markdown(f"**LiteRT recipe ({sweep.recipe.what})**: {sweep.summary()}")
+    for row in sweep.rows():
+        if row.get("error"):
+            st.error(f"{row.get('technique')}: {row['error']}")
+    if sweep.finished and not st.session_state.get("lab_recipe_shown"):
+        st.session_state["lab_recipe_shown"] = True   # redraw the whole page once with the new row
+        st.rerun(scope="app")
 
 
 def sensitivity_view() -> None:
@@ -333,6 +377,10 @@ def sensitivity_view() -> None:
     sweep = st.session_state.get("lab_selective")
     if sweep is not None:
         st.fragment(selective_status, run_every=None if sweep.finished else 2.0)()
+    recipe_controls("sensitivity", lambda: lab.keep_float_recipe(result, keep_float),
+                    f"Measure with the LiteRT Quantizer: static int8, {keep_float} layer(s) float",
+                    "The same layers kept float in a LiteRT Quantizer recipe (static w8a8 elsewhere), "
+                    "measured as an lq-recipe variant of this workload.")
 
 
 def selective_status() -> None:

@@ -167,8 +167,12 @@ if shown_row and st.button("Open the measured row", key="recommend_open_row"):
     except StreamlitPageNotFoundError:
         st.info(f"Row `{shown_row}`; the details page is not part of this app yet.")
 
-if backing.to_run:
-    runnable, unknown = recommend.runnable_techniques(backing.to_run)
+offer = recommend.int4_offer(advice, frame)
+if offer is not None and not (pick and pick.technique == recommend.INT4_TECHNIQUE):
+    st.caption(offer.text)
+to_run = tuple(dict.fromkeys(backing.to_run + (offer.to_run if offer else ())))
+if to_run:
+    runnable, unknown = recommend.runnable_techniques(to_run)
     if unknown:
         reasons = unsupported_techniques()
         st.caption("Not available in this QuantLab install: " + "; ".join(

@@ -179,6 +179,9 @@ def technique_params(technique):
                                      else 0, help=spec.help, key=key)
             elif spec.widget == "checkbox":
                 value = st.checkbox(spec.label, value=bool(current), help=spec.help, key=key)
+            elif spec.widget == "text":
+                value = st.text_area(spec.label, value=str(current), help=spec.help, key=key,
+                                     placeholder="paste a recipe JSON, or the path of a .json file on the server")
             elif spec.widget == "int":
                 value = st.number_input(spec.label, value=int(current), min_value=spec.minimum,
                                         max_value=spec.maximum, step=1, help=spec.help, key=key)

@@ -35,7 +35,7 @@ REFERENCE_NOTES = {
     FALLBACK_REFERENCE: "TFLite float32 (no baseline row measured)",
 }
 # Families in the order they are listed; a family not named here comes after, alphabetically.
-FAMILY_ORDER = ("baseline", "float", "uploaded", "ptq", "qat", "cluster", "prune", "cqat", "pqat",
+FAMILY_ORDER = ("baseline", "float", "uploaded", "ptq", "litert", "qat", "cluster", "prune", "cqat", "pqat",
                 "pcqat")
 OBJECTIVES = {"size": "smallest", "latency": "fastest", "accuracy": "most accurate"}
 SWEEP_LIST_LIMIT = 500

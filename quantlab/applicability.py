@@ -15,6 +15,7 @@ from .techniques import Technique, get_technique
 _KIND_WORDS = {"keras": "a tf_keras model", "savedmodel": "a SavedModel (or a Keras 3 model "
                "exported to one)", "tflite": "a TensorFlow Lite file"}
 QAT_TECHNIQUES = frozenset({"qat-int8", "cqat-int8", "pqat-int8"})
+UNROLLED_CLASSES = frozenset({"GRU", "SimpleRNN"})   # no fused kernel: a rolled loop, or unrolled cells
 
 
 def _recurrent(manifest: dict) -> list[dict[str, str]]:
@@ -35,6 +36,13 @@ def refusal(technique: Technique | str, manifest: dict) -> str | None:
         return (f"{technique.id}: {what} handles models with one input and one output, and "
                 f"{name} has {len(io.get('inputs') or [0])} input(s) and {len(io['outputs'])} "
                 f"output(s); use the post-training techniques")
+    if technique.family == "litert" and technique.needs_calibration:
+        for layer in _recurrent(manifest):
+            if layer.get("class") in UNROLLED_CLASSES:
+                return (f"{technique.id}: layer {layer['layer']!r} ({layer['class']}) cannot be "
+                        f"calibrated by the LiteRT Quantizer 0.11 (its XNNPACK calibration leaves a "
+                        f"tensor of the unrolled cell unallocated: \"Tensor data is null\"); use "
+                        f"int8-fallback or int8-only, or lq-int4-dynamic / a weight-only lq technique")
     if not technique.fine_tunes:
         return None
     if manifest.get("has_labels") is False:

@@ -24,7 +24,7 @@ from .techniques import params_text, variant_label
 FAMILY_COLORS = {
     "baseline": "#000000", "float": "#0072B2", "uploaded": "#999999", "ptq": "#E69F00",
     "qat": "#009E73", "cluster": "#CC79A7", "prune": "#D55E00", "cqat": "#56B4E9",
-    "pqat": "#F0E442", "pcqat": "#8c564b",
+    "pqat": "#F0E442", "pcqat": "#8c564b", "litert": "#7B2CBF",
 }
 EXTRA_COLORS = ("#17becf", "#bcbd22", "#7f7f7f", "#9467bd", "#e377c2", "#aec7e8", "#98df8a")
 FAMILY_SYMBOLS = {"baseline": "diamond", "float": "square"}
@@ -520,3 +520,27 @@ def _wrap(text: str, width: int) -> str:
             line = f"{line} {word}".strip()
     lines.append(line)
     return "<br>".join(lines)
+
+
+VALIDATION_KIND_COLORS = {"intermediate": "#7B2CBF", "output": "#d62828"}
+
+
+def quantizer_validation_figure(rows: list[dict]) -> go.Figure:
+    """The LiteRT Quantizer's comparison with the float model, tensor by tensor in model order: SNR
+    in dB per activation (higher is closer), MSE and cosine similarity on hover."""
+    frame = pd.DataFrame([r for r in rows if "tensor" in r])
+    figure = go.Figure()
+    if frame.empty:
+        return figure
+    frame["position"] = [f"{i + 1}. {layer}" for i, layer in enumerate(frame["layer"])]
+    frame["snr_shown"] = frame["snr_db"].astype(float)
+    for kind, part in frame.groupby("kind", sort=False):
+        hover = [f"{t}<br>SNR {'identical' if pd.isna(s) else f'{s:.1f} dB'} · MSE {m:.3g} · cosine {c:.5f}"
+                 for t, s, m, c in zip(part["tensor"], part["snr_db"], part["mse"], part["cosine"])]
+        figure.add_bar(x=part["position"], y=part["snr_shown"], name=kind,
+                       marker_color=VALIDATION_KIND_COLORS.get(kind, MUTED), hovertext=hover,
+                       hovertemplate=HOVER_TEMPLATE)
+    figure.update_layout(xaxis_title="tensor (model order)", yaxis_title="SNR vs float (dB)",
+                         height=360, margin=dict(l=10, r=10, t=30, b=10), legend_title_text="tensor",
+                         xaxis=dict(categoryorder="array", categoryarray=list(frame["position"])))
+    return figure

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from .errors import TechniqueError
 from .ptq import conversion_details, convert_model
-from .techniques import BuildContext, Param, Produced, Technique, register
+from .techniques import BuildContext, Param, Produced, Technique
 
 
 # --- training-aware techniques (tensorflow-model-optimization; see finetune.py) -------------------
@@ -117,7 +117,7 @@ def _fine_tune(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
     return produce
 
 
-for _technique in (
+TECHNIQUES: list[Technique] = [
     Technique("qat-int8", "qat", "Quantization-aware training",
               "fine-tune with fake quantization (quantize_model), then int8: recovers accuracy PTQ loses",
               _fine_tune("qat-int8"), params=(_epochs(1), LEARNING_RATE, IO), fine_tunes=True,
@@ -143,5 +143,4 @@ for _technique in (
               _fine_tune("prune-cluster"),
               params=(SPARSITY, SCHEDULE, CLUSTERS, CENTROIDS, _epochs(1), LEARNING_RATE, THEN),
               fine_tunes=True, sources=("keras",)),
-):
-    register(_technique)
+]

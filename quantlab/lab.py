@@ -625,6 +625,111 @@ def start_selective_sweep(workload: Workload, keep_float: int, store: Store, cac
     return SelectiveSweep(keep_float, handle=handle)
 
 
+# --- the Lab's choices as a measured LiteRT Quantizer recipe --------------------------------------
+
+RECIPE_TECHNIQUE = "lq-recipe"
+RECIPE_ACTIVATION_BITS = (8, 16)
+
+
+@dataclass(frozen=True)
+class LabRecipe:
+    """A recipe made from the Lab's choices: its canonical JSON, what it stands for, what was adapted."""
+
+    text: str
+    what: str
+    notes: tuple[str, ...] = ()
+
+
+def mixed_precision_recipe(request: FakeQuantRequest) -> LabRecipe:
+    """The model view's per-layer bit widths (and activation bits) as a LiteRT Quantizer recipe:
+    weight-only rules when only weights are fake-quantized (float compute, as the prediction), static
+    rules with calibrated activations when activations are too."""
+    from . import litert_quant
+
+    if request.method != "linear":
+        raise QuantLabError("the LiteRT Quantizer quantizes linearly: choose linear quantization to "
+                            "measure these bit widths as a recipe (k-means has no TFLite kernel)")
+    activation_bits = int(request.activation_bits) if request.activations else None
+    if activation_bits is not None and activation_bits not in RECIPE_ACTIVATION_BITS:
+        raise QuantLabError(f"the LiteRT Quantizer's static recipes take 8 or 16 activation bits, not "
+                            f"{activation_bits}: choose 8 or 16 to measure this as a recipe")
+    bits = dict(request.weight_bits)
+    counts: dict[int, int] = {}
+    for value in bits.values():
+        counts[value] = counts.get(value, 0) + 1
+    default = max((b for b in counts if b < 32), key=lambda b: (counts[b], -b), default=8)
+    recipe, notes = litert_quant.mixed_precision_recipe(bits, default_bits=default,
+                                                        activation_bits=activation_bits)
+    widths = ", ".join(f"{layer} {'float' if b >= 32 else f'{b}-bit'}" for layer, b in sorted(bits.items()))
+    what = f"weights {widths}" + (f"; activations {activation_bits}-bit" if activation_bits else "")
+    return LabRecipe(litert_quant.canonical_recipe(recipe), what, tuple(notes))
+
+
+def keep_float_recipe(sensitivity: Mapping[str, Any], keep_float: int) -> LabRecipe:
+    """Static int8 (w8a8) everywhere but the N layers TFLite's debugger ranked most sensitive."""
+    from . import litert_quant
+
+    kept = list(sensitivity.get("ranking", []))[:int(keep_float)]
+    recipe = litert_quant.keep_float_recipe(kept)
+    names = ", ".join(short_layer_name(name) for name in kept) or "none"
+    return LabRecipe(litert_quant.canonical_recipe(recipe),
+                     f"static int8 with the {len(kept)} most sensitive layer(s) float ({names})")
+
+
+def recipe_spec(workload: Workload, recipe: LabRecipe) -> SweepSpec:
+    """The workload's latest sweep settings with only lq-recipe(recipe=...)."""
+    if not workload.spec:
+        raise QuantLabError("this workload has no stored sweep to repeat; run a sweep of it on the "
+                            "Run page first (its settings are reused here)")
+    from .techniques import resolve_spec
+
+    spec = SweepSpec.from_dict(workload.spec)
+    return replace(spec, techniques=(resolve_spec(TechniqueSpec(RECIPE_TECHNIQUE, {"recipe": recipe.text})),))
+
+
+@dataclass
+class RecipeSweep:
+    """A running sweep of one Lab-made recipe (its quantlab.sweeps handle)."""
+
+    recipe: LabRecipe
+    handle: Any
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.handle.finished)
+
+    def summary(self) -> str:
+        return self.handle.snapshot().summary()
+
+    def rows(self) -> list[dict]:
+        return list(self.handle.snapshot().rows)
+
+
+def start_recipe_sweep(workload: Workload, recipe: LabRecipe, store: Store, cache: ArtifactCache,
+                       options: Any = None) -> RecipeSweep:
+    """Measure a Lab-made recipe as an lq-recipe variant, in the background, like any sweep."""
+    from . import sweeps
+
+    label = f"{workload.manifest['model_name']}: LiteRT recipe ({recipe.what})"
+    handle = sweeps.start_sweep(recipe_spec(workload, recipe), store, cache, options, label=label)
+    return RecipeSweep(recipe, handle=handle)
+
+
+def recipe_rows(store: Store, manifest: Mapping[str, Any], recipe: LabRecipe) -> list[dict]:
+    """The newest successful measured row of exactly this recipe on this workload, if any."""
+    frame = store.query(
+        "SELECT technique, params, accuracy, agreement, model_bytes, row_id, recorded_at FROM results "
+        "WHERE model_hash = ? AND dataset_hash = ? AND technique = ? AND error IS NULL "
+        "ORDER BY recorded_at DESC", [manifest["model_hash"], manifest["dataset_hash"], RECIPE_TECHNIQUE])
+    for row in frame.to_dict("records"):
+        try:
+            if json.loads(row["params"] or "{}").get("recipe") == recipe.text:
+                return [row]
+        except (TypeError, ValueError):
+            continue
+    return []
+
+
 # --- warming up -----------------------------------------------------------------------------------
 
 _WARMED = threading.Event()

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from .errors import TechniqueError
-from .techniques import BuildContext, Param, Produced, Technique, register
+from .techniques import BuildContext, Param, Produced, Technique
 
 QUANTIZER_PACKAGE = "litert-quantizer"
 GRANULARITIES = {"channel": "CHANNELWISE", "tensor": "TENSORWISE", "block32": "BLOCKWISE_32",
@@ -149,6 +149,22 @@ def mixed_precision_recipe(weight_bits: Mapping[str, int], default_bits: int = 8
     return rules, notes
 
 
+def scope_regex(tensor_name: str) -> str:
+    """A regex for the op behind a TFLite tensor name: its layer when the name carries one
+    (`sequential/conv2d/Relu;...`), else the exact name (`StatefulPartitionedCall:0`)."""
+    first = tensor_name.split(";")[0]
+    if first.count("/") >= 2:
+        return layer_regex(layer_of(first))
+    return rf"(?:^|;){re.escape(first)};"
+
+
+def keep_float_recipe(tensor_names: Iterable[str], technique_id: str = "lq-w8a8") -> list[dict[str, Any]]:
+    """A scheme over every op, with the ops behind `tensor_names` (the Lab's most sensitive layers)
+    kept float by no_quantize rules after it."""
+    rules = scheme_recipe(technique_id, {})
+    return rules + [rule(scope_regex(name), None) for name in dict.fromkeys(tensor_names)]
+
+
 def canonical_recipe(recipe: Any) -> str:
     """A recipe as compact, key-sorted JSON text: equal recipes give equal text (and cache keys)."""
     return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
@@ -203,6 +219,12 @@ def check_recipe(recipe: Any) -> None:
             raise TechniqueError(f"lq-recipe: rule {index} has an invalid regex ({error})") from None
 
 
+def _recipe_needs_calibration(recipe: list[dict[str, Any]]) -> bool:
+    """Whether a rule quantizes activations (static) or runs an algorithm that calibrates (gptq)."""
+    return any("activation_tensor_config" in (r.get("op_config") or {}) or r.get("algorithm_key") == "GPTQ"
+               for r in recipe)
+
+
 def recipe_of(technique_id: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
     if technique_id == "lq-recipe":
         return json.loads(read_recipe(params.get("recipe")))
@@ -212,11 +234,15 @@ def recipe_of(technique_id: str, params: Mapping[str, Any]) -> list[dict[str, An
 # --- the model: its float32 conversion, its ops ---------------------------------------------------
 
 
-def float_tflite(context: BuildContext) -> bytes:
-    """The float32 .tflite the recipes apply to: the upload itself, or the model's conversion,
-    converted once per model and engine version and kept in the cache."""
+def float_tflite(context: BuildContext, calibrated: bool = False) -> tuple[bytes, list[str]]:
+    """The float32 .tflite the recipes apply to (the upload itself, or the model's conversion,
+    converted once per model, layout and engine version and kept in the cache), and notes on how.
+
+    For a calibrated recipe the model is laid out as the converter's calibrated modes lay it out:
+    GRU and SimpleRNN layers unrolled, since calibrating through a rolled WHILE loop fails (measured:
+    the quantizer's calibration reads "Tensor data is null" inside the loop)."""
     from .config import ENGINE_VERSION, content_hash
-    from .ptq import convert_model
+    from .ptq import converter_failure
 
     manifest = context.manifest
     if manifest.get("model_kind") == "tflite":
@@ -224,15 +250,23 @@ def float_tflite(context: BuildContext) -> bytes:
         if not is_float_model(data):
             raise TechniqueError(f"{manifest.get('model_name', 'the model')} is already quantized; the "
                                  f"LiteRT Quantizer starts from a float .tflite: upload the float model")
-        return data
-    key = content_hash({"engine": ENGINE_VERSION, "model": manifest["model_hash"], "conversion": "float32"})
-    path = context.cache.path("models", f"float32-{key}", ".tflite") if context.cache else None
+        return data, []
+    layout = "int8-fallback" if calibrated else "float32"    # the converter's layout, no quantization
+    key = content_hash({"engine": ENGINE_VERSION, "model": manifest["model_hash"], "conversion": "float32",
+                        "layout": layout})
+    notes_key = f"float32-{key}"
+    path = context.cache.path("models", notes_key, ".tflite") if context.cache else None
     if path is not None and path.exists():
-        return path.read_bytes()
-    data, _ = convert_model(context, None, "float32")
+        return path.read_bytes(), list((context.cache.read_json("models", notes_key) or {}).get("notes", []))
+    converter, notes = context.make_converter(None, layout)
+    try:
+        data = converter.convert()
+    except Exception as error:  # noqa: BLE001 - ConverterError, ValueError, RuntimeError...
+        raise converter_failure("float32", error) from None
     if path is not None:
-        context.cache.write_bytes("models", f"float32-{key}", ".tflite", data)
-    return data
+        context.cache.write_json("models", notes_key, {"notes": notes})
+        context.cache.write_bytes("models", notes_key, ".tflite", data)
+    return data, notes
 
 
 def _read_model(data: bytes) -> Any:
@@ -321,7 +355,8 @@ def op_coverage(data: bytes) -> dict[str, Any]:
     """Which compute ops of a quantized .tflite run on integer weights or activations, by op type.
 
     An op counts as quantized when one of its tensors is integer (int4/int8/int16) or it reads a
-    weight through a DEQUANTIZE (weight-only). QUANTIZE / DEQUANTIZE themselves are not counted.
+    constant weight through a DEQUANTIZE (weight-only); an op reading a dequantized activation is
+    float. QUANTIZE / DEQUANTIZE themselves are not counted.
     """
     model = _read_model(data)
     names, types = _op_names(model), _type_names()
@@ -331,8 +366,9 @@ def op_coverage(data: bytes) -> dict[str, Any]:
         for op in subgraph.operators:
             for tensor in op.outputs:
                 produced_by[int(tensor)] = names[op.opcodeIndex]
-        dequantized = {int(op.outputs[0]) for op in subgraph.operators
-                       if names[op.opcodeIndex] == "DEQUANTIZE"
+        activations = set(produced_by) | {int(t) for t in subgraph.inputs}
+        dequantized = {int(op.outputs[0]) for op in subgraph.operators      # weight-only weights
+                       if names[op.opcodeIndex] == "DEQUANTIZE" and int(op.inputs[0]) not in activations
                        and types.get(subgraph.tensors[op.inputs[0]].type) in INTEGER_TYPES}
         for op in subgraph.operators:
             name = names[op.opcodeIndex]
@@ -400,8 +436,29 @@ def _quiet() -> Iterable[None]:
         yield
 
 
+RANGES = ("moving-average", "min-max")
+
+
+def calibrate(float_model: bytes, recipe: list[dict[str, Any]], samples: list[dict], signature: str,
+              ranges: str) -> dict:
+    """Activation ranges on the calibration samples. `moving-average` is the quantizer's default (an
+    exponential moving average, smoothing 0.95, of each sample's min/max: outliers are clipped);
+    `min-max` keeps the extremes over all samples, as TensorFlow's converter does."""
+    from litert_quantizer import calibrator, recipe_manager
+    from litert_quantizer.utils import qsv_utils
+
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(recipe)
+    update = qsv_utils.min_max_update if ranges == "min-max" else qsv_utils.moving_average_update
+    calib = calibrator.Calibrator(bytes(float_model), num_threads=1, qsv_update_func=update) \
+        if ranges == "min-max" else calibrator.Calibrator(bytes(float_model), num_threads=1)
+    calib.calibrate({signature: samples}, manager)
+    return calib.get_model_qsvs()
+
+
 def quantize(float_model: bytes, recipe: list[dict[str, Any]], calibration: list[dict] | None = None,
-             validation: list[dict] | None = None, signature: str = "serving_default") -> tuple[bytes, dict]:
+             validation: list[dict] | None = None, signature: str = "serving_default",
+             ranges: str = "moving-average") -> tuple[bytes, dict]:
     """Apply `recipe` to a float .tflite; the quantized bytes and what the quantizer reported."""
     from litert_quantizer import quantizer
 
@@ -418,14 +475,21 @@ def quantize(float_model: bytes, recipe: list[dict[str, Any]], calibration: list
                 if not calibration:
                     raise TechniqueError("this recipe quantizes activations and needs calibration data; "
                                          "provide x_calib or x_train in the dataset")
-                result = qt.calibrate({signature: calibration}, num_threads=1)
+                result = calibrate(float_model, recipe, calibration, signature, ranges)
             quantized = qt.quantize(result, enable_progress_report=False)
         except TechniqueError:
             raise
         except Exception as error:  # noqa: BLE001 - the quantizer raises ValueError, RuntimeError...
+            if "Tensor data is null" in str(error):
+                raise TechniqueError("the LiteRT Quantizer's calibration could not read an intermediate "
+                                     "tensor (its XNNPACK interpreter leaves some unused outputs, such as "
+                                     "a recurrent cell's, unallocated); use a weight-only or dynamic lq "
+                                     "technique, or the converter's int8-fallback") from None
             raise TechniqueError(f"the LiteRT Quantizer failed: {_first_line(error)}") from None
         data = bytes(quantized.quantized_model)
-        report = {"calibrated": calibrated}
+        report: dict[str, Any] = {"calibrated": calibrated}
+        if calibrated:
+            report["ranges"] = ranges
         if validation:
             layers = {op["output"]: op["layer"] for op in op_outputs(float_model)}
             report["validation"] = validation_rows(qt, {signature: validation}, layers)
@@ -486,7 +550,7 @@ def _produce(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
     def produce(context: BuildContext, params: dict) -> Produced:
         recipe = recipe_of(technique_id, params)
         context.on_progress({"stage": "convert", "message": "float32 conversion for the quantizer"})
-        float_model = float_tflite(context)
+        float_model, conversion_notes = float_tflite(context, _recipe_needs_calibration(recipe))
         recipe, recipe_notes = bind_layer_rules(recipe, float_model)
         signature, names = signature_inputs(float_model)
         dataset = context.dataset
@@ -495,7 +559,8 @@ def _produce(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
         validation = signature_samples(dataset.x_test, names, context.manifest, limit=VALIDATION_SAMPLES) \
             if len(dataset.x_test) else None
         context.on_progress({"stage": "convert", "message": "LiteRT Quantizer"})
-        data, report = quantize(float_model, recipe, calibration, validation, signature)
+        data, report = quantize(float_model, recipe, calibration, validation, signature,
+                                params.get("ranges", "moving-average"))
         coverage = op_coverage(data)
         details = {"conversion": f"LiteRT Quantizer {quantizer_version()}: {coverage['summary']}",
                    "recipe": recipe, "quantizer_version": quantizer_version(),
@@ -503,6 +568,8 @@ def _produce(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
                    "float32_bytes": len(float_model), **report}
         if recipe_notes:
             details["recipe_notes"] = recipe_notes
+        if conversion_notes:
+            details["conversion_notes"] = conversion_notes
         if coverage["quantized_ops"] == 0:
             details["warning"] = (f"the recipe quantized 0 of {coverage['total_ops']} ops: this is the "
                                   f"float model (blockwise recipes change fully connected and "
@@ -518,10 +585,15 @@ GRANULARITY = Param("granularity", "channel",
 ALGORITHM = Param("algorithm", "min_max",
                   "how weight ranges are found: min_max, octav (clipping search), gptq or hadamard "
                   "(these two quantize fully connected ops only)", choices=tuple(ALGORITHMS))
+RANGE_PARAM = Param("ranges", "moving-average",
+                    "activation ranges from calibration: the quantizer's moving average of each sample's "
+                    "min/max (clips outliers), or the extremes over all samples (as the converter)",
+                    choices=RANGES)
 RECIPE = Param("recipe", "", "a LiteRT Quantizer recipe: the path of its .json file, or the JSON itself",
                parse=read_recipe)
 
 _SOURCES = ("keras", "savedmodel", "tflite")
+TECHNIQUES: list[Technique] = []
 for _id, _label, _description in (
     ("lq-int8-weight-only", "LiteRT int8 weight-only",
      "int8 weights dequantized to float before each op: ~4x smaller, float compute keeps accuracy"),
@@ -536,13 +608,14 @@ for _id, _label, _description in (
     ("lq-w4a8", "LiteRT static w4a8",
      "int4 weights, int8 activations, calibrated: int4 size with integer activations"),
 ):
-    register(Technique(_id, "litert", _label, _description, _produce(_id),
-                       params=(GRANULARITY, ALGORITHM), needs_calibration=SCHEMES[_id].calibrated,
+    TECHNIQUES.append(Technique(_id, "litert", _label, _description, _produce(_id),
+                       params=(GRANULARITY, ALGORITHM, RANGE_PARAM) if SCHEMES[_id].calibrated
+                       else (GRANULARITY, ALGORITHM), needs_calibration=SCHEMES[_id].calibrated,
                        sources=_SOURCES,
                        check=lambda params, _tid=_id: check_scheme_params(_tid, params)))
 
-register(Technique(
+TECHNIQUES.append(Technique(
     "lq-recipe", "litert", "LiteRT recipe",
     "any LiteRT Quantizer recipe JSON (per-op rules by regex; the Lab's mixed precision makes one)",
-    _produce("lq-recipe"), params=(RECIPE,), sources=_SOURCES, in_all=False,
+    _produce("lq-recipe"), params=(RECIPE, RANGE_PARAM), sources=_SOURCES, in_all=False,
     check=lambda params: None if params["recipe"] else read_recipe("")))

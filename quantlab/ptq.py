@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from .errors import TechniqueError
 from .keras_convert import PTQ_MODES, WEIGHT_GRANULARITIES, configure_converter  # noqa: F401
-from .techniques import BuildContext, Param, Produced, Technique, register
+from .techniques import BuildContext, Param, Produced, Technique
 
 
 
@@ -86,7 +86,7 @@ def _as_uploaded(context: BuildContext, params: dict) -> Produced:
                     details={"conversion": "none: the uploaded .tflite as it is"})
 
 
-for _technique in (
+TECHNIQUES: list[Technique] = [
     Technique("baseline", "baseline", "Float baseline",
               "the float model itself, measured in its own framework (tf_keras, Keras 3, or a "
               "SavedModel's serving signature in TensorFlow): the reference", _baseline),
@@ -112,8 +112,7 @@ for _technique in (
     Technique("int16x8", "ptq", "16x8 (int16 activations)",
               "int16 activations, int8 weights: better accuracy than int8, reference kernels (slow)",
               _ptq("int16x8"), needs_calibration=True, integer_only=True),
-):
-    register(_technique)
+]
 
 
 # --- int8 with the most sensitive layers kept in float (quantlab.sensitivity) --------------------
@@ -126,7 +125,7 @@ def _int8_selective(context: BuildContext, params: dict) -> Produced:
     return Produced(tflite=tflite, details=details)
 
 
-register(Technique(
+TECHNIQUES.append(Technique(
     "int8-selective", "ptq", "Int8, sensitive layers in float",
     "int8 with float fallback, except the N layers with the largest quantization error (TFLite's "
     "QuantizationDebugger: RMSE / scale on the calibration data), which stay float",

@@ -567,6 +567,54 @@ def measured_gain(technique: str | None, frame: pd.DataFrame | None) -> str | No
     return None if row is None else describe_gain(row, metric)
 
 
+# --- a smaller file than 8 bits: int4 weights (LiteRT Quantizer) ------------------------------------
+
+INT4_TECHNIQUE = "lq-int4-dynamic"
+
+
+@dataclass(frozen=True)
+class SizeOffer:
+    """int4 weights, offered when the deployment can run them: measured or still to measure."""
+
+    status: str                        # not-measured | fits | exceeds
+    text: str
+    to_run: tuple[str, ...] = ()
+    row_id: str | None = None
+
+
+def int4_offer(recommendation: Recommendation, frame: pd.DataFrame | None) -> SizeOffer | None:
+    """Whether int4 weights suit this deployment, and what this model's rows say about them.
+
+    Offered on a CPU with float input/output when an accuracy drop is acceptable (int4 dynamic keeps
+    float activations and I/O): "run it" when not measured, its measured figures when it fits the
+    tolerance, and its loss when it does not. None for GPUs, integer-only targets or no drop allowed.
+    """
+    from .analysis import QUALITY, change_noise, describe_gain, quality_metric
+
+    answers = recommendation.answers
+    if answers.hardware != "cpu" or answers.integer_io or not answers.accuracy_drop_ok:
+        return None
+    metric = quality_metric(frame)
+    words = QUALITY[metric]
+    row = _best_row(frame, INT4_TECHNIQUE, words.change)
+    label = technique_label(INT4_TECHNIQUE)
+    if row is None:
+        return SizeOffer("not-measured", f"Smaller than any 8-bit variant: {label} ({INT4_TECHNIQUE}) "
+                                         f"stores int4 weights, about half the bytes of int8; it is not "
+                                         f"measured on this model yet.", to_run=(INT4_TECHNIQUE,))
+    change = row.get(words.change)
+    if change is None or pd.isna(change) or not _has_reference(frame):
+        return None
+    if change >= -answers.tolerance_points - 1e-9:
+        return SizeOffer("fits", f"{label} fits your tolerance: {describe_gain(row, metric)}.",
+                         row_id=str(row["row_id"]))
+    noise = change_noise(row, metric)
+    return SizeOffer("exceeds", f"{label} was measured and loses {-float(change):.1f} points"
+                                f"{words.points_suffix}" + (f" ({noise})" if noise else "") +
+                     f", more than your {answers.tolerance_points:g}-point tolerance.",
+                     row_id=str(row["row_id"]))
+
+
 # --- running what is missing ---------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The technique registry: technique id -> its parameters and how it produces a .tflite model.
 
-Each family registers its techniques from its own module (quantlab.ptq: the converter's post-training
+Each family declares its techniques in its own module (quantlab.ptq: the converter's post-training
 modes; quantlab.fine_tuning: tensorflow-model-optimization; quantlab.litert_quant: the LiteRT
 Quantizer), loaded on first use. Listing techniques and checking parameters import no TensorFlow;
 producing a model does, and runs in a worker process (see runner.py).
@@ -9,6 +9,7 @@ producing a model does, and runs in a worker process (see runner.py).
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -141,12 +142,21 @@ def register(technique: Technique) -> Technique:
     return technique
 
 
+_LOADING = threading.Lock()
+
+
 def _registry() -> dict[str, Technique]:
-    """Every family's techniques (each family module registers its own when first imported)."""
+    """Every family's techniques, registered in FAMILY_MODULES order on first use (each family module
+    lists its own in TECHNIQUES), whichever module was imported first."""
+    if _REGISTRY:
+        return _REGISTRY
     from importlib import import_module
 
-    for name in FAMILY_MODULES:
-        import_module(f"{__package__}.{name}")
+    with _LOADING:
+        if not _REGISTRY:
+            for technique in [t for name in FAMILY_MODULES
+                              for t in import_module(f"{__package__}.{name}").TECHNIQUES]:
+                register(technique)
     return _REGISTRY
 
 
@@ -189,7 +199,7 @@ def variant_label(technique_id: str, params: Mapping[str, Any] | str | None) -> 
     """
     params = params_dict(params) or {}
     try:
-        defaults = get_technique(technique_id).resolve({})
+        defaults = {p.name: p.default for p in get_technique(technique_id).params}
     except QuantLabError:
         defaults = {}
     changed = {k: v for k, v in params.items() if defaults.get(k) != v}

@@ -44,6 +44,7 @@ FAMILY_TITLES = {
     "clustering": "Weight clustering",
     "prune": "Pruning",
     "pruning": "Pruning",
+    "litert": "LiteRT Quantizer (int4, weight-only, static recipes)",
 }
 MODEL_KIND_WORDS = {"keras": "a Keras model", "savedmodel": "a SavedModel", "tflite": "a .tflite file"}
 
@@ -186,7 +187,8 @@ def technique_groups(model_kind: str = "keras", refused: dict[str, str] | None =
     (`refused`: {technique id: reason} known for this model, see upload_refusals).
 
     Selected by default: what runs on this model without re-training (one click gives a full
-    post-training comparison); techniques that fine-tune are offered but left for the user to tick.
+    post-training comparison); techniques that fine-tune, and a recipe that needs writing first
+    (lq-recipe), are offered but left for the user to tick.
     """
     groups: dict[str, list[TechniqueChoice]] = {}
     for technique in all_techniques():
@@ -197,7 +199,8 @@ def technique_groups(model_kind: str = "keras", refused: dict[str, str] | None =
         if available and technique.id in (refused or {}):
             available, reason = False, refused[technique.id]
         groups.setdefault(technique.family, []).append(
-            TechniqueChoice(technique, available, reason, available and not technique.fine_tunes))
+            TechniqueChoice(technique, available, reason,
+                            available and not technique.fine_tunes and technique.in_all))
     return [TechniqueGroup(family, family_title(family), tuple(choices)) for family, choices in groups.items()]
 
 
@@ -274,7 +277,7 @@ def technique_tags(technique: Technique) -> list[str]:
 class ParamInput:
     """How to draw one technique parameter as a widget."""
 
-    widget: str               # selectbox, checkbox, int, float
+    widget: str               # selectbox, checkbox, int, float, text
     label: str
     help: str
     default: Any
@@ -290,6 +293,8 @@ def param_input(param: Param) -> ParamInput:
         return ParamInput("selectbox", label, param.help, param.default, tuple(param.choices))
     if isinstance(param.default, bool):
         return ParamInput("checkbox", label, param.help, param.default)
+    if isinstance(param.default, str):
+        return ParamInput("text", label, param.help, param.default)
     if isinstance(param.default, int):
         return ParamInput("int", label, param.help, param.default,
                           minimum=None if param.minimum is None else int(math.ceil(param.minimum)),
@@ -301,6 +306,16 @@ def param_input(param: Param) -> ParamInput:
                       step=step)
 
 
+def _refuse_server_paths(technique: Technique, params: Mapping[str, Any]) -> None:
+    """In the browser a text parameter (a recipe) is the JSON itself: a path would read a file on the
+    server, which only the command line may do."""
+    for param in technique.params:
+        value = str(params.get(param.name) or "").strip()
+        if param.kind == "text" and value and not value.startswith(("[", "{")):
+            raise QuantLabError(f"{technique.id}: paste the {param.name} itself (JSON); a file path is "
+                                f"read only by the command line")
+
+
 def build_technique_specs(choices: Mapping[str, Mapping[str, Any]]
                           ) -> tuple[tuple[TechniqueSpec, ...], dict[str, str]]:
     """Specs for the chosen techniques (id -> parameter values), checked; errors per technique id."""
@@ -309,6 +324,7 @@ def build_technique_specs(choices: Mapping[str, Mapping[str, Any]]
     for technique_id, params in choices.items():
         try:
             technique = get_technique(technique_id)
+            _refuse_server_paths(technique, params)
             specs.append(TechniqueSpec(technique_id, technique.resolve(params)))
         except QuantLabError as exc:
             errors[technique_id] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -694,12 +710,55 @@ def provenance_table(row: Mapping[str, Any]) -> Any:
 
 STANDARD_DETAIL_KEYS = ("inspection", "latency_samples_ms", "split_sizes", "conversion", "keras_layers",
                         "labels", "label_note", "predictions")
+QUANTIZER_DETAIL_KEYS = ("recipe", "recipe_notes", "quantizer_version", "op_coverage", "tensor_types",
+                         "validation", "calibrated", "ranges", "float32_bytes", "warning")
+
+
+@dataclass(frozen=True)
+class QuantizerReport:
+    """What the LiteRT Quantizer recorded for one row, ready for the Details page."""
+
+    version: str
+    summary: str
+    coverage: Any                  # frame: op type, quantized, total
+    tensor_types: str
+    recipe_json: str
+    validation: list[dict]
+    notes: tuple[str, ...]
+    warning: str | None
+
+
+def quantizer_report(row: Mapping[str, Any]) -> QuantizerReport | None:
+    """The quantizer's part of a row (recipe, op coverage, validation), or None for other rows."""
+    import pandas as pd
+
+    details = _as_dict(row.get("details"))
+    if "recipe" not in details:
+        return None
+    coverage = details.get("op_coverage") or {}
+    table = pd.DataFrame([{"op": op, "quantized": e.get("quantized", 0), "total": e.get("total", 0)}
+                          for op, e in (coverage.get("by_type") or {}).items()],
+                         columns=["op", "quantized", "total"])
+    types = ", ".join(f"{name} {count}" for name, count in sorted((details.get("tensor_types") or {}).items()))
+    validation = [r for r in details.get("validation") or [] if isinstance(r, dict)]
+    notes = [r["error"] for r in validation if "error" in r] + list(details.get("recipe_notes") or [])
+    if details.get("ranges") == "moving-average":
+        notes.append("Activation ranges are the quantizer's default: a moving average (smoothing 0.95) of "
+                     "each calibration sample's min/max, so values beyond it are clipped; "
+                     "`ranges=min-max` keeps the extremes, as the converter does.")
+    elif details.get("ranges") == "min-max":
+        notes.append("Activation ranges are the extremes over the calibration split (ranges=min-max).")
+    return QuantizerReport(version=str(details.get("quantizer_version") or "?"),
+                           summary=str(coverage.get("summary") or ""), coverage=table, tensor_types=types,
+                           recipe_json=json.dumps(details["recipe"], indent=2),
+                           validation=[r for r in validation if "tensor" in r], notes=tuple(notes),
+                           warning=details.get("warning"))
 
 
 def extra_details(row: Mapping[str, Any]) -> dict[str, Any]:
     """Details beyond the standard ones: what a technique recorded about itself (e.g. fine-tuning)."""
     details = _as_dict(row.get("details"))
-    return {k: v for k, v in details.items() if k not in STANDARD_DETAIL_KEYS}
+    return {k: v for k, v in details.items() if k not in STANDARD_DETAIL_KEYS + QUANTIZER_DETAIL_KEYS}
 
 
 def row_frame(store: Store, row_id: str) -> Any:

@@ -126,7 +126,7 @@ def test_a_link_naming_a_model_and_techniques_preselects_them(env):
 
 def test_every_declared_parameter_gets_a_widget(env):
     at = run_app()
-    keys = {w.key for w in [*at.selectbox, *at.number_input, *at.checkbox] if w.key}
+    keys = {w.key for w in [*at.selectbox, *at.number_input, *at.checkbox, *at.text_area] if w.key}
     for technique in all_techniques():
         if "keras" in technique.sources:
             for param in technique.params:

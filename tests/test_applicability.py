@@ -23,6 +23,16 @@ def test_pruning_clustering_and_every_ptq_stay_available_on_an_lstm():
         assert refusal(technique, LSTM_MANIFEST) is None
 
 
+def test_the_quantizers_calibrated_recipes_are_refused_on_a_gru_and_kept_on_an_lstm():
+    gru = {**LSTM_MANIFEST, "layers": [{"layer": "gru", "class": "GRU", "cell": "GRU"}]}
+    for technique in ("lq-w8a8", "lq-w8a16", "lq-w4a8"):
+        reason = refusal(technique, gru)
+        assert reason.startswith(technique) and "'gru' (GRU)" in reason and "lq-int4-dynamic" in reason
+        assert refusal(technique, LSTM_MANIFEST) is None              # the fused LSTM calibrates
+    for technique in ("lq-int4-dynamic", "lq-int8-weight-only", "lq-int4-weight-only"):
+        assert refusal(technique, gru) is None
+
+
 def test_fine_tuning_needs_labels_and_a_train_split():
     unlabelled = {**LSTM_MANIFEST, "has_labels": False, "layers": []}
     assert "no labels" in refusal("prune", unlabelled)

@@ -262,6 +262,31 @@ def test_lab_page_opens_on_the_swept_workload(swept, server, browser, shots):
     other.context.close()
 
 
+def test_the_labs_mixed_precision_is_measured_as_a_litert_recipe_with_one_click(swept, server, browser,
+                                                                               shots):
+    page = new_page(browser)
+    open_app(page, server.url.rstrip("/") + "/lab?tab=model")
+    expect(page.locator("h1").first).to_have_text("Calibration lab")
+    extract = by_key(page, "lab_extract").locator("button")
+    if extract.count():
+        extract.click()
+        wait_idle(page, timeout=LAB_EXTRACT_SECONDS)
+    page.get_by_role("tab", name="Model accuracy").click()
+    wait_idle(page)
+    button = by_key(page, "lab_run_recipe_model").get_by_role("button", name=re.compile("Measure these bit"))
+    expect(button).to_be_enabled(timeout=30_000)
+    button.click()
+    measured = page.get_by_text(re.compile(r"Measured as a LiteRT recipe \(weights .*\): .*bytes"))
+    expect(measured).to_be_visible(timeout=SWEEP_SECONDS * 1000)
+    assert_no_errors(page, "Lab, after measuring the recipe")
+    screenshot(page, shots, "08-lab-recipe-measured")
+    page.context.close()
+    # the measured variant is on Compare with the others
+    compare = open_compare(browser, server)
+    expect(compare.get_by_text("lq-recipe").first).to_be_attached(timeout=30_000)
+    compare.context.close()
+
+
 def test_details_page_of_the_recommended_variant(swept, server, browser, shots):
     page = open_compare(browser, server)
     best = by_key(page, "compare_open_best").locator("button")

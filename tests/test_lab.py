@@ -195,6 +195,45 @@ def test_the_selective_sweep_repeats_the_workloads_settings():
     assert "tf_keras" in lab.Workload({"model_name": "x.tflite", "model_kind": "tflite"}).reason
 
 
+def test_the_model_views_bit_widths_become_a_recipe_with_the_widest_share_as_default():
+    request = lab.FakeQuantRequest({"conv": 4, "dense": 8, "dense_1": 8, "head": 32})
+    recipe = lab.mixed_precision_recipe(request)
+    rules = json.loads(recipe.text)
+    assert [(r["regex"], r["algorithm_key"]) for r in rules] == [
+        (".*", "min_max_uniform_quantize"), (lab_regex("conv"), "min_max_uniform_quantize"),
+        (lab_regex("head"), "no_quantize")]
+    assert rules[0]["op_config"]["explicit_dequantize"] is True       # weight-only, as the prediction
+    assert recipe.what == "weights conv 4-bit, dense 8-bit, dense_1 8-bit, head float"
+    with_activations = lab.mixed_precision_recipe(lab.FakeQuantRequest({"conv": 8}, activations=True,
+                                                                        activation_bits=16))
+    assert json.loads(with_activations.text)[0]["op_config"]["activation_tensor_config"]["num_bits"] == 16
+    with pytest.raises(QuantLabError, match="8 or 16 activation bits"):
+        lab.mixed_precision_recipe(lab.FakeQuantRequest({"conv": 8}, activations=True, activation_bits=4))
+    with pytest.raises(QuantLabError, match="linearly"):
+        lab.mixed_precision_recipe(lab.FakeQuantRequest({"conv": 4}, method="kmeans"))
+
+
+def lab_regex(layer):
+    from quantlab.litert_quant import layer_regex
+
+    return layer_regex(layer)
+
+
+def test_keeping_the_ranked_layers_float_and_the_recipe_sweep_repeats_the_workloads_settings():
+    sensitivity = {"ranking": ["seq/conv/Relu;seq/conv/BiasAdd", "StatefulPartitionedCall:0", "seq/pool/Max"]}
+    recipe = lab.keep_float_recipe(sensitivity, 2)
+    assert [r["algorithm_key"] for r in json.loads(recipe.text)] == ["min_max_uniform_quantize",
+                                                                    "no_quantize", "no_quantize"]
+    assert recipe.what == "static int8 with the 2 most sensitive layer(s) float (conv, model output)"
+    spec = SweepSpec("seed-cnn", "digits", (TechniqueSpec("int8-fallback"),), TrainSettings(epochs=1),
+                     MeasureSettings(min_runs=5))
+    workload = lab.Workload({"model_name": "seed-cnn", "model_kind": "keras"}, spec.to_dict(), "m", "d")
+    measured = lab.recipe_spec(workload, recipe)
+    assert measured.techniques[0].id == "lq-recipe"
+    assert measured.techniques[0].params["recipe"] == recipe.text
+    assert (measured.model, measured.train, measured.measure) == (spec.model, spec.train, spec.measure)
+
+
 # --- the page on a prepared workload --------------------------------------------------------------
 
 

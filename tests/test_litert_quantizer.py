@@ -173,3 +173,51 @@ def test_a_sweep_gives_full_lq_rows_and_int4_is_smaller_than_every_8_bit_variant
     assert rows["lq-int4-dynamic"]["model_bytes"] < min(row["model_bytes"] for row in eight_bit)
     assert rows["lq-int4-dynamic"]["details"]["tensor_types"].get("INT4", 0) >= 2
     assert rows["lq-w8a8"]["details"]["calibrated"] is True
+
+
+def test_keeping_the_most_sensitive_tensors_float_makes_no_quantize_rules_after_the_scheme(conv_dense):
+    recipe = lq.keep_float_recipe(["sequential/fc/MatMul1", "StatefulPartitionedCall:0"])
+    assert [r["algorithm_key"] for r in recipe] == ["min_max_uniform_quantize", "no_quantize", "no_quantize"]
+    assert recipe[1]["regex"] == lq.layer_regex("fc") and recipe[2]["regex"] == "(?:^|;)StatefulPartitionedCall:0;"
+    data, _ = lq.quantize(conv_dense, recipe, calibration=[
+        {lq.signature_inputs(conv_dense)[1][0]: np.random.default_rng(i).random((1, 8, 8, 1), dtype=np.float32)}
+        for i in range(4)])
+    coverage = lq.op_coverage(data)["by_type"]
+    assert coverage["FULLY_CONNECTED"] == {"quantized": 0, "total": 2}
+    assert coverage["CONV_2D"] == {"quantized": 1, "total": 1}
+
+
+def test_the_dashboard_takes_a_pasted_recipe_but_never_reads_a_server_path(tmp_path):
+    from quantlab.ui_state import build_technique_specs
+
+    recipe = json.dumps(lq.mixed_precision_recipe({"fc": 4})[0])
+    specs, errors = build_technique_specs({"lq-recipe": {"recipe": recipe}})
+    assert errors == {} and specs[0].params["recipe"] == lq.canonical_recipe(json.loads(recipe))
+    path = tmp_path / "secret.json"
+    path.write_text(recipe)
+    specs, errors = build_technique_specs({"lq-recipe": {"recipe": str(path)}})
+    assert specs == () and "read only by the command line" in errors["lq-recipe"]
+
+
+def test_the_details_report_shows_coverage_validation_and_the_recipe_of_an_lq_row():
+    from quantlab.ui_state import extra_details, quantizer_report
+
+    row = {"details": {"recipe": [{"regex": ".*"}], "quantizer_version": "0.11.0", "ranges": "moving-average",
+                       "op_coverage": {"summary": "quantized 1 of 2 ops (CONV_2D 1/1; RESHAPE float)",
+                                       "by_type": {"CONV_2D": {"quantized": 1, "total": 1},
+                                                   "RESHAPE": {"quantized": 0, "total": 1}}},
+                       "tensor_types": {"INT8": 2, "FLOAT32": 3}, "calibrated": True,
+                       "validation": [{"tensor": "a/conv/Relu", "layer": "conv", "kind": "intermediate",
+                                       "mse": 0.1, "snr_db": 30.0, "cosine": 0.99}],
+                       "fine_tune": {"epochs": 1}}}
+    report = quantizer_report(row)
+    assert report.coverage.to_dict("records") == [{"op": "CONV_2D", "quantized": 1, "total": 1},
+                                                  {"op": "RESHAPE", "quantized": 0, "total": 1}]
+    assert report.tensor_types == "FLOAT32 3, INT8 2" and json.loads(report.recipe_json) == [{"regex": ".*"}]
+    assert any("moving average" in note for note in report.notes)
+    assert extra_details(row) == {"fine_tune": {"epochs": 1}}          # the rest has its own section
+    assert quantizer_report({"details": {"conversion": "dynamic"}}) is None
+    from quantlab.charts import quantizer_validation_figure
+
+    figure = quantizer_validation_figure(report.validation)
+    assert list(figure.data[0].x) == ["1. conv"] and list(figure.data[0].y) == [30.0]

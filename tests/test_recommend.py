@@ -314,3 +314,29 @@ def test_without_labels_the_pick_is_judged_by_agreement():
     pick = recommend.measured_pick(advise(), frame)
     assert pick.metric == "agreement" and pick.technique == "int8-fallback"
     assert "points of agreement" in pick.gain
+
+
+# --- int4 weights (LiteRT Quantizer) when size is what counts -------------------------------------
+
+
+def test_an_int4_variant_that_fits_the_tolerance_is_the_measured_pick_and_said_to_fit():
+    frame = pd.concat([CPU_MODEL, variants(("lq-int4-dynamic", 7.5, -0.4, 0.6))], ignore_index=True)
+    pick = recommend.measured_pick(advise(), frame)
+    assert pick.technique == "lq-int4-dynamic"                       # the smallest within 1 point
+    offer = recommend.int4_offer(advise(), frame)
+    assert offer.status == "fits" and offer.row_id == "row-lq-int4-dynamic" and offer.to_run == ()
+
+
+def test_an_int4_variant_that_loses_too_much_is_not_picked_and_its_loss_is_said():
+    frame = pd.concat([CPU_MODEL, variants(("lq-int4-dynamic", 7.5, -2.5, 0.6))], ignore_index=True)
+    assert recommend.measured_pick(advise(), frame).technique == "dynamic"
+    offer = recommend.int4_offer(advise(), frame)
+    assert offer.status == "exceeds" and "loses 2.5 points" in offer.text and "1-point" in offer.text
+
+
+def test_int4_is_offered_for_measuring_on_a_cpu_only_and_only_when_a_drop_is_acceptable():
+    offer = recommend.int4_offer(advise(), CPU_MODEL)
+    assert offer.status == "not-measured" and offer.to_run == ("lq-int4-dynamic",)
+    for answers in (dict(hardware="gpu"), dict(hardware="edgetpu"), dict(integer_io=True),
+                    dict(accuracy_drop_ok=False)):
+        assert recommend.int4_offer(advise(**answers), CPU_MODEL) is None, answers

@@ -10,6 +10,7 @@ from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
+                               estimate_sweep,
                                NO_LABELS_UPLOAD, dataset_facts, file_stamp, keras3_note, make_sweep_spec,
                                model_kind_of, model_output_names, param_input, results_table,
                                save_upload, stored_name, technique_groups, technique_tags,
@@ -300,7 +301,8 @@ if mine is not None:
 
 if store.count() == 0 and not active_sweeps():
     st.info(f"No results yet. The default sweep is ready: **{DEFAULT_MODEL}** on **{DEFAULT_DATASET}** "
-            f"with every post-training technique. Press **Run sweep** below.", icon=":material/rocket_launch:")
+            f"with every post-training technique. Press **Run sweep** under the model and dataset.",
+            icon=":material/rocket_launch:")
 
 follow_link()
 st.subheader("1. Model and dataset")
@@ -325,6 +327,9 @@ with right:
 view = update_view(**{kind: name for kind, name, ok in (("model", model_name, model_ok),
                                                         ("dataset", dataset_name, dataset_ok)) if ok})
 
+# The primary action sits here, seen without scrolling; it is drawn once the choices below are known.
+run_bar = st.container(border=True)
+
 st.subheader("2. Techniques")
 model_kind = model_kind_of(model_name or "")
 uploaded_model = model if form.get("model_source") == UPLOAD and model_ok else None
@@ -343,22 +348,29 @@ for technique_id, error in technique_errors.items():
     st.error(f"{get_technique(technique_id).label}: {error}", icon=":material/error:")
 view = update_view(techniques=tuple(chosen))
 
-st.subheader("3. Run")
+st.subheader("3. Settings")
 measure = measurement_settings()
 remeasure = st.checkbox("Measure again, ignoring cached results (for latencies timed while the machine "
                         "was busy)", value=st.query_params.get("remeasure") == "1", key="run_remeasure")
 ready = model_ok and dataset_ok and bool(techniques) and not technique_errors and settings.can_run
-if not techniques:
-    st.caption("Pick at least one technique.")
 spec = make_sweep_spec(model, dataset, techniques, **measure, label_output=label_output) if ready else None
 twin = running_twin(spec, store)
-if twin is not None:
-    st.caption(f"This very sweep is already {'running' if twin.status == 'running' else 'waiting'} "
-               f"({twin.label}): its progress is below.")
-if st.button("Run sweep", type="primary", key="run_start", disabled=not ready or twin is not None,
-             icon=":material/play_arrow:",
-             help="The same sweep is already running" if twin is not None else
-             None if settings.can_run else "This dashboard is read-only") and twin is None:
+with run_bar:
+    left, right = st.columns([1, 3], vertical_alignment="center")
+    pressed = left.button("Run sweep", type="primary", key="run_start", disabled=not ready or twin is not None,
+                          icon=":material/play_arrow:", width="stretch",
+                          help="The same sweep is already running" if twin is not None else
+                          None if settings.can_run else "This dashboard is read-only")
+    with right:
+        if not techniques:
+            st.caption("Pick at least one technique below.")
+        elif twin is not None:
+            st.caption(f"This very sweep is already {'running' if twin.status == 'running' else 'waiting'} "
+                       f"({twin.label}): its progress is below.")
+        else:
+            st.caption(f"**{model_name or 'No model'}** on **{dataset_name or 'no dataset'}**, "
+                       f"{len(techniques)} technique(s). {estimate_sweep(store, [t.id for t in techniques]).text()}")
+if pressed and twin is None:
     handle = start_sweep(spec, store, cache, settings.sweep_options(remeasure=remeasure),
                          label=f"{model_name} on {dataset_name}")
     st.session_state[HANDLE] = handle.id

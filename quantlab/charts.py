@@ -398,6 +398,7 @@ def model_comparison_figure(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a
         rows = (_one_per_technique(frame, metric).set_index("technique").reindex(order)
                 .dropna(subset=["row_id"]).reset_index())
         rows[QUALITY_CHANGE] = rows[QUALITY[metric].change] if QUALITY[metric].change in rows else np.nan
+        rows = _relative_intervals(rows, metric)
         legend = name if metric == "accuracy" else f"{name} (no labels: agreement)"
         prepared.append((rows, hover_text(rows, metric).to_numpy(), rows[["row_id"]].to_numpy(),
                          legend, color))
@@ -408,7 +409,8 @@ def model_comparison_figure(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a
             fig.add_trace(go.Bar(
                 y=rows["label"], x=rows[metric], orientation="h", name=name, legendgroup=name,
                 showlegend=col == 1, marker_color=color, customdata=custom, hovertext=hover,
-                hovertemplate=HOVER_TEMPLATE), row=1, col=col)
+                hovertemplate=HOVER_TEMPLATE,
+                error_x=interval_bars(rows, metric, f"{metric}_low", f"{metric}_high")), row=1, col=col)
     fig.update_layout(barmode="group", height=max(260, 60 + 42 * max(len(order), 1)),
                       margin=dict(l=10, r=10, t=70, b=10),
                       title=f"{name_a} vs {name_b}" + "".join(
@@ -420,6 +422,21 @@ def model_comparison_figure(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a
         fig.add_annotation(text="Nothing measured to compare yet", showarrow=False, x=0.5, y=0.5,
                            xref="paper", yref="paper")
     return fig
+
+
+def _relative_intervals(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """95% intervals for the relative panels: the quality change's paired interval (points), and the
+    speed-up's from the row's own p50 interval (the baseline's spread is not added); size is exact."""
+    rows = rows.copy()
+    low, high = f"{metric}_change_ci_low", f"{metric}_change_ci_high"
+    rows[f"{QUALITY_CHANGE}_low"] = pd.to_numeric(rows[low], errors="coerce") if low in rows else np.nan
+    rows[f"{QUALITY_CHANGE}_high"] = pd.to_numeric(rows[high], errors="coerce") if high in rows else np.nan
+    if {"speedup", "latency_p50_ms", "latency_p50_ci_low_ms", "latency_p50_ci_high_ms"} <= set(rows.columns):
+        p50 = pd.to_numeric(rows["latency_p50_ms"], errors="coerce")
+        speedup = pd.to_numeric(rows["speedup"], errors="coerce")
+        rows["speedup_low"] = speedup * p50 / pd.to_numeric(rows["latency_p50_ci_high_ms"], errors="coerce")
+        rows["speedup_high"] = speedup * p50 / pd.to_numeric(rows["latency_p50_ci_low_ms"], errors="coerce")
+    return rows
 
 
 def _comparable(frame: pd.DataFrame) -> pd.DataFrame:

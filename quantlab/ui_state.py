@@ -331,6 +331,42 @@ def build_technique_specs(choices: Mapping[str, Mapping[str, Any]]
     return tuple(dict.fromkeys(specs)), errors
 
 
+@dataclass(frozen=True)
+class SweepEstimate:
+    """How long the chosen variants took before, from the store's measured rows."""
+
+    seconds: float                 # conversion + latency timing of the variants timed before
+    timed: int                     # chosen techniques with earlier measured rows
+    untimed: tuple[str, ...]       # chosen techniques never measured in this store
+
+    def text(self) -> str:
+        if not self.timed:
+            return "No earlier rows to estimate the time from: the first sweep of these techniques sets it."
+        words = f"about {self.seconds:.0f} s of conversion and latency timing" if self.seconds >= 1 else \
+            "under a second of conversion and latency timing"
+        text = f"Estimated from this store's earlier rows: {words} for {self.timed} technique(s)"
+        if self.untimed:
+            text += f"; not timed before: {', '.join(self.untimed)}"
+        return text + " (cached variants take no time; a new model trains or prepares first)."
+
+
+def estimate_sweep(store: Store, technique_ids: Sequence[str]) -> SweepEstimate:
+    """The chosen techniques' median conversion time plus their latency timing (runs x mean), over
+    the store's measured (not cached) rows of any model: an order of magnitude, said as one."""
+    ids = list(dict.fromkeys(technique_ids))
+    if not ids:
+        return SweepEstimate(0.0, 0, ())
+    frame = store.query(
+        "SELECT technique, median(conversion_seconds) AS convert_s, "
+        "median(latency_runs * latency_mean_ms) / 1000 AS timing_s FROM results "
+        f"WHERE error IS NULL AND NOT cached AND technique IN ({', '.join('?' * len(ids))}) "
+        "GROUP BY technique", ids)
+    timed = {} if frame.empty else {
+        row["technique"]: float(row["convert_s"] or 0) + float(row["timing_s"] or 0)
+        for row in frame.to_dict("records")}
+    return SweepEstimate(sum(timed.values()), len(timed), tuple(t for t in ids if t not in timed))
+
+
 def make_sweep_spec(model: str, dataset: str, techniques: Sequence[TechniqueSpec], *,
                     epochs: int = TrainSettings.epochs, num_threads: int = 1,
                     min_runs: int = MeasureSettings.min_runs,

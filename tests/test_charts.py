@@ -253,3 +253,18 @@ def test_hover_shows_the_intervals_and_the_busy_cpu():
     assert "accuracy 94.80% [93.00–96.00]" in hover.iloc[0] and "p50 0.8 ms [0.7–1]" in hover.iloc[0]
     assert "CPU busy while timed" in hover.iloc[1] and "CPU busy" not in hover.iloc[0]
     assert "[" not in hover.iloc[2].split("<br>")[2]       # no interval: none shown
+
+
+def test_two_models_bars_carry_the_quality_change_and_speed_up_intervals_and_size_none():
+    a = synthetic_frame(model="a")
+    a["accuracy_change_ci_low"] = a["accuracy_change_points"] - 1.5
+    a["accuracy_change_ci_high"] = a["accuracy_change_points"] + 0.5
+    a["latency_p50_ci_low_ms"], a["latency_p50_ci_high_ms"] = a["latency_p50_ms"] * 0.8, a["latency_p50_ms"] * 1.25
+    fig = charts.model_comparison_figure(a, synthetic_frame(model="b"), "a", "b")
+    size, faster, quality = (t for t in fig.data if t.name == "a")
+    assert size.error_x.array is None                                   # bytes are exact
+    assert np.allclose(quality.error_x.array, 0.5) and np.allclose(quality.error_x.arrayminus, 1.5)
+    assert np.allclose(faster.error_x.array, faster.x * 0.25) and np.allclose(faster.error_x.arrayminus,
+                                                                              faster.x * 0.2)
+    b_quality = [t for t in fig.data if t.name == "b"][2]
+    assert b_quality.error_x.array is None                               # no interval, no bar

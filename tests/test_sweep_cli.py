@@ -209,3 +209,16 @@ def test_remeasure_measures_again_what_the_cache_holds(tiny_sweep, tmp_path):
     assert [row["cached"] for row in warm] == [True]
     assert [row["cached"] for row in again] == [False]
     assert again[0]["measured_at"] != warm[0]["measured_at"]
+
+
+def test_the_run_page_estimate_comes_from_the_stores_measured_rows(tiny_sweep):
+    from quantlab.ui_state import estimate_sweep
+
+    store = Store(tiny_sweep["db"])
+    estimate = estimate_sweep(store, ["dynamic", "float32", "qat-int8"])
+    conversion = store.query("SELECT sum(conversion_seconds) FROM results WHERE technique IN "
+                             "('dynamic', 'float32') AND NOT cached").iloc[0, 0]
+    assert estimate.timed == 2 and estimate.untimed == ("qat-int8",)
+    assert estimate.seconds >= conversion * 0.5 > 0        # medians of at least the conversion times
+    assert "not timed before: qat-int8" in estimate.text()
+    assert estimate_sweep(store, ["prune"]).text().startswith("No earlier rows")

@@ -55,7 +55,7 @@ def build_kinds(folder: Path) -> dict[str, tuple[Path, Path]]:
         "SavedModel (.zip)": (zoo.save_saved_model_zip(plain, folder, "sm"), img),
         "unlabelled data (mini-Xception)": (folder / "xception.h5", unlabelled),
         "two inputs, two outputs (.h5)": (zoo.save_h5(zoo.two_input_two_output_model(), folder, "multi"),
-                                          zoo.save_multi_input_dataset(folder, "multi")),
+                                          zoo.save_multi_input_dataset(folder, "multi", n_train=160)),
     }
 
 

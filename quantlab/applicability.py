@@ -31,11 +31,10 @@ def refusal(technique: Technique | str, manifest: dict) -> str | None:
         needs = " or ".join(_KIND_WORDS[k] for k in technique.sources)
         return f"{technique.id} cannot run on {name} ({_KIND_WORDS[kind]}); it needs {needs}"
     io = manifest.get("io")
-    if io and (technique.fine_tunes or technique.id == "int8-selective"):
-        what = "fine-tuning" if technique.fine_tunes else "the quantization debugger"
-        return (f"{technique.id}: {what} handles models with one input and one output, and "
-                f"{name} has {len(io.get('inputs') or [0])} input(s) and {len(io['outputs'])} "
-                f"output(s); use the post-training techniques")
+    if io and technique.id == "int8-selective":
+        return (f"{technique.id}: the quantization debugger handles models with one input and one "
+                f"output, and {name} has {len(io.get('inputs') or [0])} input(s) and "
+                f"{len(io['outputs'])} output(s); use the other post-training techniques")
     if technique.family == "litert" and technique.needs_calibration:
         for layer in _recurrent(manifest):
             if layer.get("class") in UNROLLED_CLASSES:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
 from .errors import TechniqueError
 from .ptq import conversion_details, convert_model
 from .techniques import BuildContext, Param, Produced, Technique
@@ -73,9 +75,12 @@ def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict)
         raise TechniqueError(f"{technique_id} fine-tunes on a train split and the dataset has none; "
                              f"add x_train and y_train to the .npz")
     has_labels = len(dataset.y_calib) and int(dataset.y_calib.min()) >= 0
+    model = context.load_keras_model()
+    io = manifest.get("io")
     result = TECHNIQUES[technique_id](
-        context.load_keras_model(), dataset.x_train, dataset.y_train, **fit_params,
-        x_val=dataset.x_calib if has_labels else None, y_val=dataset.y_calib if has_labels else None,
+        model, *keras_arrays(model, dataset.x_train, dataset.y_train, io), **fit_params,
+        **(dict(zip(("x_val", "y_val"), keras_arrays(model, dataset.x_calib, dataset.y_calib, io)))
+           if has_labels else {"x_val": None, "y_val": None}),
         on_progress=context.on_progress)
     stats = {**result.stats, "validation_split": "calibration" if has_labels else None}
     model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +90,27 @@ def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict)
     tmp.replace(model_path)
     context.cache.write_json("models", f"ft-{key}", stats)
     return result.model, {**stats, "fine_tune_cached": False}
+
+
+def keras_arrays(model: Any, x: Any, y: Any, io: dict | None) -> tuple[Any, Any]:
+    """A split as Keras takes it: packed samples of a model with several inputs unpacked into one
+    array per input (in the model's input order, matched by name), and the labels of a model with
+    several outputs as {labelled output: class ids}."""
+    if not io:
+        return x, y
+    specs = {spec["name"]: spec for spec in io.get("inputs") or []}
+    if len(model.inputs) > 1:
+        flat = np.asarray(x).reshape(len(x), -1)
+        missing = [name for name in model.input_names if name not in specs]
+        if missing:
+            raise TechniqueError(f"the dataset has no arrays for input {missing[0]!r}; name them "
+                                 f"x_train_{missing[0]} and x_calib_{missing[0]}")
+        x = [flat[:, specs[n]["offset"]:specs[n]["offset"] + specs[n]["size"]]
+             .reshape(len(flat), *specs[n]["shape"]).astype(specs[n]["dtype"]) for n in model.input_names]
+    if len(model.outputs) > 1:
+        label = io.get("label_output") or model.output_names[0]
+        y = {label: y}
+    return x, y
 
 
 def convert_qat_model(model: Any, io: str) -> bytes:

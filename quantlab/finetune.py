@@ -398,27 +398,34 @@ class _Run:
         self.epochs, self.batch_size = int(epochs), int(batch_size)
         self.learning_rate, self.seed = float(learning_rate), int(seed)
         _check_model_structure(self.keras, model, technique)
+        self.label_output = _label_output(model, y_train, technique)
         self.x, self.y = _labelled_arrays(model, x_train, y_train, technique, "train")
         self.x_val = self.y_val = None
         if x_val is not None or y_val is not None:
             self.x_val, self.y_val = _labelled_arrays(model, x_val, y_val, technique, "validation")
-        self.from_logits = _outputs_logits(self.keras, model)
+        self.from_logits = _outputs_logits(self.keras, model, self.label_output)
         self.on_progress = on_progress
-        self.steps_per_epoch = math.ceil(len(self.x) / self.batch_size)
+        self.samples = _samples(self.x)
+        self.steps_per_epoch = math.ceil(self.samples / self.batch_size)
         self.total_steps = self.steps_per_epoch * self.epochs
         self.keras.utils.set_random_seed(self.seed)
         self.base = _fresh_copy(self.keras, model)
-        self.accuracy_before = _accuracy(self.base, self.x_val, self.y_val)
+        self.accuracy_before = _accuracy(self.base, self.x_val, self.y_val, self.label_output)
 
     def fine_tune(self, wrapped: Any, callbacks: list | None = None) -> dict:
         """Compile `wrapped` afresh and fit it on the train split with a seeded shuffle."""
         tf, keras = self.tf, self.keras
         keras.utils.set_random_seed(self.seed)
-        wrapped.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
-                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits),
-                        metrics=["accuracy"])
-        data = (tf.data.Dataset.from_tensor_slices((self.x, self.y))
-                .shuffle(len(self.x), seed=self.seed, reshuffle_each_iteration=True)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)
+        targets = self.y
+        if self.label_output is not None:   # several outputs: the loss is on the labelled one only
+            name = _output_name(wrapped, self.label_output)
+            loss, targets = {name: loss}, {name: self.y}
+        wrapped.compile(optimizer=keras.optimizers.Adam(self.learning_rate), loss=loss,
+                        metrics={name: ["accuracy"]} if self.label_output is not None else ["accuracy"])
+        inputs = tuple(self.x) if isinstance(self.x, list) else self.x
+        data = (tf.data.Dataset.from_tensor_slices((inputs, targets))
+                .shuffle(self.samples, seed=self.seed, reshuffle_each_iteration=True)
                 .batch(self.batch_size))
         callbacks = list(callbacks or [])
         if self.on_progress is not None:
@@ -431,11 +438,12 @@ class _Run:
 
     def stats(self, fine_tune: dict, final_model: Any) -> dict:
         return {"technique": self.technique, "epochs": self.epochs, "learning_rate": self.learning_rate,
-                "batch_size": self.batch_size, "seed": self.seed, "train_samples": len(self.x),
+                "batch_size": self.batch_size, "seed": self.seed, "train_samples": self.samples,
                 "steps_per_epoch": self.steps_per_epoch, "steps": self.total_steps,
-                "val_samples": None if self.x_val is None else len(self.x_val),
+                "val_samples": None if self.x_val is None else _samples(self.x_val),
                 "accuracy_before": self.accuracy_before,
-                "accuracy_after": _accuracy(final_model, self.x_val, self.y_val), **fine_tune}
+                "accuracy_after": _accuracy(final_model, self.x_val, self.y_val, self.label_output),
+                **({"label_output": self.label_output} if self.label_output else {}), **fine_tune}
 
 
 def _fresh_copy(keras: Any, model: Any) -> Any:
@@ -478,10 +486,12 @@ def _part(on_progress: ProgressFn | None, part: int, parts: int) -> ProgressFn |
     return lambda event: on_progress({**event, "part": part, "parts": parts})
 
 
-def _accuracy(model: Any, x: np.ndarray | None, y: np.ndarray | None) -> float | None:
+def _accuracy(model: Any, x: Any, y: np.ndarray | None, label_output: str | None = None) -> float | None:
     if x is None:
         return None
     logits = model.predict(x, batch_size=EVAL_BATCH_SIZE, verbose=0)
+    if isinstance(logits, (list, tuple)):
+        logits = logits[_output_index(model, label_output)]
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
@@ -549,9 +559,6 @@ def _check_model_structure(keras: Any, model: Any, technique: str) -> None:
     if not model.built or not model.inputs:
         raise ModelError(f"{technique}: the model has no defined input shape; give it a keras.Input "
                          f"(or an InputLayer) before fine-tuning")
-    if len(model.outputs) != 1:
-        raise ModelError(f"{technique}: fine-tuning needs a model with one class-score output, this one "
-                         f"has {len(model.outputs)}")
     tf, _ = import_tensorflow()
     for layer in model.layers:
         if isinstance(layer, keras.Model):
@@ -987,39 +994,82 @@ def _quantized_layer_names(model: Any) -> list[str]:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def _labelled_arrays(model: Any, x: Any, y: Any, technique: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs in the model's input dtype (float32, or int32 token ids) and int64 labels of the model's
-    shape; the caller's arrays are not modified."""
+def _label_output(model: Any, y: Any, technique: str) -> str | None:
+    """The output the labels belong to: None for a one-output model; for several outputs, the one
+    key of the labels dict ({output name: class ids}, as Keras takes targets)."""
+    if len(model.outputs) == 1:
+        return None
+    names = list(model.output_names)
+    if not isinstance(y, dict) or len(y) != 1 or next(iter(y)) not in names:
+        raise DatasetError(f"{technique}: the model has {len(names)} outputs ({', '.join(names)}); give "
+                           f"the labels as {{output name: class ids}} for the output they belong to")
+    return next(iter(y))
+
+
+def _output_index(model: Any, label_output: str | None) -> int:
+    """Where the labelled output is among the model's outputs (tfmot may prefix wrapped names)."""
+    if label_output is None:
+        return 0
+    names = list(model.output_names)
+    for index, name in enumerate(names):
+        if name == label_output or name.endswith(f"_{label_output}"):
+            return index
+    raise ModelError(f"the fine-tuned model has no output {label_output!r} (it has {', '.join(names)})")
+
+
+def _output_name(model: Any, label_output: str) -> str:
+    return list(model.output_names)[_output_index(model, label_output)]
+
+
+def _samples(x: Any) -> int:
+    return len(x[0]) if isinstance(x, list) else len(x)
+
+
+def _labelled_arrays(model: Any, x: Any, y: Any, technique: str, split: str) -> tuple[Any, np.ndarray]:
+    """Inputs in each model input's dtype (float32, or int32 token ids; a list for several inputs, in
+    the model's input order) and int64 labels of the labelled output's shape; the caller's arrays
+    are not modified."""
     if x is None or y is None:
         raise DatasetError(f"{technique}: the {split} split needs both inputs and labels")
-    x = np.asarray(x, dtype=_input_dtype(model))
-    y = np.asarray(y)
-    if len(x) == 0:
-        raise DatasetError(f"{technique}: the {split} split is empty")
-    if len(x) != len(y):
-        raise DatasetError(f"{technique}: the {split} split has {len(x)} inputs but {len(y)} labels")
-    expected = tuple(model.input_shape[1:])
-    if len(expected) != x.ndim - 1 or any(e is not None and e != a for e, a in zip(expected, x.shape[1:])):
-        raise DatasetError(f"{technique}: {split} inputs have shape {x.shape[1:]}, the model expects "
-                           f"{expected}")
+    label_output = _label_output(model, y, technique)
+    y = np.asarray(y[label_output] if label_output is not None else y)
+    several = len(model.inputs) > 1
+    if several != isinstance(x, (list, tuple)) or several and len(x) != len(model.inputs):
+        raise DatasetError(f"{technique}: the model has {len(model.inputs)} input(s); give the {split} "
+                           f"inputs as {'a list of ' + str(len(model.inputs)) + ' arrays' if several else 'one array'}")
+    shapes = model.input_shape if several else [model.input_shape]
+    arrays = [np.asarray(part, dtype=_dtype_of(tensor))
+              for part, tensor in zip(x if several else [x], model.inputs)]
+    for array, shape in zip(arrays, shapes):
+        if len(array) == 0:
+            raise DatasetError(f"{technique}: the {split} split is empty")
+        if len(array) != len(y):
+            raise DatasetError(f"{technique}: the {split} split has {len(array)} inputs but {len(y)} labels")
+        expected = tuple(shape[1:])
+        if len(expected) != array.ndim - 1 or any(e is not None and e != a
+                                                  for e, a in zip(expected, array.shape[1:])):
+            raise DatasetError(f"{technique}: {split} inputs have shape {array.shape[1:]}, the model "
+                               f"expects {expected}")
+    x = arrays if several else arrays[0]
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DatasetError(f"{technique}: {split} labels must be one integer class id per sample "
                            f"(not one-hot), got shape {y.shape} of {y.dtype}")
-    classes = model.output_shape[-1]
+    output_shape = model.output_shape[_output_index(model, label_output)] if label_output else model.output_shape
+    classes = output_shape[-1]
     if y.min() < 0 or (classes and y.max() >= classes):
         raise DatasetError(f"{technique}: {split} labels run from {y.min()} to {y.max()}, the model "
                            f"has {classes} outputs")
     return x, y.astype(np.int64)
 
 
-def _input_dtype(model: Any) -> np.dtype:
-    dtype = getattr(model.inputs[0], "dtype", None)
+def _dtype_of(tensor: Any) -> np.dtype:
+    dtype = getattr(tensor, "dtype", None)
     return np.dtype(dtype.as_numpy_dtype) if dtype is not None and dtype.is_integer else np.dtype(np.float32)
 
 
-def _outputs_logits(keras: Any, model: Any) -> bool:
-    """Whether the output is logits (the default) rather than softmax probabilities."""
-    last = model.layers[-1]
+def _outputs_logits(keras: Any, model: Any, label_output: str | None = None) -> bool:
+    """Whether the (labelled) output is logits (the default) rather than softmax probabilities."""
+    last = model.layers[-1] if label_output is None else model.get_layer(label_output)
     activation = getattr(last, "activation", None)
     return not (isinstance(last, keras.layers.Softmax)
                 or getattr(activation, "__name__", "") == "softmax")

@@ -739,7 +739,8 @@ def _io_tensors(interp: Any, io: dict) -> tuple[list[tuple[dict, dict]], list[di
         matched.append((spec, detail))
     ordered = []
     for position, head in enumerate(io["outputs"]):
-        detail = outputs.get(head["name"]) or outputs.get(f"output_{position}")
+        detail = outputs.get(head["name"]) or outputs.get(f"quant_{head['name']}") or \
+            outputs.get(f"output_{position}")   # quant_: the output layer of a QAT model
         if detail is None:
             raise ModelError(f"the .tflite has outputs {', '.join(outputs)}, not {head['name']!r}; "
                              f"convert the model with its output names")

@@ -180,12 +180,17 @@ def two_input_arrays(n: int, seed: int = RNG_SEED) -> dict[str, np.ndarray]:
 
 
 def save_multi_input_dataset(folder: Path, name: str, n_test: int = 80, n_calib: int = 40,
-                             labels: bool = True) -> Path:
-    """x_test_<input> and x_calib_<input> for each input of two_input_two_output_model, y_test."""
+                             labels: bool = True, n_train: int = 0) -> Path:
+    """x_test_<input> and x_calib_<input> for each input of two_input_two_output_model, y_test (and,
+    with n_train, x_train_<input> and y_train)."""
     test, calib = two_input_arrays(n_test, seed=3), two_input_arrays(n_calib, seed=4)
     arrays = {f"x_test_{k}": v for k, v in test.items()} | {f"x_calib_{k}": v for k, v in calib.items()}
     if labels:
         arrays["y_test"] = (test["tokens"][:, 0] % CLASSES).astype(np.int64)
+    if labels and n_train:
+        train = two_input_arrays(n_train, seed=5)
+        arrays |= {f"x_train_{k}": v for k, v in train.items()}
+        arrays["y_train"] = (train["tokens"][:, 0] % CLASSES).astype(np.int64)
     path = folder / f"{name}.npz"
     np.savez(path, **arrays)
     return path

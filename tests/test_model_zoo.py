@@ -214,8 +214,8 @@ def test_one_hot_and_unlabelled_arrays_stay_numbers(image_data):
 def multi_rows(tmp_path_factory):
     folder = tmp_path_factory.mktemp("multi")
     model = zoo.save_h5(zoo.two_input_two_output_model(), folder, "two-in-two-out")
-    data = zoo.save_multi_input_dataset(folder, "two-in")
-    return sweep(folder, model, data, ("baseline", *PTQ, "int8-selective", "prune"))
+    data = zoo.save_multi_input_dataset(folder, "two-in", n_train=64)
+    return sweep(folder, model, data, ("baseline", *PTQ, "int8-selective", "prune", "cluster", "qat-int8"))
 
 
 def test_two_inputs_two_outputs_get_every_post_training_row(multi_rows):
@@ -237,10 +237,20 @@ def test_integer_only_io_quantizes_the_float_input_and_keeps_the_token_input(mul
     assert sorted(inputs.values()) == ["int32", "int8"]
 
 
-def test_fine_tuning_and_the_debugger_refuse_several_outputs_before_work(multi_rows):
-    for technique in ("prune", "int8-selective"):
+def test_the_debugger_refuses_several_outputs_before_work(multi_rows):
+    row = multi_rows["int8-selective"]
+    assert "2 input(s) and 2 output(s)" in row["error"] and details(row)["before_work"]
+
+
+def test_fine_tuning_trains_a_two_input_two_output_model_on_its_labelled_head(multi_rows):
+    for technique in ("prune", "cluster", "qat-int8"):
         row = multi_rows[technique]
-        assert "2 input(s) and 2 output(s)" in row["error"] and details(row)["before_work"]
+        assert_full(row)
+        stats = details(row)["fine_tune"]
+        assert stats["label_output"] == "label_head" and stats["train_samples"] == 64, technique
+        outputs = {entry["output"]: entry for entry in details(row)["outputs"]}
+        assert set(outputs) == {"label_head", "aux_head"}, technique   # both heads still measured
+    assert details(multi_rows["prune"])["fine_tune"]["sparsity"]["overall"] >= 0.45
 
 
 def test_label_output_picks_the_head_the_labels_belong_to(tmp_path):

@@ -221,3 +221,28 @@ def test_the_details_report_shows_coverage_validation_and_the_recipe_of_an_lq_ro
 
     figure = quantizer_validation_figure(report.validation)
     assert list(figure.data[0].x) == ["1. conv"] and list(figure.data[0].y) == [30.0]
+
+
+def test_an_uploaded_float_tflite_is_quantized_and_a_quantized_one_is_refused_in_one_line(tf_keras, tmp_path):
+    from tests import model_zoo as zoo
+
+    tf, keras = tf_keras
+    model = keras.Sequential([keras.layers.Input((16, 16, 1)), keras.layers.Conv2D(4, 3),
+                              keras.layers.Flatten(), keras.layers.Dense(zoo.CLASSES)])
+    (tmp_path / "float.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    (tmp_path / "dynamic.tflite").write_bytes(converter.convert())
+    data = zoo.save_dataset(tmp_path, "img", *zoo.images(40), x_calib=zoo.images(20, seed=2)[0])
+    rows = {}
+    for name in ("float", "dynamic"):
+        result = run_cli("sweep", "--model", str(tmp_path / f"{name}.tflite"), "--dataset", str(data),
+                         "--techniques", "as-uploaded,lq-int4-dynamic", "--min-runs", "5", "--min-seconds",
+                         "0.05", "--db", str(tmp_path / "q.duckdb"), "--cache", str(tmp_path / "cache"),
+                         "--json", check=True)
+        rows[name] = {row["technique"]: row for row in map(json.loads, result.stdout.splitlines())}
+    int4 = rows["float"]["lq-int4-dynamic"]
+    assert int4["error"] is None and int4["details"]["tensor_types"].get("INT4") == 2
+    assert int4["model_bytes"] < 0.35 * rows["float"]["as-uploaded"]["model_bytes"]   # measured 0.26x
+    refused = rows["dynamic"]["lq-int4-dynamic"]["error"]
+    assert "already quantized" in refused and "upload the float model" in refused and "\n" not in refused

@@ -30,11 +30,6 @@ def refusal(technique: Technique | str, manifest: dict) -> str | None:
     if kind not in technique.sources:
         needs = " or ".join(_KIND_WORDS[k] for k in technique.sources)
         return f"{technique.id} cannot run on {name} ({_KIND_WORDS[kind]}); it needs {needs}"
-    io = manifest.get("io")
-    if io and technique.id == "int8-selective":
-        return (f"{technique.id}: the quantization debugger handles models with one input and one "
-                f"output, and {name} has {len(io.get('inputs') or [0])} input(s) and "
-                f"{len(io['outputs'])} output(s); use the other post-training techniques")
     if technique.family == "litert" and technique.needs_calibration:
         for layer in _recurrent(manifest):
             if layer.get("class") in UNROLLED_CLASSES:

@@ -355,16 +355,44 @@ def evaluate_fake_quant(payload: dict, emit: Emit) -> dict:
 # --- per-layer sensitivity (TFLite's QuantizationDebugger) ----------------------------------------
 
 
-def make_debugger(converter: Any, calibration: np.ndarray, input_dtype: str = "float32") -> Any:
+def make_debugger(converter: Any, calibration: np.ndarray, input_dtype: str = "float32",
+                  inputs: list[dict] | None = None, input_order: list[str] | None = None) -> Any:
     """A QuantizationDebugger on the int8 (float fallback) conversion of `converter`'s model, fed
-    one calibration sample at a time in the input's dtype, as the converter is calibrated."""
-    from .keras_convert import configure_converter, representative_dataset
+    one calibration sample at a time in the input's dtype, as the converter is calibrated.
+
+    A model with several inputs (`inputs`: the packed layout, see uploads.model_io_plan) is
+    calibrated by input name; the debugger itself feeds inputs by position, in `input_order` (the
+    .tflite's input names, in its order)."""
+    from .keras_convert import configure_converter, representative_dataset, representative_inputs
     from .tfcompat import import_tensorflow
 
     tf, _ = import_tensorflow()
-    configure_converter(converter, "int8-fallback", calibration, input_dtype=input_dtype)
+    configure_converter(converter, "int8-fallback", calibration, input_dtype=input_dtype, inputs=inputs)
+    if inputs:
+        named = representative_inputs(calibration, inputs)
+        order = input_order or [spec["name"] for spec in inputs]
+
+        def positional() -> Any:
+            for sample in named():
+                yield [sample[name] for name in order]
+        return tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=positional)
     return tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=representative_dataset(calibration, input_dtype))
+
+
+def tflite_input_order(data: bytes, names: list[str]) -> list[str]:
+    """The Keras input names in the order of the .tflite's input tensors (`serving_default_<name>:0`)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    order = []
+    for detail in Interpreter(model_content=data).get_input_details():
+        tensor = detail["name"].removeprefix("serving_default_").split(":")[0]
+        match = next((n for n in names if n == tensor), None)
+        if match is None:
+            raise ModelError(f"cannot tell which model input the .tflite input {detail['name']!r} is; "
+                             f"name the model's inputs (keras.Input(name=...))")
+        order.append(match)
+    return order
 
 
 def debugger_layers(debugger: Any) -> list[dict]:
@@ -437,8 +465,14 @@ def produce_selective(context: Any, keep_float: int) -> tuple[bytes, dict]:
 
     tf, _ = import_tensorflow()
     calibration = context.dataset.x_calib
+    inputs = (context.manifest.get("io") or {}).get("inputs")
+    order = None
+    if inputs:   # the debugger feeds by position: learn the .tflite's input order from a float conversion
+        float_converter, _ = context.make_converter(None, "float32")
+        order = tflite_input_order(float_converter.convert(), [spec["name"] for spec in inputs])
     converter, notes = context.make_converter(None, "int8-fallback")
-    debugger = make_debugger(converter, calibration, context.manifest.get("input_dtype") or "float32")
+    debugger = make_debugger(converter, calibration, context.manifest.get("input_dtype") or "float32",
+                             inputs=inputs, input_order=order)
     layers = debugger_layers(debugger)
     ranking = rank_layers(layers)
     kept = ranking[:max(0, int(keep_float))]

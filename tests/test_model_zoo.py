@@ -237,9 +237,10 @@ def test_integer_only_io_quantizes_the_float_input_and_keeps_the_token_input(mul
     assert sorted(inputs.values()) == ["int32", "int8"]
 
 
-def test_the_debugger_refuses_several_outputs_before_work(multi_rows):
+def test_the_debugger_ranks_and_keeps_layers_float_on_two_inputs_and_two_outputs(multi_rows):
     row = multi_rows["int8-selective"]
-    assert "2 input(s) and 2 output(s)" in row["error"] and details(row)["before_work"]
+    assert_full(row)
+    assert len(details(row)["kept_float"]) == 2 and details(row)["sensitivity"]
 
 
 def test_fine_tuning_trains_a_two_input_two_output_model_on_its_labelled_head(multi_rows):

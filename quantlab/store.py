@@ -303,6 +303,10 @@ class Store:
         if self.read_only or not self.exists() or not os.access(self.path, os.W_OK):
             return []
         with self.connect() as con:
+            if not con.execute("SELECT count(*) FROM information_schema.tables "
+                               "WHERE table_name = 'sweeps'").fetchone()[0] or \
+                    not con.execute("SELECT count(*) FROM sweeps WHERE status = 'running'").fetchone()[0]:
+                return []  # nothing to look at: the file is left as it is (no migration either)
             _migrate(con)
             running = con.execute("SELECT sweep_id, pid, hostname, process_started FROM sweeps "
                                   "WHERE status = 'running'").fetchall()

@@ -124,17 +124,29 @@ def test_a_sweep_that_finishes_after_all_keeps_its_own_status(tmp_path):
     assert status_of(store.path, sweep_id)[0][1] == "done"
 
 
-def test_migration_4_names_the_process_and_older_running_sweeps_become_interrupted(tmp_path):
-    db = tmp_path / "old.duckdb"
-    with duckdb.connect(str(db)) as con:  # a store as versions 1-3 left it, with a sweep left running
+def make_old_store(db: Path, status: str) -> None:
+    """A store as versions 1-3 left it, with one sweep in `status`."""
+    with duckdb.connect(str(db)) as con:
         con.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description VARCHAR, "
                     "applied_at TIMESTAMPTZ)")
         for version, description, statements in MIGRATIONS[:3]:
             for statement in statements:
                 con.execute(statement)
             con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, description, T0])
-        con.execute("INSERT INTO sweeps VALUES ('old', ?, NULL, 'seed-cnn', 'digits', '{}', 'running', 'cli')",
-                    [T0])
+        con.execute("INSERT INTO sweeps VALUES ('old', ?, NULL, 'seed-cnn', 'digits', '{}', ?, 'cli')",
+                    [T0, status])
+
+
+def test_a_store_without_running_sweeps_is_left_as_it_is(tmp_path):
+    make_old_store(tmp_path / "old.duckdb", "done")
+    store = Store(tmp_path / "old.duckdb")
+    assert store.mark_interrupted_sweeps() == []
+    assert store.schema_versions() == [1, 2, 3]  # not even migrated: `quantlab results` only reads
+
+
+def test_migration_4_names_the_process_and_older_running_sweeps_become_interrupted(tmp_path):
+    db = tmp_path / "old.duckdb"
+    make_old_store(db, "running")  # left running by a version that did not name its process
     store = Store(db)
     assert store.schema_versions() == [1, 2, 3]
     assert store.mark_interrupted_sweeps() == ["old"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from quantlab import share, sweeps
+from quantlab.store import Store
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
 from ui.share import current_view, url_params
 
@@ -28,6 +29,15 @@ st.set_page_config(page_title="QuantLab", page_icon=":material/tune:", layout="w
 settings = AppSettings.from_env()
 sweeps.configure(max_concurrent=settings.max_concurrent)
 store = settings.store()
+
+
+@st.cache_resource(show_spinner=False)
+def mark_interrupted_sweeps(db_path: str, read_only: bool) -> list[str]:
+    """Once per server and results file: sweeps whose process was killed become `interrupted`."""
+    return Store(Path(db_path), read_only=read_only).mark_interrupted_sweeps()
+
+
+mark_interrupted_sweeps(str(settings.db_path), settings.read_only)
 has_results = store.count() > 0
 
 params = url_params()

@@ -10,7 +10,7 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from quantlab import analysis, charts
-from quantlab.ui_state import AppSettings
+from quantlab.ui_state import AppSettings, interrupted_note, sweep_statuses
 from ui.share import share_controls, sync_view, update_view, write_view
 
 SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp",
@@ -107,12 +107,21 @@ with st.container(horizontal=True):
     dataset = st.selectbox("Dataset", datasets, key="compare_dataset",
                            index=datasets.index(view.dataset) if view.dataset in datasets else 0)
     sweeps = filters.sweeps_for(model, dataset)
-    sweep_labels = {row.sweep_id: analysis.sweep_label(row._asdict()) for row in sweeps.itertuples()}
+    statuses = sweep_statuses(store)
+    sweep_labels = {row.sweep_id: analysis.sweep_label({**row._asdict(), "status": statuses.get(row.sweep_id)})
+                    for row in sweeps.itertuples()}
     sweep_options = [None, *sweep_labels]
     sweep_id = st.selectbox("Sweep", sweep_options, key="compare_sweep",
                             index=sweep_options.index(view.sweep) if view.sweep in sweep_labels else 0,
                             format_func=lambda s: "Newest result of every variant" if s is None
                             else sweep_labels[s])
+
+# The sweep shown (or the newest of this workload) ended when its process stopped: say so.
+shown_sweep = sweep_id or (sweeps["sweep_id"].iloc[0] if not sweeps.empty else None)
+if shown_sweep and statuses.get(shown_sweep) == "interrupted":
+    stored = store.sweeps()
+    st.warning(interrupted_note(stored[stored["sweep_id"] == shown_sweep].iloc[0].to_dict()),
+               icon=":material/warning:")
 
 quality = analysis.QUALITY[analysis.workload_quality(store, model, dataset)]
 no_labels = quality.metric == "agreement"

@@ -13,7 +13,8 @@ from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSet
                                estimate_sweep,
                                NO_LABELS_UPLOAD, dataset_facts, file_stamp, keras3_note, make_sweep_spec,
                                model_kind_of, model_output_names, param_input, results_table,
-                               save_upload, stored_name, technique_groups, technique_tags,
+                               RECENT_SWEEPS, interrupted_notes, save_upload, stored_name,
+                               stored_sweeps_table, technique_groups, technique_tags,
                                unavailable_techniques, upload_refusals)
 from quantlab.workloads import BUILTIN_DATASETS, BUILTIN_MODELS
 from ui.share import sync_view, update_view, url_params, write_view
@@ -299,6 +300,10 @@ mine = get_sweep(st.session_state.get(HANDLE))
 if mine is not None:
     note_upload_failure(mine)
 
+recent_sweeps = store.sweeps(limit=RECENT_SWEEPS)
+for line in interrupted_notes(recent_sweeps):
+    st.warning(line, icon=":material/warning:")
+
 if store.count() == 0 and not active_sweeps():
     st.info(f"No results yet. The default sweep is ready: **{DEFAULT_MODEL}** on **{DEFAULT_DATASET}** "
             f"with every post-training technique. Press **Run sweep** under the model and dataset.",
@@ -386,5 +391,9 @@ if others:  # started in another tab, before a reload, or from another page
     st.caption("Also running or waiting on this server:")
 for handle in others:
     show_sweep(handle)
+
+if not recent_sweeps.empty:
+    with st.expander(f"Stored sweeps (the newest {len(recent_sweeps)})", icon=":material/history:"):
+        st.dataframe(stored_sweeps_table(recent_sweeps), hide_index=True, key="run_stored_sweeps")
 
 write_view(view, ("model", "dataset", "techniques"))

@@ -707,11 +707,15 @@ def list_filters(store: Store) -> Filters:
 
 
 def sweep_label(sweep: Mapping[str, Any]) -> str:
-    """`2025-05-01 14:03 · 8 variants (1 failed) · 3f2a9c1b` for a sweep selectbox."""
+    """`2025-05-01 14:03 · 8 variants (1 failed) · 3f2a9c1b` for a sweep selectbox; a sweep that did
+    not finish says how it ended (`· interrupted`, `· cancelled`) or that it still runs."""
     started = pd.Timestamp(sweep["started_at"])
     failed = int(sweep.get("failed") or 0)
+    status = sweep.get("status")
     return (f"{started:%Y-%m-%d %H:%M} · {int(sweep['variants'])} variants"
-            + (f" ({failed} failed)" if failed else "") + f" · {str(sweep['sweep_id'])[:8]}")
+            + (f" ({failed} failed)" if failed else "")
+            + (f" · {status}" if status in ("running", "cancelled", "interrupted") else "")
+            + f" · {str(sweep['sweep_id'])[:8]}")
 
 
 # What a reader compares first (the change in quality, the latency, the speed-ups, the size), then

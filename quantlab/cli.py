@@ -272,6 +272,8 @@ COMMANDS = {"sweep": command_sweep, "results": command_results, "workloads": com
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "db", None):  # sweeps left `running` by a killed process: `interrupted`
+            Store(args.db).mark_interrupted_sweeps()
         return COMMANDS[args.command](args)
     except QuantLabError as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)

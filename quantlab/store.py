@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -75,6 +76,16 @@ INTERVAL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("test_samples", "INTEGER"),
 )
 COLUMN_NAMES = tuple(name for name, _ in RESULT_COLUMNS + INTERVAL_COLUMNS)
+# Added by migration 4: the process that runs a sweep. `process_started` is the process's start time
+# as the kernel counts it (/proc/<pid>/stat), so that a new process reusing the pid is not taken for
+# the sweep's own; NULL where /proc does not exist.
+SWEEP_PROCESS_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("pid", "INTEGER"),
+    ("hostname", "VARCHAR"),
+    ("process_started", "VARCHAR"),
+)
+# `interrupted`: the process running the sweep stopped before it finished (see process_alive).
+SWEEP_STATUSES = ("running", "done", "cancelled", "interrupted")
 JSON_COLUMNS = ("params", "provenance", "details")
 
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -94,6 +105,11 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     # a sweep measures those variants again (runner: a cached result needs its predictions).
     (3, "95% intervals of accuracy, agreement and p50; busy-CPU flag; test sample count", tuple(
         f"ALTER TABLE results ADD COLUMN {name} {kind}" for name, kind in INTERVAL_COLUMNS)),
+    # A sweep whose process was killed (kill -9, a crashed server) used to stay `running` forever:
+    # each sweep now names its process, and the next start of the app or the CLI marks the sweeps
+    # whose process is gone `interrupted` (Store.mark_interrupted_sweeps).
+    (4, "sweeps record the process running them: pid, host name, process start", tuple(
+        f"ALTER TABLE sweeps ADD COLUMN {name} {kind}" for name, kind in SWEEP_PROCESS_COLUMNS)),
 )
 
 
@@ -107,6 +123,42 @@ def new_id() -> str:
 
 _PROCESS_LOCKS: dict[str, threading.RLock] = {}
 _PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot, or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command name: state is field 3, starttime field 22 of proc(5).
+    return fields[19] if len(fields) > 19 and fields[0] not in ("Z", "X") else None
+
+
+def this_process() -> tuple[int, str, str | None]:
+    """(pid, host name, start time) of this process, as a sweep row records them."""
+    return os.getpid(), socket.gethostname(), _process_start(os.getpid())
+
+
+def process_alive(pid: int | None, hostname: str | None, started: str | None) -> bool | None:
+    """Whether the process a sweep row names still runs: True, False, or None when it cannot be told
+    from here (another host). A pid now used by another process (another start time) is gone, and
+    so is a zombie."""
+    if pid is None or hostname is None:
+        return False  # recorded before sweeps named their process (migration 4): nothing runs it now
+    if hostname != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    if not Path("/proc").is_dir():
+        return True
+    now = _process_start(int(pid))
+    return now is not None and (started is None or now == started)
 
 
 def _process_lock(path: Path) -> threading.RLock:
@@ -227,16 +279,43 @@ class Store:
     def start_sweep(self, model_name: str, dataset_name: str, spec: dict, source: str) -> str:
         self.require_writable()
         sweep_id = new_id()
+        pid, hostname, started = this_process()
         with self.connect() as con:
             _migrate(con)
-            con.execute("INSERT INTO sweeps VALUES (?, ?, NULL, ?, ?, ?, 'running', ?)",
-                        [sweep_id, now_utc(), model_name, dataset_name, json.dumps(spec), source])
+            con.execute("INSERT INTO sweeps (sweep_id, started_at, finished_at, model_name, dataset_name, "
+                        "spec, status, source, pid, hostname, process_started) "
+                        "VALUES (?, ?, NULL, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                        [sweep_id, now_utc(), model_name, dataset_name, json.dumps(spec), source,
+                         pid, hostname, started])
         return sweep_id
 
     def finish_sweep(self, sweep_id: str, status: str = "done") -> None:
         with self.connect() as con:
             con.execute("UPDATE sweeps SET finished_at = ?, status = ? WHERE sweep_id = ?",
                         [now_utc(), status, sweep_id])
+
+    def mark_interrupted_sweeps(self) -> list[str]:
+        """Mark `interrupted` the running sweeps whose process is gone; returns their ids.
+
+        The app and the CLI call this when they start. Sweeps of another host are left alone (their
+        process cannot be seen from here); a read-only store, or a file this user cannot write, is
+        not changed (`sweeps()` still shows such sweeps as interrupted)."""
+        if self.read_only or not self.exists() or not os.access(self.path, os.W_OK):
+            return []
+        with self.connect() as con:
+            if not con.execute("SELECT count(*) FROM information_schema.tables "
+                               "WHERE table_name = 'sweeps'").fetchone()[0] or \
+                    not con.execute("SELECT count(*) FROM sweeps WHERE status = 'running'").fetchone()[0]:
+                return []  # nothing to look at: the file is left as it is (no migration either)
+            _migrate(con)
+            running = con.execute("SELECT sweep_id, pid, hostname, process_started FROM sweeps "
+                                  "WHERE status = 'running'").fetchall()
+            gone = [sweep_id for sweep_id, pid, host, started in running
+                    if process_alive(pid, host, started) is False]
+            for sweep_id in gone:  # finish_sweep of a sweep that lives on after all sets its status
+                con.execute("UPDATE sweeps SET status = 'interrupted', finished_at = ? "
+                            "WHERE sweep_id = ? AND status = 'running'", [now_utc(), sweep_id])
+        return gone
 
     def insert_result(self, row: dict[str, Any]) -> str:
         """Insert one complete row (all or nothing); returns its row_id."""
@@ -309,8 +388,22 @@ class Store:
             record[name] = json.loads(record[name] or "{}")
         return record
 
-    def sweeps(self) -> Any:
-        return self.query("SELECT * FROM sweeps ORDER BY started_at DESC")
+    def sweeps(self, limit: int | None = None) -> Any:
+        """Stored sweeps, newest first, with the number of rows each stored. A `running` sweep whose
+        process is gone reads `interrupted` also before mark_interrupted_sweeps ran (read-only stores)."""
+        frame = self.query("SELECT s.*, (SELECT count(*) FROM results r WHERE r.sweep_id = s.sweep_id) "
+                           "AS rows FROM sweeps s ORDER BY started_at DESC"
+                           + (f" LIMIT {int(limit)}" if limit else ""))
+        if frame.empty or "pid" not in frame.columns:
+            return frame
+        import pandas as pd
+
+        for index, row in frame[frame["status"] == "running"].iterrows():
+            pid, host, started = (None if pd.isna(row[name]) else row[name]
+                                  for name in ("pid", "hostname", "process_started"))
+            if process_alive(None if pid is None else int(pid), host, started) is False:
+                frame.loc[index, "status"] = "interrupted"
+        return frame
 
     def count(self) -> int:
         frame = self.query("SELECT count(*) AS n FROM results")

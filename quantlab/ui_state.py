@@ -916,3 +916,51 @@ def reference_lines(store: Store, row: Mapping[str, Any]) -> list[str]:
                      f"{(test.gained - test.lost) * 100 / test.samples:+.2f} points (95% CI {interval.low:+.2f} "
                      f"to {interval.high:+.2f}); {test.describe()}.")
     return lines
+
+
+# --- stored sweeps --------------------------------------------------------------------------------
+
+RECENT_SWEEPS = 10
+SWEEP_STATUS_WORDS = {"running": "running", "done": "done", "cancelled": "cancelled",
+                      "interrupted": "interrupted (its process stopped)"}
+
+
+def sweep_statuses(store: Store) -> dict[str, str]:
+    """sweep_id -> status of every stored sweep (`interrupted` when its process is gone)."""
+    frame = store.sweeps()
+    return {} if frame.empty else dict(zip(frame["sweep_id"], frame["status"]))
+
+
+def stored_sweeps_table(frame: Any) -> Any:
+    """Store.sweeps() rows as the Run page lists them: when, what, how it ended, how many rows."""
+    import pandas as pd
+
+    if frame is None or frame.empty:
+        return pd.DataFrame(columns=["started", "model", "dataset", "status", "rows", "source", "sweep"])
+    return pd.DataFrame({
+        "started": [f"{pd.Timestamp(t):%Y-%m-%d %H:%M}" for t in frame["started_at"]],
+        "model": frame["model_name"], "dataset": frame["dataset_name"],
+        "status": [SWEEP_STATUS_WORDS.get(s, s) for s in frame["status"]],
+        "rows": frame["rows"].astype(int), "source": frame["source"],
+        "sweep": [str(s)[:8] for s in frame["sweep_id"]],
+    })
+
+
+def interrupted_note(sweep: Mapping[str, Any]) -> str:
+    """One line about a sweep whose process stopped before it finished."""
+    import pandas as pd
+
+    where = f" (pid {int(sweep['pid'])} on {sweep['hostname']})" if not pd.isna(sweep.get("pid")) else ""
+    rows = int(sweep.get("rows") or 0)
+    return (f"The sweep of **{sweep['model_name']}** on **{sweep['dataset_name']}** started "
+            f"{pd.Timestamp(sweep['started_at']):%Y-%m-%d %H:%M} was interrupted: its process{where} "
+            f"stopped before it finished. The {rows} variant{'s' if rows != 1 else ''} it measured "
+            f"{'are' if rows != 1 else 'is'} kept; run the sweep again to measure the rest.")
+
+
+def interrupted_notes(frame: Any) -> list[str]:
+    """interrupted_note for each workload whose newest stored sweep (in `frame`) was interrupted."""
+    if frame is None or frame.empty:
+        return []
+    newest = frame.sort_values("started_at", ascending=False).drop_duplicates(["model_name", "dataset_name"])
+    return [interrupted_note(row) for row in newest.to_dict(orient="records") if row["status"] == "interrupted"]

@@ -130,6 +130,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
     pool: WorkerPool | None = None
     stop = cancel.is_set if cancel is not None else None
     measure_settings = spec.measure.to_dict()
+    report: SweepReport | None = None
     try:
         identity = {"engine": ENGINE_VERSION, "model": model_ref.identity,
                     "dataset": dataset_ref.identity, "train": spec.train.to_dict()}
@@ -220,6 +221,10 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
         store.finish_sweep(report.sweep_id, "cancelled" if cut_short else "done")
         emit({"type": "sweep-done", "sweep_id": report.sweep_id, "rows": len(report.rows)})
         return report
+    except BaseException:
+        if report is not None:   # a sweep that broke off never stays `running` in the store
+            store.finish_sweep(report.sweep_id, "failed")
+        raise
     finally:
         if pool is not None:
             pool.close()

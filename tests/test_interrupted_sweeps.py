@@ -219,3 +219,23 @@ def test_compare_labels_the_sweep_interrupted(interrupted_store):
     labels = app.selectbox(key="compare_sweep").options
     assert any(label.endswith(f"· interrupted · {sweep_id[:8]}") for label in labels), labels
     assert any("was interrupted" in w.value for w in app.warning)
+
+
+def test_a_sweep_that_breaks_off_inside_a_live_process_is_stored_failed(tiny_sweep, tmp_path):
+    from quantlab.cache import ArtifactCache
+    from quantlab.config import MeasureSettings, SweepSpec, TechniqueSpec, TrainSettings
+    from quantlab.runner import SweepOptions, run_sweep
+
+    store = Store(tmp_path / "q.duckdb")
+    spec = SweepSpec("seed-cnn", "digits-28", (TechniqueSpec("float32"),), TrainSettings(epochs=3),
+                     MeasureSettings(min_runs=5, min_seconds=0.05))
+
+    def break_off(event: dict) -> None:   # an error in the caller's handler, after the sweep started
+        if event.get("type") == "sweep-start":
+            raise RuntimeError("the dashboard's handler broke")
+
+    with pytest.raises(RuntimeError, match="handler broke"):
+        run_sweep(spec, store=store, cache=ArtifactCache(tiny_sweep["cache"]), on_event=break_off,
+                  options=SweepOptions(workers=1, source="test"))
+    [(_, status, finished)] = status_of(store.path)
+    assert status == "failed" and finished

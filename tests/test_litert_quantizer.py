@@ -155,9 +155,11 @@ def test_validation_compares_every_activation_with_the_float_model(conv_dense):
     assert all(0.99 < row["cosine"] <= 1.0 + 1e-6 for row in rows)
 
 
-def test_a_sweep_gives_full_lq_rows_and_int4_is_smaller_than_every_8_bit_variant(tiny_sweep):
+def test_a_sweep_gives_full_lq_rows_and_int4_is_smaller_than_every_8_bit_variant(tiny_sweep, tmp_path):
+    # its own store (the shared sweep's rows stay as they are), the shared cache (the baseline is ready)
     result = run_cli("sweep", *TINY_ARGS, "--techniques", "lq-int4-dynamic,lq-w8a8,lq-int8-weight-only",
-                     "--db", str(tiny_sweep["db"]), "--cache", str(tiny_sweep["cache"]), "--json", check=True)
+                     "--db", str(tmp_path / "q.duckdb"), "--cache", str(tiny_sweep["cache"]), "--json",
+                     check=True)
     rows = {row["technique"]: row for row in map(json.loads, result.stdout.splitlines())}
     earlier = {row["technique"]: row for row in map(json.loads, tiny_sweep["stdout"].splitlines())}
     assert set(rows) == {"lq-int4-dynamic", "lq-w8a8", "lq-int8-weight-only"}

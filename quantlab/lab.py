@@ -597,11 +597,9 @@ def selective_spec(workload: Workload, keep_float: int) -> SweepSpec:
     return replace(spec, techniques=(TechniqueSpec(SELECTIVE_TECHNIQUE, {"keep_float": int(keep_float)}),))
 
 
-@dataclass
-class SelectiveSweep:
-    """A running "keep N in float" sweep: the quantlab.sweeps handle behind it."""
+class _BackgroundSweep:
+    """What the Lab shows of a sweep it started: its quantlab.sweeps handle (`self.handle`)."""
 
-    keep_float: int
     handle: Any
 
     @property
@@ -613,6 +611,14 @@ class SelectiveSweep:
 
     def rows(self) -> list[dict]:
         return list(self.handle.snapshot().rows)
+
+
+@dataclass
+class SelectiveSweep(_BackgroundSweep):
+    """A running "keep N in float" sweep."""
+
+    keep_float: int
+    handle: Any
 
 
 def start_selective_sweep(workload: Workload, keep_float: int, store: Store, cache: ArtifactCache,
@@ -688,21 +694,11 @@ def recipe_spec(workload: Workload, recipe: LabRecipe) -> SweepSpec:
 
 
 @dataclass
-class RecipeSweep:
-    """A running sweep of one Lab-made recipe (its quantlab.sweeps handle)."""
+class RecipeSweep(_BackgroundSweep):
+    """A running sweep of one Lab-made recipe."""
 
     recipe: LabRecipe
     handle: Any
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.handle.finished)
-
-    def summary(self) -> str:
-        return self.handle.snapshot().summary()
-
-    def rows(self) -> list[dict]:
-        return list(self.handle.snapshot().rows)
 
 
 def start_recipe_sweep(workload: Workload, recipe: LabRecipe, store: Store, cache: ArtifactCache,

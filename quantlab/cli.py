@@ -20,7 +20,7 @@ from .store import DEFAULT_DB_PATH, Store
 from .techniques import variant_label
 
 TABLE_COLUMNS = ("technique", "model_bytes", "gzip_bytes", "accuracy", "agreement", "sqnr_db",
-                 "latency_p50_ms", "latency_p90_ms", "cached", "error")
+                 "latency_p50_ms", "latency_p90_ms", "cached", "executor", "node", "error")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--remeasure", action="store_true",
                        help="measure every variant again instead of reusing cached results (e.g. "
                             "latency timed while the machine was busy)")
+
+    sweep.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="run the variants as Ray tasks: local (start Ray with this machine's cores), "
+                            "auto (RAY_ADDRESS or the `ray start` cluster here) or host:port of a head")
 
     results = commands.add_parser("results", help="print stored results")
     results.add_argument("--db", type=Path, default=DEFAULT_DB_PATH)
@@ -177,7 +181,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     try:
         report = run_sweep(spec, store=store, cache=ArtifactCache(args.cache), on_event=on_event,
                            options=SweepOptions(workers=args.workers, source="cli",
-                                                remeasure=args.remeasure))
+                                                remeasure=args.remeasure, ray=args.ray or None))
     finally:
         if args.json:
             printer.flush()  # rows still waiting for a reference that failed or never came

@@ -7,6 +7,7 @@ file hashes and settings, and every cached result is read from JSON.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -85,12 +86,22 @@ def result_key(manifest: dict, technique: TechniqueSpec, measure: dict) -> str:
                          "measure": measure})
 
 
+RAY_ADDRESS_ENV = "QUANTLAB_RAY_ADDRESS"  # the dashboard's sweeps run on Ray at this address
+
+
+def ray_address_from_env() -> str | None:
+    """The Ray address the dashboard was started with (QUANTLAB_RAY_ADDRESS), or None: the pool."""
+    return os.environ.get(RAY_ADDRESS_ENV, "").strip() or None
+
+
 @dataclass(frozen=True)
 class SweepOptions:
     workers: int | None = None
     limits: PoolLimits = PoolLimits()
     source: str = "cli"
     remeasure: bool = False  # measure every variant again, ignoring cached results (e.g. a busy CPU)
+    ray: str | None = None  # a Ray address (local, auto, host:port): run the tasks there, not in the pool
+    plan_id: str | None = None  # the plan this sweep belongs to (python -m quantlab plan)
 
 
 @dataclass
@@ -157,7 +168,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             cache.write_json("prepared", prepare_key, manifest)
 
         report = SweepReport(store.start_sweep(manifest["model_name"], manifest["dataset_name"],
-                                               spec.to_dict(), options.source))
+                                               spec.to_dict(), options.source, plan_id=options.plan_id))
         emit({"type": "sweep-start", "sweep_id": report.sweep_id, "total": len(pending),
               "manifest": manifest})
 
@@ -204,14 +215,18 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             def forward(key: str, event: dict) -> None:
                 emit({"type": "progress", "technique": keyed[key].id, **event})
 
+            executor = "ray" if options.ray else "pool"
             for outcome in pool.run(to_run, forward, stop=stop):
                 technique = keyed[outcome.task_id]
                 if outcome.ok:
+                    outcome.result["provenance"] = with_node(outcome.result.get("provenance"), executor)
                     cache.write_json("results", outcome.task_id, outcome.result)
                     record(technique, outcome.task_id, outcome.result, error=None)
                 else:  # a QuantLab check said no (refused), or something broke (failed)
                     kind = "refused" if outcome.user_error else "failed"
-                    record(technique, outcome.task_id, {"details": {"error_kind": kind}}, error=outcome.error)
+                    record(technique, outcome.task_id, {"details": {"error_kind": kind},
+                                                        "provenance": {"executor": executor}},
+                           error=outcome.error)
             for key in pool.stopped_tasks:  # killed mid-way by the cancel: no row, nothing cached
                 emit({"type": "variant-cancelled", "technique": keyed[key].id,
                       "params": dict(keyed[key].params)})
@@ -225,7 +240,14 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             pool.close()
 
 
-def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> WorkerPool:
+def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> Any:
+    """The executor of the sweep's tasks: the local WorkerPool, or Ray when `options.ray` names one."""
+    if options.ray:
+        from .ray_executor import RayExecutor  # imports Ray lazily, only for --ray
+
+        executor = RayExecutor(options.ray, cache.root)
+        executor.start()
+        return executor
     from .tasks import run_task
 
     size = max(1, min(options.workers or default_worker_count(), max(tasks, 1)))
@@ -233,6 +255,17 @@ def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> Worke
                       log_path=str(Path(cache.root) / "logs" / "workers.log"))
     pool.start()
     return pool
+
+
+def with_node(provenance: dict | None, executor: str) -> dict:
+    """Provenance that names the executor and the node (hostname, Ray node id, CPU model)."""
+    provenance = dict(provenance or {})
+    provenance.setdefault("executor", executor)
+    if not provenance.get("node"):  # the pool's workers run here
+        from .ray_executor import node_info  # no Ray import: node_info asks Ray only when running in it
+
+        provenance["node"] = {**node_info(), "cpu_model": provenance.get("cpu_model") or node_info()["cpu_model"]}
+    return provenance
 
 
 def _cached_manifest(cache: ArtifactCache, key: str) -> dict | None:
@@ -259,6 +292,12 @@ def _make_row(sweep_id: str | None, manifest: dict, technique: TechniqueSpec, ke
     measured = {k: v for k, v in body.items() if k not in row}
     row.update(measured)
     provenance = dict(row.get("provenance") or {})
+    if not error:  # a result cached before rows named their executor was measured by the pool, here
+        from .ray_executor import node_label
+
+        provenance = with_node(provenance, "pool")
+        row["node"] = node_label(provenance["node"])
+    row["executor"] = provenance.get("executor")
     provenance.update({"result_key": key, "model_hash": manifest["model_hash"],
                        "dataset_hash": manifest["dataset_hash"], "technique": technique.to_dict(),
                        "engine_version": ENGINE_VERSION})

@@ -73,6 +73,8 @@ def connect(address: str) -> bool:
             ray.init(num_cpus=available_cores(), resources={TIMING_RESOURCE: 1}, **common)
             return True
         target = address if address != "auto" else (os.environ.get("RAY_ADDRESS") or "auto")
+        if target != "auto":
+            _check_reachable(target)  # ray.init would retry an unreachable head for minutes
         ray.init(address=target, **common)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -80,6 +82,24 @@ def connect(address: str) -> bool:
             f"cannot connect to Ray at {address!r} ({first}); start a head with `ray start --head "
             f"--port 6379 --resources '{{\"{TIMING_RESOURCE}\": 1}}'`, or pass --ray local") from None
     return False
+
+
+HEAD_CONNECT_SECONDS = 5.0
+
+
+def _check_reachable(target: str) -> None:
+    """Refuse at once an address whose head's port does not answer."""
+    text = target.removeprefix("ray://")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayConnectionError(f"{target!r} is not a Ray address; pass local, auto or host:port "
+                                 f"(e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=HEAD_CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise RayConnectionError(f"cannot connect to Ray at {target!r} ({exc.strerror or exc}); start a "
+                                 f"head with `ray start --head --port 6379 --resources "
+                                 f"'{{\"{TIMING_RESOURCE}\": 1}}'`, or pass --ray local") from None
 
 
 def cluster_summary() -> dict[str, Any]:

@@ -147,26 +147,19 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
         if spec.label_output:
             identity["label_output"] = spec.label_output
         prepare_key = content_hash(identity)
-        manifest = _cached_manifest(cache, prepare_key)
+        # Sweeps of one workload side by side in this process (a plan's thread counts, the
+        # dashboard) prepare it once: the others wait here and read the manifest it cached.
+        preparing = _preparing_lock(prepare_key)
+        preparing.acquire()
+        try:
+            manifest, pool = _prepared_manifest(spec, cache, prepare_key, model_ref, dataset_ref, options,
+                                                emit, stop)
+        finally:
+            preparing.release()
+        if manifest is None:  # cancelled while preparing: nothing was stored
+            emit({"type": "sweep-done", "sweep_id": None, "rows": 0})
+            return SweepReport()
         pending = spec.techniques
-        if manifest is None:
-            pool = _make_pool(options, len(spec.techniques), cache)
-            emit({"type": "prepare", "message": "preparing the dataset and the baseline model"})
-            payload = {"kind": "prepare", "cache_dir": str(cache.root), "model": model_ref.to_dict(),
-                       "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict(),
-                       "label_output": spec.label_output}
-            outcome = next(pool.run([("prepare", payload)],
-                                    lambda task, event: emit({"type": "progress", "technique": None,
-                                                              **event}), stop=stop), None)
-            if outcome is None:  # cancelled while preparing: nothing was stored
-                emit({"type": "sweep-done", "sweep_id": None, "rows": 0})
-                return SweepReport()
-            if not outcome.ok:
-                raise QuantLabError(outcome.error if outcome.user_error else
-                                    f"preparing {model_ref.name} on {dataset_ref.name} failed: {outcome.error}")
-            manifest = outcome.result
-            cache.write_json("prepared", prepare_key, manifest)
-
         report = SweepReport(store.start_sweep(manifest["model_name"], manifest["dataset_name"],
                                                spec.to_dict(), options.source, plan_id=options.plan_id))
         emit({"type": "sweep-start", "sweep_id": report.sweep_id, "total": len(pending),
@@ -238,6 +231,45 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
     finally:
         if pool is not None:
             pool.close()
+
+
+_PREPARING: dict[str, threading.Lock] = {}
+_PREPARING_GUARD = threading.Lock()
+
+
+def _preparing_lock(key: str) -> threading.Lock:
+    with _PREPARING_GUARD:
+        return _PREPARING.setdefault(key, threading.Lock())
+
+
+def _prepared_manifest(spec: SweepSpec, cache: ArtifactCache, prepare_key: str, model_ref: InputRef,
+                       dataset_ref: InputRef, options: SweepOptions, emit: OnEvent,
+                       stop: Callable[[], bool] | None) -> tuple[dict | None, Any]:
+    """The workload's manifest from the cache, or prepared now in a worker (None: cancelled), and
+    the pool that prepared it (its workers, TensorFlow imported, go on with the variants)."""
+    manifest = _cached_manifest(cache, prepare_key)
+    if manifest is not None:
+        return manifest, None
+    pool = _make_pool(options, len(spec.techniques), cache)
+    try:
+        emit({"type": "prepare", "message": "preparing the dataset and the baseline model"})
+        payload = {"kind": "prepare", "cache_dir": str(cache.root), "model": model_ref.to_dict(),
+                   "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict(),
+                   "label_output": spec.label_output}
+        outcome = next(pool.run([("prepare", payload)],
+                                lambda task, event: emit({"type": "progress", "technique": None,
+                                                          **event}), stop=stop), None)
+    except BaseException:
+        pool.close()
+        raise
+    if outcome is None:
+        return None, pool
+    if not outcome.ok:
+        pool.close()
+        raise QuantLabError(outcome.error if outcome.user_error else
+                            f"preparing {model_ref.name} on {dataset_ref.name} failed: {outcome.error}")
+    cache.write_json("prepared", prepare_key, outcome.result)
+    return outcome.result, pool
 
 
 def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> Any:

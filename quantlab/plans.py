@@ -152,11 +152,10 @@ def run_plan(plan: Plan, *, store: Store, cache: ArtifactCache, ray: str | None 
     specs = plan.sweep_specs()
     for spec in specs:  # every input checked before any sweep starts
         check_spec(spec, store)
-    owns_ray = False
-    if ray:
-        from .ray_executor import connect
+    from contextlib import nullcontext
 
-        owns_ray = connect(ray)  # once for the plan: its sweeps share the connection
+    if ray:
+        from .ray_executor import shared_connection
     options = SweepOptions(workers=workers, source="plan", ray=ray, plan_id=plan.plan_id)
     results = [SweepResult(spec) for spec in specs]
     finished = [0]
@@ -180,16 +179,11 @@ def run_plan(plan: Plan, *, store: Store, cache: ArtifactCache, ray: str | None 
         return result
 
     started = time.perf_counter()
-    try:
+    with shared_connection() if ray else nullcontext():  # Ray, if started, once for every sweep
         if ray:
             with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_SWEEPS, len(results))) as threads:
                 list(threads.map(one, results))
         else:
             for result in results:
                 one(result)
-    finally:
-        if owns_ray:
-            import ray as ray_module
-
-            ray_module.shutdown()
     return PlanReport(plan.plan_id, results, time.perf_counter() - started, "ray" if ray else "pool")

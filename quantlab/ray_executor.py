@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -52,17 +53,54 @@ class RayConnectionError(QuantLabError):
 # --- connecting -------------------------------------------------------------------------------
 
 
-def connect(address: str) -> bool:
-    """Connect this process to Ray at `address`; returns True if this call started Ray (and owns it).
+_GUARD = threading.RLock()
+_USERS = 0             # executors (and plans) using the connection now
+_STARTED_HERE = False  # this process started Ray (--ray local): the last user shuts it down
+
+
+def connect(address: str) -> None:
+    """Connect this process to Ray at `address` (once; later calls share it). Pair with `disconnect`.
 
     `local` starts a Ray instance with this machine's cores and one timing unit; `auto` joins the
     cluster named by RAY_ADDRESS or started here with `ray start`; `host:port` joins that head.
     A process already connected (a test fixture, a dashboard) keeps its connection.
     """
+    global _USERS, _STARTED_HERE
+    with _GUARD:
+        import ray
+
+        if not ray.is_initialized():
+            _STARTED_HERE = _init(address)
+        _USERS += 1
+
+
+def disconnect() -> None:
+    global _USERS, _STARTED_HERE
+    with _GUARD:
+        _USERS = max(0, _USERS - 1)
+        if _USERS == 0 and _STARTED_HERE:
+            import ray
+
+            ray.shutdown()
+            _STARTED_HERE = False
+
+
+@contextmanager
+def shared_connection() -> Iterator[None]:
+    """Keep a Ray that QuantLab starts running across several sweeps (a plan), without connecting
+    until a sweep needs it: a plan that is all cached never starts Ray."""
+    global _USERS
+    with _GUARD:
+        _USERS += 1
+    try:
+        yield
+    finally:
+        disconnect()
+
+
+def _init(address: str) -> bool:
     import ray
 
-    if ray.is_initialized():
-        return False
     # The quantlab package travels with the job (nodes need only the requirements installed).
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
               "runtime_env": {"py_modules": [_PACKAGE_DIR], "env_vars": TASK_ENV}}
@@ -383,16 +421,15 @@ class RayExecutor:
         self.address = address
         self.cache_root = Path(cache_root).resolve()
         self.stopped_tasks: list[str] = []
-        self._owns_ray = False
         self._started = False
         self._note = on_note or (lambda message: None)
         self.driver_key = content_hash({"host": socket.gethostname(), "cache": str(self.cache_root)}, 12)
 
     def start(self) -> None:
         if not self._started:
-            self._owns_ray = connect(self.address)
-            _remote_functions()
+            connect(self.address)
             self._started = True
+            _remote_functions()
 
     # What a task needs from the driver's cache (or the user's files), as relative paths.
     def _inputs(self, payload: dict) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -524,12 +561,9 @@ class RayExecutor:
                         pass
 
     def close(self) -> None:
-        if self._owns_ray:
-            import ray
-
-            ray.shutdown()
-            self._owns_ray = False
-        self._started = False
+        if self._started:
+            self._started = False
+            disconnect()
 
 
 def _first_line(exc: BaseException) -> str:

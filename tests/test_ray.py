@@ -114,3 +114,47 @@ def test_an_unreachable_head_is_one_error_line(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot connect to Ray"), result.stderr
+
+
+PLAN = """
+name = "zoo"
+models = ["seed-cnn", "mlp"]
+datasets = ["digits-28"]
+techniques = ["float32", "dynamic"]
+threads = [1, 2]
+epochs = 3
+min_runs = 5
+min_seconds = 0.05
+"""
+
+
+def test_a_plan_runs_its_sweeps_on_ray_and_a_rerun_is_all_cached(ray_local, tmp_path):
+    from quantlab.analysis import compare_frame, list_filters
+    from quantlab.plans import load_plan, run_plan
+
+    path = tmp_path / "zoo.toml"
+    path.write_text(PLAN)
+    plan = load_plan(path)
+    store, cache = Store(tmp_path / "q.duckdb"), ArtifactCache(tmp_path / "cache")
+    lines: list[tuple[int, int]] = []
+    first = run_plan(plan, store=store, cache=cache, ray="auto", on_sweep=lambda k, n, r: lines.append((k, n)))
+    assert first.ok and len(first.sweeps) == 4 and lines == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert {(s.spec.model, s.spec.measure.num_threads) for s in first.sweeps} == \
+        {("seed-cnn", 1), ("seed-cnn", 2), ("mlp", 1), ("mlp", 2)}
+    assert all(s.variants == 2 and s.failed == 0 for s in first.sweeps)
+    again = run_plan(plan, store=store, cache=cache, ray="auto")
+    assert all(s.cached == s.variants == 2 for s in again.sweeps)
+    sweeps = store.sweeps()
+    assert len(sweeps) == 8 and set(sweeps["plan_id"]) == {plan.plan_id}
+    assert set(store.results()["executor"]) == {"ray"}
+    assert plan.plan_id in list_filters(store).plans
+    rows = compare_frame(store, model="mlp", dataset="digits-28", plan_id=plan.plan_id, latest_only=False)
+    assert len(rows) == 8 and set(rows["technique"]) == {"float32", "dynamic"}
+
+
+def test_a_plan_file_with_a_mistake_is_refused_by_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('models = ["seed-cnn"]\ndatasets = ["digits-28"]\nthreads = [0]\n')
+    result = run_cli("plan", str(path), "--db", str(tmp_path / "q.duckdb"), timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {path}: `threads` must be a list of thread counts of at least 1, e.g. [1, 2, 4]"]

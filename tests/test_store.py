@@ -45,7 +45,7 @@ def test_migration_2_gives_old_int8_rows_their_default_weights(tmp_path):
     make_old_store(store, 1, [make_row("int8-only", result_key="old", params={}),
                               make_row("dynamic", params={}),
                               make_row("int8-only", result_key="new", params={"weights": "per-channel"})])
-    assert store.migrate() == [2, 3]
+    assert store.migrate() == [2, 3, 4]
     latest = store.results(latest_only=True)
     assert sorted(latest["technique"]) == ["dynamic", "int8-only"]  # one int8-only variant, not two
     params = dict(zip(store.results()["result_key"], store.results()["params"]))
@@ -56,7 +56,7 @@ def test_migration_2_gives_old_int8_rows_their_default_weights(tmp_path):
 def test_migration_3_adds_empty_intervals_to_old_rows(tmp_path):
     store = Store(tmp_path / "q.duckdb")
     make_old_store(store, 2, [make_row("dynamic")])
-    assert store.migrate() == [3]
+    assert store.migrate() == [3, 4]
     old = store.results().iloc[0]
     assert old["accuracy"] == 0.9 and old[["accuracy_ci_low", "latency_cpu_busy"]].isna().all()
     row_id = store.insert_result(make_row("int8-only", accuracy_ci_low=0.85, accuracy_ci_high=0.93,
@@ -179,3 +179,18 @@ def test_threads_of_one_process_reading_and_writing_at_once_lose_nothing(tmp_pat
         thread.join()
     assert failures == []
     assert writer.count() == 4 * 10
+
+
+def test_migration_4_adds_executor_node_and_plan_id_empty_on_old_rows(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    make_old_store(store, 3, [make_row("dynamic")])
+    with store.connect() as con:
+        con.execute("INSERT INTO sweeps VALUES ('old', now(), NULL, 'm', 'd', '{}', 'done', 'cli')")
+    assert store.migrate() == [4]
+    old = store.results().iloc[0]
+    assert old["executor"] is None and old["node"] is None
+    assert store.sweeps()["plan_id"].isna().all()
+    sweep = store.start_sweep("m", "d", {}, "plan", plan_id="zoo-1234")
+    store.insert_result(make_row("float32", sweep_id=sweep, executor="ray", node="vm/abcd"))
+    assert store.sweeps().set_index("sweep_id").loc[sweep, "plan_id"] == "zoo-1234"
+    assert store.results().set_index("technique").loc["float32", "node"] == "vm/abcd"

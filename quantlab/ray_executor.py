@@ -113,13 +113,47 @@ def _init(address: str) -> bool:
         target = address if address != "auto" else (os.environ.get("RAY_ADDRESS") or "auto")
         if target != "auto":
             _check_reachable(target)  # ray.init would retry an unreachable head for minutes
-        ray.init(address=target, **common)
+        # `ray start` turns on token authentication when ~/.ray/auth_token exists, but a client
+        # joining it does not by itself (Ray 2.60): send the token when there is one.
+        _use_token_if_any()
+        with _core_logs_aside():
+            ray.init(address=target, **common)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise RayConnectionError(
             f"cannot connect to Ray at {address!r} ({first}); start a head with `ray start --head "
             f"--port 6379 --resources '{{\"{TIMING_RESOURCE}\": 1}}'`, or pass --ray local") from None
     return False
+
+
+def _use_token_if_any() -> None:
+    """`ray start` turns token authentication on when ~/.ray/auth_token exists, but in Ray 2.60 a
+    client joining that head sends the token only with RAY_AUTH_MODE=token: do what Ray's own
+    helper does for new local clusters (set the mode, refresh Ray's config) when a token exists."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # another Ray: its own defaults apply
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+@contextmanager
+def _core_logs_aside() -> Iterator[None]:
+    """Ray's C++ client writes retry warnings straight to stderr while it connects; keep them out
+    of the CLI's one-line errors (they go to a file in the temp folder)."""
+    log = os.open(os.path.join(tempfile.gettempdir(), "quantlab-ray-connect.log"),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(2)
+    os.dup2(log, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(log)
 
 
 HEAD_CONNECT_SECONDS = 5.0

@@ -108,7 +108,7 @@ def _init(address: str) -> bool:
         if address == "local":
             from .measure import available_cores
 
-            ray.init(num_cpus=available_cores(), resources={TIMING_RESOURCE: 1}, **common)
+            ray.init(address="local", num_cpus=available_cores(), resources={TIMING_RESOURCE: 1}, **common)
             return True
         target = address if address != "auto" else (os.environ.get("RAY_ADDRESS") or "auto")
         if target != "auto":
@@ -370,8 +370,34 @@ def _named_files(value: Any, root: Path) -> set[str]:
     return named
 
 
+class _EventLog:
+    """A zero-CPU actor that holds the tasks' progress events until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict]] = []
+
+    def put(self, item: tuple[str, dict]) -> None:
+        self.items.append(item)
+
+    def take(self) -> list[tuple[str, dict]]:
+        items, self.items = self.items, []
+        return items
+
+
+def _emitter(task_id: str, events: Any) -> Callable[[dict], None]:
+    """A task's `emit`: each event goes to the event log without waiting (never fails the task)."""
+    def emit(event: dict) -> None:
+        if events is None:
+            return
+        try:
+            events.put.remote((task_id, event))
+        except Exception:  # the log's node is gone: progress is lost, the result is not
+            pass
+    return emit
+
+
 def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, driver_key: str,
-                    externals: dict[str, str]) -> dict:
+                    externals: dict[str, str], task_id: str = "", events: Any = None) -> dict:
     """The body of every Ray task: materialise the inputs, run the task, send back what it wrote."""
     from .measure import EVALUATION_CORES_ENV
     from .tasks import run_task
@@ -392,7 +418,9 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
     outcome: dict[str, Any] = {"node": node_info()}
     local_result: Any = None
     try:
-        result = run_task(local_payload, lambda event: None, lock)
+        emit = _emitter(task_id, events)
+        emit({"stage": "started", "message": f"running on {node_label(outcome['node'])}"})
+        result = run_task(local_payload, emit, lock)
         outcome.update(status="done", result=rebase(result, {str(root): driver_root}))
         local_result = result
         if lock.note and isinstance(result, dict):
@@ -415,14 +443,16 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
 # Defined once Ray is imported (a module-level @ray.remote would import Ray with this module).
 _timing_slot: Any = None
 _remote_execute: Any = None
+_event_log_actor: Any = None
 
 
 def _remote_functions() -> Any:
-    global _timing_slot, _remote_execute
+    global _timing_slot, _remote_execute, _event_log_actor
     if _remote_execute is None:
         import ray
 
         _timing_slot = ray.remote(_slot)
+        _event_log_actor = ray.remote(num_cpus=0, max_restarts=0)(_EventLog)
         _remote_execute = ray.remote(num_cpus=1, max_retries=1, retry_exceptions=False)(execute_on_node)
     return _remote_execute
 
@@ -456,6 +486,7 @@ class RayExecutor:
         self.cache_root = Path(cache_root).resolve()
         self.stopped_tasks: list[str] = []
         self._started = False
+        self._events: Any = None
         self._note = on_note or (lambda message: None)
         self.driver_key = content_hash({"host": socket.gethostname(), "cache": str(self.cache_root)}, 12)
 
@@ -464,6 +495,7 @@ class RayExecutor:
             connect(self.address)
             self._started = True
             _remote_functions()
+            self._events = _event_log_actor.remote()
 
     # What a task needs from the driver's cache (or the user's files), as relative paths.
     def _inputs(self, payload: dict) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -510,7 +542,20 @@ class RayExecutor:
 
         inputs, externals = self._inputs(payload)
         remote = _remote_functions()
-        return remote.remote(payload, ray.put(inputs), str(self.cache_root), self.driver_key, externals)
+        return remote.remote(payload, ray.put(inputs), str(self.cache_root), self.driver_key, externals,
+                             task_id, self._events)
+
+    def _forward_events(self, emit: Callable[[str, dict], None], finished: set[str]) -> None:
+        """Hand the tasks' progress events to `on_event`, as the pool does from its pipes."""
+        import ray
+
+        try:
+            items = ray.get(self._events.take.remote(), timeout=10)
+        except Exception:  # the event log's node died: progress pauses, results still come
+            return
+        for task_id, event in items:
+            if task_id not in finished:  # late events of a finished task would mislabel another
+                emit(task_id, event)
 
     def _land(self, outcome: dict) -> None:
         """Write the files a task produced into the driver's cache (atomically, like the workers)."""
@@ -540,6 +585,7 @@ class RayExecutor:
                 waiting[shared] = []
             ready.append((task_id, payload))
         running: dict[Any, tuple[str, dict]] = {}
+        finished: set[str] = set()
         try:
             for task_id, payload in ready:
                 running[self._submit(task_id, payload)] = (task_id, payload)
@@ -551,8 +597,10 @@ class RayExecutor:
                         self.stopped_tasks.append(task_id)
                     return
                 done, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
+                self._forward_events(emit, finished)
                 for ref in done:
                     task_id, payload = running.pop(ref)
+                    finished.add(task_id)
                     try:
                         outcome = ray.get(ref)
                     except RayTaskError as exc:  # a bug in the task wrapper itself
@@ -595,6 +643,14 @@ class RayExecutor:
                         pass
 
     def close(self) -> None:
+        if self._events is not None:
+            try:
+                import ray
+
+                ray.kill(self._events)
+            except Exception:
+                pass
+            self._events = None
         if self._started:
             self._started = False
             disconnect()

@@ -30,7 +30,8 @@ def spec(techniques: str = TECHNIQUES) -> SweepSpec:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, resources={TIMING_RESOURCE: 1}, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, resources={TIMING_RESOURCE: 1}, include_dashboard=False,
+             log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -91,6 +92,11 @@ def test_progress_comes_through_the_same_events(both):
     assert kinds.count("variant-done") == 2 and kinds.count("variant-queued") == 2
     finished = [e for e in both["ray"]["events"] if e["type"] == "progress" and e.get("stage") == "finished"]
     assert {e["technique"] for e in finished} == {None, "float32", "dynamic"}  # None: the prepare task
+    # What the tasks themselves report while they run (the Run page's per-variant messages).
+    stages = {(e["technique"], e.get("stage")) for e in both["ray"]["events"] if e["type"] == "progress"}
+    for technique in ("float32", "dynamic"):
+        assert {(technique, "started"), (technique, "convert"), (technique, "measure")} <= stages
+    assert (None, "train baseline") in stages
 
 
 def test_a_warm_rerun_through_the_cli_is_cached_and_starts_no_ray(both):

@@ -59,6 +59,9 @@ def test_a_node_killed_mid_sweep_loses_no_variant(two_nodes, tmp_path):
     for row in report.rows:  # retried once on the head: full rows, every measurement present
         assert row["error"] is None, row["error"]
         assert all(row.get(k) is not None for k in FULL), row["technique"]
+    deadline = time.monotonic() + 60  # the head marks a killed node dead after its heartbeats stop
+    while worker_id in {n["NodeID"] for n in ray.nodes() if n["Alive"]} and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert worker_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     after_kill = [r for r in report.rows[1:]]  # finished after the node was gone: measured on the head
     assert all(r["provenance"]["node"]["node_id"] != worker_id for r in after_kill)

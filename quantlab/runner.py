@@ -209,17 +209,21 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
                 emit({"type": "progress", "technique": keyed[key].id, **event})
 
             executor = "ray" if options.ray else "pool"
-            for outcome in pool.run(to_run, forward, stop=stop):
-                technique = keyed[outcome.task_id]
-                if outcome.ok:
-                    outcome.result["provenance"] = with_node(outcome.result.get("provenance"), executor)
-                    cache.write_json("results", outcome.task_id, outcome.result)
-                    record(technique, outcome.task_id, outcome.result, error=None)
-                else:  # a QuantLab check said no (refused), or something broke (failed)
-                    kind = "refused" if outcome.user_error else "failed"
-                    record(technique, outcome.task_id, {"details": {"error_kind": kind},
-                                                        "provenance": {"executor": executor}},
-                           error=outcome.error)
+            try:
+                for outcome in pool.run(to_run, forward, stop=stop):
+                    technique = keyed[outcome.task_id]
+                    if outcome.ok:
+                        outcome.result["provenance"] = with_node(outcome.result.get("provenance"), executor)
+                        cache.write_json("results", outcome.task_id, outcome.result)
+                        record(technique, outcome.task_id, outcome.result, error=None)
+                    else:  # a QuantLab check said no (refused), or something broke (failed)
+                        kind = "refused" if outcome.user_error else "failed"
+                        record(technique, outcome.task_id, {"details": {"error_kind": kind},
+                                                            "provenance": {"executor": executor}},
+                               error=outcome.error)
+            except QuantLabError:  # the Ray head was lost: rows so far stay, the sweep failed
+                store.finish_sweep(report.sweep_id, "failed")
+                raise
             for key in pool.stopped_tasks:  # killed mid-way by the cancel: no row, nothing cached
                 emit({"type": "variant-cancelled", "technique": keyed[key].id,
                       "params": dict(keyed[key].params)})

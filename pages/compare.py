@@ -106,6 +106,9 @@ with st.container(horizontal=True):
     datasets = filters.datasets_for(model)
     dataset = st.selectbox("Dataset", datasets, key="compare_dataset",
                            index=datasets.index(view.dataset) if view.dataset in datasets else 0)
+    plan_id = st.selectbox("Plan", [None, *filters.plans], key="compare_plan",
+                           format_func=lambda p: "Any plan or none" if p is None else p,
+                           help="The sweeps of one `python -m quantlab plan` file") if filters.plans else None
     sweeps = filters.sweeps_for(model, dataset)
     statuses = sweep_statuses(store)
     sweep_labels = {row.sweep_id: analysis.sweep_label({**row._asdict(), "status": statuses.get(row.sweep_id)})
@@ -150,7 +153,7 @@ view = update_view(model=model, dataset=dataset, sweep=sweep_id, latency_budget_
 write_view(view, SHARED_FIELDS)
 
 everything = analysis.compare_frame(store, model=model, dataset=dataset, sweep_id=sweep_id,
-                                    latest_only=not every_row, include_errors=True)
+                                    latest_only=not every_row, include_errors=True, plan_id=plan_id)
 frame = everything[everything["error"].isna()]
 failed = everything[everything["error"].notna()]
 

@@ -119,7 +119,7 @@ def technique_label(technique_id: str) -> str:
 
 def compare_frame(store: Store, *, model: str | None, dataset: str | None,
                   sweep_id: str | None = None, latest_only: bool = True,
-                  include_errors: bool = False) -> pd.DataFrame:
+                  include_errors: bool = False, plan_id: str | None = None) -> pd.DataFrame:
     """Stored rows of one model on one dataset with baseline-relative columns computed in SQL.
 
     `model`/`dataset` None means every model/dataset. With `latest_only` and no sweep, only the
@@ -134,6 +134,9 @@ def compare_frame(store: Store, *, model: str | None, dataset: str | None,
             params.append(value)
     if not include_errors:
         where.append("error IS NULL")
+    if plan_id:  # the sweeps of one plan (python -m quantlab plan)
+        where.append("sweep_id IN (SELECT sweep_id FROM sweeps WHERE plan_id = ?)")
+        params.append(plan_id)
     ref_where, ref_params = ["TRUE"], []
     for column, value in (("model_name", model), ("dataset_name", dataset)):
         if value:
@@ -659,6 +662,7 @@ class Filters:
     datasets: list[str] = field(default_factory=list)
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)
     sweeps: pd.DataFrame = field(default_factory=pd.DataFrame)
+    plans: list[str] = field(default_factory=list)  # plan ids, newest first
 
     @property
     def empty(self) -> bool:
@@ -703,7 +707,12 @@ def list_filters(store: Store) -> Filters:
             "count(*) AS variants, count(error) AS failed FROM results "
             "GROUP BY sweep_id, model_name, dataset_name ORDER BY started_at DESC "
             f"LIMIT {SWEEP_LIST_LIMIT}").df()
-    return Filters(models, datasets, pairs, sweeps)
+        has_plans = con.execute("SELECT count(*) FROM information_schema.columns WHERE "
+                                "table_name = 'sweeps' AND column_name = 'plan_id'").fetchone()[0]
+        plans = [r[0] for r in con.execute(
+            "SELECT plan_id FROM sweeps WHERE plan_id IS NOT NULL GROUP BY plan_id "
+            "ORDER BY max(started_at) DESC").fetchall()] if has_plans else []
+    return Filters(models, datasets, pairs, sweeps, plans)
 
 
 def sweep_label(sweep: Mapping[str, Any]) -> str:

@@ -363,7 +363,38 @@ def accuracy_vs_latency(frame: pd.DataFrame, *, sweet_spot_row_id: str | None = 
     if log_x:
         ticks, labels = log_ticks(pd.concat([data["latency_p50_ms"], pd.Series([latency_budget_ms])]))
         fig.update_xaxes(tickvals=ticks, ticktext=labels)
+    mark_nodes(fig, data, "latency_p50_ms", metric)
     return fig
+
+
+NODE_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+UNKNOWN_NODE = "not recorded (local pool)"
+
+
+def timing_nodes(frame: pd.DataFrame) -> pd.Series:
+    """The node each row was timed on (rows stored before nodes were recorded: UNKNOWN_NODE)."""
+    if "node" not in frame.columns:
+        return pd.Series(UNKNOWN_NODE, index=frame.index)
+    return frame["node"].astype(object).where(frame["node"].notna(), UNKNOWN_NODE)
+
+
+def mark_nodes(fig: go.Figure, data: pd.DataFrame, x: str, metric: str) -> None:
+    """Latencies timed on more than one node: ring each point in its node's colour and say so."""
+    if data.empty:
+        return
+    nodes = timing_nodes(data)
+    names = list(dict.fromkeys(nodes))
+    if len(names) < 2:
+        return
+    for k, name in enumerate(names):
+        part = data[nodes == name]
+        fig.add_trace(go.Scatter(
+            x=part[x], y=part[metric] * 100, mode="markers", name=f"timed on {name}",
+            marker=dict(symbol="circle-open", size=19, color=NODE_COLORS[k % len(NODE_COLORS)],
+                        line=dict(width=2)), hoverinfo="skip"))
+    title = fig.layout.title.text or ""
+    fig.update_layout(title=f"{title} · latencies from {len(names)} nodes (ringed by node): "
+                            f"compare within one node")
 
 
 # --- two models side by side ----------------------------------------------------------------------

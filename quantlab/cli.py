@@ -20,7 +20,7 @@ from .store import DEFAULT_DB_PATH, Store
 from .techniques import variant_label
 
 TABLE_COLUMNS = ("technique", "model_bytes", "gzip_bytes", "accuracy", "agreement", "sqnr_db",
-                 "latency_p50_ms", "latency_p90_ms", "cached", "error")
+                 "latency_p50_ms", "latency_p90_ms", "cached", "executor", "node", "error")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--remeasure", action="store_true",
                        help="measure every variant again instead of reusing cached results (e.g. "
                             "latency timed while the machine was busy)")
+
+    sweep.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="run the variants as Ray tasks: local (start Ray with this machine's cores), "
+                            "auto (RAY_ADDRESS or the `ray start` cluster here) or host:port of a head")
+
+    plan = commands.add_parser("plan", help="run a plan file: models x datasets x techniques (x threads)")
+    plan.add_argument("file", type=Path, help="a .toml plan (see quantlab/plans.py for its keys)")
+    plan.add_argument("--db", type=Path, default=DEFAULT_DB_PATH)
+    plan.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR)
+    plan.add_argument("--ray", default=None, metavar="ADDRESS",
+                      help="run the sweeps side by side on Ray (local, auto or host:port); default: "
+                           "one after the other on the local worker pool")
+    plan.add_argument("--workers", type=int, default=None, help="pool worker processes (default: up to 2)")
+    plan.add_argument("--json", action="store_true", help="the summary as one JSON object per sweep")
 
     results = commands.add_parser("results", help="print stored results")
     results.add_argument("--db", type=Path, default=DEFAULT_DB_PATH)
@@ -177,7 +191,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     try:
         report = run_sweep(spec, store=store, cache=ArtifactCache(args.cache), on_event=on_event,
                            options=SweepOptions(workers=args.workers, source="cli",
-                                                remeasure=args.remeasure))
+                                                remeasure=args.remeasure, ray=args.ray or None))
     finally:
         if args.json:
             printer.flush()  # rows still waiting for a reference that failed or never came
@@ -185,6 +199,36 @@ def command_sweep(args: argparse.Namespace) -> int:
         _print_table([{**{k: r.get(k) for k in TABLE_COLUMNS},
                        "technique": variant_label(r["technique"], r.get("params"))} for r in report.rows])
     return 1 if report.failed and len(report.failed) == len(report.rows) else 0
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    from .plans import load_plan, run_plan
+
+    plan = load_plan(args.file)
+    store = Store(args.db)
+    count = len(plan.models) * len(plan.datasets) * len(plan.threads)
+    where = f"side by side on Ray ({args.ray})" if args.ray else "one after the other on the local pool"
+    print(f"plan {plan.plan_id}: {count} sweeps {where}", file=sys.stderr, flush=True)
+
+    def on_sweep(done: int, total: int, result: Any) -> None:
+        s = result.summary()
+        what = f"[{done}/{total}] {s['model']} on {s['dataset']}, threads={s['threads']}"
+        if result.error:
+            print(f"{what}: failed: {result.error}", file=sys.stderr, flush=True)
+        else:
+            print(f"{what}: {s['variants']} variants ({s['cached']} cached, {s['failed']} failed) in "
+                  f"{s['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+    report = run_plan(plan, store=store, cache=ArtifactCache(args.cache), ray=args.ray, on_sweep=on_sweep,
+                      workers=args.workers)
+    summaries = [{"plan_id": report.plan_id, **s.summary()} for s in report.sweeps]
+    if args.json:
+        for summary in summaries:
+            print(json.dumps(summary))
+    else:
+        _print_table([{k: v for k, v in s.items() if k != "plan_id"} for s in summaries])
+        print(f"plan {report.plan_id}: {len(summaries)} sweeps in {report.seconds:.1f} s on {report.executor}")
+    return 0 if report.ok else 1
 
 
 def _cell(value: Any) -> str:
@@ -265,7 +309,7 @@ def command_techniques(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sweep": command_sweep, "results": command_results, "workloads": command_workloads,
+COMMANDS = {"sweep": command_sweep, "plan": command_plan, "results": command_results, "workloads": command_workloads,
             "techniques": command_techniques}
 
 

@@ -7,6 +7,7 @@ file hashes and settings, and every cached result is read from JSON.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -85,12 +86,22 @@ def result_key(manifest: dict, technique: TechniqueSpec, measure: dict) -> str:
                          "measure": measure})
 
 
+RAY_ADDRESS_ENV = "QUANTLAB_RAY_ADDRESS"  # the dashboard's sweeps run on Ray at this address
+
+
+def ray_address_from_env() -> str | None:
+    """The Ray address the dashboard was started with (QUANTLAB_RAY_ADDRESS), or None: the pool."""
+    return os.environ.get(RAY_ADDRESS_ENV, "").strip() or None
+
+
 @dataclass(frozen=True)
 class SweepOptions:
     workers: int | None = None
     limits: PoolLimits = PoolLimits()
     source: str = "cli"
     remeasure: bool = False  # measure every variant again, ignoring cached results (e.g. a busy CPU)
+    ray: str | None = None  # a Ray address (local, auto, host:port): run the tasks there, not in the pool
+    plan_id: str | None = None  # the plan this sweep belongs to (python -m quantlab plan)
 
 
 @dataclass
@@ -137,28 +148,21 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
         if spec.label_output:
             identity["label_output"] = spec.label_output
         prepare_key = content_hash(identity)
-        manifest = _cached_manifest(cache, prepare_key)
+        # Sweeps of one workload side by side in this process (a plan's thread counts, the
+        # dashboard) prepare it once: the others wait here and read the manifest it cached.
+        preparing = _preparing_lock(prepare_key)
+        preparing.acquire()
+        try:
+            manifest, pool = _prepared_manifest(spec, cache, prepare_key, model_ref, dataset_ref, options,
+                                                emit, stop)
+        finally:
+            preparing.release()
+        if manifest is None:  # cancelled while preparing: nothing was stored
+            emit({"type": "sweep-done", "sweep_id": None, "rows": 0})
+            return SweepReport()
         pending = spec.techniques
-        if manifest is None:
-            pool = _make_pool(options, len(spec.techniques), cache)
-            emit({"type": "prepare", "message": "preparing the dataset and the baseline model"})
-            payload = {"kind": "prepare", "cache_dir": str(cache.root), "model": model_ref.to_dict(),
-                       "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict(),
-                       "label_output": spec.label_output}
-            outcome = next(pool.run([("prepare", payload)],
-                                    lambda task, event: emit({"type": "progress", "technique": None,
-                                                              **event}), stop=stop), None)
-            if outcome is None:  # cancelled while preparing: nothing was stored
-                emit({"type": "sweep-done", "sweep_id": None, "rows": 0})
-                return SweepReport()
-            if not outcome.ok:
-                raise QuantLabError(outcome.error if outcome.user_error else
-                                    f"preparing {model_ref.name} on {dataset_ref.name} failed: {outcome.error}")
-            manifest = outcome.result
-            cache.write_json("prepared", prepare_key, manifest)
-
         report = SweepReport(store.start_sweep(manifest["model_name"], manifest["dataset_name"],
-                                               spec.to_dict(), options.source))
+                                               spec.to_dict(), options.source, plan_id=options.plan_id))
         emit({"type": "sweep-start", "sweep_id": report.sweep_id, "total": len(pending),
               "manifest": manifest})
 
@@ -205,14 +209,22 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             def forward(key: str, event: dict) -> None:
                 emit({"type": "progress", "technique": keyed[key].id, **event})
 
-            for outcome in pool.run(to_run, forward, stop=stop):
-                technique = keyed[outcome.task_id]
-                if outcome.ok:
-                    cache.write_json("results", outcome.task_id, outcome.result)
-                    record(technique, outcome.task_id, outcome.result, error=None)
-                else:  # a QuantLab check said no (refused), or something broke (failed)
-                    kind = "refused" if outcome.user_error else "failed"
-                    record(technique, outcome.task_id, {"details": {"error_kind": kind}}, error=outcome.error)
+            executor = "ray" if options.ray else "pool"
+            try:
+                for outcome in pool.run(to_run, forward, stop=stop):
+                    technique = keyed[outcome.task_id]
+                    if outcome.ok:
+                        outcome.result["provenance"] = with_node(outcome.result.get("provenance"), executor)
+                        cache.write_json("results", outcome.task_id, outcome.result)
+                        record(technique, outcome.task_id, outcome.result, error=None)
+                    else:  # a QuantLab check said no (refused), or something broke (failed)
+                        kind = "refused" if outcome.user_error else "failed"
+                        record(technique, outcome.task_id, {"details": {"error_kind": kind},
+                                                            "provenance": {"executor": executor}},
+                               error=outcome.error)
+            except QuantLabError:  # the Ray head was lost: rows so far stay, the sweep failed
+                store.finish_sweep(report.sweep_id, "failed")
+                raise
             for key in pool.stopped_tasks:  # killed mid-way by the cancel: no row, nothing cached
                 emit({"type": "variant-cancelled", "technique": keyed[key].id,
                       "params": dict(keyed[key].params)})
@@ -230,7 +242,53 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
             pool.close()
 
 
-def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> WorkerPool:
+_PREPARING: dict[str, threading.Lock] = {}
+_PREPARING_GUARD = threading.Lock()
+
+
+def _preparing_lock(key: str) -> threading.Lock:
+    with _PREPARING_GUARD:
+        return _PREPARING.setdefault(key, threading.Lock())
+
+
+def _prepared_manifest(spec: SweepSpec, cache: ArtifactCache, prepare_key: str, model_ref: InputRef,
+                       dataset_ref: InputRef, options: SweepOptions, emit: OnEvent,
+                       stop: Callable[[], bool] | None) -> tuple[dict | None, Any]:
+    """The workload's manifest from the cache, or prepared now in a worker (None: cancelled), and
+    the pool that prepared it (its workers, TensorFlow imported, go on with the variants)."""
+    manifest = _cached_manifest(cache, prepare_key)
+    if manifest is not None:
+        return manifest, None
+    pool = _make_pool(options, len(spec.techniques), cache)
+    try:
+        emit({"type": "prepare", "message": "preparing the dataset and the baseline model"})
+        payload = {"kind": "prepare", "cache_dir": str(cache.root), "model": model_ref.to_dict(),
+                   "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict(),
+                   "label_output": spec.label_output}
+        outcome = next(pool.run([("prepare", payload)],
+                                lambda task, event: emit({"type": "progress", "technique": None,
+                                                          **event}), stop=stop), None)
+    except BaseException:
+        pool.close()
+        raise
+    if outcome is None:
+        return None, pool
+    if not outcome.ok:
+        pool.close()
+        raise QuantLabError(outcome.error if outcome.user_error else
+                            f"preparing {model_ref.name} on {dataset_ref.name} failed: {outcome.error}")
+    cache.write_json("prepared", prepare_key, outcome.result)
+    return outcome.result, pool
+
+
+def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> Any:
+    """The executor of the sweep's tasks: the local WorkerPool, or Ray when `options.ray` names one."""
+    if options.ray:
+        from .ray_executor import RayExecutor  # imports Ray lazily, only for --ray
+
+        executor = RayExecutor(options.ray, cache.root)
+        executor.start()
+        return executor
     from .tasks import run_task
 
     size = max(1, min(options.workers or default_worker_count(), max(tasks, 1)))
@@ -238,6 +296,17 @@ def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> Worke
                       log_path=str(Path(cache.root) / "logs" / "workers.log"))
     pool.start()
     return pool
+
+
+def with_node(provenance: dict | None, executor: str) -> dict:
+    """Provenance that names the executor and the node (hostname, Ray node id, CPU model)."""
+    provenance = dict(provenance or {})
+    provenance.setdefault("executor", executor)
+    if not provenance.get("node"):  # the pool's workers run here
+        from .ray_executor import node_info  # no Ray import: node_info asks Ray only when running in it
+
+        provenance["node"] = {**node_info(), "cpu_model": provenance.get("cpu_model") or node_info()["cpu_model"]}
+    return provenance
 
 
 def _cached_manifest(cache: ArtifactCache, key: str) -> dict | None:
@@ -264,6 +333,12 @@ def _make_row(sweep_id: str | None, manifest: dict, technique: TechniqueSpec, ke
     measured = {k: v for k, v in body.items() if k not in row}
     row.update(measured)
     provenance = dict(row.get("provenance") or {})
+    if not error:  # a result cached before rows named their executor was measured by the pool, here
+        from .ray_executor import node_label
+
+        provenance = with_node(provenance, "pool")
+        row["node"] = node_label(provenance["node"])
+    row["executor"] = provenance.get("executor")
     provenance.update({"result_key": key, "model_hash": manifest["model_hash"],
                        "dataset_hash": manifest["dataset_hash"], "technique": technique.to_dict(),
                        "engine_version": ENGINE_VERSION})

@@ -75,7 +75,12 @@ INTERVAL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("latency_cpu_busy", "BOOLEAN"),
     ("test_samples", "INTEGER"),
 )
-COLUMN_NAMES = tuple(name for name, _ in RESULT_COLUMNS + INTERVAL_COLUMNS)
+# Added by migration 5: where a row was measured (pool or ray; hostname/Ray node id).
+PLACEMENT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("executor", "VARCHAR"),
+    ("node", "VARCHAR"),
+)
+COLUMN_NAMES = tuple(name for name, _ in RESULT_COLUMNS + INTERVAL_COLUMNS + PLACEMENT_COLUMNS)
 # Added by migration 4: the process that runs a sweep. `process_started` is the process's start time
 # as the kernel counts it (/proc/<pid>/stat), so that a new process reusing the pid is not taken for
 # the sweep's own; NULL where /proc does not exist.
@@ -105,6 +110,11 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     # a sweep measures those variants again (runner: a cached result needs its predictions).
     (3, "95% intervals of accuracy, agreement and p50; busy-CPU flag; test sample count", tuple(
         f"ALTER TABLE results ADD COLUMN {name} {kind}" for name, kind in INTERVAL_COLUMNS)),
+    # Rows stored before it keep NULL executor and node (they were measured by the local pool).
+    (4, "executor and node of each row; the plan a sweep belongs to", (
+        *(f"ALTER TABLE results ADD COLUMN {name} {kind}" for name, kind in PLACEMENT_COLUMNS),
+        "ALTER TABLE sweeps ADD COLUMN plan_id VARCHAR",
+    )),
     # A sweep whose process was killed (kill -9, a crashed server) used to stay `running` forever:
     # each sweep now names its process, and the next start of the app or the CLI marks the sweeps
     # whose process is gone `interrupted` (Store.mark_interrupted_sweeps).
@@ -276,17 +286,18 @@ class Store:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def start_sweep(self, model_name: str, dataset_name: str, spec: dict, source: str) -> str:
+    def start_sweep(self, model_name: str, dataset_name: str, spec: dict, source: str,
+                    plan_id: str | None = None) -> str:
         self.require_writable()
         sweep_id = new_id()
         pid, hostname, started = this_process()
         with self.connect() as con:
             _migrate(con)
             con.execute("INSERT INTO sweeps (sweep_id, started_at, finished_at, model_name, dataset_name, "
-                        "spec, status, source, pid, hostname, process_started) "
-                        "VALUES (?, ?, NULL, ?, ?, ?, 'running', ?, ?, ?, ?)",
+                        "spec, status, source, pid, hostname, process_started, plan_id) "
+                        "VALUES (?, ?, NULL, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
                         [sweep_id, now_utc(), model_name, dataset_name, json.dumps(spec), source,
-                         pid, hostname, started])
+                         pid, hostname, started, plan_id])
         return sweep_id
 
     def finish_sweep(self, sweep_id: str, status: str = "done") -> None:

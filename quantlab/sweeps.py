@@ -323,7 +323,7 @@ class SweepManager:
         uploaded dataset, a read-only store) gives a handle that has already failed, with the
         one-line reason as its error: nothing is queued or written.
         """
-        handle = SweepHandle(spec, store, cache, options or SweepOptions(source="app"), label)
+        handle = SweepHandle(spec, store, cache, options or SweepOptions(source="app", ray=runner.ray_address_from_env()), label)
         handle._on_cancel = self._cancel_queued
         try:
             check_spec(spec, store)

@@ -20,7 +20,7 @@ from .cache import DEFAULT_CACHE_DIR, ArtifactCache
 from .config import MeasureSettings, SweepSpec, TechniqueSpec, TrainSettings
 from .errors import QuantLabError
 from .pool import PoolLimits
-from .runner import SweepOptions
+from .runner import SweepOptions, ray_address_from_env
 from .store import DEFAULT_DB_PATH, Store
 from .techniques import Param, Technique, all_techniques, get_technique, params_text
 
@@ -131,7 +131,7 @@ class AppSettings:
     def sweep_options(self, remeasure: bool = False) -> SweepOptions:
         limits = PoolLimits(task_timeout_seconds=DEMO_TASK_TIMEOUT_SECONDS,
                             memory_limit_mb=DEMO_MEMORY_LIMIT_MB) if self.demo else PoolLimits()
-        return SweepOptions(limits=limits, source="app", remeasure=remeasure)
+        return SweepOptions(limits=limits, source="app", remeasure=remeasure, ray=ray_address_from_env())
 
     def check_upload_quota(self, uploads_so_far: int) -> None:
         """Refuse one more upload when this session has used its quota (demo mode)."""

@@ -268,3 +268,21 @@ def test_two_models_bars_carry_the_quality_change_and_speed_up_intervals_and_siz
                                                                               faster.x * 0.2)
     b_quality = [t for t in fig.data if t.name == "b"][2]
     assert b_quality.error_x.array is None                               # no interval, no bar
+
+
+def test_latencies_from_several_nodes_are_ringed_by_node_and_the_title_says_so():
+    import pandas as pd
+
+    from quantlab.charts import accuracy_vs_latency
+
+    rows = pd.DataFrame({"row_id": ["a", "b", "c"], "technique": ["float32", "dynamic", "int8-only"],
+                         "family": ["float", "ptq", "ptq"], "params": ["{}", "{}", "{}"],
+                         "accuracy": [0.95, 0.94, 0.93], "latency_p50_ms": [0.02, 0.01, 0.012],
+                         "model_bytes": [100, 30, 30], "node": ["vm/aaaa", "vm/bbbb", "vm/aaaa"]})
+    fig = accuracy_vs_latency(rows)
+    rings = [t.name for t in fig.data if (t.name or "").startswith("timed on")]
+    assert rings == ["timed on vm/aaaa", "timed on vm/bbbb"]
+    assert "2 nodes" in fig.layout.title.text
+    one_node = accuracy_vs_latency(rows.assign(node="vm/aaaa"))
+    assert not [t for t in one_node.data if (t.name or "").startswith("timed on")]
+    assert "nodes" not in (one_node.layout.title.text or "")

@@ -150,7 +150,7 @@ def test_migration_4_names_the_process_and_older_running_sweeps_become_interrupt
     store = Store(db)
     assert store.schema_versions() == [1, 2, 3]
     assert store.mark_interrupted_sweeps() == ["old"]
-    assert store.schema_versions() == [1, 2, 3, 4]
+    assert store.schema_versions() == [v for v, _, _ in MIGRATIONS]
     with duckdb.connect(str(db), read_only=True) as con:
         columns = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
                                              "WHERE table_name = 'sweeps'").fetchall()}

@@ -179,3 +179,18 @@ def test_threads_of_one_process_reading_and_writing_at_once_lose_nothing(tmp_pat
         thread.join()
     assert failures == []
     assert writer.count() == 4 * 10
+
+
+def test_migration_5_adds_executor_node_and_plan_id_empty_on_old_rows(tmp_path):
+    store = Store(tmp_path / "q.duckdb")
+    make_old_store(store, 3, [make_row("dynamic")])
+    with store.connect() as con:
+        con.execute("INSERT INTO sweeps VALUES ('old', now(), NULL, 'm', 'd', '{}', 'done', 'cli')")
+    assert store.migrate() == [4, 5]
+    old = store.results().iloc[0]
+    assert old["executor"] is None and old["node"] is None
+    assert store.sweeps()["plan_id"].isna().all()
+    sweep = store.start_sweep("m", "d", {}, "plan", plan_id="zoo-1234")
+    store.insert_result(make_row("float32", sweep_id=sweep, executor="ray", node="vm/abcd"))
+    assert store.sweeps().set_index("sweep_id").loc[sweep, "plan_id"] == "zoo-1234"
+    assert store.results().set_index("technique").loc["float32", "node"] == "vm/abcd"

@@ -1,0 +1,113 @@
+"""Ray against the local pool: the default PTQ sweep, and a plan of 4 sweeps on two nodes vs one.
+
+Goals (issue 14): `--ray local` cold <= 1.15x the pool's cold wall time on the default PTQ sweep;
+a plan of 4 sweeps on two nodes <= 0.6x the same plan on one node (nodes of the same size).
+
+1. Whole-process wall time of `python -m quantlab sweep` (default PTQ techniques, seed-cnn on
+   digits-28, default training), cold (fresh cache and store), pool (--workers 2) vs --ray local
+   (Ray started by QuantLab with this machine's cores). Includes Ray's start-up and shutdown.
+2. `run_plan` of 4 sweeps (seed-cnn and mlp x digits-28 and digits; float32, dynamic, int8-only)
+   on a `ray.cluster_utils.Cluster` of one node with 1 CPU, then of two nodes with 1 CPU each
+   (on a 2-core machine: one core per node), cold each time.
+
+Run: .venv/bin/python benchmarks/bench_ray.py [--repeats N] [--part 1|2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PTQ = "float32,dynamic,float16,int8-fallback,int8-only,uint8-only,int16x8"
+PLAN = """
+name = "bench"
+models = ["seed-cnn", "mlp"]
+datasets = ["digits-28", "digits"]
+techniques = ["float32", "dynamic", "int8-only"]
+"""
+
+
+def timed_sweep(folder: Path, extra: list[str]) -> float:
+    command = [sys.executable, "-m", "quantlab", "sweep", "--model", "seed-cnn", "--dataset", "digits-28",
+               "--techniques", PTQ, "--db", str(folder / "q.duckdb"), "--cache", str(folder / "cache"), *extra]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return time.perf_counter() - started
+
+
+def part_one(repeats: int) -> None:
+    rows = []
+    for _ in range(repeats):
+        times = {}
+        for name, extra in (("pool", ["--workers", "2"]), ("ray", ["--ray", "local"])):
+            folder = Path(tempfile.mkdtemp(prefix=f"ql-bench-{name}-"))
+            times[name] = timed_sweep(folder, extra)
+            shutil.rmtree(folder)
+        rows.append(times)
+    print(f"default PTQ sweep ({len(PTQ.split(','))} variants, cold, {os.cpu_count()} cores)")
+    print(f"{'pool s':>8} {'ray local s':>12} {'ray/pool':>9}")
+    for times in rows:
+        print(f"{times['pool']:>8.1f} {times['ray']:>12.1f} {times['ray'] / times['pool']:>9.2f}")
+    print("goal: ray/pool <= 1.15")
+
+
+def run_plan_on(nodes: int) -> float:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from quantlab.cache import ArtifactCache
+    from quantlab.plans import load_plan, run_plan
+    from quantlab.ray_executor import TIMING_RESOURCE
+    from quantlab.store import Store
+
+    folder = Path(tempfile.mkdtemp(prefix=f"ql-bench-plan{nodes}-"))
+    (folder / "plan.toml").write_text(PLAN)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {TIMING_RESOURCE: 1}})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=1, resources={TIMING_RESOURCE: 1})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        started = time.perf_counter()
+        report = run_plan(load_plan(folder / "plan.toml"), store=Store(folder / "q.duckdb"),
+                          cache=ArtifactCache(folder / "cache"), ray="auto")
+        seconds = time.perf_counter() - started
+        assert report.ok and all(s.failed == 0 for s in report.sweeps), [s.summary() for s in report.sweeps]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(folder)
+    return seconds
+
+
+def part_two(repeats: int) -> None:
+    rows = [(run_plan_on(1), run_plan_on(2)) for _ in range(repeats)]
+    print("plan of 4 sweeps x 3 variants (cold), nodes of 1 CPU each")
+    print(f"{'1 node s':>9} {'2 nodes s':>10} {'2/1':>6}")
+    for one, two in rows:
+        print(f"{one:>9.1f} {two:>10.1f} {two / one:>6.2f}")
+    print("goal: 2 nodes / 1 node <= 0.6")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--part", choices=("1", "2", "both"), default="both")
+    args = parser.parse_args()
+    if args.part in ("1", "both"):
+        part_one(args.repeats)
+    if args.part in ("2", "both"):
+        part_two(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

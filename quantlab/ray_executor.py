@@ -1,0 +1,677 @@
+"""Run a sweep's tasks on a Ray cluster, behind the interface the runner uses for WorkerPool.
+
+`RayExecutor.run(tasks, on_event, stop)` yields one `TaskOutcome` per task as `ray.wait` sees it
+finish, exactly like `WorkerPool.run`; `stopped_tasks` and `close()` mean the same. Ray is imported
+only here, and only when a sweep asks for it (`--ray ADDRESS`, or `QUANTLAB_RAY_ADDRESS`).
+
+What runs where:
+- The driver (the CLI or the dashboard process) computes every cache key, reads cached results,
+  writes DuckDB and its own content-addressed cache. It never imports TensorFlow.
+- Each task (prepare, or one variant) is a Ray task with `num_cpus=1` that calls `tasks.run_task`
+  in a node-local cache folder. The files it needs (dataset, baseline, float reference, a shared
+  fine-tuned model) are sent with it through the object store; the files it writes (the .tflite,
+  per-sample predictions, a fine-tuned model) come back with its result and the driver writes them
+  into its cache, so nodes need no shared file system and a warm re-run is cached as with the pool.
+- Latency timing holds one unit of the node's `quantlab_timing` resource (started with
+  `--resources '{"quantlab_timing": 1}'`; `--ray local` sets it), so two timings never overlap on
+  one node while timings on different nodes run side by side. A node without that resource times
+  under a machine-wide file lock instead, and the row says so.
+- Variants that share a fine-tuned model (same technique and fit parameters) run one after the
+  other: the first trains it, the next ones get it from the driver's cache.
+- A task whose node or worker dies is retried once by Ray (`max_retries=1`), then gets an error row.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .cache import write_atomically
+from .config import ENGINE_VERSION, content_hash
+from .errors import QuantLabError
+from .pool import TaskOutcome
+
+TIMING_RESOURCE = "quantlab_timing"
+LOCAL_NODE_CACHE = Path(tempfile.gettempdir()) / "quantlab-ray"
+TIMING_WAIT_SECONDS = 300.0
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+TASK_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+class RayConnectionError(QuantLabError):
+    """The Ray head cannot be reached (at start, or lost during a sweep)."""
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+_GUARD = threading.RLock()
+_USERS = 0             # executors (and plans) using the connection now
+_STARTED_HERE = False  # this process started Ray (--ray local): the last user shuts it down
+
+
+def connect(address: str) -> None:
+    """Connect this process to Ray at `address` (once; later calls share it). Pair with `disconnect`.
+
+    `local` starts a Ray instance with this machine's cores and one timing unit; `auto` joins the
+    cluster named by RAY_ADDRESS or started here with `ray start`; `host:port` joins that head.
+    A process already connected (a test fixture, a dashboard) keeps its connection.
+    """
+    global _USERS, _STARTED_HERE
+    with _GUARD:
+        import ray
+
+        if not ray.is_initialized():
+            _STARTED_HERE = _init(address)
+        _USERS += 1
+
+
+def disconnect() -> None:
+    global _USERS, _STARTED_HERE
+    with _GUARD:
+        _USERS = max(0, _USERS - 1)
+        if _USERS == 0 and _STARTED_HERE:
+            import ray
+
+            ray.shutdown()
+            _STARTED_HERE = False
+
+
+@contextmanager
+def shared_connection() -> Iterator[None]:
+    """Keep a Ray that QuantLab starts running across several sweeps (a plan), without connecting
+    until a sweep needs it: a plan that is all cached never starts Ray."""
+    global _USERS
+    with _GUARD:
+        _USERS += 1
+    try:
+        yield
+    finally:
+        disconnect()
+
+
+def _init(address: str) -> bool:
+    import ray
+
+    # The quantlab package travels with the job (nodes need only the requirements installed).
+    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
+              "runtime_env": {"py_modules": [_PACKAGE_DIR], "env_vars": TASK_ENV}}
+    try:
+        if address == "local":
+            from .measure import available_cores
+
+            ray.init(address="local", num_cpus=available_cores(), resources={TIMING_RESOURCE: 1}, **common)
+            return True
+        target = address if address != "auto" else (os.environ.get("RAY_ADDRESS") or "auto")
+        if target != "auto":
+            _check_reachable(target)  # ray.init would retry an unreachable head for minutes
+        # `ray start` turns on token authentication when ~/.ray/auth_token exists, but a client
+        # joining it does not by itself (Ray 2.60): send the token when there is one.
+        _use_token_if_any()
+        with _core_logs_aside():
+            ray.init(address=target, **common)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise RayConnectionError(
+            f"cannot connect to Ray at {address!r} ({first}); start a head with `ray start --head "
+            f"--port 6379 --resources '{{\"{TIMING_RESOURCE}\": 1}}'`, or pass --ray local") from None
+    return False
+
+
+def _use_token_if_any() -> None:
+    """`ray start` turns token authentication on when ~/.ray/auth_token exists, but in Ray 2.60 a
+    client joining that head sends the token only with RAY_AUTH_MODE=token: do what Ray's own
+    helper does for new local clusters (set the mode, refresh Ray's config) when a token exists."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # another Ray: its own defaults apply
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+@contextmanager
+def _core_logs_aside() -> Iterator[None]:
+    """Ray's C++ client writes retry warnings straight to stderr while it connects; keep them out
+    of the CLI's one-line errors (they go to a file in the temp folder)."""
+    log = os.open(os.path.join(tempfile.gettempdir(), "quantlab-ray-connect.log"),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(2)
+    os.dup2(log, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(log)
+
+
+HEAD_CONNECT_SECONDS = 5.0
+
+
+def _check_reachable(target: str) -> None:
+    """Refuse at once an address whose head's port does not answer."""
+    text = target.removeprefix("ray://")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayConnectionError(f"{target!r} is not a Ray address; pass local, auto or host:port "
+                                 f"(e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=HEAD_CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise RayConnectionError(f"cannot connect to Ray at {target!r} ({exc.strerror or exc}); start a "
+                                 f"head with `ray start --head --port 6379 --resources "
+                                 f"'{{\"{TIMING_RESOURCE}\": 1}}'`, or pass --ray local") from None
+
+
+def cluster_summary() -> dict[str, Any]:
+    """Nodes alive and their CPUs (what a plan or the benchmark prints)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"nodes": len(nodes), "cpus": int(sum(n["Resources"].get("CPU", 0) for n in nodes)),
+            "timing_nodes": sum(1 for n in nodes if n["Resources"].get(TIMING_RESOURCE))}
+
+
+# --- what a task runs on its node -------------------------------------------------------------
+
+
+def node_info() -> dict[str, Any]:
+    """Where this process runs: hostname, Ray node id, CPU model and count."""
+    from .tasks import cpu_model
+
+    info: dict[str, Any] = {"hostname": socket.gethostname(), "cpu_model": cpu_model(),
+                            "cpu_count": os.cpu_count()}
+    try:
+        ray = sys.modules.get("ray")  # never imported here: only a process already in Ray has it
+        if ray is not None and ray.is_initialized():
+            info["node_id"] = ray.get_runtime_context().get_node_id()
+            info["ip"] = ray.util.get_node_ip_address()
+    except Exception:  # outside Ray: the hostname is the node
+        pass
+    return info
+
+
+def node_label(info: dict[str, Any]) -> str:
+    """The `node` column: hostname, then the Ray node id's first characters where there is one."""
+    node_id = info.get("node_id")
+    return f"{info.get('hostname', '?')}/{node_id[:8]}" if node_id else str(info.get("hostname", "?"))
+
+
+class NodeTimingLock:
+    """The lock `tasks._held` takes around a latency timing, made of the node's timing resource.
+
+    `acquire` schedules a zero-CPU task that needs one unit of `quantlab_timing` on this very node
+    and waits until it runs: Ray's scheduler then guarantees no other timing on this node holds the
+    unit. The slot task blocks on a FIFO until `release` closes it (or this process dies), so it
+    costs no CPU while the timing runs.
+    """
+
+    def __init__(self) -> None:
+        self.note: str | None = None
+        self._fd: int | None = None
+        self._ref: Any = None
+        self._dir: str | None = None
+        self._flock: int | None = None
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        _remote_functions()
+        node_id = ray.get_runtime_context().get_node_id()
+        if not _node_has_timing_resource(node_id):
+            return self._acquire_file_lock(timeout)
+        self._dir = tempfile.mkdtemp(prefix="quantlab-timing-")
+        fifo = os.path.join(self._dir, "slot")
+        os.mkfifo(fifo)
+        self._ref = _timing_slot.options(
+            num_cpus=0, resources={TIMING_RESOURCE: 1}, max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(fifo)
+        opened: list[int] = []
+        opener = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)), daemon=True)
+        opener.start()  # returns once the slot task, holding the unit, opened the FIFO to read
+        opener.join(timeout if timeout is not None else None)
+        if opened:
+            self._fd = opened[0]
+            return True
+        ray.cancel(self._ref, force=True)
+        unblock = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets the waiting open() return
+        opener.join(1)
+        os.close(unblock)
+        for fd in opened:
+            os.close(fd)
+        self._cleanup()
+        return False
+
+    def release(self) -> None:
+        if self._flock is not None:
+            fcntl.flock(self._flock, fcntl.LOCK_UN)
+            os.close(self._flock)
+            self._flock = None
+            return
+        if self._fd is not None:
+            os.close(self._fd)  # the slot task reads EOF and returns: the unit is free again
+            self._fd = None
+            try:
+                import ray
+
+                ray.get(self._ref, timeout=30)
+            except Exception:
+                pass
+        self._cleanup()
+
+    def _acquire_file_lock(self, timeout: float | None) -> bool:
+        self.note = (f"this node has no {TIMING_RESOURCE} resource: timed under a machine-wide file "
+                     f"lock instead (start the node with --resources '{{\"{TIMING_RESOURCE}\": 1}}')")
+        self._flock = os.open(LOCAL_NODE_CACHE.parent / "quantlab-timing.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while True:
+            try:
+                fcntl.flock(self._flock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._flock)
+                    self._flock = None
+                    return False
+                time.sleep(0.05)
+
+    def _cleanup(self) -> None:
+        if self._dir:
+            try:
+                os.unlink(os.path.join(self._dir, "slot"))
+                os.rmdir(self._dir)
+            except OSError:
+                pass
+            self._dir = None
+        self._ref = None
+
+
+_TIMING_NODES: dict[str, bool] = {}
+
+
+def _node_has_timing_resource(node_id: str) -> bool:
+    if node_id not in _TIMING_NODES:
+        import ray
+
+        _TIMING_NODES[node_id] = any(n["NodeID"] == node_id and n["Resources"].get(TIMING_RESOURCE)
+                                     for n in ray.nodes())
+    return _TIMING_NODES[node_id]
+
+
+def _slot(fifo: str) -> bool:
+    """Hold one timing unit until the timing task closes its end of `fifo` (or dies)."""
+    fd = os.open(fifo, os.O_RDONLY)
+    try:
+        while os.read(fd, 1):
+            pass
+    finally:
+        os.close(fd)
+    return True
+
+
+def _node_root(driver_key: str) -> Path:
+    return LOCAL_NODE_CACHE / driver_key
+
+
+def _files_under(root: Path) -> dict[str, tuple[int, int]]:
+    """Relative path -> (size, mtime) of every finished file (temporaries start with a dot)."""
+    found = {}
+    for path in root.rglob("*"):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
+            stat = path.stat()
+            found[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def rebase(value: Any, mapping: dict[str, str]) -> Any:
+    """`value` with every string that starts with a key of `mapping` re-rooted to its value."""
+    if isinstance(value, str):
+        for old, new in mapping.items():
+            if value == old or value.startswith(old.rstrip("/") + "/"):
+                return new + value[len(old):]
+        return value
+    if isinstance(value, dict):
+        return {k: rebase(v, mapping) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rebase(v, mapping) for v in value]
+    return value
+
+
+def _named_files(value: Any, root: Path) -> set[str]:
+    """Relative paths under `root` of the files named in a (not yet rebased) result."""
+    named: set[str] = set()
+    prefix = str(root) + "/"
+
+    def visit(item: Any) -> None:
+        if isinstance(item, dict):
+            for v in item.values():
+                visit(v)
+        elif isinstance(item, list):
+            for v in item:
+                visit(v)
+        elif isinstance(item, str) and item.startswith(prefix):
+            named.add(item[len(prefix):])
+            if item.endswith(".npy"):  # a float reference's every-output sibling
+                named.add(item[len(prefix):-4] + ".all.npz")
+
+    visit(value)
+    return named
+
+
+class _EventLog:
+    """A zero-CPU actor that holds the tasks' progress events until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict]] = []
+
+    def put(self, item: tuple[str, dict]) -> None:
+        self.items.append(item)
+
+    def take(self) -> list[tuple[str, dict]]:
+        items, self.items = self.items, []
+        return items
+
+
+def _emitter(task_id: str, events: Any) -> Callable[[dict], None]:
+    """A task's `emit`: each event goes to the event log without waiting (never fails the task)."""
+    def emit(event: dict) -> None:
+        if events is None:
+            return
+        try:
+            events.put.remote((task_id, event))
+        except Exception:  # the log's node is gone: progress is lost, the result is not
+            pass
+    return emit
+
+
+def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, driver_key: str,
+                    externals: dict[str, str], task_id: str = "", events: Any = None) -> dict:
+    """The body of every Ray task: materialise the inputs, run the task, send back what it wrote."""
+    from .measure import EVALUATION_CORES_ENV
+    from .tasks import run_task
+
+    os.environ[EVALUATION_CORES_ENV] = "1"  # the task holds one CPU
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    root = _node_root(driver_key)
+    for relative, data in inputs.items():
+        target = root / relative
+        if not target.exists() or target.stat().st_size != len(data):
+            write_atomically(target, data)
+    mapping = {driver_root: str(root), **{path: str(root / rel) for path, rel in externals.items()}}
+    local_payload = rebase(payload, mapping)
+    local_payload["cache_dir"] = str(root)
+    before = _files_under(root) if root.exists() else {}
+    lock = NodeTimingLock()
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {"node": node_info()}
+    local_result: Any = None
+    try:
+        emit = _emitter(task_id, events)
+        emit({"stage": "started", "message": f"running on {node_label(outcome['node'])}"})
+        result = run_task(local_payload, emit, lock)
+        outcome.update(status="done", result=rebase(result, {str(root): driver_root}))
+        local_result = result
+        if lock.note and isinstance(result, dict):
+            outcome["result"].setdefault("details", {})["latency_note"] = lock.note
+    except QuantLabError as exc:
+        outcome.update(status="user-error", error=str(exc))
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        outcome.update(status="failed", error=f"{type(exc).__name__}: {first_line}")
+    after = _files_under(root)
+    wanted = {rel for rel, stamp in after.items() if before.get(rel) != stamp}
+    # Files the result names were maybe written by an earlier task on this node: they go back too.
+    wanted |= {rel for rel in after if any(rel == r or rel.startswith(r + "/")
+                                           for r in _named_files(local_result, root))}
+    outcome["files"] = {rel: (root / rel).read_bytes() for rel in sorted(wanted)}
+    outcome["seconds"] = time.perf_counter() - started
+    return outcome
+
+
+# Defined once Ray is imported (a module-level @ray.remote would import Ray with this module).
+_timing_slot: Any = None
+_remote_execute: Any = None
+_event_log_actor: Any = None
+
+
+def _remote_functions() -> Any:
+    global _timing_slot, _remote_execute, _event_log_actor
+    if _remote_execute is None:
+        import ray
+
+        _timing_slot = ray.remote(_slot)
+        _event_log_actor = ray.remote(num_cpus=0, max_restarts=0)(_EventLog)
+        _remote_execute = ray.remote(num_cpus=1, max_retries=1, retry_exceptions=False)(execute_on_node)
+    return _remote_execute
+
+
+# --- the driver side --------------------------------------------------------------------------
+
+
+def shared_step_key(payload: dict) -> str | None:
+    """The fine-tuned model a variant task shares with others (None: it shares nothing)."""
+    from .fine_tuning import _CONVERSION_PARAMS
+    from .techniques import get_technique
+
+    technique = payload.get("technique")
+    manifest = payload.get("manifest")
+    if payload.get("kind") != "variant" or not technique or not manifest:
+        return None
+    if not getattr(get_technique(technique["id"]), "fine_tunes", False):
+        return None
+    fit_params = {k: v for k, v in (technique.get("params") or {}).items() if k not in _CONVERSION_PARAMS}
+    return content_hash({"engine": ENGINE_VERSION, "model": manifest["model_hash"],
+                         "dataset": manifest["dataset_hash"], "technique": technique["id"],
+                         "params": fit_params})
+
+
+class RayExecutor:
+    """Runs tasks as Ray tasks; the same `run`/`stopped_tasks`/`close` as WorkerPool."""
+
+    name = "ray"
+
+    def __init__(self, address: str, cache_root: Path, on_note: Callable[[str], None] | None = None) -> None:
+        self.address = address
+        self.cache_root = Path(cache_root).resolve()
+        self.stopped_tasks: list[str] = []
+        self._started = False
+        self._events: Any = None
+        self._note = on_note or (lambda message: None)
+        self.driver_key = content_hash({"host": socket.gethostname(), "cache": str(self.cache_root)}, 12)
+
+    def start(self) -> None:
+        if not self._started:
+            connect(self.address)
+            self._started = True
+            _remote_functions()
+            self._events = _event_log_actor.remote()
+
+    # What a task needs from the driver's cache (or the user's files), as relative paths.
+    def _inputs(self, payload: dict) -> tuple[dict[str, bytes], dict[str, str]]:
+        paths: set[Path] = set()
+        externals: dict[str, str] = {}
+
+        def visit(value: Any) -> None:
+            if isinstance(value, dict):
+                for item in value.values():
+                    visit(item)
+            elif isinstance(value, list):
+                for item in value:
+                    visit(item)
+            elif isinstance(value, str) and value.startswith("/") and len(value) < 4096:
+                path = Path(value)
+                if path.exists():
+                    paths.add(path)
+
+        visit(payload)
+        manifest = payload.get("manifest") or {}
+        if manifest.get("reference_path"):
+            paths.add(Path(manifest["reference_path"]).with_suffix(".all.npz"))
+        shared = shared_step_key(payload)
+        if shared:
+            for suffix in (".keras", ".json"):
+                paths.add(self.cache_root / "models" / f"ft-{shared}{suffix}")
+        inputs: dict[str, bytes] = {}
+        for path in paths:
+            if not path.exists() or path == self.cache_root:
+                continue
+            try:
+                relative = str(path.resolve().relative_to(self.cache_root))
+            except ValueError:  # a user's file outside the cache
+                relative = f"external/{content_hash(str(path), 12)}/{path.name}"
+                externals[str(path)] = relative
+            files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+            for file in files:
+                inside = relative if file == path else f"{relative}/{file.relative_to(path)}"
+                inputs[inside] = file.read_bytes()
+        return inputs, externals
+
+    def _submit(self, task_id: str, payload: dict) -> Any:
+        import ray
+
+        inputs, externals = self._inputs(payload)
+        remote = _remote_functions()
+        return remote.remote(payload, ray.put(inputs), str(self.cache_root), self.driver_key, externals,
+                             task_id, self._events)
+
+    def _forward_events(self, emit: Callable[[str, dict], None], finished: set[str]) -> None:
+        """Hand the tasks' progress events to `on_event`, as the pool does from its pipes."""
+        import ray
+
+        try:
+            items = ray.get(self._events.take.remote(), timeout=10)
+        except Exception:  # the event log's node died: progress pauses, results still come
+            return
+        for task_id, event in items:
+            if task_id not in finished:  # late events of a finished task would mislabel another
+                emit(task_id, event)
+
+    def _land(self, outcome: dict) -> None:
+        """Write the files a task produced into the driver's cache (atomically, like the workers)."""
+        for relative, data in outcome.get("files", {}).items():
+            target = self.cache_root / relative
+            if relative.startswith("external/") or (target.exists() and target.stat().st_size == len(data)):
+                continue  # content-addressed: a file of that name and size is that file
+            write_atomically(target, data)
+
+    def run(self, tasks: Iterable[tuple[str, dict]],
+            on_event: Callable[[str, dict], None] | None = None,
+            stop: Callable[[], bool] | None = None) -> Iterator[TaskOutcome]:
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        self.start()
+        self.stopped_tasks = []
+        emit = on_event or (lambda task_id, event: None)
+        waiting: dict[str, list[tuple[str, dict]]] = {}  # shared step key -> tasks behind its first
+        ready: list[tuple[str, dict]] = []
+        for task_id, payload in tasks:
+            shared = shared_step_key(payload)
+            if shared and shared in waiting:
+                waiting[shared].append((task_id, payload))
+                continue
+            if shared:
+                waiting[shared] = []
+            ready.append((task_id, payload))
+        running: dict[Any, tuple[str, dict]] = {}
+        finished: set[str] = set()
+        try:
+            for task_id, payload in ready:
+                running[self._submit(task_id, payload)] = (task_id, payload)
+                emit(task_id, {"stage": "queued", "message": "queued on Ray"})
+            while running:
+                if stop is not None and stop():
+                    for ref, (task_id, _) in running.items():
+                        ray.cancel(ref, force=True)
+                        self.stopped_tasks.append(task_id)
+                    return
+                done, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
+                self._forward_events(emit, finished)
+                for ref in done:
+                    task_id, payload = running.pop(ref)
+                    finished.add(task_id)
+                    try:
+                        outcome = ray.get(ref)
+                    except RayTaskError as exc:  # a bug in the task wrapper itself
+                        yield TaskOutcome(task_id, error=f"the Ray task failed: {_first_line(exc)}")
+                        continue
+                    except RayError as exc:  # the worker or its node died, twice (retried once)
+                        if not _head_reachable():
+                            raise _lost(self.address, exc) from None
+                        yield TaskOutcome(task_id, error=(
+                            f"the Ray worker or node running this variant died and its one retry "
+                            f"failed too ({type(exc).__name__}: {_first_line(exc)}); no QuantLab "
+                            f"check failed, so this variant has no result"))
+                        continue
+                    self._land(outcome)
+                    node = outcome.get("node") or {}
+                    emit(task_id, {"stage": "finished", "node": node_label(node),
+                                   "message": f"finished on {node_label(node)} in "
+                                              f"{outcome.get('seconds', 0):.1f} s"})
+                    shared = shared_step_key(payload)
+                    for next_id, next_payload in waiting.pop(shared, []) if shared else []:
+                        running[self._submit(next_id, next_payload)] = (next_id, next_payload)
+                    if outcome["status"] == "done":
+                        result = outcome["result"]
+                        result["provenance"] = {**(result.get("provenance") or {}),
+                                                "executor": "ray", "node": node}
+                        yield TaskOutcome(task_id, result=result)
+                    else:
+                        yield TaskOutcome(task_id, error=outcome["error"],
+                                          user_error=outcome["status"] == "user-error")
+        except (ConnectionError, OSError) as exc:
+            raise _lost(self.address, exc) from None
+        except RayError as exc:
+            raise _lost(self.address, exc) from None
+        finally:
+            if self.stopped_tasks or running:
+                for ref in running:
+                    try:
+                        ray.cancel(ref, force=True)
+                    except Exception:
+                        pass
+
+    def close(self) -> None:
+        if self._events is not None:
+            try:
+                import ray
+
+                ray.kill(self._events)
+            except Exception:
+                pass
+            self._events = None
+        if self._started:
+            self._started = False
+            disconnect()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _head_reachable() -> bool:
+    import ray
+
+    try:
+        ray.nodes()
+        return True
+    except Exception:
+        return False
+
+
+def _lost(address: str, exc: BaseException) -> RayConnectionError:
+    return RayConnectionError(f"lost the connection to the Ray head at {address!r} "
+                              f"({type(exc).__name__}: {_first_line(exc)}); rows recorded so far are "
+                              f"kept, run the sweep again to finish it (finished variants are cached)")

@@ -1,0 +1,166 @@
+"""Sweeps on a real local Ray instance: same rows as the pool, executor and node on each, cached re-runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ray
+
+from conftest import ROOT, run_cli
+from quantlab.cache import ArtifactCache
+from quantlab.config import MeasureSettings, SweepSpec, TrainSettings
+from quantlab.ray_executor import TIMING_RESOURCE
+from quantlab.runner import SweepOptions, run_sweep
+from quantlab.store import Store
+from quantlab.techniques import parse_technique_list
+
+TECHNIQUES = "float32,dynamic"
+MEASURE = MeasureSettings(min_runs=5, min_seconds=0.05)
+
+
+def spec(techniques: str = TECHNIQUES) -> SweepSpec:
+    return SweepSpec("seed-cnn", "digits-28", parse_technique_list(techniques),
+                     train=TrainSettings(epochs=3), measure=MEASURE)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, resources={TIMING_RESOURCE: 1}, include_dashboard=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def both(ray_local, tmp_path_factory):
+    """The same sweep on the pool and on Ray, each in its own store and cache (nothing shared)."""
+    out = {}
+    for executor in ("pool", "ray"):
+        folder = tmp_path_factory.mktemp(executor)
+        store, cache = Store(folder / "q.duckdb"), ArtifactCache(folder / "cache")
+        events: list[dict] = []
+        report = run_sweep(spec(), store=store, cache=cache, on_event=events.append,
+                           options=SweepOptions(ray="auto" if executor == "ray" else None))
+        out[executor] = {"report": report, "store": store, "cache": cache, "events": events}
+    return out
+
+
+def by_technique(rows):
+    return {row["technique"]: row for row in rows}
+
+
+def test_ray_rows_equal_the_pools_in_bytes_and_accuracy(both):
+    pool, on_ray = by_technique(both["pool"]["report"].rows), by_technique(both["ray"]["report"].rows)
+    assert set(pool) == set(on_ray) == set(TECHNIQUES.split(","))
+    for technique in pool:
+        assert on_ray[technique]["error"] is None, on_ray[technique]["error"]
+        assert on_ray[technique]["model_bytes"] == pool[technique]["model_bytes"]
+        assert on_ray[technique]["gzip_bytes"] == pool[technique]["gzip_bytes"]
+        assert on_ray[technique]["accuracy"] == pool[technique]["accuracy"]
+        assert on_ray[technique]["agreement"] == pool[technique]["agreement"]
+
+
+def test_rows_name_their_executor_and_node(both):
+    node_ids = {n["NodeID"] for n in ray.nodes()}
+    for row in both["ray"]["report"].rows:
+        assert row["executor"] == "ray" and row["provenance"]["executor"] == "ray"
+        node = row["provenance"]["node"]
+        assert node["node_id"] in node_ids and node["cpu_model"] and node["hostname"]
+        assert row["node"].startswith(node["hostname"] + "/")
+    for row in both["pool"]["report"].rows:
+        assert row["executor"] == "pool" and row["provenance"]["node"]["cpu_model"]
+    stored = both["ray"]["store"].results()
+    assert set(stored["executor"]) == {"ray"} and stored["node"].notna().all()
+
+
+def test_artifacts_come_back_to_the_drivers_cache(both):
+    cache = both["ray"]["cache"]
+    for row in both["ray"]["report"].rows:
+        assert row["artifact_path"].startswith(str(cache.root))
+        assert os.path.getsize(row["artifact_path"]) == row["model_bytes"]
+        assert cache.read_json("results", row["result_key"]) is not None
+
+
+def test_progress_comes_through_the_same_events(both):
+    kinds = [e["type"] for e in both["ray"]["events"]]
+    assert kinds[0] == "prepare" and "sweep-start" in kinds and kinds[-1] == "sweep-done"
+    assert kinds.count("variant-done") == 2 and kinds.count("variant-queued") == 2
+    finished = [e for e in both["ray"]["events"] if e["type"] == "progress" and e.get("stage") == "finished"]
+    assert {e["technique"] for e in finished} == {None, "float32", "dynamic"}  # None: the prepare task
+    # What the tasks themselves report while they run (the Run page's per-variant messages).
+    stages = {(e["technique"], e.get("stage")) for e in both["ray"]["events"] if e["type"] == "progress"}
+    for technique in ("float32", "dynamic"):
+        assert {(technique, "started"), (technique, "convert"), (technique, "measure")} <= stages
+    assert (None, "train baseline") in stages
+
+
+def test_a_warm_rerun_through_the_cli_is_cached_and_starts_no_ray(both):
+    folder = both["ray"]["cache"].root.parent
+    code = ("import sys; from quantlab.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)")
+    args = ["sweep", "--model", "seed-cnn", "--dataset", "digits-28", "--epochs", "3", "--min-runs", "5",
+            "--min-seconds", "0.05", "--techniques", TECHNIQUES, "--db", str(folder / "q.duckdb"),
+            "--cache", str(folder / "cache"), "--json", "--ray", "local"]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and all(r["cached"] and r["executor"] == "ray" for r in rows)
+
+
+def test_an_unreachable_head_is_one_error_line(tmp_path):
+    result = run_cli("sweep", "--model", "seed-cnn", "--dataset", "digits-28", "--techniques", "float32",
+                     "--db", str(tmp_path / "q.duckdb"), "--cache", str(tmp_path / "cache"),
+                     "--ray", "127.0.0.1:1", timeout=180)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot connect to Ray"), result.stderr
+
+
+PLAN = """
+name = "zoo"
+models = ["seed-cnn", "mlp"]
+datasets = ["digits-28"]
+techniques = ["float32", "dynamic"]
+threads = [1, 2]
+epochs = 3
+min_runs = 5
+min_seconds = 0.05
+"""
+
+
+def test_a_plan_runs_its_sweeps_on_ray_and_a_rerun_is_all_cached(ray_local, tmp_path):
+    from quantlab.analysis import compare_frame, list_filters
+    from quantlab.plans import load_plan, run_plan
+
+    path = tmp_path / "zoo.toml"
+    path.write_text(PLAN)
+    plan = load_plan(path)
+    store, cache = Store(tmp_path / "q.duckdb"), ArtifactCache(tmp_path / "cache")
+    lines: list[tuple[int, int]] = []
+    first = run_plan(plan, store=store, cache=cache, ray="auto", on_sweep=lambda k, n, r: lines.append((k, n)))
+    assert first.ok and len(first.sweeps) == 4 and lines == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert {(s.spec.model, s.spec.measure.num_threads) for s in first.sweeps} == \
+        {("seed-cnn", 1), ("seed-cnn", 2), ("mlp", 1), ("mlp", 2)}
+    assert all(s.variants == 2 and s.failed == 0 for s in first.sweeps)
+    again = run_plan(plan, store=store, cache=cache, ray="auto")
+    assert all(s.cached == s.variants == 2 for s in again.sweeps)
+    sweeps = store.sweeps()
+    assert len(sweeps) == 8 and set(sweeps["plan_id"]) == {plan.plan_id}
+    assert set(store.results()["executor"]) == {"ray"}
+    assert plan.plan_id in list_filters(store).plans
+    rows = compare_frame(store, model="mlp", dataset="digits-28", plan_id=plan.plan_id, latest_only=False)
+    assert len(rows) == 8 and set(rows["technique"]) == {"float32", "dynamic"}
+
+
+def test_a_plan_file_with_a_mistake_is_refused_by_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('models = ["seed-cnn"]\ndatasets = ["digits-28"]\nthreads = [0]\n')
+    result = run_cli("plan", str(path), "--db", str(tmp_path / "q.duckdb"), timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {path}: `threads` must be a list of thread counts of at least 1, e.g. [1, 2, 4]"]

@@ -90,7 +90,7 @@ SWEEP_PROCESS_COLUMNS: tuple[tuple[str, str], ...] = (
     ("process_started", "VARCHAR"),
 )
 # `interrupted`: the process running the sweep stopped before it finished (see process_alive).
-SWEEP_STATUSES = ("running", "done", "cancelled", "interrupted")
+SWEEP_STATUSES = ("running", "done", "cancelled", "failed", "interrupted")
 JSON_COLUMNS = ("params", "provenance", "details")
 
 MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -110,16 +110,16 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     # a sweep measures those variants again (runner: a cached result needs its predictions).
     (3, "95% intervals of accuracy, agreement and p50; busy-CPU flag; test sample count", tuple(
         f"ALTER TABLE results ADD COLUMN {name} {kind}" for name, kind in INTERVAL_COLUMNS)),
-    # Rows stored before it keep NULL executor and node (they were measured by the local pool).
-    (4, "executor and node of each row; the plan a sweep belongs to", (
-        *(f"ALTER TABLE results ADD COLUMN {name} {kind}" for name, kind in PLACEMENT_COLUMNS),
-        "ALTER TABLE sweeps ADD COLUMN plan_id VARCHAR",
-    )),
     # A sweep whose process was killed (kill -9, a crashed server) used to stay `running` forever:
     # each sweep now names its process, and the next start of the app or the CLI marks the sweeps
     # whose process is gone `interrupted` (Store.mark_interrupted_sweeps).
     (4, "sweeps record the process running them: pid, host name, process start", tuple(
         f"ALTER TABLE sweeps ADD COLUMN {name} {kind}" for name, kind in SWEEP_PROCESS_COLUMNS)),
+    # Rows stored before it keep NULL executor and node (they were measured by the local pool).
+    (5, "executor and node of each row; the plan a sweep belongs to", (
+        *(f"ALTER TABLE results ADD COLUMN {name} {kind}" for name, kind in PLACEMENT_COLUMNS),
+        "ALTER TABLE sweeps ADD COLUMN plan_id VARCHAR",
+    )),
 )
 
 

@@ -45,7 +45,7 @@ def test_migration_2_gives_old_int8_rows_their_default_weights(tmp_path):
     make_old_store(store, 1, [make_row("int8-only", result_key="old", params={}),
                               make_row("dynamic", params={}),
                               make_row("int8-only", result_key="new", params={"weights": "per-channel"})])
-    assert store.migrate() == [2, 3, 4]
+    assert store.migrate() == [2, 3, 4, 5]
     latest = store.results(latest_only=True)
     assert sorted(latest["technique"]) == ["dynamic", "int8-only"]  # one int8-only variant, not two
     params = dict(zip(store.results()["result_key"], store.results()["params"]))
@@ -56,7 +56,7 @@ def test_migration_2_gives_old_int8_rows_their_default_weights(tmp_path):
 def test_migration_3_adds_empty_intervals_to_old_rows(tmp_path):
     store = Store(tmp_path / "q.duckdb")
     make_old_store(store, 2, [make_row("dynamic")])
-    assert store.migrate() == [3, 4]
+    assert store.migrate() == [3, 4, 5]
     old = store.results().iloc[0]
     assert old["accuracy"] == 0.9 and old[["accuracy_ci_low", "latency_cpu_busy"]].isna().all()
     row_id = store.insert_result(make_row("int8-only", accuracy_ci_low=0.85, accuracy_ci_high=0.93,

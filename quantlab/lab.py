@@ -587,14 +587,18 @@ def sensitivity_figure(frame: Any) -> Any:
 # --- keep the N most sensitive layers in float: a sweep ------------------------------------------
 
 
-def selective_spec(workload: Workload, keep_float: int) -> SweepSpec:
-    """The workload's latest sweep with only int8-selective(keep_float=N): same model, dataset,
-    training and measurement settings, so it reuses the prepared baseline and compares like for like."""
+def repeat_with(workload: Workload, technique: TechniqueSpec) -> SweepSpec:
+    """The workload's latest sweep with only `technique`: same model, dataset, training and
+    measurement settings, so it reuses the prepared baseline and compares like for like."""
     if not workload.spec:
         raise QuantLabError("this workload has no stored sweep to repeat; run a sweep of it on the "
                             "Run page first (its settings are reused here)")
-    spec = SweepSpec.from_dict(workload.spec)
-    return replace(spec, techniques=(TechniqueSpec(SELECTIVE_TECHNIQUE, {"keep_float": int(keep_float)}),))
+    return replace(SweepSpec.from_dict(workload.spec), techniques=(technique,))
+
+
+def selective_spec(workload: Workload, keep_float: int) -> SweepSpec:
+    """The workload's latest sweep with only int8-selective(keep_float=N)."""
+    return repeat_with(workload, TechniqueSpec(SELECTIVE_TECHNIQUE, {"keep_float": int(keep_float)}))
 
 
 class _BackgroundSweep:
@@ -684,13 +688,9 @@ def keep_float_recipe(sensitivity: Mapping[str, Any], keep_float: int) -> LabRec
 
 def recipe_spec(workload: Workload, recipe: LabRecipe) -> SweepSpec:
     """The workload's latest sweep settings with only lq-recipe(recipe=...)."""
-    if not workload.spec:
-        raise QuantLabError("this workload has no stored sweep to repeat; run a sweep of it on the "
-                            "Run page first (its settings are reused here)")
     from .techniques import resolve_spec
 
-    spec = SweepSpec.from_dict(workload.spec)
-    return replace(spec, techniques=(resolve_spec(TechniqueSpec(RECIPE_TECHNIQUE, {"recipe": recipe.text})),))
+    return repeat_with(workload, resolve_spec(TechniqueSpec(RECIPE_TECHNIQUE, {"recipe": recipe.text})))
 
 
 @dataclass

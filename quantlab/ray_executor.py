@@ -44,6 +44,10 @@ LOCAL_NODE_CACHE = Path(tempfile.gettempdir()) / "quantlab-ray"
 TIMING_WAIT_SECONDS = 300.0
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 TASK_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+# Timing slots run in workers of their own runtime environment: Ray reuses a worker only for tasks
+# of the same environment, so a slot's worker (no TensorFlow) never takes a variant, and a worker
+# that imported TensorFlow is never spent on a slot and then replaced by a cold one.
+SLOT_ENV = {"env_vars": {"QUANTLAB_RAY_ROLE": "timing-slot"}}
 
 
 class RayConnectionError(QuantLabError):
@@ -101,14 +105,24 @@ def shared_connection() -> Iterator[None]:
 def _init(address: str) -> bool:
     import ray
 
-    # The quantlab package travels with the job (nodes need only the requirements installed).
-    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR",
-              "runtime_env": {"py_modules": [_PACKAGE_DIR], "env_vars": TASK_ENV}}
+    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    # On a cluster, the quantlab package travels with the job (nodes need only the requirements).
+    cluster_env = {"runtime_env": {"py_modules": [_PACKAGE_DIR], "env_vars": TASK_ENV}}
     try:
         if address == "local":
             from .measure import available_cores
 
-            ray.init(address="local", num_cpus=available_cores(), resources={TIMING_RESOURCE: 1}, **common)
+            # A local Ray's workers inherit this process's environment, so the job needs no runtime
+            # environment, and then Ray's prestarted workers (started with Ray) take the first tasks;
+            # with one, they idled and every task waited for a worker started on demand.
+            for name, value in TASK_ENV.items():
+                os.environ.setdefault(name, value)
+            package_parent = str(Path(_PACKAGE_DIR).parent)
+            if package_parent not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+                os.environ["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+            ray.init(address="local", num_cpus=available_cores(), resources={TIMING_RESOURCE: 1},
+                     _system_config=local_system_config(available_cores()), **common)
             return True
         target = address if address != "auto" else (os.environ.get("RAY_ADDRESS") or "auto")
         if target != "auto":
@@ -117,13 +131,26 @@ def _init(address: str) -> bool:
         # joining it does not by itself (Ray 2.60): send the token when there is one.
         _use_token_if_any()
         with _core_logs_aside():
-            ray.init(address=target, **common)
+            ray.init(address=target, **common, **cluster_env)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise RayConnectionError(
             f"cannot connect to Ray at {address!r} ({first}); start a head with `ray start --head "
             f"--port 6379 --resources '{{\"{TIMING_RESOURCE}\": 1}}'`, or pass --ray local") from None
     return False
+
+
+def local_system_config(cores: int) -> dict[str, int]:
+    """Ray settings for the instance `--ray local` starts, so that it runs a sweep like the pool.
+
+    - Ray starts workers at nice 15 to keep its own daemons responsive; on a shared machine its
+      workers would then lose the CPU to everything else, where the pool's do not.
+    - Ray keeps at most one idle worker per CPU and kills the others after a second idle; timing
+      slots, the event log and prestarted workers count too, so it killed workers that had
+      imported TensorFlow and the next variant paid the import (about 2.5 s) again.
+    A cluster started with `ray start` takes the same as environment variables (README).
+    """
+    return {"worker_niceness": 0, "num_workers_soft_limit": cores + 4}
 
 
 def _use_token_if_any() -> None:
@@ -236,7 +263,7 @@ class NodeTimingLock:
         fifo = os.path.join(self._dir, "slot")
         os.mkfifo(fifo)
         self._ref = _timing_slot.options(
-            num_cpus=0, resources={TIMING_RESOURCE: 1}, max_retries=0,
+            num_cpus=0, resources={TIMING_RESOURCE: 1}, max_retries=0, runtime_env=SLOT_ENV,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(fifo)
         opened: list[int] = []
         opener = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)), daemon=True)
@@ -261,14 +288,11 @@ class NodeTimingLock:
             self._flock = None
             return
         if self._fd is not None:
-            os.close(self._fd)  # the slot task reads EOF and returns: the unit is free again
+            # The slot task reads EOF and returns, which frees the unit. No ray.get on it here: a
+            # worker blocked in ray.get lends its CPU back to Ray, which then starts another (cold,
+            # TensorFlow-less) worker for the next variant instead of reusing this one.
+            os.close(self._fd)
             self._fd = None
-            try:
-                import ray
-
-                ray.get(self._ref, timeout=30)
-            except Exception:
-                pass
         self._cleanup()
 
     def _acquire_file_lock(self, timeout: float | None) -> bool:
@@ -419,7 +443,8 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
     local_result: Any = None
     try:
         emit = _emitter(task_id, events)
-        emit({"stage": "started", "message": f"running on {node_label(outcome['node'])}"})
+        emit({"stage": "started", "worker": os.getpid(), "niceness": os.nice(0),
+              "message": f"running on {node_label(outcome['node'])}"})
         result = run_task(local_payload, emit, lock)
         outcome.update(status="done", result=rebase(result, {str(root): driver_root}))
         local_result = result
@@ -440,18 +465,29 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
     return outcome
 
 
+def warm_worker() -> int:
+    """Import what every task needs (TensorFlow above all, about 2.5 s) in a worker ahead of its tasks."""
+    from . import tasks  # noqa: F401
+    from .tfcompat import import_tensorflow
+
+    import_tensorflow()
+    return os.getpid()
+
+
 # Defined once Ray is imported (a module-level @ray.remote would import Ray with this module).
 _timing_slot: Any = None
 _remote_execute: Any = None
 _event_log_actor: Any = None
+_warm_remote: Any = None
 
 
 def _remote_functions() -> Any:
-    global _timing_slot, _remote_execute, _event_log_actor
+    global _timing_slot, _remote_execute, _event_log_actor, _warm_remote
     if _remote_execute is None:
         import ray
 
         _timing_slot = ray.remote(_slot)
+        _warm_remote = ray.remote(num_cpus=1, max_retries=0)(warm_worker)
         _event_log_actor = ray.remote(num_cpus=0, max_restarts=0)(_EventLog)
         _remote_execute = ray.remote(num_cpus=1, max_retries=1, retry_exceptions=False)(execute_on_node)
     return _remote_execute
@@ -482,11 +518,14 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str, cache_root: Path, on_note: Callable[[str], None] | None = None) -> None:
+    def __init__(self, address: str, cache_root: Path, on_note: Callable[[str], None] | None = None,
+                 expected_tasks: int = 0) -> None:
         self.address = address
         self.cache_root = Path(cache_root).resolve()
+        self.expected_tasks = expected_tasks  # how many tasks this executor will run in all
         self.stopped_tasks: list[str] = []
         self._started = False
+        self._warmed = False
         self._events: Any = None
         self._note = on_note or (lambda message: None)
         self.driver_key = content_hash({"host": socket.gethostname(), "cache": str(self.cache_root)}, 12)
@@ -546,6 +585,18 @@ class RayExecutor:
         return remote.remote(payload, ray.put(inputs), str(self.cache_root), self.driver_key, externals,
                              task_id, self._events)
 
+    def _warm_spare_workers(self, submitted: int) -> None:
+        """While the first tasks run (the workload's preparation), import TensorFlow in the workers
+        the later ones will take, as the pool's workers do when they start (once per executor)."""
+        if self._warmed:
+            return
+        self._warmed = True
+        import ray
+
+        spare = min(self.expected_tasks, int(ray.cluster_resources().get("CPU", 0))) - submitted
+        for _ in range(max(0, spare)):
+            _warm_remote.remote()
+
     def _forward_events(self, emit: Callable[[str, dict], None], finished: set[str]) -> None:
         """Hand the tasks' progress events to `on_event`, as the pool does from its pipes."""
         import ray
@@ -591,6 +642,7 @@ class RayExecutor:
             for task_id, payload in ready:
                 running[self._submit(task_id, payload)] = (task_id, payload)
                 emit(task_id, {"stage": "queued", "message": "queued on Ray"})
+            self._warm_spare_workers(len(ready))
             while running:
                 if stop is not None and stop():
                     for ref, (task_id, _) in running.items():

@@ -1,0 +1,35 @@
+"""`--ray local`: the Ray that QuantLab starts itself runs a sweep in as many workers as it has CPUs."""
+
+from __future__ import annotations
+
+import ray
+
+from quantlab.cache import ArtifactCache
+from quantlab.config import MeasureSettings, SweepSpec, TrainSettings
+from quantlab.measure import available_cores
+from quantlab.runner import SweepOptions, run_sweep
+from quantlab.store import Store
+from quantlab.techniques import parse_technique_list
+
+TECHNIQUES = "float32,dynamic,float16,int8-only,int16x8"
+
+
+def test_a_local_ray_sweep_imports_tensorflow_once_per_cpu_and_shuts_ray_down(tmp_path):
+    assert not ray.is_initialized()
+    events: list[dict] = []
+    spec = SweepSpec("seed-cnn", "digits-28", parse_technique_list(TECHNIQUES),
+                     train=TrainSettings(epochs=3), measure=MeasureSettings(min_runs=5, min_seconds=0.05))
+    report = run_sweep(spec, store=Store(tmp_path / "q.duckdb"), cache=ArtifactCache(tmp_path / "cache"),
+                       on_event=events.append, options=SweepOptions(ray="local"))
+    assert [row["error"] for row in report.rows] == [None] * 5
+    assert {row["executor"] for row in report.rows} == {"ray"}
+    # Every task (the preparation and 5 variants) ran in a worker that imported TensorFlow once and
+    # took the next task: before, timing slots and idle-worker killing made Ray start new, cold
+    # workers for later variants (4 to 6 of them for 7 variants on 2 CPUs).
+    started = [e for e in events if e["type"] == "progress" and e.get("stage") == "started"]
+    workers = {e["worker"] for e in started}
+    assert 1 <= len(workers) <= available_cores(), workers
+    # At Ray's default nice 15 they lost the CPU to anything else running, where the pool's do not.
+    assert {e["niceness"] for e in started} == {0}
+    assert not ray.is_initialized()  # QuantLab stops the Ray it started
+

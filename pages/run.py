@@ -374,7 +374,8 @@ with run_bar:
                        f"({twin.label}): its progress is below.")
         else:
             st.caption(f"**{model_name or 'No model'}** on **{dataset_name or 'no dataset'}**, "
-                       f"{len(techniques)} technique(s). {estimate_sweep(store, [t.id for t in techniques]).text()}")
+                       f"{len(techniques)} technique(s). {estimate_sweep(store, [t.id for t in techniques]).text()} "
+                       f"{settings.executor_text()}")
 if pressed and twin is None:
     handle = start_sweep(spec, store, cache, settings.sweep_options(remeasure=remeasure),
                          label=f"{model_name} on {dataset_name}")

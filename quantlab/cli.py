@@ -318,6 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "db", None):  # sweeps left `running` by a killed process: `interrupted`
             Store(args.db).mark_interrupted_sweeps()
+        if getattr(args, "ray", None):
+            from .ray_executor import native_stderr_aside  # imports no Ray
+
+            with native_stderr_aside():
+                return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
     except QuantLabError as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)

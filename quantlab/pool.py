@@ -166,6 +166,19 @@ def crash_message(code: int | None, last_step: str | None, log_path: str | None)
     return f"the worker process {how}{during}{log}; no QuantLab check failed, so this variant has no result"
 
 
+def limit_passed(limits: PoolLimits, elapsed: float, rss_mb: Callable[[], float]) -> str | None:
+    """Why a task `elapsed` seconds old, of `rss_mb()` resident memory, must stop (None: it may go on)."""
+    if limits.task_timeout_seconds and elapsed > limits.task_timeout_seconds:
+        return (f"stopped after {limits.task_timeout_seconds:.0f} s (the time limit per variant); "
+                f"raise the limit or use a smaller model")
+    if limits.memory_limit_mb:
+        rss = rss_mb()
+        if rss > limits.memory_limit_mb:
+            return (f"stopped at {rss:.0f} MB of memory (the limit is {limits.memory_limit_mb:.0f} MB); "
+                    f"raise the limit or use a smaller model")
+    return None
+
+
 def _rss_mb(pid: int) -> float:
     """Resident memory of a process in MB (Linux /proc; 0 where unavailable)."""
     try:
@@ -336,17 +349,8 @@ class WorkerPool:
         return TaskOutcome(task_id, error=crash_message(code, worker.last_step, self.log_path))
 
     def _limit_passed(self, worker: _Worker) -> str | None:
-        limits = self.limits
-        elapsed = time.monotonic() - worker.started
-        if limits.task_timeout_seconds and elapsed > limits.task_timeout_seconds:
-            return (f"stopped after {limits.task_timeout_seconds:.0f} s (the time limit per variant); "
-                    f"raise the limit or use a smaller model")
-        if limits.memory_limit_mb:
-            rss = _rss_mb(worker.process.pid)
-            if rss > limits.memory_limit_mb:
-                return (f"stopped at {rss:.0f} MB of memory (the limit is {limits.memory_limit_mb:.0f} MB); "
-                        f"raise the limit or use a smaller model")
-        return None
+        return limit_passed(self.limits, time.monotonic() - worker.started,
+                            lambda: _rss_mb(worker.process.pid))
 
     def close(self) -> None:
         for worker in list(self._workers):

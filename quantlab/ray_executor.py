@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .cache import write_atomically
 from .config import ENGINE_VERSION, content_hash
 from .errors import QuantLabError
-from .pool import TaskOutcome
+from .pool import PoolLimits, TaskOutcome, _rss_mb, limit_passed
 
 TIMING_RESOURCE = "quantlab_timing"
 LOCAL_NODE_CACHE = Path(tempfile.gettempdir()) / "quantlab-ray"
@@ -76,6 +76,19 @@ def connect(address: str) -> None:
         if not ray.is_initialized():
             _STARTED_HERE = _init(address)
         _USERS += 1
+
+
+def abandon_connection() -> None:
+    """Leave a Ray whose head is gone. Without this, Ray's client kept retrying the head for 60 s
+    and then ended the whole process (the CLI, or the dashboard's server) with no word from us."""
+    global _USERS, _STARTED_HERE
+    with _GUARD:
+        import ray
+
+        with _core_logs_aside():
+            ray.shutdown()  # about 5 s with the head gone
+        _USERS = 0
+        _STARTED_HERE = False
 
 
 def disconnect() -> None:
@@ -167,6 +180,30 @@ def _use_token_if_any() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+NATIVE_LOG = Path(tempfile.gettempdir()) / "quantlab-ray.log"
+
+
+@contextmanager
+def native_stderr_aside() -> Iterator[None]:
+    """For a CLI run on Ray: Python's stderr (progress, the one `error:` line) stays on the terminal,
+    while what Ray's C++ client writes straight to file descriptor 2 (retry warnings, "failed to
+    push error" when a node or the head dies) goes to NATIVE_LOG."""
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    log = os.open(NATIVE_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 2)
+    os.close(log)
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, errors="backslashreplace")
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        sys.stderr.close()
+        sys.stderr = python_stderr
+
+
 @contextmanager
 def _core_logs_aside() -> Iterator[None]:
     """Ray's C++ client writes retry warnings straight to stderr while it connects; keep them out
@@ -184,6 +221,17 @@ def _core_logs_aside() -> Iterator[None]:
 
 
 HEAD_CONNECT_SECONDS = 5.0
+HEAD_CHECK_SECONDS = 1.0  # how often a running sweep checks that the head still answers
+HEAD_MISSES = 2           # checks in a row without an answer: the head is lost
+
+
+def _port_answers(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _check_reachable(target: str) -> None:
@@ -420,8 +468,31 @@ def _emitter(task_id: str, events: Any) -> Callable[[dict], None]:
     return emit
 
 
+LIMIT_CHECK_SECONDS = 0.25
+
+
+def _watch_limits(limits: PoolLimits, emit: Callable[[dict], None]) -> threading.Event:
+    """Check the task's time and memory limits (a hosted demo's) on the node, as the pool checks its
+    workers: once one passes, say so in a `limit` event; the driver then cancels the task, which
+    kills this worker. Set the returned event to stop watching."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def watch() -> None:
+        while not done.wait(LIMIT_CHECK_SECONDS):
+            reason = limit_passed(limits, time.monotonic() - started, lambda: _rss_mb(os.getpid()))
+            if reason:
+                emit({"stage": "limit", "error": reason, "message": reason})
+                return
+
+    if limits.task_timeout_seconds or limits.memory_limit_mb:
+        threading.Thread(target=watch, name="quantlab-limits", daemon=True).start()
+    return done
+
+
 def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, driver_key: str,
-                    externals: dict[str, str], task_id: str = "", events: Any = None) -> dict:
+                    externals: dict[str, str], task_id: str = "", events: Any = None,
+                    limits: PoolLimits = PoolLimits()) -> dict:
     """The body of every Ray task: materialise the inputs, run the task, send back what it wrote."""
     from .measure import EVALUATION_CORES_ENV
     from .tasks import run_task
@@ -441,8 +512,9 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
     started = time.perf_counter()
     outcome: dict[str, Any] = {"node": node_info()}
     local_result: Any = None
+    emit = _emitter(task_id, events)
+    watching = _watch_limits(limits, emit)
     try:
-        emit = _emitter(task_id, events)
         emit({"stage": "started", "worker": os.getpid(), "niceness": os.nice(0),
               "message": f"running on {node_label(outcome['node'])}"})
         result = run_task(local_payload, emit, lock)
@@ -455,6 +527,8 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         outcome.update(status="failed", error=f"{type(exc).__name__}: {first_line}")
+    finally:
+        watching.set()
     after = _files_under(root)
     wanted = {rel for rel, stamp in after.items() if before.get(rel) != stamp}
     # Files the result names were maybe written by an earlier task on this node: they go back too.
@@ -519,13 +593,16 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str, cache_root: Path, on_note: Callable[[str], None] | None = None,
-                 expected_tasks: int = 0) -> None:
+                 expected_tasks: int = 0, limits: PoolLimits = PoolLimits()) -> None:
         self.address = address
+        self.limits = limits  # per-task time and memory limits, checked on the node
         self.cache_root = Path(cache_root).resolve()
         self.expected_tasks = expected_tasks  # how many tasks this executor will run in all
         self.stopped_tasks: list[str] = []
         self._started = False
         self._warmed = False
+        self._head: str | None = None  # the head's GCS address, checked while tasks run
+        self._waiting: dict[str, list[tuple[str, dict]]] = {}
         self._events: Any = None
         self._note = on_note or (lambda message: None)
         self.driver_key = content_hash({"host": socket.gethostname(), "cache": str(self.cache_root)}, 12)
@@ -534,6 +611,9 @@ class RayExecutor:
         if not self._started:
             connect(self.address)
             self._started = True
+            import ray
+
+            self._head = ray.get_runtime_context().gcs_address
             _remote_functions()
             self._events = _event_log_actor.remote()
 
@@ -583,7 +663,14 @@ class RayExecutor:
         inputs, externals = self._inputs(payload)
         remote = _remote_functions()
         return remote.remote(payload, ray.put(inputs), str(self.cache_root), self.driver_key, externals,
-                             task_id, self._events)
+                             task_id, self._events, self.limits)
+
+    def _submit_waiting(self, payload: dict, running: dict[Any, tuple[str, dict]]) -> None:
+        """Submit the variants that waited for this one's fine-tuned model (it is cached now, or
+        the next one trains it)."""
+        shared = shared_step_key(payload)
+        for next_id, next_payload in self._waiting.pop(shared, []) if shared else []:
+            running[self._submit(next_id, next_payload)] = (next_id, next_payload)
 
     def _warm_spare_workers(self, submitted: int) -> None:
         """While the first tasks run (the workload's preparation), import TensorFlow in the workers
@@ -597,17 +684,23 @@ class RayExecutor:
         for _ in range(max(0, spare)):
             _warm_remote.remote()
 
-    def _forward_events(self, emit: Callable[[str, dict], None], finished: set[str]) -> None:
-        """Hand the tasks' progress events to `on_event`, as the pool does from its pipes."""
+    def _forward_events(self, emit: Callable[[str, dict], None], finished: set[str]) -> dict[str, str]:
+        """Hand the tasks' progress events to `on_event`, as the pool does from its pipes; return
+        the tasks that passed a limit, with the reason."""
         import ray
 
         try:
             items = ray.get(self._events.take.remote(), timeout=10)
         except Exception:  # the event log's node died: progress pauses, results still come
-            return
+            return {}
+        passed: dict[str, str] = {}
         for task_id, event in items:
-            if task_id not in finished:  # late events of a finished task would mislabel another
-                emit(task_id, event)
+            if task_id in finished:  # late events of a finished task would mislabel another
+                continue
+            if event.get("stage") == "limit":
+                passed[task_id] = event["error"]
+            emit(task_id, event)
+        return passed
 
     def _land(self, outcome: dict) -> None:
         """Write the files a task produced into the driver's cache (atomically, like the workers)."""
@@ -626,7 +719,7 @@ class RayExecutor:
         self.start()
         self.stopped_tasks = []
         emit = on_event or (lambda task_id, event: None)
-        waiting: dict[str, list[tuple[str, dict]]] = {}  # shared step key -> tasks behind its first
+        waiting = self._waiting = {}  # shared step key -> tasks behind its first
         ready: list[tuple[str, dict]] = []
         for task_id, payload in tasks:
             shared = shared_step_key(payload)
@@ -638,6 +731,7 @@ class RayExecutor:
             ready.append((task_id, payload))
         running: dict[Any, tuple[str, dict]] = {}
         finished: set[str] = set()
+        next_check, misses = time.monotonic() + HEAD_CHECK_SECONDS, 0
         try:
             for task_id, payload in ready:
                 running[self._submit(task_id, payload)] = (task_id, payload)
@@ -649,8 +743,24 @@ class RayExecutor:
                         ray.cancel(ref, force=True)
                         self.stopped_tasks.append(task_id)
                     return
+                if self._head and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + HEAD_CHECK_SECONDS
+                    misses = 0 if _port_answers(self._head) else misses + 1
+                    if misses >= HEAD_MISSES:
+                        running.clear()  # nothing left to cancel on a cluster that is gone
+                        self._abandon()
+                        raise RayConnectionError(
+                            f"lost the connection to the Ray head at {self._head} (it stopped "
+                            f"answering); rows recorded so far are kept, run the sweep again to "
+                            f"finish it (finished variants are cached)")
                 done, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
-                self._forward_events(emit, finished)
+                passed = self._forward_events(emit, finished)
+                for ref in [r for r, (task_id, _) in running.items() if task_id in passed and r not in done]:
+                    ray.cancel(ref, force=True)  # kills the worker; a cancelled task is not retried
+                    task_id, payload = running.pop(ref)
+                    finished.add(task_id)
+                    self._submit_waiting(payload, running)
+                    yield TaskOutcome(task_id, error=passed[task_id])
                 for ref in done:
                     task_id, payload = running.pop(ref)
                     finished.add(task_id)
@@ -672,9 +782,7 @@ class RayExecutor:
                     emit(task_id, {"stage": "finished", "node": node_label(node),
                                    "message": f"finished on {node_label(node)} in "
                                               f"{outcome.get('seconds', 0):.1f} s"})
-                    shared = shared_step_key(payload)
-                    for next_id, next_payload in waiting.pop(shared, []) if shared else []:
-                        running[self._submit(next_id, next_payload)] = (next_id, next_payload)
+                    self._submit_waiting(payload, running)
                     if outcome["status"] == "done":
                         result = outcome["result"]
                         result["provenance"] = {**(result.get("provenance") or {}),
@@ -694,6 +802,11 @@ class RayExecutor:
                         ray.cancel(ref, force=True)
                     except Exception:
                         pass
+
+    def _abandon(self) -> None:
+        self._events = None
+        self._started = False
+        abandon_connection()
 
     def close(self) -> None:
         if self._events is not None:

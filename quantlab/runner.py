@@ -286,7 +286,7 @@ def _make_pool(options: SweepOptions, tasks: int, cache: ArtifactCache) -> Any:
     if options.ray:
         from .ray_executor import RayExecutor  # imports Ray lazily, only for --ray
 
-        executor = RayExecutor(options.ray, cache.root, expected_tasks=tasks)
+        executor = RayExecutor(options.ray, cache.root, expected_tasks=tasks, limits=options.limits)
         executor.start()
         return executor
     from .tasks import run_task

@@ -133,6 +133,14 @@ class AppSettings:
                             memory_limit_mb=DEMO_MEMORY_LIMIT_MB) if self.demo else PoolLimits()
         return SweepOptions(limits=limits, source="app", remeasure=remeasure, ray=ray_address_from_env())
 
+    def executor_text(self) -> str:
+        """Where this dashboard's sweeps run, when not on its own worker pool (QUANTLAB_RAY_ADDRESS)."""
+        address = ray_address_from_env()
+        if not address:
+            return ""
+        where = "a Ray that this server starts" if address == "local" else f"the Ray cluster at `{address}`"
+        return f"Runs on {where}: each variant is a Ray task, and its row names the node."
+
     def check_upload_quota(self, uploads_so_far: int) -> None:
         """Refuse one more upload when this session has used its quota (demo mode)."""
         if self.max_uploads and uploads_so_far >= self.max_uploads:

@@ -164,3 +164,29 @@ def test_a_plan_file_with_a_mistake_is_refused_by_key(tmp_path):
     result = run_cli("plan", str(path), "--db", str(tmp_path / "q.duckdb"), timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: {path}: `threads` must be a list of thread counts of at least 1, e.g. [1, 2, 4]"]
+
+
+def test_a_demos_memory_limit_stops_a_ray_task_on_its_node(both):
+    """QUANTLAB_DEMO's limits hold on Ray too: the task's node checks its memory, the driver cancels it."""
+    from quantlab.pool import PoolLimits
+
+    ray_run = both["ray"]
+    report = run_sweep(spec("int8-only"), store=ray_run["store"], cache=ray_run["cache"],
+                       options=SweepOptions(ray="auto", limits=PoolLimits(memory_limit_mb=50)))
+    [row] = report.rows
+    assert row["error"].startswith("stopped at ") and "(the limit is 50 MB)" in row["error"], row["error"]
+    assert row.get("model_bytes") is None and row["details"]["error_kind"] == "failed"
+    assert ray_run["cache"].read_json("results", row["result_key"]) is None  # nothing cached: it runs again
+
+
+def test_a_demos_time_limit_stops_a_ray_task(both):
+    from quantlab.pool import PoolLimits
+
+    ray_run = both["ray"]
+    report = run_sweep(spec("qat-int8"), store=ray_run["store"], cache=ray_run["cache"],
+                       options=SweepOptions(ray="auto", limits=PoolLimits(task_timeout_seconds=1)))
+    [row] = report.rows
+    assert row["error"].startswith("stopped after 1 s (the time limit per variant)"), row["error"]
+    # The worker was killed, and Ray has its CPUs back for the next sweep.
+    assert run_sweep(spec("float16"), store=ray_run["store"], cache=ray_run["cache"],
+                     options=SweepOptions(ray="auto")).rows[0]["error"] is None

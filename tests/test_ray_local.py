@@ -33,3 +33,29 @@ def test_a_local_ray_sweep_imports_tensorflow_once_per_cpu_and_shuts_ray_down(tm
     assert {e["niceness"] for e in started} == {0}
     assert not ray.is_initialized()  # QuantLab stops the Ray it started
 
+
+
+def test_the_dashboards_run_button_runs_on_ray_when_quantlab_ray_address_is_set(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from quantlab import sweeps
+    from test_app_pages import APP
+
+    monkeypatch.setenv("QUANTLAB_DB", str(tmp_path / "q.duckdb"))
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUANTLAB_RAY_ADDRESS", "local")
+    monkeypatch.setattr(sweeps, "_DEFAULT", sweeps.SweepManager())
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.query_params.update(model="seed-cnn", dataset="digits-28", techniques="float32,dynamic")
+    at.run()
+    assert "Runs on a Ray that this server starts" in " ".join(str(c.value) for c in at.caption)
+    at.button(key="run_start").click().run()
+    [handle] = sweeps.list_sweeps()
+    assert handle.wait(300), handle.snapshot()
+    at.run()
+    assert not at.exception
+    assert "done: 2 of 2 variants" in " ".join(s.label for s in at.status)
+    rows = Store(tmp_path / "q.duckdb").results()
+    assert sorted(rows["technique"]) == ["dynamic", "float32"]
+    assert set(rows["executor"]) == {"ray"} and rows["error"].isna().all()
+    assert not ray.is_initialized()  # the Ray it started for the sweep is stopped again

@@ -1,0 +1,89 @@
+"""The Ray head dies mid-sweep: one `error:` line, the rows so far kept, the sweep failed, no partial row."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from conftest import ROOT, TINY_ARGS
+from quantlab.ray_executor import TIMING_RESOURCE
+
+TECHNIQUES = "float32,dynamic,float16,int8-fallback,int8-only,uint8-only,int16x8"
+RAY = Path(sys.executable).with_name("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def head():
+    """A head started as a user would (`ray start --head --block`), in its own process group."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(RAY), "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false",
+         "--resources", f'{{"{TIMING_RESOURCE}": 1}}', "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    time.sleep(3)  # the raylet registers after the GCS answers
+    yield process, port
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+    current = Path("/tmp/ray/ray_current_cluster")  # `--ray auto` must not find the dead head later
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
+
+
+def test_a_head_killed_mid_sweep_is_one_error_line_and_loses_no_finished_row(head, tmp_path):
+    process, port = head
+    db = tmp_path / "q.duckdb"
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "quantlab", "sweep", *TINY_ARGS, "--techniques", TECHNIQUES, "--db", str(db),
+         "--cache", str(tmp_path / "cache"), "--ray", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    before_kill: list[str] = []
+    for line in cli.stderr:  # progress, until the first variant's row is in
+        before_kill.append(line)
+        if line.startswith("[1/7]"):
+            break
+    else:
+        pytest.fail("the sweep ended before its first row:\n" + "".join(before_kill))
+    os.killpg(process.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    after_kill = cli.stderr.read().splitlines()
+    cli.wait(timeout=60)
+    seconds = time.monotonic() - killed
+
+    assert cli.returncode == 2, after_kill
+    assert after_kill and after_kill[-1].startswith("error: lost the connection to the Ray head"), after_kill
+    assert [line for line in after_kill if line.startswith("error:")] == after_kill[-1:]
+    assert not any("Traceback" in line or line.startswith("[20") for line in after_kill), after_kill  # no C++ log
+    assert seconds < 30, seconds  # Ray's own client would wait 60 s, then end the process silently
+
+    with duckdb.connect(str(db), read_only=True) as store:
+        assert store.sql("SELECT status FROM sweeps").fetchall() == [("failed",)]
+        rows = store.sql("SELECT technique, model_bytes, accuracy, artifact_path, error FROM results").fetchall()
+    assert 1 <= len(rows) < 7
+    assert len({row[0] for row in rows}) == len(rows)  # one row per variant at most
+    for technique, model_bytes, accuracy, artifact, error in rows:  # every row whole
+        assert error is None and model_bytes > 0 and accuracy is not None and Path(artifact).exists(), technique

@@ -10,7 +10,11 @@ a plan of 4 sweeps on two nodes <= 0.6x the same plan on one node (nodes of the 
    on a `ray.cluster_utils.Cluster` of one node with 1 CPU, then of two nodes with 1 CPU each
    (on a 2-core machine: one core per node), cold each time.
 
-Run: .venv/bin/python benchmarks/bench_ray.py [--repeats N] [--part 1|2]
+3. The sweep of part 1 against a Ray head already running on this machine (`ray start --head`
+   with the settings README recommends), pool vs `--ray HOST:PORT`: what a team that keeps a
+   cluster up pays per sweep (no Ray start or stop in the sweep's time).
+
+Run: .venv/bin/python benchmarks/bench_ray.py [--repeats N] [--part 1|2|3]
 """
 
 from __future__ import annotations
@@ -60,18 +64,52 @@ def part_one(repeats: int) -> None:
     print("goal: ray/pool <= 1.15")
 
 
+def part_three(repeats: int) -> None:
+    import signal
+    import socket
+
+    from quantlab.ray_executor import TIMING_RESOURCE
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_worker_niceness": "0", "RAY_num_workers_soft_limit": str((os.cpu_count() or 2) + 4)}
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
+                             "--include-dashboard=false", "--resources", f'{{"{TIMING_RESOURCE}": 1}}', "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        time.sleep(10)
+        rows = []
+        for _ in range(repeats):
+            times = {}
+            for name, extra in (("pool", ["--workers", "2"]), ("ray", ["--ray", f"127.0.0.1:{port}"])):
+                folder = Path(tempfile.mkdtemp(prefix=f"ql-bench-{name}-"))
+                times[name] = timed_sweep(folder, extra)
+                shutil.rmtree(folder)
+            rows.append(times)
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    print(f"default PTQ sweep ({len(PTQ.split(','))} variants, cold) against a running head")
+    print(f"{'pool s':>8} {'ray head s':>11} {'ray/pool':>9}")
+    for times in rows:
+        print(f"{times['pool']:>8.1f} {times['ray']:>11.1f} {times['ray'] / times['pool']:>9.2f}")
+
+
 def run_plan_on(nodes: int) -> float:
     import ray
     from ray.cluster_utils import Cluster
 
     from quantlab.cache import ArtifactCache
     from quantlab.plans import load_plan, run_plan
-    from quantlab.ray_executor import TIMING_RESOURCE
+    from quantlab.ray_executor import TIMING_RESOURCE, local_system_config
     from quantlab.store import Store
 
     folder = Path(tempfile.mkdtemp(prefix=f"ql-bench-plan{nodes}-"))
     (folder / "plan.toml").write_text(PLAN)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {TIMING_RESOURCE: 1}})
+    # The settings README recommends for `ray start` (and `--ray local` uses), cluster-wide.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {TIMING_RESOURCE: 1},
+                                                            "_system_config": local_system_config(1)})
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=1, resources={TIMING_RESOURCE: 1})
     try:
@@ -101,12 +139,14 @@ def part_two(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--part", choices=("1", "2", "both"), default="both")
+    parser.add_argument("--part", choices=("1", "2", "3", "both", "all"), default="all")
     args = parser.parse_args()
-    if args.part in ("1", "both"):
+    if args.part in ("1", "both", "all"):
         part_one(args.repeats)
-    if args.part in ("2", "both"):
+    if args.part in ("2", "both", "all"):
         part_two(args.repeats)
+    if args.part in ("3", "all"):
+        part_three(args.repeats)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ if clicked:
 st.subheader("Against the baseline")
 table = analysis.table_frame(frame, quality.metric)
 picked = st.dataframe(table, key="compare_table", on_select="rerun", selection_mode="single-row",
-                      hide_index=True, column_config=NO_LABELS_COLUMNS if no_labels else TABLE_COLUMNS,
+                      hide_index=True, placeholder=analysis.MISSING, column_config=NO_LABELS_COLUMNS if no_labels else TABLE_COLUMNS,
                       width="stretch")
 st.caption("Sort by any column header; select a row to open its details.")
 if picked and picked.selection.rows:
@@ -214,7 +214,7 @@ if picked and picked.selection.rows:
 if not failed.empty:
     with st.expander(f"{len(failed)} variant(s) failed in this selection"):
         st.dataframe(failed[["technique", "variant", "error", "recorded_at", "row_id"]], hide_index=True,
-                     key="compare_failed")
+                     key="compare_failed", placeholder=analysis.MISSING)
 
 # --- two models side by side ----------------------------------------------------------------------
 st.subheader("Two models side by side")

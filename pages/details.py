@@ -8,7 +8,7 @@ from quantlab.charts import quantizer_validation_figure
 from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
 from quantlab.analysis import NO_LABELS_NOTE
-from quantlab.ui_state import (AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
+from quantlab.ui_state import (MISSING, AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
                                extra_details, float_ops_summary, format_bytes, has_no_labels,
                                interval_text, is_fine_tuned, latency_histogram, latency_sample_note,
                                latency_shape, latency_summary, number_text, ops_table, provenance_table,
@@ -87,14 +87,14 @@ def tensors_and_ops(row):
     else:
         st.caption("Integer inputs must be quantized with q = round(x / scale) + zero point; integer outputs "
                    "dequantized with x = (q - zero point) * scale.")
-        st.dataframe(tensors, hide_index=True)
+        st.dataframe(tensors, hide_index=True, placeholder=MISSING)
     st.markdown("#### Ops")
     ops = ops_table(row["details"])
     st.caption(float_ops_summary(row, ops))
     if weights := weight_granularity_summary(row["details"]):
         st.caption(weights)
     if not ops.empty:
-        st.dataframe(ops, hide_index=True)
+        st.dataframe(ops, hide_index=True, placeholder=MISSING)
 
 
 def latency(row):

@@ -361,6 +361,7 @@ def sensitivity_view() -> None:
     st.caption(f"Red: the {keep_float} most sensitive layer(s), which int8-selective(keep_float={keep_float}) "
                f"keeps in float. Measured on {result.get('calibration_samples')} calibration samples.")
     st.dataframe(frame.sort_values("rank", na_position="last"), hide_index=True, key="lab_sensitivity_table",
+                 placeholder=lab.MISSING,
                  column_config={"rmse/scale": st.column_config.NumberColumn(format="%.3f"),
                                 "scale": st.column_config.NumberColumn(format="%.3g")})
     reason = ("" if CONTEXT.can_run else "This dashboard is read-only.") or \

@@ -8,7 +8,7 @@ from quantlab.errors import QuantLabError
 from quantlab.sweeps import active_sweeps, get_sweep, running_twin, start_sweep
 from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
-from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
+from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
                                estimate_sweep,
                                NO_LABELS_UPLOAD, dataset_facts, file_stamp, keras3_note, make_sweep_spec,
@@ -229,7 +229,7 @@ def draw_sweep(snapshot):
         st.error(f"The sweep failed: {snapshot.error}", icon=":material/error:")
     if snapshot.rows:
         table = results_table(snapshot.rows, details_link="details?row=")
-        st.dataframe(table, hide_index=True, column_config={
+        st.dataframe(table, hide_index=True, placeholder=MISSING, column_config={
             "accuracy": st.column_config.TextColumn() if (table["accuracy"] == NO_LABELS).any()
             else st.column_config.NumberColumn(format="%.4f"),
             "agreement": st.column_config.NumberColumn(format="%.4f"),
@@ -394,6 +394,7 @@ for handle in others:
 
 if not recent_sweeps.empty:
     with st.expander(f"Stored sweeps (the newest {len(recent_sweeps)})", icon=":material/history:"):
-        st.dataframe(stored_sweeps_table(recent_sweeps), hide_index=True, key="run_stored_sweeps")
+        st.dataframe(stored_sweeps_table(recent_sweeps), hide_index=True, key="run_stored_sweeps",
+                     placeholder=MISSING)
 
 write_view(view, ("model", "dataset", "techniques"))

@@ -38,6 +38,7 @@ from .calibrate import (
     weight_bytes,
 )
 from .config import SweepSpec, TechniqueSpec
+from .analysis import MISSING  # noqa: F401  (the placeholder of a missing value, for the pages)
 from .errors import QuantLabError
 from .lab_files import (  # noqa: F401  (the Lab's files and request, re-exported for the pages)
     EVALUATION_VERSION,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .analysis import NO_LABELS, quality_metric
+from .analysis import MISSING, NO_LABELS, quality_metric
 from .cache import DEFAULT_CACHE_DIR, ArtifactCache
 from .config import MeasureSettings, SweepSpec, TechniqueSpec, TrainSettings
 from .errors import QuantLabError

@@ -336,6 +336,16 @@ def test_the_table_leads_with_the_change_latency_and_speed_ups_in_significant_di
     assert config["latency_p50_ms"]["type_config"]["format"] == "%.3g"
 
 
+def test_missing_numbers_show_a_dash_and_their_columns_stay_numbers_so_they_sort(store):
+    app = run(COMPARE)
+    table = app.dataframe[0]
+    # These synthetic rows have no SQNR: the column is missing in every row, yet still numbers.
+    assert table.value["sqnr_db"].isna().all()
+    assert table.proto.placeholder == "—"          # drawn as a dash, not a grey "None"
+    for column in ("sqnr_db", "accuracy_change_points", "latency_p50_ms", "speedup", "model_bytes"):
+        assert pd.api.types.is_numeric_dtype(table.value[column]), column
+
+
 # --- uncertainty on the pages ------------------------------------------------------------------------
 
 

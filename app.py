@@ -11,6 +11,7 @@ import streamlit as st
 from quantlab import share, sweeps
 from quantlab.store import Store
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
+from ui import store_reads
 from ui.share import current_view, url_params
 
 HERE = Path(__file__).parent
@@ -38,7 +39,7 @@ def mark_interrupted_sweeps(db_path: str, read_only: bool) -> list[str]:
 
 
 mark_interrupted_sweeps(str(settings.db_path), settings.read_only)
-has_results = store.count() > 0
+has_results = store_reads.count(store) > 0
 
 params = url_params()
 
@@ -77,7 +78,7 @@ finally:
         view = current_view()
         st.markdown(f"**Model:** {view.model or DEFAULT_MODEL}  \n"
                     f"**Dataset:** {view.dataset or DEFAULT_DATASET}")
-        st.caption(f"Results: `{settings.db_path}` ({store.count()} rows)  \n"
+        st.caption(f"Results: `{settings.db_path}` ({store_reads.count(store)} rows)  \n"
                    f"Artifacts: `{settings.cache_dir}`")
         for handle in sweeps.active_sweeps():
             st.caption(f"Sweep {handle.label}: {handle.snapshot().summary()}")

@@ -10,7 +10,8 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from quantlab import analysis, charts
-from quantlab.ui_state import AppSettings, interrupted_note, sweep_statuses
+from quantlab.ui_state import AppSettings, interrupted_note
+from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
 
 SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp",
@@ -90,7 +91,7 @@ st.title("Compare variants")
 st.caption("Every variant of a model measured against its Keras baseline: how much smaller, how much "
            "faster, how many accuracy points it costs.")
 
-filters = analysis.list_filters(store)
+filters = store_reads.list_filters(store)
 if filters.empty:
     st.info("No results yet. Run a sweep first: the Run page converts and measures every technique on a "
             "model in one click, then come back here to compare them.", icon=":material/info:")
@@ -110,7 +111,7 @@ with st.container(horizontal=True):
                            format_func=lambda p: "Any plan or none" if p is None else p,
                            help="The sweeps of one `python -m quantlab plan` file") if filters.plans else None
     sweeps = filters.sweeps_for(model, dataset)
-    statuses = sweep_statuses(store)
+    statuses = store_reads.sweep_statuses(store)
     sweep_labels = {row.sweep_id: analysis.sweep_label({**row._asdict(), "status": statuses.get(row.sweep_id)})
                     for row in sweeps.itertuples()}
     sweep_options = [None, *sweep_labels]
@@ -122,11 +123,11 @@ with st.container(horizontal=True):
 # The sweep shown (or the newest of this workload) ended when its process stopped: say so.
 shown_sweep = sweep_id or (sweeps["sweep_id"].iloc[0] if not sweeps.empty else None)
 if shown_sweep and statuses.get(shown_sweep) == "interrupted":
-    stored = store.sweeps()
+    stored = store_reads.sweeps(store)
     st.warning(interrupted_note(stored[stored["sweep_id"] == shown_sweep].iloc[0].to_dict()),
                icon=":material/warning:")
 
-quality = analysis.QUALITY[analysis.workload_quality(store, model, dataset)]
+quality = analysis.QUALITY[store_reads.workload_quality(store, model, dataset)]
 no_labels = quality.metric == "agreement"
 if no_labels:
     st.caption(f"**{model}** on **{dataset}**: {analysis.NO_LABELS_NOTE}.")
@@ -152,7 +153,7 @@ view = update_view(model=model, dataset=dataset, sweep=sweep_id, latency_budget_
                    accuracy_drop_pp=drop, latest_only=False if every_row else None, objective=objective)
 write_view(view, SHARED_FIELDS)
 
-everything = analysis.compare_frame(store, model=model, dataset=dataset, sweep_id=sweep_id,
+everything = store_reads.compare_frame(store, model=model, dataset=dataset, sweep_id=sweep_id,
                                     latest_only=not every_row, include_errors=True, plan_id=plan_id)
 frame = everything[everything["error"].isna()]
 failed = everything[everything["error"].notna()]
@@ -227,7 +228,7 @@ else:
         other_datasets = filters.datasets_for(other_model)
         other_dataset = st.selectbox("on dataset", other_datasets, key="compare_other_dataset",
                                      index=other_datasets.index(dataset) if dataset in other_datasets else 0)
-    other_frame = analysis.compare_frame(store, model=other_model, dataset=other_dataset)
+    other_frame = store_reads.compare_frame(store, model=other_model, dataset=other_dataset)
     name_a, name_b = f"{model} on {dataset}", f"{other_model} on {other_dataset}"
     shown = st.radio("Show", ["Relative to each baseline", "Accuracy vs size"], horizontal=True,
                      key="compare_two_models_view", label_visibility="collapsed")

@@ -15,6 +15,7 @@ from quantlab.ui_state import (MISSING, AppSettings, busy_cpu_warning, declared_
                                quantizer_report, reference_lines, row_frame, row_label, tensor_table,
                                uncertainty_lines,
                                weight_granularity_summary)
+from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
 
 RECENT_ROWS = 200
@@ -26,10 +27,10 @@ view = sync_view("details")
 
 def choose_row():
     """The row named in the link, or one of the recent rows."""
-    recent = store.results(limit=RECENT_ROWS)
+    recent = store_reads.recent_results(store, RECENT_ROWS)
     labels = {r["row_id"]: row_label(r) for r in recent.to_dict(orient="records")} if not recent.empty else {}
     if view.row and view.row not in labels:
-        linked = store.row(view.row)
+        linked = store_reads.row(store, view.row)
         if linked is None:
             st.warning(f"No stored result has the id {view.row}; pick one below.", icon=":material/search_off:")
         else:
@@ -174,7 +175,7 @@ st.caption("Everything stored about one converted model: its tensors and ops, si
            "and the versions and hashes that produced it.")
 
 row_id = choose_row()
-record = store.row(row_id) if row_id else None
+record = store_reads.row(store, row_id) if row_id else None
 if record is None:
     st.info("No results are stored yet: run a sweep first.", icon=":material/info:")
     if (Path(__file__).parent / "run.py").exists():

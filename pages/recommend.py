@@ -14,6 +14,7 @@ from quantlab import analysis, charts, recommend, sweeps
 from quantlab.errors import QuantLabError
 from quantlab.techniques import unsupported_techniques
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
+from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
 
 SHARED_FIELDS = ("model", "dataset", "accuracy_drop_pp", "hardware", "drop_ok", "representative_data",
@@ -126,7 +127,7 @@ st.plotly_chart(charts.decision_tree_figure(nodes, edges), key="recommend_tree",
 
 # --- what this model's measurements say -------------------------------------------------------------
 st.subheader("On your model")
-filters = analysis.list_filters(store)
+filters = store_reads.list_filters(store)
 models = filters.models or [view.model or DEFAULT_MODEL]
 with st.container(horizontal=True):
     model = st.selectbox("Model", models, key="recommend_model",
@@ -141,7 +142,7 @@ view = update_view(model=model, dataset=dataset, accuracy_drop_pp=max_drop, hard
                    uint8_io=uint8_io if uint8_free else None)
 write_view(view, SHARED_FIELDS)
 
-frame = analysis.compare_frame(store, model=model, dataset=dataset)
+frame = store_reads.compare_frame(store, model=model, dataset=dataset)
 pick = recommend.measured_pick(advice, frame)
 backing = recommend.back_with_measurements(advice, frame)
 

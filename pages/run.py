@@ -17,6 +17,7 @@ from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABEL
                                stored_sweeps_table, technique_groups, technique_tags,
                                unavailable_techniques, upload_refusals)
 from quantlab.workloads import BUILTIN_DATASETS, BUILTIN_MODELS
+from ui import store_reads
 from ui.share import sync_view, update_view, url_params, write_view
 
 POLL_SECONDS = 1.0
@@ -300,11 +301,11 @@ mine = get_sweep(st.session_state.get(HANDLE))
 if mine is not None:
     note_upload_failure(mine)
 
-recent_sweeps = store.sweeps(limit=RECENT_SWEEPS)
+recent_sweeps = store_reads.sweeps(store, RECENT_SWEEPS)
 for line in interrupted_notes(recent_sweeps):
     st.warning(line, icon=":material/warning:")
 
-if store.count() == 0 and not active_sweeps():
+if store_reads.count(store) == 0 and not active_sweeps():
     st.info(f"No results yet. The default sweep is ready: **{DEFAULT_MODEL}** on **{DEFAULT_DATASET}** "
             f"with every post-training technique. Press **Run sweep** under the model and dataset.",
             icon=":material/rocket_launch:")

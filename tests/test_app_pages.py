@@ -397,6 +397,18 @@ def test_details_show_only_the_parameters_a_technique_has():
         "weights": "per-tensor"}
 
 
+def test_what_a_float16_row_recorded_never_shows_a_weights_granularity():
+    from quantlab.ui_state import extra_details
+
+    # As rows stored before float16 stopped recording it: the parameter float16 does not have is left out,
+    # and the busy-CPU share is shown by its own warning, not as something the technique recorded.
+    old_float16 = {"technique": "float16", "details": {"conversion": "float16", "weights": "per-channel",
+                                                         "latency_others_cpu_share": 0.5}}
+    assert extra_details(old_float16) == {}
+    int8 = {"technique": "int8-only", "details": {"conversion": "int8-only", "weights": "per-tensor"}}
+    assert extra_details(int8) == {"weights": "per-tensor"}
+
+
 def test_demo_mode_limits_uploads_per_session_and_says_so():
     settings = AppSettings.from_env({"QUANTLAB_DEMO": "1"})
     assert settings.max_uploads > 0

@@ -10,6 +10,7 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from quantlab import analysis, charts
+from quantlab.sweeps import active_sweeps
 from quantlab.ui_state import AppSettings, interrupted_note
 from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
@@ -17,6 +18,7 @@ from ui.share import share_controls, sync_view, update_view, write_view
 SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp",
                  "objective")
 DEFAULT_DROP_POINTS = 1.0
+WAIT_SECONDS = 2.0           # how often an empty Compare page looks for the first sweep's rows
 OBJECTIVE_LABELS = {"size": "Smallest", "latency": "Fastest", "accuracy": "Most accurate"}
 NO_LABELS_OBJECTIVE = "Closest to the float model"
 TABLE_COLUMNS = {
@@ -91,10 +93,27 @@ st.title("Compare variants")
 st.caption("Every variant of a model measured against its Keras baseline: how much smaller, how much "
            "faster, how many accuracy points it costs.")
 
+
+
+@st.fragment(run_every=WAIT_SECONDS)
+def wait_for_first_results() -> None:
+    """While the first sweep runs: say so, and draw the page once its first variant is stored."""
+    if not store_reads.list_filters(store).empty:
+        st.rerun(scope="app")
+    running = active_sweeps()
+    st.info(f"The first sweep is running ({running[0].label}: {running[0].snapshot().summary()}). Its "
+            f"variants appear here as they finish." if running else
+            "No results yet. Run a sweep first: the Run page converts and measures every technique on a "
+            "model in one click, then come back here to compare them.", icon=":material/info:")
+
+
 filters = store_reads.list_filters(store)
 if filters.empty:
-    st.info("No results yet. Run a sweep first: the Run page converts and measures every technique on a "
-            "model in one click, then come back here to compare them.", icon=":material/info:")
+    if active_sweeps():
+        wait_for_first_results()
+    else:
+        st.info("No results yet. Run a sweep first: the Run page converts and measures every technique on "
+                "a model in one click, then come back here to compare them.", icon=":material/info:")
     page_link("pages/run.py", label="Open the Run page", icon=":material/play_circle:")
     st.stop()
 
@@ -179,7 +198,8 @@ size_figure = charts.accuracy_vs_size(frame, sweet_spot_row_id=spot.row_id, max_
 latency_figure = charts.accuracy_vs_latency(frame, sweet_spot_row_id=spot.row_id,
                                             latency_budget_ms=budget or None,
                                             max_accuracy_drop_points=drop, metric=quality.metric)
-left, right = st.columns(2)
+charts_row = st.container(key="stack_compare_charts")   # on a narrow window the two charts stack
+left, right = charts_row.columns(2)
 with left:
     size_click = st.plotly_chart(size_figure, key="compare_size_chart", on_select="rerun",
                                  selection_mode="points")

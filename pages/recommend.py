@@ -15,6 +15,7 @@ from quantlab.errors import QuantLabError
 from quantlab.techniques import unsupported_techniques
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
 from ui import store_reads
+from ui.layout import sideways_scroll
 from ui.share import share_controls, sync_view, update_view, write_view
 
 SHARED_FIELDS = ("model", "dataset", "accuracy_drop_pp", "hardware", "drop_ok", "representative_data",
@@ -122,8 +123,9 @@ advice = recommend.recommend(answers)
 
 st.markdown("**The decision tree**, your answers in red:")
 nodes, edges = recommend.tree_frames(advice)
-st.plotly_chart(charts.decision_tree_figure(nodes, edges), key="recommend_tree",
-                config={"displayModeBar": False})
+tree = charts.decision_tree_figure(nodes, edges)   # room for every leaf: a narrow window scrolls it
+sideways_scroll("recommend_tree_box", tree.layout.width).plotly_chart(
+    tree, key="recommend_tree", width="content", config={"displayModeBar": False})
 
 # --- what this model's measurements say -------------------------------------------------------------
 st.subheader("On your model")

@@ -215,17 +215,21 @@ def measurement_settings():
 
 def draw_sweep(snapshot):
     """One sweep: its status, a line per variant, and a table of the variants finished so far."""
-    with st.status(f"{snapshot.label}: {snapshot.summary()}", state=STATUS_STATES[snapshot.status],
-                   expanded=not snapshot.finished or bool(snapshot.failed) or snapshot.status == "failed"):
-        if snapshot.status == "queued":
-            st.info(snapshot.summary(), icon=":material/hourglass_top:")
-        elif snapshot.total:
-            st.progress(snapshot.fraction, text=f"{snapshot.done} of {snapshot.total} variants finished")
-        if snapshot.message:
-            st.caption(snapshot.message)
-        for variant in snapshot.variants:
-            st.markdown(f"{VARIANT_ICONS.get(variant.state, '')} **{variant.label}**: "
-                        f"{variant.message or variant.state}")
+    # Not `with st.status(...)`: leaving that block marks the box complete, a done check next to
+    # "running".
+    box = st.status(f"{snapshot.label}: {snapshot.summary()}", state=STATUS_STATES[snapshot.status],
+                    expanded=not snapshot.finished or bool(snapshot.failed) or snapshot.status == "failed")
+    if snapshot.status == "queued":
+        box.info(snapshot.summary(), icon=":material/hourglass_top:")
+    elif snapshot.preparing:  # nothing to count yet: the step and its seconds, not an empty bar
+        box.info(snapshot.progress_text(), icon=":material/hourglass_top:")
+    elif snapshot.total:
+        box.progress(snapshot.fraction, text=snapshot.progress_text())
+    if snapshot.message and not snapshot.preparing:
+        box.caption(snapshot.message)
+    for variant in snapshot.variants:
+        box.markdown(f"{VARIANT_ICONS.get(variant.state, '')} **{variant.label}**: "
+                     f"{variant.message or variant.state}")
     if snapshot.status == "failed":
         st.error(f"The sweep failed: {snapshot.error}", icon=":material/error:")
     if snapshot.rows:

@@ -11,9 +11,12 @@ import streamlit as st
 from quantlab import share, sweeps
 from quantlab.store import Store
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
+from ui import store_reads
+from ui.layout import narrow_window_layout
 from ui.share import current_view, url_params
 
 HERE = Path(__file__).parent
+SIDEBAR_POLL_SECONDS = 1.0
 
 # URL name -> (file, title, icon). A page whose file does not exist yet is left out.
 PAGES = {
@@ -38,7 +41,7 @@ def mark_interrupted_sweeps(db_path: str, read_only: bool) -> list[str]:
 
 
 mark_interrupted_sweeps(str(settings.db_path), settings.read_only)
-has_results = store.count() > 0
+has_results = store_reads.count(store) > 0
 
 params = url_params()
 
@@ -67,7 +70,21 @@ if current is not home and wanted in pages and pages[wanted] is not current \
     st.switch_page(pages[wanted], query_params={k: v for k, v in params.items() if k != "page"})
 st.session_state["opened_linked_page"] = True
 
+
+@st.fragment(run_every=SIDEBAR_POLL_SECONDS if sweeps.active_sweeps() else None)
+def store_and_sweeps() -> None:
+    """The store's row count and each running sweep's progress, redrawn every second while a sweep
+    runs (the page's own progress redraws itself; this keeps the sidebar in step with it)."""
+    st.caption(f"Results: `{settings.db_path}` ({store_reads.count(store)} rows)  \n"
+               f"Artifacts: `{settings.cache_dir}`")
+    for handle in sweeps.active_sweeps():
+        st.caption(f"Sweep {handle.label}: {handle.snapshot().summary()}")
+
+
 sidebar = st.sidebar.container()
+if current is not home:  # (the bare address only redirects: its run's elements are never seen)
+    with st.sidebar:
+        narrow_window_layout()   # narrow windows: the sidebar folds once, paired charts stack, labels wrap
 try:
     current.run()
 finally:
@@ -77,9 +94,6 @@ finally:
         view = current_view()
         st.markdown(f"**Model:** {view.model or DEFAULT_MODEL}  \n"
                     f"**Dataset:** {view.dataset or DEFAULT_DATASET}")
-        st.caption(f"Results: `{settings.db_path}` ({store.count()} rows)  \n"
-                   f"Artifacts: `{settings.cache_dir}`")
-        for handle in sweeps.active_sweeps():
-            st.caption(f"Sweep {handle.label}: {handle.snapshot().summary()}")
+        store_and_sweeps()
         for line in settings.mode_lines():
             st.caption(line)

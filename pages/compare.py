@@ -10,12 +10,15 @@ import streamlit as st
 from streamlit.errors import StreamlitPageNotFoundError
 
 from quantlab import analysis, charts
-from quantlab.ui_state import AppSettings, interrupted_note, sweep_statuses
+from quantlab.sweeps import active_sweeps
+from quantlab.ui_state import AppSettings, interrupted_note
+from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
 
 SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp",
                  "objective")
 DEFAULT_DROP_POINTS = 1.0
+WAIT_SECONDS = 2.0           # how often an empty Compare page looks for the first sweep's rows
 OBJECTIVE_LABELS = {"size": "Smallest", "latency": "Fastest", "accuracy": "Most accurate"}
 NO_LABELS_OBJECTIVE = "Closest to the float model"
 TABLE_COLUMNS = {
@@ -90,10 +93,27 @@ st.title("Compare variants")
 st.caption("Every variant of a model measured against its Keras baseline: how much smaller, how much "
            "faster, how many accuracy points it costs.")
 
-filters = analysis.list_filters(store)
-if filters.empty:
-    st.info("No results yet. Run a sweep first: the Run page converts and measures every technique on a "
+
+
+@st.fragment(run_every=WAIT_SECONDS)
+def wait_for_first_results() -> None:
+    """While the first sweep runs: say so, and draw the page once its first variant is stored."""
+    if not store_reads.list_filters(store).empty:
+        st.rerun(scope="app")
+    running = active_sweeps()
+    st.info(f"The first sweep is running ({running[0].label}: {running[0].snapshot().summary()}). Its "
+            f"variants appear here as they finish." if running else
+            "No results yet. Run a sweep first: the Run page converts and measures every technique on a "
             "model in one click, then come back here to compare them.", icon=":material/info:")
+
+
+filters = store_reads.list_filters(store)
+if filters.empty:
+    if active_sweeps():
+        wait_for_first_results()
+    else:
+        st.info("No results yet. Run a sweep first: the Run page converts and measures every technique on "
+                "a model in one click, then come back here to compare them.", icon=":material/info:")
     page_link("pages/run.py", label="Open the Run page", icon=":material/play_circle:")
     st.stop()
 
@@ -110,7 +130,7 @@ with st.container(horizontal=True):
                            format_func=lambda p: "Any plan or none" if p is None else p,
                            help="The sweeps of one `python -m quantlab plan` file") if filters.plans else None
     sweeps = filters.sweeps_for(model, dataset)
-    statuses = sweep_statuses(store)
+    statuses = store_reads.sweep_statuses(store)
     sweep_labels = {row.sweep_id: analysis.sweep_label({**row._asdict(), "status": statuses.get(row.sweep_id)})
                     for row in sweeps.itertuples()}
     sweep_options = [None, *sweep_labels]
@@ -122,11 +142,11 @@ with st.container(horizontal=True):
 # The sweep shown (or the newest of this workload) ended when its process stopped: say so.
 shown_sweep = sweep_id or (sweeps["sweep_id"].iloc[0] if not sweeps.empty else None)
 if shown_sweep and statuses.get(shown_sweep) == "interrupted":
-    stored = store.sweeps()
+    stored = store_reads.sweeps(store)
     st.warning(interrupted_note(stored[stored["sweep_id"] == shown_sweep].iloc[0].to_dict()),
                icon=":material/warning:")
 
-quality = analysis.QUALITY[analysis.workload_quality(store, model, dataset)]
+quality = analysis.QUALITY[store_reads.workload_quality(store, model, dataset)]
 no_labels = quality.metric == "agreement"
 if no_labels:
     st.caption(f"**{model}** on **{dataset}**: {analysis.NO_LABELS_NOTE}.")
@@ -152,7 +172,7 @@ view = update_view(model=model, dataset=dataset, sweep=sweep_id, latency_budget_
                    accuracy_drop_pp=drop, latest_only=False if every_row else None, objective=objective)
 write_view(view, SHARED_FIELDS)
 
-everything = analysis.compare_frame(store, model=model, dataset=dataset, sweep_id=sweep_id,
+everything = store_reads.compare_frame(store, model=model, dataset=dataset, sweep_id=sweep_id,
                                     latest_only=not every_row, include_errors=True, plan_id=plan_id)
 frame = everything[everything["error"].isna()]
 failed = everything[everything["error"].notna()]
@@ -178,7 +198,8 @@ size_figure = charts.accuracy_vs_size(frame, sweet_spot_row_id=spot.row_id, max_
 latency_figure = charts.accuracy_vs_latency(frame, sweet_spot_row_id=spot.row_id,
                                             latency_budget_ms=budget or None,
                                             max_accuracy_drop_points=drop, metric=quality.metric)
-left, right = st.columns(2)
+charts_row = st.container(key="stack_compare_charts")   # on a narrow window the two charts stack
+left, right = charts_row.columns(2)
 with left:
     size_click = st.plotly_chart(size_figure, key="compare_size_chart", on_select="rerun",
                                  selection_mode="points")
@@ -205,7 +226,7 @@ if clicked:
 st.subheader("Against the baseline")
 table = analysis.table_frame(frame, quality.metric)
 picked = st.dataframe(table, key="compare_table", on_select="rerun", selection_mode="single-row",
-                      hide_index=True, column_config=NO_LABELS_COLUMNS if no_labels else TABLE_COLUMNS,
+                      hide_index=True, placeholder=analysis.MISSING, column_config=NO_LABELS_COLUMNS if no_labels else TABLE_COLUMNS,
                       width="stretch")
 st.caption("Sort by any column header; select a row to open its details.")
 if picked and picked.selection.rows:
@@ -214,7 +235,7 @@ if picked and picked.selection.rows:
 if not failed.empty:
     with st.expander(f"{len(failed)} variant(s) failed in this selection"):
         st.dataframe(failed[["technique", "variant", "error", "recorded_at", "row_id"]], hide_index=True,
-                     key="compare_failed")
+                     key="compare_failed", placeholder=analysis.MISSING)
 
 # --- two models side by side ----------------------------------------------------------------------
 st.subheader("Two models side by side")
@@ -227,7 +248,7 @@ else:
         other_datasets = filters.datasets_for(other_model)
         other_dataset = st.selectbox("on dataset", other_datasets, key="compare_other_dataset",
                                      index=other_datasets.index(dataset) if dataset in other_datasets else 0)
-    other_frame = analysis.compare_frame(store, model=other_model, dataset=other_dataset)
+    other_frame = store_reads.compare_frame(store, model=other_model, dataset=other_dataset)
     name_a, name_b = f"{model} on {dataset}", f"{other_model} on {other_dataset}"
     shown = st.radio("Show", ["Relative to each baseline", "Accuracy vs size"], horizontal=True,
                      key="compare_two_models_view", label_visibility="collapsed")

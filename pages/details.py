@@ -8,13 +8,14 @@ from quantlab.charts import quantizer_validation_figure
 from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
 from quantlab.analysis import NO_LABELS_NOTE
-from quantlab.ui_state import (AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
+from quantlab.ui_state import (MISSING, AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
                                extra_details, float_ops_summary, format_bytes, has_no_labels,
                                interval_text, is_fine_tuned, latency_histogram, latency_sample_note,
                                latency_shape, latency_summary, number_text, ops_table, provenance_table,
                                quantizer_report, reference_lines, row_frame, row_label, tensor_table,
                                uncertainty_lines,
                                weight_granularity_summary)
+from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
 
 RECENT_ROWS = 200
@@ -26,10 +27,10 @@ view = sync_view("details")
 
 def choose_row():
     """The row named in the link, or one of the recent rows."""
-    recent = store.results(limit=RECENT_ROWS)
+    recent = store_reads.recent_results(store, RECENT_ROWS)
     labels = {r["row_id"]: row_label(r) for r in recent.to_dict(orient="records")} if not recent.empty else {}
     if view.row and view.row not in labels:
-        linked = store.row(view.row)
+        linked = store_reads.row(store, view.row)
         if linked is None:
             st.warning(f"No stored result has the id {view.row}; pick one below.", icon=":material/search_off:")
         else:
@@ -87,14 +88,14 @@ def tensors_and_ops(row):
     else:
         st.caption("Integer inputs must be quantized with q = round(x / scale) + zero point; integer outputs "
                    "dequantized with x = (q - zero point) * scale.")
-        st.dataframe(tensors, hide_index=True)
+        st.dataframe(tensors, hide_index=True, placeholder=MISSING)
     st.markdown("#### Ops")
     ops = ops_table(row["details"])
     st.caption(float_ops_summary(row, ops))
     if weights := weight_granularity_summary(row["details"]):
         st.caption(weights)
     if not ops.empty:
-        st.dataframe(ops, hide_index=True)
+        st.dataframe(ops, hide_index=True, placeholder=MISSING)
 
 
 def latency(row):
@@ -174,7 +175,7 @@ st.caption("Everything stored about one converted model: its tensors and ops, si
            "and the versions and hashes that produced it.")
 
 row_id = choose_row()
-record = store.row(row_id) if row_id else None
+record = store_reads.row(store, row_id) if row_id else None
 if record is None:
     st.info("No results are stored yet: run a sweep first.", icon=":material/info:")
     if (Path(__file__).parent / "run.py").exists():

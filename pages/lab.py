@@ -211,9 +211,11 @@ def tensor_view() -> None:
         st.warning(str(exc))
         return
     channel = 0
+    noun, nouns = lab.axis_words(info)   # an input image without a channel axis has image columns there
     col_channel, col_log = st.columns([2, 1])
     if config.per_channel and info.channels > 1:
-        channel = int(col_channel.number_input(f"Channel shown (of {info.channels}, axis {info.channel_axis})",
+        channel = int(col_channel.number_input(f"{noun.capitalize()} shown (of {info.channels} {nouns}, "
+                                               f"axis {info.channel_axis})",
                                                min_value=0, max_value=info.channels - 1,
                                                value=min(view.channel or 0, info.channels - 1), step=1,
                                                key="lab_channel"))
@@ -221,12 +223,16 @@ def tensor_view() -> None:
     update_view(source=source, layer=name, channel=channel if config.per_channel and info.channels > 1 else None,
                 log_scale=log_scale or None)
     analysis = tensor_analysis(str(path), stamp, name, config.to_dict(), channel)
-    title = f"{name}" + (f", channel {analysis.channel}" if config.per_channel else "")
+    title = f"{name}" + (f", {noun} {analysis.channel}" if config.per_channel else "")
     st.plotly_chart(lab.histogram_figure(analysis, log_scale, title), key="lab_histogram")
     for note in notes + list(analysis.notes):
         st.caption(note)
     st.markdown("**Every calibrator at these settings** (error over the whole tensor; SQNR: signal to "
                 "quantization noise)")
+    if config.per_channel and info.channels > 1:
+        st.caption(f"Per {noun}, each linear calibrator has one range per {noun}: low and high here span all "
+                   f"{info.channels} (the lowest low, the highest high); the histogram's lines are "
+                   f"{noun} {analysis.channel}'s. k-means is per tensor: one set of levels for every {noun}.")
     st.dataframe(analysis.table(), hide_index=True, key="lab_calibrator_table",
                  column_config={"low": st.column_config.NumberColumn(format="%.4g"),
                                 "high": st.column_config.NumberColumn(format="%.4g"),
@@ -361,6 +367,7 @@ def sensitivity_view() -> None:
     st.caption(f"Red: the {keep_float} most sensitive layer(s), which int8-selective(keep_float={keep_float}) "
                f"keeps in float. Measured on {result.get('calibration_samples')} calibration samples.")
     st.dataframe(frame.sort_values("rank", na_position="last"), hide_index=True, key="lab_sensitivity_table",
+                 placeholder=lab.MISSING,
                  column_config={"rmse/scale": st.column_config.NumberColumn(format="%.3f"),
                                 "scale": st.column_config.NumberColumn(format="%.3g")})
     reason = ("" if CONTEXT.can_run else "This dashboard is read-only.") or \

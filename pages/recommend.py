@@ -14,6 +14,8 @@ from quantlab import analysis, charts, recommend, sweeps
 from quantlab.errors import QuantLabError
 from quantlab.techniques import unsupported_techniques
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
+from ui import store_reads
+from ui.layout import sideways_scroll
 from ui.share import share_controls, sync_view, update_view, write_view
 
 SHARED_FIELDS = ("model", "dataset", "accuracy_drop_pp", "hardware", "drop_ok", "representative_data",
@@ -121,12 +123,13 @@ advice = recommend.recommend(answers)
 
 st.markdown("**The decision tree**, your answers in red:")
 nodes, edges = recommend.tree_frames(advice)
-st.plotly_chart(charts.decision_tree_figure(nodes, edges), key="recommend_tree",
-                config={"displayModeBar": False})
+tree = charts.decision_tree_figure(nodes, edges)   # room for every leaf: a narrow window scrolls it
+sideways_scroll("recommend_tree_box", tree.layout.width).plotly_chart(
+    tree, key="recommend_tree", width="content", config={"displayModeBar": False})
 
 # --- what this model's measurements say -------------------------------------------------------------
 st.subheader("On your model")
-filters = analysis.list_filters(store)
+filters = store_reads.list_filters(store)
 models = filters.models or [view.model or DEFAULT_MODEL]
 with st.container(horizontal=True):
     model = st.selectbox("Model", models, key="recommend_model",
@@ -141,7 +144,7 @@ view = update_view(model=model, dataset=dataset, accuracy_drop_pp=max_drop, hard
                    uint8_io=uint8_io if uint8_free else None)
 write_view(view, SHARED_FIELDS)
 
-frame = analysis.compare_frame(store, model=model, dataset=dataset)
+frame = store_reads.compare_frame(store, model=model, dataset=dataset)
 pick = recommend.measured_pick(advice, frame)
 backing = recommend.back_with_measurements(advice, frame)
 

@@ -8,7 +8,7 @@ from quantlab.errors import QuantLabError
 from quantlab.sweeps import active_sweeps, get_sweep, running_twin, start_sweep
 from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
-from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSettings, blame_upload,
+from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
                                estimate_sweep,
                                NO_LABELS_UPLOAD, dataset_facts, file_stamp, keras3_note, make_sweep_spec,
@@ -17,6 +17,7 @@ from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, NO_LABELS, AppSet
                                stored_sweeps_table, technique_groups, technique_tags,
                                unavailable_techniques, upload_refusals)
 from quantlab.workloads import BUILTIN_DATASETS, BUILTIN_MODELS
+from ui import store_reads
 from ui.share import sync_view, update_view, url_params, write_view
 
 POLL_SECONDS = 1.0
@@ -214,22 +215,26 @@ def measurement_settings():
 
 def draw_sweep(snapshot):
     """One sweep: its status, a line per variant, and a table of the variants finished so far."""
-    with st.status(f"{snapshot.label}: {snapshot.summary()}", state=STATUS_STATES[snapshot.status],
-                   expanded=not snapshot.finished or bool(snapshot.failed) or snapshot.status == "failed"):
-        if snapshot.status == "queued":
-            st.info(snapshot.summary(), icon=":material/hourglass_top:")
-        elif snapshot.total:
-            st.progress(snapshot.fraction, text=f"{snapshot.done} of {snapshot.total} variants finished")
-        if snapshot.message:
-            st.caption(snapshot.message)
-        for variant in snapshot.variants:
-            st.markdown(f"{VARIANT_ICONS.get(variant.state, '')} **{variant.label}**: "
-                        f"{variant.message or variant.state}")
+    # Not `with st.status(...)`: leaving that block marks the box complete, a done check next to
+    # "running".
+    box = st.status(f"{snapshot.label}: {snapshot.summary()}", state=STATUS_STATES[snapshot.status],
+                    expanded=not snapshot.finished or bool(snapshot.failed) or snapshot.status == "failed")
+    if snapshot.status == "queued":
+        box.info(snapshot.summary(), icon=":material/hourglass_top:")
+    elif snapshot.preparing:  # nothing to count yet: the step and its seconds, not an empty bar
+        box.info(snapshot.progress_text(), icon=":material/hourglass_top:")
+    elif snapshot.total:
+        box.progress(snapshot.fraction, text=snapshot.progress_text())
+    if snapshot.message and not snapshot.preparing:
+        box.caption(snapshot.message)
+    for variant in snapshot.variants:
+        box.markdown(f"{VARIANT_ICONS.get(variant.state, '')} **{variant.label}**: "
+                     f"{variant.message or variant.state}")
     if snapshot.status == "failed":
         st.error(f"The sweep failed: {snapshot.error}", icon=":material/error:")
     if snapshot.rows:
         table = results_table(snapshot.rows, details_link="details?row=")
-        st.dataframe(table, hide_index=True, column_config={
+        st.dataframe(table, hide_index=True, placeholder=MISSING, column_config={
             "accuracy": st.column_config.TextColumn() if (table["accuracy"] == NO_LABELS).any()
             else st.column_config.NumberColumn(format="%.4f"),
             "agreement": st.column_config.NumberColumn(format="%.4f"),
@@ -300,11 +305,11 @@ mine = get_sweep(st.session_state.get(HANDLE))
 if mine is not None:
     note_upload_failure(mine)
 
-recent_sweeps = store.sweeps(limit=RECENT_SWEEPS)
+recent_sweeps = store_reads.sweeps(store, RECENT_SWEEPS)
 for line in interrupted_notes(recent_sweeps):
     st.warning(line, icon=":material/warning:")
 
-if store.count() == 0 and not active_sweeps():
+if store_reads.count(store) == 0 and not active_sweeps():
     st.info(f"No results yet. The default sweep is ready: **{DEFAULT_MODEL}** on **{DEFAULT_DATASET}** "
             f"with every post-training technique. Press **Run sweep** under the model and dataset.",
             icon=":material/rocket_launch:")
@@ -395,6 +400,7 @@ for handle in others:
 
 if not recent_sweeps.empty:
     with st.expander(f"Stored sweeps (the newest {len(recent_sweeps)})", icon=":material/history:"):
-        st.dataframe(stored_sweeps_table(recent_sweeps), hide_index=True, key="run_stored_sweeps")
+        st.dataframe(stored_sweeps_table(recent_sweeps), hide_index=True, key="run_stored_sweeps",
+                     placeholder=MISSING)
 
 write_view(view, ("model", "dataset", "techniques"))

@@ -116,7 +116,10 @@ class QuantResult:
 
 @dataclass(frozen=True)
 class CalibratorRow:
-    """One row of the Lab page's calibrator comparison (ranges are the first channel's)."""
+    """One row of the Lab page's calibrator comparison. Its range, like its error figures, is the
+    whole tensor's: per channel, from the lowest channel's low to the highest channel's high (not
+    the first channel's, which made a per-tensor k-means range look wider than the max
+    calibrator's)."""
 
     method: str
     calibrator: str
@@ -518,8 +521,8 @@ def summarize_run(array: np.ndarray, config: QuantConfig) -> CalibratorRow:
         method=config.method,
         calibrator="kmeans" if config.method == "kmeans" else config.calibrator,
         per_channel=config.per_channel,
-        low=float(result.low[0]),
-        high=float(result.high[0]),
+        low=float(np.min(result.low)),
+        high=float(np.max(result.high)),
         mse=result.errors.mse,
         sqnr_db=result.errors.sqnr_db,
         clipped_share=result.errors.clipped_share,

@@ -521,6 +521,9 @@ def side_by_side_tradeoff(frame_a: pd.DataFrame, frame_b: pd.DataFrame, name_a: 
 # --- the decision tree ---------------------------------------------------------------------------
 
 
+TREE_PX_PER_STEP = 105      # horizontal room per tree step: a box of 14-character lines at 11 px fits
+
+
 def decision_tree_figure(nodes: pd.DataFrame, edges: pd.DataFrame) -> go.Figure:
     """The tree from recommend.tree_frames: questions as boxes, leaves as techniques, the
     answered path (nodes and edges flagged `on_path`) drawn in red, the chosen leaf filled."""
@@ -551,10 +554,12 @@ def decision_tree_figure(nodes: pd.DataFrame, edges: pd.DataFrame) -> go.Figure:
         hovertext=nodes["text"] + np.where(nodes["technique"].notna(),
                                            "<br>technique: " + nodes["technique"].fillna(""), ""),
         hovertemplate=HOVER_TEMPLATE))
+    span = float(nodes["x"].max() - nodes["x"].min()) + 1.4
     fig.update_xaxes(visible=False, range=[nodes["x"].min() - 0.7, nodes["x"].max() + 0.7])
     fig.update_yaxes(visible=False, range=[nodes["y"].min() - 0.6, nodes["y"].max() + 0.5])
-    fig.update_layout(height=560, margin=dict(l=5, r=5, t=10, b=5), plot_bgcolor="white",
-                      dragmode=False)
+    # A fixed width with room for every box: leaves one step apart never overlap, whatever the window.
+    fig.update_layout(height=560, width=round(span * TREE_PX_PER_STEP) + 10,
+                      margin=dict(l=5, r=5, t=10, b=5), plot_bgcolor="white", dragmode=False)
     return fig
 
 

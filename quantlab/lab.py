@@ -38,6 +38,7 @@ from .calibrate import (
     weight_bytes,
 )
 from .config import SweepSpec, TechniqueSpec
+from .analysis import MISSING  # noqa: F401  (the placeholder of a missing value, for the pages)
 from .errors import QuantLabError
 from .lab_files import (  # noqa: F401  (the Lab's files and request, re-exported for the pages)
     EVALUATION_VERSION,
@@ -201,6 +202,27 @@ def make_config(bits: int, symmetric: bool, per_channel: bool, calibrator: str, 
                        calibrator=calibrator, percentile=percentile, method=method), notes
 
 
+INPUT_CLASSES = ("Input", "InputLayer")
+
+
+def axis_words(info: TensorInfo) -> tuple[str, str]:
+    """What one position of `info`'s channel axis is, singular and plural, by the tensor's layout:
+    a kernel's output channels; an activation's last axis, which is a channel only for
+    (samples, height, width, channels). A 2-D image fed without a channel axis, (samples, height,
+    width), has image columns there; a Dense layer's output, units; other (samples, n) or
+    (samples, steps, n) tensors, features."""
+    if info.kind == "weight":
+        return "output channel", "output channels"
+    rank, layer_class = len(info.shape), info.layer_class
+    if rank == 4:
+        return "channel", "channels"
+    if rank == 3 and layer_class in INPUT_CLASSES:
+        return "image column", "image columns"
+    if rank == 2 and layer_class == "Dense":
+        return "unit", "units"
+    return "feature", "features"
+
+
 def channel_rows(values: np.ndarray, axis: int) -> np.ndarray:
     """The tensor as (channels, values per channel)."""
     moved = np.moveaxis(np.asarray(values), axis, 0)
@@ -257,8 +279,12 @@ def run_calibrator(sample: np.ndarray, config: QuantConfig) -> CalibratorRun:
     result = fake_quantize(sample, config)
     seconds = time.perf_counter() - started
     kmeans = config.method == "kmeans"
+    # The row's range is the whole tensor's, as its error figures are: per channel, from the lowest
+    # channel's low to the highest channel's high (channel 0's alone made a per-tensor k-means range
+    # look wider than the max calibrator's).
     row = CalibratorRow(method=config.method, calibrator="kmeans" if kmeans else config.calibrator,
-                        per_channel=config.per_channel, low=float(result.low[0]), high=float(result.high[0]),
+                        per_channel=config.per_channel, low=float(np.min(result.low)),
+                        high=float(np.max(result.high)),
                         mse=result.errors.mse, sqnr_db=result.errors.sqnr_db,
                         clipped_share=result.errors.clipped_share, seconds=seconds)
     return CalibratorRun(row, np.asarray(result.low), np.asarray(result.high),

@@ -59,11 +59,14 @@ def conversion_details(context: BuildContext, mode: str, notes: list[str]) -> di
     return details
 
 
-def _ptq(mode: str) -> Callable[[BuildContext, dict], Produced]:
+def _ptq(mode: str, weights_param: bool = False) -> Callable[[BuildContext, dict], Produced]:
+    """A converter mode as a technique; only the int8 modes that declare the `weights` parameter
+    record it (float16 has no per-channel or per-tensor integer scales to speak of)."""
     def produce(context: BuildContext, params: dict) -> Produced:
         weights = params.get("weights", "per-channel")
         tflite, notes = convert_model(context, None, mode, weights=weights)
-        return Produced(tflite=tflite, details={"conversion": mode, "weights": weights,
+        return Produced(tflite=tflite, details={"conversion": mode,
+                                                **({"weights": weights} if weights_param else {}),
                                                 **conversion_details(context, mode, notes)})
     return produce
 
@@ -102,13 +105,13 @@ TECHNIQUES: list[Technique] = [
               "float16 weights (~2x smaller); GPU delegates run them natively", _ptq("float16")),
     Technique("int8-fallback", "ptq", "Full integer, float fallback",
               "int8 weights and activations from calibration data; float input/output, float ops "
-              "where no int8 kernel exists", _ptq("int8-fallback"), params=(WEIGHTS_PARAM,), needs_calibration=True),
+              "where no int8 kernel exists", _ptq("int8-fallback", weights_param=True), params=(WEIGHTS_PARAM,), needs_calibration=True),
     Technique("int8-only", "ptq", "Integer only (int8 I/O)",
               "every op int8, int8 input/output: for Edge TPU and microcontrollers",
-              _ptq("int8-only"), params=(WEIGHTS_PARAM,), needs_calibration=True, integer_only=True),
+              _ptq("int8-only", weights_param=True), params=(WEIGHTS_PARAM,), needs_calibration=True, integer_only=True),
     Technique("uint8-only", "ptq", "Integer only (uint8 I/O)",
               "every op int8, uint8 input/output: for older accelerators that expect uint8",
-              _ptq("uint8-only"), params=(WEIGHTS_PARAM,), needs_calibration=True, integer_only=True),
+              _ptq("uint8-only", weights_param=True), params=(WEIGHTS_PARAM,), needs_calibration=True, integer_only=True),
     Technique("int16x8", "ptq", "16x8 (int16 activations)",
               "int16 activations, int8 weights: better accuracy than int8, reference kernels (slow)",
               _ptq("int16x8"), needs_calibration=True, integer_only=True),

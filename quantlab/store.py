@@ -271,6 +271,19 @@ class Store:
     def exists(self) -> bool:
         return Path(self.path).exists()
 
+    def stamp(self) -> tuple:
+        """What changes whenever the file's content may have: its path, and the modification time
+        (ns) and size of the file and of its write-ahead log (absent: zeros). Readers that cache
+        what they read key it on this (the dashboard's ui/store_reads.py)."""
+        parts: list[Any] = [str(Path(self.path).resolve())]
+        for path in (Path(self.path), Path(f"{self.path}.wal")):
+            try:
+                info = path.stat()
+                parts += [info.st_mtime_ns, info.st_size]
+            except OSError:
+                parts += [0, 0]
+        return tuple(parts)
+
     def migrate(self) -> list[int]:
         """Apply the migrations not yet recorded; returns the versions applied."""
         if self.read_only:

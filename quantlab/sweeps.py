@@ -36,6 +36,8 @@ MAX_EVENTS = 5000            # per sweep; progress events beyond this are droppe
 KEEP_FINISHED = 20           # finished handles remembered per process
 DEFAULT_MAX_CONCURRENT = 1
 
+PREPARING = "preparing the dataset and the baseline model"   # runner's "prepare" event says so too
+
 # What a variant is doing, as shown next to it.
 VARIANT_STATES = ("waiting", "running", "done", "cached", "failed", "skipped")
 
@@ -81,10 +83,32 @@ class SweepSnapshot:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    prepare_started_at: float | None = None   # the first "prepare" event (dataset, baseline model)
+    prepared_at: float | None = None          # "sweep-start": preparation over, variants begin
 
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+    @property
+    def preparing(self) -> bool:
+        """Running, and still preparing the dataset and the baseline model (no variant can finish yet)."""
+        return self.status == "running" and self.prepare_started_at is not None and self.prepared_at is None
+
+    @property
+    def preparing_seconds(self) -> float:
+        if self.prepare_started_at is None:
+            return 0.0
+        return (self.prepared_at or self.finished_at or time.time()) - self.prepare_started_at
+
+    def progress_text(self) -> str:
+        """The line under (or instead of) the progress bar: the preparation step and its seconds so
+        far while there is nothing to count yet, then how many variants finished."""
+        if self.preparing:
+            step = PREPARING + (f" ({self.message})" if self.message and self.message != PREPARING else "")
+            return (f"{step[:1].upper()}{step[1:]}: {self.preparing_seconds:.0f} s so far "
+                    f"(then {self.total} variant{'s' if self.total != 1 else ''})")
+        return f"{self.done} of {self.total} variants finished"
 
     @property
     def fraction(self) -> float:
@@ -109,7 +133,9 @@ class SweepSnapshot:
         if self.failed:
             extras.append(f"{self.failed} failed")
         tail = f" ({', '.join(extras)})" if extras else ""
-        if self.status == "running":  # the message is the preparation step, before any variant
+        if self.preparing:
+            return f"running: {self.progress_text()[:1].lower()}{self.progress_text()[1:]}"
+        if self.status == "running":
             return f"running: {counts}{tail}" + (f"; {self.message}" if self.message else "")
         if self.status == "cancelled":
             return f"cancelled after {counts}{tail}"
@@ -142,6 +168,8 @@ class SweepHandle:
         self.created_at = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
+        self.prepare_started_at: float | None = None
+        self.prepared_at: float | None = None
         self.queue_position: int | None = None
         self.variants = [VariantProgress(t.id, dict(t.params), variant_label(t.id, t.params)) for t in spec.techniques]
 
@@ -167,7 +195,8 @@ class SweepHandle:
                 failed=sum(1 for r in rows if r.get("error")),
                 cached=sum(1 for r in rows if r.get("cached") and not r.get("error")),
                 queue_position=self.queue_position, variants=variants, rows=rows,
-                created_at=self.created_at, started_at=self.started_at, finished_at=self.finished_at)
+                created_at=self.created_at, started_at=self.started_at, finished_at=self.finished_at,
+                prepare_started_at=self.prepare_started_at, prepared_at=self.prepared_at)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the sweep has finished (or `timeout` seconds); True if it has."""
@@ -205,7 +234,9 @@ class SweepHandle:
         kind = event.get("type")
         if kind == "prepare":
             self.message = str(event.get("message", ""))
+            self.prepare_started_at = self.prepare_started_at or time.time()
         elif kind == "sweep-start":
+            self.prepared_at = time.time()
             self.sweep_id = event.get("sweep_id")
             self.total = int(event.get("total", self.total))
             self.message = ""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .analysis import NO_LABELS, quality_metric
+from .analysis import MISSING, NO_LABELS, quality_metric
 from .cache import DEFAULT_CACHE_DIR, ArtifactCache
 from .config import MeasureSettings, SweepSpec, TechniqueSpec, TrainSettings
 from .errors import QuantLabError
@@ -753,7 +753,7 @@ def provenance_table(row: Mapping[str, Any]) -> Any:
 
 
 STANDARD_DETAIL_KEYS = ("inspection", "latency_samples_ms", "split_sizes", "conversion", "keras_layers",
-                        "labels", "label_note", "predictions")
+                        "labels", "label_note", "predictions", "latency_others_cpu_share")
 QUANTIZER_DETAIL_KEYS = ("recipe", "recipe_notes", "quantizer_version", "op_coverage", "tensor_types",
                          "validation", "calibrated", "ranges", "float32_bytes", "warning")
 
@@ -800,9 +800,16 @@ def quantizer_report(row: Mapping[str, Any]) -> QuantizerReport | None:
 
 
 def extra_details(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Details beyond the standard ones: what a technique recorded about itself (e.g. fine-tuning)."""
+    """Details beyond the standard ones: what a technique recorded about itself (e.g. fine-tuning).
+    A parameter its technique does not declare is left out (rows stored before float16 stopped
+    recording `weights` carry a "per-channel" that float16 does not have)."""
     details = _as_dict(row.get("details"))
-    return {k: v for k, v in details.items() if k not in STANDARD_DETAIL_KEYS + QUANTIZER_DETAIL_KEYS}
+    extra = {k: v for k, v in details.items() if k not in STANDARD_DETAIL_KEYS + QUANTIZER_DETAIL_KEYS}
+    try:
+        declared = {p.name for p in get_technique(str(row.get("technique"))).params}
+    except QuantLabError:
+        return extra
+    return {k: v for k, v in extra.items() if not (k == "weights" and k not in declared)}
 
 
 def row_frame(store: Store, row_id: str) -> Any:

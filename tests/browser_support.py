@@ -33,6 +33,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
 STARTUP_SECONDS = 90
 IDLE_SECONDS = 60
 VIEWPORT = {"width": 1400, "height": 1000}
+NARROW_VIEWPORT = {"width": 800, "height": 1000}
 # What Streamlit draws for an uncaught exception or an st.error, and words no page should show.
 ERROR_SELECTORS = ('[data-testid="stException"]', '[data-testid="stAlertContentError"]')
 LOCK_WORDS = re.compile(r"\block\b|conflicting|already open|could not set lock", re.IGNORECASE)
@@ -175,9 +176,9 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
-def new_page(browser: Any, downloads: bool = False) -> Any:
+def new_page(browser: Any, downloads: bool = False, viewport: dict | None = None) -> Any:
     """A page in a fresh context (its own cookies and storage: a second user)."""
-    context = browser.new_context(viewport=VIEWPORT, accept_downloads=downloads)
+    context = browser.new_context(viewport=viewport or VIEWPORT, accept_downloads=downloads)
     context.set_default_timeout(30_000)
     return context.new_page()
 
@@ -285,17 +286,33 @@ def assert_no_errors(page: Any, where: str) -> None:
     assert not errors, f"{where}: the page shows errors: {errors}"
 
 
-def screenshot(page: Any, folder: Path, name: str, max_height: int = 6000) -> Path:
-    """The whole page: Streamlit scrolls an inner container, so the viewport is made as tall as it."""
+def screenshot(page: Any, folder: Path, name: str, max_height: int = 6000, narrow: bool = True) -> Path:
+    """The whole page at 1400 px (`name`.png) and, unless `narrow` is false, the same address opened
+    in a fresh 800 px wide tab (`name`-800px.png: a narrow window's first visit, its sidebar folded).
+    Streamlit scrolls an inner container, so the viewport is made as tall as it."""
     path = folder / f"{name}.png"
+    _whole_page(page, path, VIEWPORT["width"], max_height)
+    if narrow:
+        context = page.context.browser.new_context(viewport=NARROW_VIEWPORT)
+        try:
+            other = context.new_page()
+            other.goto(page.url, wait_until="domcontentloaded")
+            wait_idle(other)
+            _whole_page(other, folder / f"{name}-{NARROW_VIEWPORT['width']}px.png", NARROW_VIEWPORT["width"],
+                        max_height)
+        finally:
+            context.close()
+    return path
+
+
+def _whole_page(page: Any, path: Path, width: int, max_height: int) -> None:
     height = page.evaluate("""() => Math.max(document.body.scrollHeight, ...Array.from(
         document.querySelectorAll('[data-testid="stMain"], [data-testid="stAppViewContainer"]'),
         e => e.scrollHeight))""")
-    page.set_viewport_size({"width": VIEWPORT["width"], "height": min(max(height, VIEWPORT["height"]), max_height)})
+    page.set_viewport_size({"width": width, "height": min(max(height, VIEWPORT["height"]), max_height)})
     page.wait_for_timeout(500)
     page.screenshot(path=str(path), full_page=True)
-    page.set_viewport_size(VIEWPORT)
-    return path
+    page.set_viewport_size({"width": width, "height": VIEWPORT["height"]})
 
 
 def wait_for_text(page: Any, pattern: str | re.Pattern, timeout: float = IDLE_SECONDS) -> None:
@@ -345,13 +362,39 @@ def start_sweep_in_browser(page: Any, *, dataset: str, techniques: tuple[str, ..
 
 def sweep_labels(page: Any) -> list[str]:
     """The status lines of the sweeps the Run page shows, e.g. "seed-cnn on digits: done: 4 of 4 ..."."""
-    labels = [" ".join(text.split()[1:]) if text.split() else text  # drop the status icon's name
-              for text in page.locator('[data-testid="stExpander"] summary').all_inner_texts()]
+    labels = []
+    for text in page.locator('[data-testid="stExpander"] summary').all_inner_texts():
+        words = text.split()
+        if words and words[0] in STATUS_ICON_WORDS:   # a done or failed box's icon (running: a spinner)
+            words = words[1:]
+        labels.append(" ".join(words))
     return [text for text in labels if SWEEP_LINE.search(text)]
+
+
+STATUS_ICON_WORDS = ("check", "error")
 
 
 SWEEP_LINE = re.compile(r" on \S+: (queued|running|done|failed|cancelled)\b")
 FINISHED_LINE = re.compile(r" on \S+: (done|failed|cancelled)\b")
+
+
+def watch_sweep(page: Any, timeout: float = 240) -> tuple[str, list[dict[str, str]]]:
+    """Wait for this session's sweep like wait_for_sweep, noting twice a second what the page's first
+    status box (its icon's name included) and the sidebar said; returns the final line and the notes."""
+    notes = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        boxes = page.locator('[data-testid="stExpander"] summary').all_inner_texts()
+        sidebar = page.locator('[data-testid="stSidebar"]').inner_text()
+        box = next((" ".join(b.split()) for b in boxes if SWEEP_LINE.search(b)), "")
+        notes.append({"box": box, "sidebar": " ".join(sidebar.split()),
+                      "main": " ".join(page.locator('[data-testid="stMain"]').inner_text().split())})
+        if FINISHED_LINE.search(box):
+            wait_idle(page)
+            return sweep_labels(page)[0], notes
+        time.sleep(0.5)
+    raise AssertionError(f"the sweep did not finish within {timeout:.0f} s; the page shows: "
+                         f"{page.locator('[data-testid=stMain]').inner_text()[:2000]}")
 
 
 def wait_for_sweep(page: Any, timeout: float = 240) -> str:

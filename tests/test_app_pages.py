@@ -5,6 +5,7 @@ holds hand-made rows, and where a sweep must run, a stand-in `run_sweep` plays i
 """
 
 import io
+import re
 import threading
 from pathlib import Path
 
@@ -249,6 +250,59 @@ def test_a_running_sweep_shows_each_variant_and_survives_a_page_switch(env, monk
     assert "done: 2 of 2 variants" in " ".join(s.label for s in at.status)
 
 
+def test_progress_says_running_everywhere_while_it_runs_and_counts_seconds_while_preparing(env, monkeypatch):
+    prepared, release = threading.Event(), threading.Event()
+
+    def play(spec, *, store, cache, on_event, options, cancel):
+        row = {"row_id": "c" * 32, "technique": "float32", "params": {}, "cached": False, "error": None,
+               "model_bytes": 1000, "accuracy": 0.9, "model_name": "seed-cnn", "dataset_name": "digits-28"}
+        on_event({"type": "prepare", "message": sweeps.PREPARING})
+        on_event({"type": "progress", "technique": None, "stage": "train", "epoch": 1, "epochs": 8})
+        prepared.wait(20)
+        on_event({"type": "sweep-start", "sweep_id": "s2", "total": 1})
+        on_event({"type": "variant-done", "technique": "float32", "cached": False, "row": row, "done": 1,
+                  "total": 1})
+        release.wait(20)
+        return SweepReport("s2", [row])
+
+    monkeypatch.setattr(sweeps, "run_sweep", play)
+    at = run_app()
+    for checkbox in at.checkbox:
+        if checkbox.key and checkbox.key.startswith("run_technique_") and not checkbox.disabled:
+            checkbox.set_value(checkbox.key == "run_technique_float32")
+    at.run()
+    at.button(key="run_start").click().run()
+    handle = sweeps.list_sweeps()[0]
+    threading.Event().wait(1.2)
+    at.run()
+    status = at.status[0]
+    assert status.state == "running", status.label          # not the done check
+    assert "preparing the dataset and the baseline model (train epoch 1/8)" in status.label
+    assert not at.get("progress")                              # no empty bar while preparing
+    assert re.search(r"[1-9]\d* s so far \(then 1 variant\)", texts(at.info))
+    assert "No results yet" not in texts(at.info)
+    assert "preparing the dataset" in texts(run_app().sidebar.caption)   # another visitor's sidebar
+
+    at.switch_page("pages/compare.py").run()                # nothing stored yet: it says a sweep runs
+    assert "The first sweep is running" in texts(at.info)
+
+    prepared.set()
+    for _ in range(50):
+        if handle.snapshot().done == 1:
+            break
+        threading.Event().wait(0.1)
+    at.switch_page("pages/run.py").run()
+    status = at.status[0]
+    assert status.state == "running" and "running: 1 of 1 variants" in status.label
+    assert at.get("progress")[0].proto.text == "1 of 1 variants finished"
+    assert "running: 1 of 1 variants" in texts(run_app().sidebar.caption)   # the sidebar in step
+
+    release.set()
+    assert handle.wait(10)
+    at.run()
+    assert at.status[0].state == "complete" and "done: 1 of 1" in at.status[0].label
+
+
 # --- Variant details -------------------------------------------------------------------------------
 
 
@@ -395,6 +449,18 @@ def test_details_show_only_the_parameters_a_technique_has():
     assert declared_params({"technique": "float16", "params": {"weights": "per-channel"}}) == {}
     assert declared_params({"technique": "int8-only", "params": {"weights": "per-tensor"}}) == {
         "weights": "per-tensor"}
+
+
+def test_what_a_float16_row_recorded_never_shows_a_weights_granularity():
+    from quantlab.ui_state import extra_details
+
+    # As rows stored before float16 stopped recording it: the parameter float16 does not have is left out,
+    # and the busy-CPU share is shown by its own warning, not as something the technique recorded.
+    old_float16 = {"technique": "float16", "details": {"conversion": "float16", "weights": "per-channel",
+                                                         "latency_others_cpu_share": 0.5}}
+    assert extra_details(old_float16) == {}
+    int8 = {"technique": "int8-only", "details": {"conversion": "int8-only", "weights": "per-tensor"}}
+    assert extra_details(int8) == {"weights": "per-tensor"}
 
 
 def test_demo_mode_limits_uploads_per_session_and_says_so():

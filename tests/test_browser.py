@@ -17,9 +17,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser_support import (assert_no_errors, by_key, choose_option, go_to_page, new_page, open_app,
+from tests.browser_support import (NARROW_VIEWPORT, assert_no_errors, by_key, choose_option, go_to_page, new_page, open_app,
                                    running_server, screenshot, set_checkbox, set_number,
-                                   start_sweep_in_browser, wait_for_sweep, wait_idle)
+                                   start_sweep_in_browser, wait_idle,
+                                   watch_sweep)
 from tests.browser_support import artifacts, browser, playwright_instance  # noqa: F401, F811  (fixtures)
 
 pytestmark = pytest.mark.browser
@@ -54,9 +55,22 @@ def swept(server, browser, shots):
     screenshot(page, shots, "01-run-empty")
     start_sweep_in_browser(page, dataset=DATASET, techniques=TECHNIQUES, epochs=1, min_runs=5,
                            min_seconds=0.05)
-    status = wait_for_sweep(page, timeout=SWEEP_SECONDS)
+    status, notes = watch_sweep(page, timeout=SWEEP_SECONDS)
     assert_no_errors(page, "Run")
     screenshot(page, shots, "02-run-done")
+    # While it ran: never a done check next to "running", never "No results yet", the preparation
+    # counted in seconds, and the sidebar in step with the page (at most one variant behind).
+    running = [n for n in notes if " running: " in n["box"]]
+    assert running, f"the sweep was never seen running: {notes[:3]}"
+    assert not [n["box"] for n in running if n["box"].split()[0] == "check"]
+    assert not [n for n in running if "No results yet" in n["main"]]
+    assert any(re.search(r"[Pp]reparing the dataset and the baseline model.*: \d+ s so far", n["main"])
+               for n in running), [n["box"] for n in running]
+    for note in running:
+        done = re.search(r"running: (\d+) of \d+ variants", note["box"])
+        shown = re.search(r"running: (\d+) of \d+ variants", note["sidebar"])
+        if done and shown:
+            assert int(done.group(1)) - int(shown.group(1)) <= 1, note
     # On to the results, by the link the Run page shows under a finished sweep.
     page.locator('[data-testid="stPageLink"] a', has_text="Compare the results").click()
     wait_idle(page)
@@ -161,6 +175,28 @@ def test_compare_chart_filter_share_link_and_csv(swept, server, browser, shots):
         assert query(other.evaluate("location.href")) == query(link), where
         screenshot(other, shots, name)
         other.context.close()
+
+
+def test_an_800_px_window_folds_the_sidebar_stacks_the_charts_and_wraps_labels(swept, server, browser, shots):
+    page = new_page(browser, viewport=NARROW_VIEWPORT)
+    open_app(page, server.url)                              # Compare, as results are stored
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    expect(sidebar).to_have_attribute("data-collapsed", "true", timeout=10_000)
+    main = page.locator('[data-testid="stMain"]').bounding_box()
+    assert main["width"] >= 760, main                       # the page has the window's whole width
+    charts = page.locator(".st-key-stack_compare_charts [data-testid='stPlotlyChart']")
+    first, second = charts.nth(0).bounding_box(), charts.nth(1).bounding_box()
+    assert second["y"] >= first["y"] + first["height"] - 1, (first, second)   # one under the other
+    assert first["width"] >= 600, first
+    open_app(page, f"{server.url}/recommend")
+    label = by_key(page, "recommend_data").locator('[data-testid="stWidgetLabel"] p')
+    assert label.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), "the toggle's label is cut"
+    assert "100-500 samples" in label.inner_text()
+    tree = by_key(page, "recommend_tree_box")
+    # Every leaf keeps its room (about 100 px): the tree scrolls sideways instead of being squeezed.
+    assert tree.evaluate("e => e.scrollWidth > e.clientWidth && e.scrollWidth >= 900"), \
+        tree.evaluate("e => [e.scrollWidth, e.clientWidth]")
+    page.context.close()
 
 
 def test_recommend_walks_the_decision_tree(swept, server, browser, shots):

@@ -336,6 +336,16 @@ def test_the_table_leads_with_the_change_latency_and_speed_ups_in_significant_di
     assert config["latency_p50_ms"]["type_config"]["format"] == "%.3g"
 
 
+def test_missing_numbers_show_a_dash_and_their_columns_stay_numbers_so_they_sort(store):
+    app = run(COMPARE)
+    table = app.dataframe[0]
+    # These synthetic rows have no SQNR: the column is missing in every row, yet still numbers.
+    assert table.value["sqnr_db"].isna().all()
+    assert table.proto.placeholder == "—"          # drawn as a dash, not a grey "None"
+    for column in ("sqnr_db", "accuracy_change_points", "latency_p50_ms", "speedup", "model_bytes"):
+        assert pd.api.types.is_numeric_dtype(table.value[column]), column
+
+
 # --- uncertainty on the pages ------------------------------------------------------------------------
 
 
@@ -402,3 +412,25 @@ def test_the_sweet_spot_says_when_its_pick_was_a_tie_broken_by_the_next_criterio
     assert headline.startswith("**Best inside your budget: Dynamic range")
     assert "Picked from a tie: " in headline and "tie on accuracy (95% intervals overlap)" in headline
     assert "so the smaller one is preferred" in headline
+
+
+# --- cached store reads --------------------------------------------------------------------------------
+
+
+def test_the_store_stamp_changes_with_every_write(empty_store):
+    fill(empty_store, synthetic_rows("synthetic-a"))
+    before = empty_store.stamp()
+    assert before == empty_store.stamp()                   # reading changes nothing
+    fill(empty_store, synthetic_rows("synthetic-b"))
+    assert empty_store.stamp() != before
+
+
+def test_pages_read_the_store_again_after_a_write(store):
+    """The pages cache what they read, keyed on the file's stamp: a new sweep's rows show at once."""
+    first = run(COMPARE)
+    assert "synthetic-c" not in first.selectbox(key="compare_model").options
+    fill(store, synthetic_rows("synthetic-c", -0.02))
+    again = run(COMPARE)
+    assert "synthetic-c" in again.selectbox(key="compare_model").options
+    assert again.selectbox(key="compare_model").value == "synthetic-c"   # the newest model
+    assert len(again.dataframe[0].value) == len(SYNTHETIC)

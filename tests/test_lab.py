@@ -326,6 +326,11 @@ def test_the_page_extracts_once_then_redraws_from_numpy(prepared):
     assert len(app.get("plotly_chart")) == 1
     table = table_with(app, "SQNR (dB)")
     assert table.loc[table["chosen"], "calibrator"].tolist() == ["mse"]
+    assert app.number_input(key="lab_channel").label.startswith("Channel shown (of 12 channels")   # conv2d
+    image = next(name for name in app.selectbox(key="lab_tensor_activations").options if name.startswith("image"))
+    app.selectbox(key="lab_tensor_activations").set_value(image)
+    timed_run(app)   # the (samples, 8, 8) input has no channel axis: its last axis is the image's columns
+    assert app.number_input(key="lab_channel").label.startswith("Image column shown (of 8 image columns")
     print("redraw seconds:", {k: round(v, 3) for k, v in times.items()})
     if tensorflow_already_imported:
         print("TensorFlow was imported before this test: not checking that the page avoids it")
@@ -453,3 +458,29 @@ def test_a_lab_link_with_layer_bits_activations_and_a_tab(prepared):
     assert weights_tile(app) != weights_tile(default)   # the dense layer at 2 bits, not 8
     assert default.toggle(key="lab_per_channel").value is True   # as the converter quantizes weights
     assert any("Always int8" in caption.value for caption in default.caption)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_channel_table_ranges_span_every_channel_so_kmeans_lies_inside_max(heavy_tailed, symmetric):
+    """Channel 0 is the narrowest (scale 0.5, channel 7: 4.0): the table's ranges are the tensor's."""
+    config, _ = lab.make_config(4, symmetric, True, "max", "linear", axis=-1)
+    rows = {row.calibrator: row for row in lab.analyze_tensor(heavy_tailed, config).rows}
+    assert rows["max"].per_channel and not rows["kmeans"].per_channel
+    if symmetric:
+        assert rows["max"].high == pytest.approx(np.abs(heavy_tailed).max())
+    else:
+        assert (rows["max"].low, rows["max"].high) == pytest.approx((heavy_tailed.min(), heavy_tailed.max()))
+    assert rows["max"].low <= rows["kmeans"].low <= rows["kmeans"].high <= rows["max"].high
+    assert rows["max"].high > 2 * np.abs(heavy_tailed[..., 0]).max()   # not channel 0's range
+
+
+def test_a_tensors_channel_axis_is_named_by_its_layout():
+    def info(kind, layer_class, shape):
+        return lab.TensorInfo(key="t0", name="x", layer="x", layer_class=layer_class, kind=kind, role="output",
+                              shape=shape, size=int(np.prod(shape)), channel_axis=-1, quantized=True)
+    assert lab.axis_words(info("activation", "InputLayer", (64, 8, 8)))[0] == "image column"  # no channel axis
+    assert lab.axis_words(info("activation", "Reshape", (64, 8, 8, 1)))[0] == "channel"
+    assert lab.axis_words(info("activation", "Conv2D", (64, 6, 6, 12)))[1] == "channels"
+    assert lab.axis_words(info("activation", "Dense", (64, 10)))[0] == "unit"
+    assert lab.axis_words(info("activation", "Flatten", (64, 432)))[0] == "feature"
+    assert lab.axis_words(info("weight", "Conv2D", (3, 3, 1, 12)))[0] == "output channel"

@@ -39,6 +39,14 @@ def test_every_post_training_variant_gets_a_full_row(tiny_sweep):
         assert row["provenance"]["model_hash"] and row["provenance"]["dataset_hash"]
 
 
+def test_only_the_int8_modes_record_a_weights_granularity(tiny_sweep):
+    rows = json_rows(tiny_sweep["stdout"])
+    for technique in ("float32", "float16", "dynamic", "int16x8"):
+        assert "weights" not in rows[technique]["details"], technique
+    for technique in ("int8-fallback", "int8-only", "uint8-only"):
+        assert rows[technique]["details"]["weights"] == "per-channel", technique
+
+
 def test_float32_tflite_agrees_with_keras(tiny_sweep):
     rows = json_rows(tiny_sweep["stdout"])
     assert rows["float32"]["agreement"] == 1.0

@@ -5,7 +5,10 @@ module, with two more sweeps of the same spec started while it runs: the second 
 and then comes entirely from the cache; the third is cancelled before it starts.
 """
 
+import re
 from dataclasses import dataclass
+
+import time
 
 import pytest
 
@@ -33,6 +36,7 @@ class Ran:
     status_at_start: dict
     second_at_start: sweeps.SweepSnapshot
     manager: SweepManager
+    while_preparing: sweeps.SweepSnapshot | None
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +51,15 @@ def ran(tmp_path_factory):
                        "third": third.snapshot().status}
     second_at_start = second.snapshot()
     third.cancel()
+    while_preparing = None
+    while not first.finished and while_preparing is None:   # caught while it trains the baseline
+        snapshot = first.snapshot()
+        if snapshot.preparing and snapshot.preparing_seconds >= 1.0:
+            while_preparing = snapshot
+        time.sleep(0.05)
     assert first.wait(TIMEOUT_SECONDS), "the first sweep did not finish in time"
     assert second.wait(TIMEOUT_SECONDS), "the queued sweep did not finish in time"
-    return Ran(store, first, second, third, status_at_start, second_at_start, manager)
+    return Ran(store, first, second, third, status_at_start, second_at_start, manager, while_preparing)
 
 
 def test_a_sweep_runs_in_the_background_and_finishes_done(ran):
@@ -60,6 +70,25 @@ def test_a_sweep_runs_in_the_background_and_finishes_done(ran):
     assert [v.state for v in snapshot.variants] == ["done", "done"]
     assert snapshot.started_at <= snapshot.finished_at
     assert snapshot.summary().startswith("done: 2 of 2 variants")
+
+
+def test_while_preparing_the_progress_says_the_step_and_its_seconds_not_0_of_n(ran):
+    snapshot = ran.while_preparing
+    assert snapshot is not None, "the first sweep was never seen preparing for a second"
+    assert snapshot.done == 0 and snapshot.status == "running"
+    assert snapshot.progress_text().startswith("Preparing the dataset and the baseline model")
+    assert re.search(r": [1-9]\d* s so far \(then 2 variants\)$", snapshot.progress_text())
+    assert snapshot.summary().startswith("running: preparing the dataset")
+    assert "0 of 2" not in snapshot.summary()
+
+
+def test_after_preparing_the_progress_counts_variants(ran):
+    snapshot = ran.first.snapshot()
+    assert not snapshot.preparing and snapshot.prepared_at is not None
+    assert 1.0 <= snapshot.preparing_seconds < snapshot.elapsed_seconds
+    assert snapshot.progress_text() == "2 of 2 variants finished"
+    cached = ran.second.snapshot()   # its workload came from the cache: no preparation at all
+    assert cached.prepare_started_at is None and cached.preparing_seconds == 0.0
 
 
 def test_events_arrive_in_order(ran):

@@ -13,6 +13,7 @@ from quantlab.store import Store
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
 from ui import store_reads
 from ui.layout import narrow_window_layout
+from ui.entry import mark_app_run
 from ui.share import current_view, url_params
 
 HERE = Path(__file__).parent
@@ -27,6 +28,7 @@ PAGES = {
     "lab": ("pages/lab.py", "Quantization lab", ":material/science:"),
 }
 
+mark_app_run()
 st.set_page_config(page_title="QuantLab", page_icon=":material/tune:", layout="wide")
 
 settings = AppSettings.from_env()

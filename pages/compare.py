@@ -14,6 +14,9 @@ from quantlab.sweeps import active_sweeps
 from quantlab.ui_state import AppSettings, interrupted_note
 from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
+from ui.entry import run_through_app
+
+run_through_app()  # first, before anything is drawn
 
 SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms", "accuracy_drop_pp",
                  "objective")

@@ -17,6 +17,9 @@ from quantlab.ui_state import (MISSING, AppSettings, busy_cpu_warning, declared_
                                weight_granularity_summary)
 from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
+from ui.entry import run_through_app
+
+run_through_app()  # first, before anything is drawn
 
 RECENT_ROWS = 200
 

@@ -15,6 +15,9 @@ from quantlab import lab
 from quantlab.calibrate import CALIBRATORS, KMEANS_MAX_BITS, SUPPORTED_BITS, WEIGHT_BITS, QuantConfig
 from quantlab.errors import QuantLabError
 from ui.share import current_view, share_controls, sync_view, update_view, write_view
+from ui.entry import run_through_app
+
+run_through_app()  # first, before anything is drawn
 
 CONTEXT = lab.app_context()
 STORE, CACHE = CONTEXT.store, CONTEXT.cache

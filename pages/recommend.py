@@ -17,6 +17,9 @@ from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
 from ui import store_reads
 from ui.layout import sideways_scroll
 from ui.share import share_controls, sync_view, update_view, write_view
+from ui.entry import run_through_app
+
+run_through_app()  # first, before anything is drawn
 
 SHARED_FIELDS = ("model", "dataset", "accuracy_drop_pp", "hardware", "drop_ok", "representative_data",
                  "can_retrain", "integer_io", "uint8_io")

@@ -19,6 +19,9 @@ from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABEL
 from quantlab.workloads import BUILTIN_DATASETS, BUILTIN_MODELS
 from ui import store_reads
 from ui.share import sync_view, update_view, url_params, write_view
+from ui.entry import run_through_app
+
+run_through_app()  # first, before anything is drawn
 
 POLL_SECONDS = 1.0
 COMPARE_PAGE = Path(__file__).parent / "compare.py"

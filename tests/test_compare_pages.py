@@ -29,8 +29,8 @@ SYNTHETIC = (("baseline", "baseline", 400_000, 0.950, 2.0),
              ("int8-only", "ptq", 25_000, 0.930, 0.5))
 
 
-def synthetic_rows(model, accuracy_offset=0.0, variants=SYNTHETIC):
-    return [{"row_id": uuid.uuid4().hex, "sweep_id": SWEEP, "recorded_at": T0 + timedelta(seconds=i),
+def synthetic_rows(model, accuracy_offset=0.0, variants=SYNTHETIC, start=T0):
+    return [{"row_id": uuid.uuid4().hex, "sweep_id": SWEEP, "recorded_at": start + timedelta(seconds=i),
              "result_key": f"{model}-{t}", "cached": False, "model_name": model, "model_hash": f"{model}-hash",
              "dataset_name": "synthetic-digits", "dataset_hash": "dh", "technique": t, "family": f,
              "params": "{}", "model_bytes": b, "gzip_bytes": b // 2, "accuracy": a + accuracy_offset,
@@ -429,7 +429,7 @@ def test_pages_read_the_store_again_after_a_write(store):
     """The pages cache what they read, keyed on the file's stamp: a new sweep's rows show at once."""
     first = run(COMPARE)
     assert "synthetic-c" not in first.selectbox(key="compare_model").options
-    fill(store, synthetic_rows("synthetic-c", -0.02))
+    fill(store, synthetic_rows("synthetic-c", -0.02, start=T0 + timedelta(hours=1)))
     again = run(COMPARE)
     assert "synthetic-c" in again.selectbox(key="compare_model").options
     assert again.selectbox(key="compare_model").value == "synthetic-c"   # the newest model

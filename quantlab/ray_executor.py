@@ -518,23 +518,30 @@ def _emitter(task_id: str, events: Any) -> Callable[[dict], None]:
 LIMIT_CHECK_SECONDS = 0.25
 
 
-def _watch_limits(limits: PoolLimits, emit: Callable[[dict], None]) -> threading.Event:
-    """Check the task's time and memory limits (a hosted demo's) on the node, as the pool checks its
-    workers: once one passes, say so in a `limit` event; the driver then cancels the task, which
-    kills this worker. Set the returned event to stop watching."""
-    done = threading.Event()
-    started = time.monotonic()
+class _LimitWatch:
+    """Checks the task's time and memory limits (a hosted demo's) on the node, as the pool checks its
+    workers: once one passes, it says so in a `limit` event and the driver cancels the task, which
+    kills this worker. A task that finishes before the cancel lands still fails with the reason."""
 
-    def watch() -> None:
-        while not done.wait(LIMIT_CHECK_SECONDS):
-            reason = limit_passed(limits, time.monotonic() - started, lambda: _rss_mb(os.getpid()))
+    def __init__(self, limits: PoolLimits, emit: Callable[[dict], None]) -> None:
+        self.passed: str | None = None
+        self._done = threading.Event()
+        self._limits, self._emit, self._started = limits, emit, time.monotonic()
+        if limits.task_timeout_seconds or limits.memory_limit_mb:
+            threading.Thread(target=self._watch, name="quantlab-limits", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(LIMIT_CHECK_SECONDS):
+            reason = limit_passed(self._limits, time.monotonic() - self._started, lambda: _rss_mb(os.getpid()))
             if reason:
-                emit({"stage": "limit", "error": reason, "message": reason})
+                self.passed = reason
+                self._emit({"stage": "limit", "error": reason, "message": reason})
                 return
 
-    if limits.task_timeout_seconds or limits.memory_limit_mb:
-        threading.Thread(target=watch, name="quantlab-limits", daemon=True).start()
-    return done
+    def stop(self) -> str | None:
+        """Stop watching; the limit that passed, if one did."""
+        self._done.set()
+        return self.passed
 
 
 def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, driver_key: str,
@@ -560,7 +567,7 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
     outcome: dict[str, Any] = {"node": node_info()}
     local_result: Any = None
     emit = _emitter(task_id, events)
-    watching = _watch_limits(limits, emit)
+    watching = _LimitWatch(limits, emit)
     try:
         emit({"stage": "started", "worker": os.getpid(), "niceness": os.nice(0),
               "message": f"running on {node_label(outcome['node'])}"})
@@ -575,7 +582,10 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         outcome.update(status="failed", error=f"{type(exc).__name__}: {first_line}")
     finally:
-        watching.set()
+        passed = watching.stop()
+    if passed:  # finished before the driver's cancel came: the limit still holds, nothing goes back
+        return {"node": outcome["node"], "status": "failed", "error": passed, "files": {},
+                "seconds": time.perf_counter() - started}
     after = _files_under(root)
     wanted = {rel for rel, stamp in after.items() if before.get(rel) != stamp}
     # Files the result names were maybe written by an earlier task on this node: they go back too.

@@ -190,3 +190,19 @@ def test_a_demos_time_limit_stops_a_ray_task(both):
     # The worker was killed, and Ray has its CPUs back for the next sweep.
     assert run_sweep(spec("float16"), store=ray_run["store"], cache=ray_run["cache"],
                      options=SweepOptions(ray="auto")).rows[0]["error"] is None
+
+
+def test_a_limit_that_passed_holds_when_the_task_finishes_before_the_cancel():
+    """The node's watch remembers the limit: a task done before the driver's cancel still fails."""
+    import time
+
+    from quantlab.pool import PoolLimits
+    from quantlab.ray_executor import LIMIT_CHECK_SECONDS, _LimitWatch
+
+    events: list[dict] = []
+    watch = _LimitWatch(PoolLimits(memory_limit_mb=1), events.append)   # any Python process is bigger
+    time.sleep(LIMIT_CHECK_SECONDS * 4)
+    reason = watch.stop()
+    assert reason and reason.startswith("stopped at ") and "(the limit is 1 MB)" in reason
+    assert events == [{"stage": "limit", "error": reason, "message": reason}]
+    assert _LimitWatch(PoolLimits(), events.append).stop() is None   # no limits: nothing watched

@@ -107,6 +107,7 @@ def _shutdown_started() -> None:
     global _STARTED_HERE, _KEEPER_DONE
     import ray
 
+    _stop_helper_daemons()
     ray.shutdown()
     _STARTED_HERE = False
     if _KEEPER_DONE is not None:
@@ -115,6 +116,27 @@ def _shutdown_started() -> None:
 
 
 _KEEPER_DONE: threading.Event | None = None
+
+# Daemons of a Ray started here that hold no state a sweep needs. `ray.shutdown` stops each with
+# SIGTERM and then waits up to 1 s; the autoscaler monitor always takes the whole second.
+_HELPER_DAEMONS = ("monitor", "log_monitor", "dashboard")
+
+
+def _stop_helper_daemons() -> None:
+    """Kill the helper daemons of the Ray this process started, so that `ray.shutdown` stops only
+    the raylet (which stops its workers) and the GCS: 0.3 s instead of 1.3 s. Ray's own internals;
+    if they change, `ray.shutdown` does it all, only slower."""
+    try:
+        import ray
+
+        processes = ray._private.worker._global_node.all_processes
+        for name in _HELPER_DAEMONS:
+            for info in processes.get(name, []):
+                if info.process.poll() is None:
+                    info.process.kill()
+                    info.process.wait(timeout=1)
+    except Exception:  # noqa: BLE001 - a private API: fall back to Ray's slower shutdown
+        pass
 
 
 def _init_in_lasting_thread(address: str) -> bool:
@@ -546,14 +568,18 @@ class _LimitWatch:
 
 def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, driver_key: str,
                     externals: dict[str, str], task_id: str = "", events: Any = None,
-                    limits: PoolLimits = PoolLimits()) -> dict:
-    """The body of every Ray task: materialise the inputs, run the task, send back what it wrote."""
+                    limits: PoolLimits = PoolLimits(), same_disk: bool = False) -> dict:
+    """The body of every Ray task: materialise the inputs, run the task, send back what it wrote.
+
+    `same_disk`: the task runs where the driver's cache is (a Ray QuantLab started on this
+    machine), so it reads and writes that cache in place, as the pool's workers do.
+    """
     from .measure import EVALUATION_CORES_ENV
     from .tasks import run_task
 
     os.environ[EVALUATION_CORES_ENV] = "1"  # the task holds one CPU
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    root = _node_root(driver_key)
+    root = Path(driver_root) if same_disk else _node_root(driver_key)
     for relative, data in inputs.items():
         target = root / relative
         if not target.exists() or target.stat().st_size != len(data):
@@ -561,7 +587,7 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
     mapping = {driver_root: str(root), **{path: str(root / rel) for path, rel in externals.items()}}
     local_payload = rebase(payload, mapping)
     local_payload["cache_dir"] = str(root)
-    before = _files_under(root) if root.exists() else {}
+    before = _files_under(root) if root.exists() and not same_disk else {}
     lock = NodeTimingLock()
     started = time.perf_counter()
     outcome: dict[str, Any] = {"node": node_info()}
@@ -586,6 +612,8 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
     if passed:  # finished before the driver's cancel came: the limit still holds, nothing goes back
         return {"node": outcome["node"], "status": "failed", "error": passed, "files": {},
                 "seconds": time.perf_counter() - started}
+    if same_disk:  # written in place: nothing to send back
+        return {**outcome, "files": {}, "seconds": time.perf_counter() - started}
     after = _files_under(root)
     wanted = {rel for rel, stamp in after.items() if before.get(rel) != stamp}
     # Files the result names were maybe written by an earlier task on this node: they go back too.
@@ -717,10 +745,11 @@ class RayExecutor:
     def _submit(self, task_id: str, payload: dict) -> Any:
         import ray
 
-        inputs, externals = self._inputs(payload)
+        same_disk = _STARTED_HERE  # the Ray this process started runs on this machine: no files to ship
+        inputs, externals = ({}, {}) if same_disk else self._inputs(payload)
         remote = _remote_functions()
         return remote.remote(payload, ray.put(inputs), str(self.cache_root), self.driver_key, externals,
-                             task_id, self._events, self.limits)
+                             task_id, self._events, self.limits, same_disk)
 
     def _submit_waiting(self, payload: dict, running: dict[Any, tuple[str, dict]]) -> None:
         """Submit the variants that waited for this one's fine-tuned model (it is cached now, or

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+
 import ray
 
 from quantlab.cache import ArtifactCache
-from quantlab.config import MeasureSettings, SweepSpec, TrainSettings
+from quantlab.config import MeasureSettings, SweepSpec, TrainSettings, content_hash
 from quantlab.measure import available_cores
-from quantlab.ray_executor import keep_started_ray
+from quantlab.ray_executor import LOCAL_NODE_CACHE, keep_started_ray
 from quantlab.runner import SweepOptions, run_sweep
 from quantlab.store import Store
 from quantlab.techniques import parse_technique_list
@@ -32,7 +36,26 @@ def test_a_local_ray_sweep_imports_tensorflow_once_per_cpu_and_shuts_ray_down(tm
     assert 1 <= len(workers) <= available_cores(), workers
     # At Ray's default nice 15 they lost the CPU to anything else running, where the pool's do not.
     assert {e["niceness"] for e in started} == {0}
-    assert not ray.is_initialized()  # QuantLab stops the Ray it started
+    # A Ray started here runs here: the tasks wrote the driver's cache in place, no node copy.
+    assert all(Path(row["artifact_path"]).is_relative_to(tmp_path / "cache") and Path(row["artifact_path"]).exists()
+               for row in report.rows)
+    driver_key = content_hash({"host": socket.gethostname(), "cache": str((tmp_path / "cache").resolve())}, 12)
+    assert not (LOCAL_NODE_CACHE / driver_key).exists()
+    assert not ray.is_initialized()  # QuantLab stops the Ray it started, all its daemons with it
+    assert child_processes() == []
+
+
+def child_processes() -> list[str]:
+    """Command lines of this process's children (Ray's daemons are started as its children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
 
 
 

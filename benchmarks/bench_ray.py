@@ -107,11 +107,21 @@ def run_plan_on(nodes: int) -> float:
 
     folder = Path(tempfile.mkdtemp(prefix=f"ql-bench-plan{nodes}-"))
     (folder / "plan.toml").write_text(PLAN)
-    # The settings README recommends for `ray start` (and `--ray local` uses), cluster-wide.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {TIMING_RESOURCE: 1},
-                                                            "_system_config": local_system_config(1)})
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=1, resources={TIMING_RESOURCE: 1})
+    # The settings README recommends for `ray start` (and `--ray local` uses), cluster-wide. Each
+    # node is pinned to a core of its own (its daemons and workers inherit the pinning), as a node
+    # of one CPU on a machine of its own would be: unpinned, a lone node's TensorFlow trained on
+    # both cores, and the one-node figure was that of a two-core node.
+    everything = os.sched_getaffinity(0)
+    cores = sorted(everything)
+    try:
+        os.sched_setaffinity(0, {cores[0]})
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {TIMING_RESOURCE: 1},
+                                                                "_system_config": local_system_config(1)})
+        for index in range(1, nodes):
+            os.sched_setaffinity(0, {cores[index % len(cores)]})
+            cluster.add_node(num_cpus=1, resources={TIMING_RESOURCE: 1})
+    finally:
+        os.sched_setaffinity(0, everything)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()

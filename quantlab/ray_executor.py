@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -512,26 +513,55 @@ def _named_files(value: Any, root: Path) -> set[str]:
 
 
 class _EventLog:
-    """A zero-CPU actor that holds the tasks' progress events until the driver takes them."""
+    """A zero-CPU actor that holds the tasks' progress events until their driver takes them. One
+    serves every executor of a connection (a plan's sweeps), each reading its own channel: an
+    actor per sweep took a worker process each, and a plan's first seconds."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, dict]] = []
+        self.items: dict[str, list[tuple[str, dict]]] = {}
 
-    def put(self, item: tuple[str, dict]) -> None:
-        self.items.append(item)
+    def put(self, item: tuple[str, str, dict]) -> None:
+        channel, task_id, event = item
+        self.items.setdefault(channel, []).append((task_id, event))
 
-    def take(self) -> list[tuple[str, dict]]:
-        items, self.items = self.items, []
-        return items
+    def take(self, channel: str) -> list[tuple[str, dict]]:
+        return self.items.pop(channel, [])
+
+
+_SHARED_LOG: tuple[tuple[str, str], Any] | None = None  # (the connection it belongs to, the actor)
+
+
+def _shared_event_log() -> Any:
+    """The connection's event log, made on first use (and again after a new `ray.init`)."""
+    global _SHARED_LOG
+    import ray
+
+    with _GUARD:
+        # Job ids restart at 1 on every new Ray instance; the driver's node id does not repeat.
+        context = ray.get_runtime_context()
+        connection = (context.get_node_id(), context.get_job_id())
+        if _SHARED_LOG is None or _SHARED_LOG[0] != connection:
+            _SHARED_LOG = (connection, _event_log_actor.remote())
+        return _SHARED_LOG[1]
+
+
+def _forget_event_log(actor: Any) -> None:
+    """The event log stopped answering (its node died): the next executor makes a new one."""
+    global _SHARED_LOG
+    with _GUARD:
+        if _SHARED_LOG is not None and _SHARED_LOG[1] is actor:
+            _SHARED_LOG = None
 
 
 def _emitter(task_id: str, events: Any) -> Callable[[dict], None]:
-    """A task's `emit`: each event goes to the event log without waiting (never fails the task)."""
+    """A task's `emit`: each event goes to its driver's channel of the event log without waiting
+    (never fails the task). `events` is (event log, channel) or None."""
     def emit(event: dict) -> None:
         if events is None:
             return
+        log, channel = events
         try:
-            events.put.remote((task_id, event))
+            log.put.remote((channel, task_id, event))
         except Exception:  # the log's node is gone: progress is lost, the result is not
             pass
     return emit
@@ -689,6 +719,7 @@ class RayExecutor:
         self._head: str | None = None  # the head's GCS address, checked while tasks run
         self._waiting: dict[str, list[tuple[str, dict]]] = {}
         self._events: Any = None
+        self._channel = uuid.uuid4().hex  # this executor's events in the shared event log
         self._note = on_note or (lambda message: None)
         self.driver_key = content_hash({"host": socket.gethostname(), "cache": str(self.cache_root)}, 12)
 
@@ -700,7 +731,7 @@ class RayExecutor:
 
             self._head = ray.get_runtime_context().gcs_address
             _remote_functions()
-            self._events = _event_log_actor.remote()
+            self._events = _shared_event_log()
 
     # What a task needs from the driver's cache (or the user's files), as relative paths.
     def _inputs(self, payload: dict) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -749,7 +780,7 @@ class RayExecutor:
         inputs, externals = ({}, {}) if same_disk else self._inputs(payload)
         remote = _remote_functions()
         return remote.remote(payload, ray.put(inputs), str(self.cache_root), self.driver_key, externals,
-                             task_id, self._events, self.limits, same_disk)
+                             task_id, (self._events, self._channel), self.limits, same_disk)
 
     def _submit_waiting(self, payload: dict, running: dict[Any, tuple[str, dict]]) -> None:
         """Submit the variants that waited for this one's fine-tuned model (it is cached now, or
@@ -776,8 +807,9 @@ class RayExecutor:
         import ray
 
         try:
-            items = ray.get(self._events.take.remote(), timeout=10)
+            items = ray.get(self._events.take.remote(self._channel), timeout=10)
         except Exception:  # the event log's node died: progress pauses, results still come
+            _forget_event_log(self._events)
             return {}
         passed: dict[str, str] = {}
         for task_id, event in items:
@@ -895,11 +927,9 @@ class RayExecutor:
         abandon_connection()
 
     def close(self) -> None:
-        if self._events is not None:
+        if self._events is not None:  # the connection's event log stays for its next executor
             try:
-                import ray
-
-                ray.kill(self._events)
+                self._events.take.remote(self._channel)  # drop what came late, without waiting
             except Exception:
                 pass
             self._events = None

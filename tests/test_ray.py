@@ -148,6 +148,10 @@ def test_a_plan_runs_its_sweeps_on_ray_and_a_rerun_is_all_cached(ray_local, tmp_
     assert {(s.spec.model, s.spec.measure.num_threads) for s in first.sweeps} == \
         {("seed-cnn", 1), ("seed-cnn", 2), ("mlp", 1), ("mlp", 2)}
     assert all(s.variants == 2 and s.failed == 0 for s in first.sweeps)
+    # One event log serves every sweep of the connection: an actor per sweep cost a worker each.
+    from ray._private.state import actors
+
+    assert [a["ActorClassName"] for a in actors().values()].count("_EventLog") == 1
     again = run_plan(plan, store=store, cache=cache, ray="auto")
     assert all(s.cached == s.variants == 2 for s in again.sweeps)
     sweeps = store.sweeps()

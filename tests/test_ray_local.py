@@ -43,6 +43,9 @@ def test_a_local_ray_sweep_imports_tensorflow_once_per_cpu_and_shuts_ray_down(tm
     assert not (LOCAL_NODE_CACHE / driver_key).exists()
     assert not ray.is_initialized()  # QuantLab stops the Ray it started, all its daemons with it
     assert child_processes() == []
+    from ray._private import services
+
+    assert services.get_node.__module__ == "ray._private.services"  # the quick start's wait is undone
 
 
 def child_processes() -> list[str]:

@@ -13,7 +13,7 @@ from quantlab.store import Store
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
 from ui import store_reads
 from ui.layout import narrow_window_layout
-from ui.entry import mark_app_run
+from ui.entry import mark_app_run, page_run
 from ui.share import current_view, url_params
 
 HERE = Path(__file__).parent
@@ -88,10 +88,10 @@ if current is not home:  # (the bare address only redirects: its run's elements 
     with st.sidebar:
         narrow_window_layout()   # narrow windows: the sidebar folds once, paired charts stack, labels wrap
 try:
-    current.run()
+    with page_run():  # a page that ends early (end_page) still gets the sidebar below
+        current.run()
 finally:
-    # Drawn after the page so that it shows the page's current choices, and also when the page
-    # stopped early (st.stop) or asked for a rerun.
+    # Drawn after the page so that it shows the page's current choices.
     with sidebar:
         view = current_view()
         st.markdown(f"**Model:** {view.model or DEFAULT_MODEL}  \n"

@@ -14,7 +14,7 @@ from quantlab.sweeps import active_sweeps
 from quantlab.ui_state import AppSettings, interrupted_note
 from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
-from ui.entry import run_through_app
+from ui.entry import end_page, run_through_app
 
 run_through_app()  # first, before anything is drawn
 
@@ -118,7 +118,7 @@ if filters.empty:
         st.info("No results yet. Run a sweep first: the Run page converts and measures every technique on "
                 "a model in one click, then come back here to compare them.", icon=":material/info:")
     page_link("pages/run.py", label="Open the Run page", icon=":material/play_circle:")
-    st.stop()
+    end_page()
 
 # --- what to compare -----------------------------------------------------------------------------
 with st.container(horizontal=True):

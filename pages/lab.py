@@ -15,7 +15,7 @@ from quantlab import lab
 from quantlab.calibrate import CALIBRATORS, KMEANS_MAX_BITS, SUPPORTED_BITS, WEIGHT_BITS, QuantConfig
 from quantlab.errors import QuantLabError
 from ui.share import current_view, share_controls, sync_view, update_view, write_view
-from ui.entry import run_through_app
+from ui.entry import end_page, run_through_app
 
 run_through_app()  # first, before anything is drawn
 
@@ -124,7 +124,7 @@ workloads = load_workloads(str(STORE.path), str(CACHE.root))
 if not workloads:
     st.info("Nothing to open yet: the Lab works on a model and dataset that a sweep has prepared. "
             "Run a sweep (for example seed-cnn on digits-28) and come back.")
-    st.stop()
+    end_page()
 
 workload = st.selectbox("Workload: a model and dataset a sweep prepared", workloads,
                         index=linked_workload(workloads, view), format_func=lambda w: w.label, key="lab_workload")
@@ -134,7 +134,7 @@ view = update_view(model=manifest.get("model_name"), dataset=manifest.get("datas
 write_view(view, SHARED_FIELDS)
 if not workload.usable:
     st.warning(workload.reason)
-    st.stop()
+    end_page()
 
 if not lab.tensors_ready(CACHE, manifest):
     samples = (manifest.get("split_sizes") or {}).get("calibration", "the")
@@ -144,7 +144,7 @@ if not lab.tensors_ready(CACHE, manifest):
     worker_button("Extract weights and activations", "lab_extract",
                   "Extracting in a worker process (the first run starts TensorFlow)...",
                   lambda: lab.extract_tensors(manifest, CACHE))
-    st.stop()
+    end_page()
 
 weights_file = lab.weights_path(CACHE, manifest)
 activations_file = lab.activations_path(CACHE, manifest)

@@ -9,9 +9,38 @@ restart did exactly that.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
+
 import streamlit as st
 
 _app_has_run = False  # in this process (a server's first visit may skip it: see above)
+_in_app = threading.local()  # app.py is running the page in this (script) thread
+
+
+class PageEnded(Exception):
+    """A page ended early (`end_page`); app.py catches it and goes on with the sidebar."""
+
+
+@contextmanager
+def page_run() -> Iterator[None]:
+    """app.py runs the page inside this, so that a page's `end_page` ends only the page."""
+    _in_app.active = True
+    try:
+        yield
+    except PageEnded:
+        pass
+    finally:
+        _in_app.active = False
+
+
+def end_page() -> NoReturn:
+    """End the page's run here. `st.stop()` would also drop all that app.py draws after the page
+    (the sidebar's model, dataset and store lines); a page run alone (a test) still stops."""
+    if getattr(_in_app, "active", False):
+        raise PageEnded
+    st.stop()
 
 
 def mark_app_run() -> None:

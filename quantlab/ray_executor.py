@@ -95,7 +95,7 @@ def abandon_connection() -> None:
 
 def keep_started_ray(keep: bool = True) -> None:
     """In a long-lived process (the dashboard), keep a Ray this process starts (`local`) running
-    between sweeps: each sweep would otherwise pay Ray's start and stop (about 4.3 s here) and its
+    between sweeps: each sweep would otherwise pay Ray's start and stop (2 to 3 s here) and its
     workers' TensorFlow imports. `keep_started_ray(False)` stops it if no sweep uses it."""
     global _KEEP_STARTED
     with _GUARD:

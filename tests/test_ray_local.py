@@ -42,24 +42,26 @@ def test_a_local_ray_sweep_imports_tensorflow_once_per_cpu_and_shuts_ray_down(tm
     driver_key = content_hash({"host": socket.gethostname(), "cache": str((tmp_path / "cache").resolve())}, 12)
     assert not (LOCAL_NODE_CACHE / driver_key).exists()
     assert not ray.is_initialized()  # QuantLab stops the Ray it started, all its daemons with it
-    assert child_processes() == []
+    assert ray_child_processes() == []
     from ray._private import services
 
     assert services.get_node.__module__ == "ray._private.services"  # the quick start's wait is undone
 
 
-def child_processes() -> list[str]:
-    """Command lines of this process's children (Ray's daemons are started as its children)."""
+def ray_child_processes() -> list[str]:
+    """Command lines of this process's children that are Ray's (its daemons and workers), not
+    another test's (a multiprocessing resource tracker, say)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
-                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z" and \
+                    ("site-packages/ray/" in command or command.startswith("ray::")):
+                found.append(command[:80])
         except (OSError, IndexError, ValueError):
             pass
     return found
-
 
 
 def test_the_dashboards_run_button_runs_on_ray_when_quantlab_ray_address_is_set(tmp_path, monkeypatch):

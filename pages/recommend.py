@@ -15,7 +15,7 @@ from quantlab.errors import QuantLabError
 from quantlab.techniques import unsupported_techniques
 from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
 from ui import store_reads
-from ui.layout import sideways_scroll
+from ui.layout import scroll_to, sideways_scroll
 from ui.share import share_controls, sync_view, update_view, write_view
 from ui.entry import run_through_app
 
@@ -129,6 +129,7 @@ nodes, edges = recommend.tree_frames(advice)
 tree = charts.decision_tree_figure(nodes, edges)   # room for every leaf: a narrow window scrolls it
 sideways_scroll("recommend_tree_box", tree.layout.width).plotly_chart(
     tree, key="recommend_tree", width="content", config={"displayModeBar": False})
+scroll_to("recommend_tree_box", charts.tree_focus(nodes))   # the answer in view, also at 800 px
 
 # --- what this model's measurements say -------------------------------------------------------------
 st.subheader("On your model")

@@ -563,6 +563,18 @@ def decision_tree_figure(nodes: pd.DataFrame, edges: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def tree_focus(nodes: pd.DataFrame) -> float | None:
+    """Where the answer sits across `decision_tree_figure`'s width, from 0 (left) to 1 (right): the
+    chosen leaf, else the last answered question. A window narrower than the tree scrolls it into view."""
+    focus = nodes[nodes["chosen"]]
+    if focus.empty:
+        focus = nodes[nodes["on_path"]].sort_values("y").head(1)   # the tree grows downwards
+    if focus.empty:
+        return None
+    left, span = float(nodes["x"].min()) - 0.7, float(nodes["x"].max() - nodes["x"].min()) + 1.4
+    return min(1.0, max(0.0, (float(focus["x"].iloc[0]) - left) / span))
+
+
 def _wrap(text: str, width: int) -> str:
     words, lines, line = str(text).split(), [], ""
     for word in words:

@@ -196,6 +196,13 @@ def test_an_800_px_window_folds_the_sidebar_stacks_the_charts_and_wraps_labels(s
     # Every leaf keeps its room (about 100 px): the tree scrolls sideways instead of being squeezed.
     assert tree.evaluate("e => e.scrollWidth > e.clientWidth && e.scrollWidth >= 900"), \
         tree.evaluate("e => [e.scrollWidth, e.clientWidth]")
+    # ...and it opens scrolled to the answer (the CPU leaf, right of the middle): the filled box is
+    # in view. Before, it started at the left edge with the answer off-screen.
+    chosen = tree.locator("g.annotation rect.bg[style*='fill: rgb(214, 40, 40)']")
+    expect(chosen).to_have_count(1)
+    page.wait_for_function("() => document.querySelector('.st-key-recommend_tree_box').scrollLeft > 0")
+    view, leaf = tree.bounding_box(), chosen.bounding_box()
+    assert view["x"] <= leaf["x"] and leaf["x"] + leaf["width"] <= view["x"] + view["width"], (view, leaf)
     page.context.close()
 
 

@@ -286,3 +286,14 @@ def test_latencies_from_several_nodes_are_ringed_by_node_and_the_title_says_so()
     one_node = accuracy_vs_latency(rows.assign(node="vm/aaaa"))
     assert not [t for t in one_node.data if (t.name or "").startswith("timed on")]
     assert "nodes" not in (one_node.layout.title.text or "")
+
+
+def test_the_tree_focus_is_the_chosen_leafs_place_across_the_figure():
+    def focus(answers):
+        nodes, _ = recommend.tree_frames(recommend.recommend(answers))
+        return charts.tree_focus(nodes)
+
+    gpu, cpu = focus(recommend.Answers(hardware="gpu")), focus(recommend.Answers(hardware="cpu"))
+    assert 0 < gpu < 1 and 0 < cpu < 1 and gpu != cpu
+    nodes, _ = recommend.tree_frames(None)                  # nothing answered: nothing to scroll to
+    assert charts.tree_focus(nodes) is None

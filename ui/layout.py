@@ -56,6 +56,27 @@ def sideways_scroll(key: str, min_width_px: int):
     return st.container(key=key)
 
 
+def scroll_to(key: str, fraction: float | None) -> None:
+    """Scroll a `sideways_scroll` container so that the point `fraction` (0 left, 1 right) of its
+    content is in the middle of the window, once the content is drawn; nothing when it fits."""
+    if fraction is None:
+        return
+    st.html(f"""<script>
+(() => {{
+  let tries = 0;
+  const scroll = () => {{
+    const box = document.querySelector(".st-key-{key}");
+    if (box && box.scrollWidth > box.clientWidth) {{
+      box.scrollLeft = {float(fraction):.4f} * box.scrollWidth - box.clientWidth / 2;
+      return;
+    }}
+    if (++tries < 50) setTimeout(scroll, 100);
+  }};
+  scroll();
+}})();
+</script>""", unsafe_allow_javascript=True, width=1)
+
+
 def narrow_window_layout() -> None:
     st.html(CSS)
     if not st.session_state.get("layout_fold_checked"):

@@ -140,7 +140,7 @@ def litert_quantizer(row):
     st.caption(f"The recipe {report.summary}. Tensor types in the file: {report.tensor_types}.")
     for note in report.notes:
         st.caption(note)
-    columns = st.columns([1, 2])
+    columns = st.container(key="stack_details_lq").columns([1, 2])   # stacked on a narrow window
     columns[0].dataframe(report.coverage, hide_index=True, key="details_lq_coverage")
     columns[0].download_button("Download the recipe (.json)", data=report.recipe_json,
                                file_name=f"{row['model_name']}-{row['technique']}-recipe.json".replace(" ", "_"),

@@ -328,6 +328,19 @@ def test_the_labs_mixed_precision_is_measured_as_a_litert_recipe_with_one_click(
     compare = open_compare(browser, server)
     expect(compare.get_by_text("lq-recipe").first).to_be_attached(timeout=30_000)
     compare.context.close()
+    # Its Details at 800 px: the quantizer's coverage table and its check stack, none cut.
+    from quantlab.store import Store
+
+    rows = Store(server.db, read_only=True).results()
+    row_id = rows[rows["technique"] == "lq-recipe"]["row_id"].iloc[0]
+    narrow = new_page(browser, viewport=NARROW_VIEWPORT)
+    open_app(narrow, f"{server.url.rstrip('/')}/details?row={row_id}")
+    table = by_key(narrow, "stack_details_lq").locator('[data-testid="stDataFrame"]').first
+    expect(table).to_be_visible(timeout=30_000)
+    assert table.bounding_box()["width"] >= 600, table.bounding_box()   # the window's width, not a third
+    assert_no_errors(narrow, "Details of the recipe at 800 px")
+    screenshot(narrow, shots, "08b-details-recipe")   # and its 800 px twin
+    narrow.context.close()
 
 
 def test_details_page_of_the_recommended_variant(swept, server, browser, shots):

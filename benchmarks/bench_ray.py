@@ -48,19 +48,24 @@ def timed_sweep(folder: Path, extra: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def part_one(repeats: int) -> None:
+def pool_against_ray(repeats: int, ray_address: str, title: str) -> None:
+    """The default PTQ sweep, cold, on the pool and on Ray at `ray_address`, `repeats` times: a table."""
     rows = []
     for _ in range(repeats):
         times = {}
-        for name, extra in (("pool", ["--workers", "2"]), ("ray", ["--ray", "local"])):
+        for name, extra in (("pool", ["--workers", "2"]), ("ray", ["--ray", ray_address])):
             folder = Path(tempfile.mkdtemp(prefix=f"ql-bench-{name}-"))
             times[name] = timed_sweep(folder, extra)
             shutil.rmtree(folder)
         rows.append(times)
-    print(f"default PTQ sweep ({len(PTQ.split(','))} variants, cold, {os.cpu_count()} cores)")
-    print(f"{'pool s':>8} {'ray local s':>12} {'ray/pool':>9}")
+    print(f"default PTQ sweep ({len(PTQ.split(','))} variants, cold, {os.cpu_count()} cores), {title}")
+    print(f"{'pool s':>8} {'ray s':>8} {'ray/pool':>9}")
     for times in rows:
-        print(f"{times['pool']:>8.1f} {times['ray']:>12.1f} {times['ray'] / times['pool']:>9.2f}")
+        print(f"{times['pool']:>8.1f} {times['ray']:>8.1f} {times['ray'] / times['pool']:>9.2f}")
+
+
+def part_one(repeats: int) -> None:
+    pool_against_ray(repeats, "local", "Ray started by QuantLab (--ray local)")
     print("goal: ray/pool <= 1.15")
 
 
@@ -79,21 +84,10 @@ def part_three(repeats: int) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     try:
         time.sleep(10)
-        rows = []
-        for _ in range(repeats):
-            times = {}
-            for name, extra in (("pool", ["--workers", "2"]), ("ray", ["--ray", f"127.0.0.1:{port}"])):
-                folder = Path(tempfile.mkdtemp(prefix=f"ql-bench-{name}-"))
-                times[name] = timed_sweep(folder, extra)
-                shutil.rmtree(folder)
-            rows.append(times)
+        pool_against_ray(repeats, f"127.0.0.1:{port}", "against a running head (ray start --head)")
     finally:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
-    print(f"default PTQ sweep ({len(PTQ.split(','))} variants, cold) against a running head")
-    print(f"{'pool s':>8} {'ray head s':>11} {'ray/pool':>9}")
-    for times in rows:
-        print(f"{times['pool']:>8.1f} {times['ray']:>11.1f} {times['ray'] / times['pool']:>9.2f}")
 
 
 def run_plan_on(nodes: int) -> float:

@@ -22,6 +22,8 @@ SHARED_FIELDS = ("model", "dataset", "sweep", "latest_only", "latency_budget_ms"
                  "objective")
 DEFAULT_DROP_POINTS = 1.0
 WAIT_SECONDS = 2.0           # how often an empty Compare page looks for the first sweep's rows
+NO_RESULTS = ("No results yet. Run a sweep first: the Run page converts and measures every technique on a "
+              "model in one click, then come back here to compare them.")
 OBJECTIVE_LABELS = {"size": "Smallest", "latency": "Fastest", "accuracy": "Most accurate"}
 NO_LABELS_OBJECTIVE = "Closest to the float model"
 TABLE_COLUMNS = {
@@ -97,7 +99,6 @@ st.caption("Every variant of a model measured against its Keras baseline: how mu
            "faster, how many accuracy points it costs.")
 
 
-
 @st.fragment(run_every=WAIT_SECONDS)
 def wait_for_first_results() -> None:
     """While the first sweep runs: say so, and draw the page once its first variant is stored."""
@@ -105,9 +106,7 @@ def wait_for_first_results() -> None:
         st.rerun(scope="app")
     running = active_sweeps()
     st.info(f"The first sweep is running ({running[0].label}: {running[0].snapshot().summary()}). Its "
-            f"variants appear here as they finish." if running else
-            "No results yet. Run a sweep first: the Run page converts and measures every technique on a "
-            "model in one click, then come back here to compare them.", icon=":material/info:")
+            f"variants appear here as they finish." if running else NO_RESULTS, icon=":material/info:")
 
 
 filters = store_reads.list_filters(store)
@@ -115,8 +114,7 @@ if filters.empty:
     if active_sweeps():
         wait_for_first_results()
     else:
-        st.info("No results yet. Run a sweep first: the Run page converts and measures every technique on "
-                "a model in one click, then come back here to compare them.", icon=":material/info:")
+        st.info(NO_RESULTS, icon=":material/info:")
     page_link("pages/run.py", label="Open the Run page", icon=":material/play_circle:")
     end_page()
 
@@ -229,8 +227,8 @@ if clicked:
 st.subheader("Against the baseline")
 table = analysis.table_frame(frame, quality.metric)
 picked = st.dataframe(table, key="compare_table", on_select="rerun", selection_mode="single-row",
-                      hide_index=True, placeholder=analysis.MISSING, column_config=NO_LABELS_COLUMNS if no_labels else TABLE_COLUMNS,
-                      width="stretch")
+                      hide_index=True, placeholder=analysis.MISSING,
+                      column_config=NO_LABELS_COLUMNS if no_labels else TABLE_COLUMNS, width="stretch")
 st.caption("Sort by any column header; select a row to open its details.")
 if picked and picked.selection.rows:
     open_details(table["row_id"].iloc[picked.selection.rows[0]])

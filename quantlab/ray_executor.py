@@ -62,6 +62,7 @@ _GUARD = threading.RLock()
 _USERS = 0             # executors (and plans) using the connection now
 _STARTED_HERE = False  # this process started Ray (--ray local): the last user shuts it down
 _KEEP_STARTED = False  # ...unless this is a long-lived process (the dashboard) that keeps it
+_KEEPER_DONE: threading.Event | None = None  # set to end the thread that started a kept Ray
 
 
 def connect(address: str) -> None:
@@ -115,8 +116,6 @@ def _shutdown_started() -> None:
         _KEEPER_DONE.set()
         _KEEPER_DONE = None
 
-
-_KEEPER_DONE: threading.Event | None = None
 
 # Daemons of a Ray started here that hold no state a sweep needs. `ray.shutdown` stops each with
 # SIGTERM and then waits up to 1 s; the autoscaler monitor always takes the whole second.

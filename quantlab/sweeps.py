@@ -134,7 +134,8 @@ class SweepSnapshot:
             extras.append(f"{self.failed} failed")
         tail = f" ({', '.join(extras)})" if extras else ""
         if self.preparing:
-            return f"running: {self.progress_text()[:1].lower()}{self.progress_text()[1:]}"
+            text = self.progress_text()
+            return f"running: {text[:1].lower()}{text[1:]}"
         if self.status == "running":
             return f"running: {counts}{tail}" + (f"; {self.message}" if self.message else "")
         if self.status == "cancelled":

@@ -41,6 +41,16 @@ def run_app(**query) -> AppTest:
     return at.run()
 
 
+def run_float32_sweep() -> AppTest:
+    """The app with only float32 ticked on the Run page, after a click on Run sweep."""
+    at = run_app()
+    for checkbox in at.checkbox:
+        if checkbox.key and checkbox.key.startswith("run_technique_") and not checkbox.disabled:
+            checkbox.set_value(checkbox.key == "run_technique_float32")
+    at.run()
+    return at.button(key="run_start").click().run()
+
+
 def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
@@ -266,12 +276,7 @@ def test_progress_says_running_everywhere_while_it_runs_and_counts_seconds_while
         return SweepReport("s2", [row])
 
     monkeypatch.setattr(sweeps, "run_sweep", play)
-    at = run_app()
-    for checkbox in at.checkbox:
-        if checkbox.key and checkbox.key.startswith("run_technique_") and not checkbox.disabled:
-            checkbox.set_value(checkbox.key == "run_technique_float32")
-    at.run()
-    at.button(key="run_start").click().run()
+    at = run_float32_sweep()
     handle = sweeps.list_sweeps()[0]
     threading.Event().wait(1.2)
     at.run()
@@ -483,12 +488,7 @@ def test_run_is_disabled_while_the_very_same_sweep_runs(env, monkeypatch):
         return SweepReport("s2", [])
 
     monkeypatch.setattr(sweeps, "run_sweep", play)
-    at = run_app()
-    for checkbox in at.checkbox:
-        if checkbox.key and checkbox.key.startswith("run_technique_") and not checkbox.disabled:
-            checkbox.set_value(checkbox.key == "run_technique_float32")
-    at.run()
-    at.button(key="run_start").click().run()
+    at = run_float32_sweep()
     assert len(sweeps.list_sweeps()) == 1
     assert at.button(key="run_start").disabled
     assert "This very sweep is already running" in texts(at.caption)

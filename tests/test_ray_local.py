@@ -101,3 +101,31 @@ def test_the_dashboards_run_button_runs_on_ray_when_quantlab_ray_address_is_set(
     finally:
         keep_started_ray(False)
     assert not ray.is_initialized()
+
+
+def test_a_users_model_and_data_outside_the_cache_run_on_a_local_ray_read_in_place(tmp_path):
+    """A model nobody here designed (integer token input, an Embedding) and its dataset, both the
+    user's files outside QuantLab's cache: a Ray QuantLab starts reads them where they are."""
+    from quantlab.config import TechniqueSpec
+    from quantlab.techniques import resolve_spec
+    from tests import model_zoo as zoo
+
+    x, y = zoo.tokens(200)
+    model = zoo.embedding_model()
+    zoo.train_briefly(model, x, y)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    data = zoo.save_dataset(mine, "tok", *zoo.tokens(80, seed=3), x_train=x, y_train=y)
+    spec = SweepSpec(str(zoo.save_h5(model, mine, "tokens")), str(data),
+                     tuple(resolve_spec(TechniqueSpec(t)) for t in ("float32", "dynamic", "int8-only")),
+                     TrainSettings(epochs=1), MeasureSettings(min_runs=5, min_seconds=0.02))
+    cache = tmp_path / "cache"
+    report = run_sweep(spec, store=Store(tmp_path / "q.duckdb"), cache=ArtifactCache(cache),
+                       options=SweepOptions(ray="local"))
+    assert sorted((row["technique"], row["error"]) for row in report.rows) == \
+        [("dynamic", None), ("float32", None), ("int8-only", None)]   # in the order they finished
+    assert {row["executor"] for row in report.rows} == {"ray"}
+    assert all(row["model_bytes"] > 0 and row["accuracy"] is not None for row in report.rows)
+    driver_key = content_hash({"host": socket.gethostname(), "cache": str(cache.resolve())}, 12)
+    assert not (LOCAL_NODE_CACHE / driver_key).exists()      # nothing copied to a node cache
+    assert not ray.is_initialized()

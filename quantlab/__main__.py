@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from .cli import run_command_line
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command_line())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -330,3 +331,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; results recorded so far are kept", file=sys.stderr)
         return 130
+
+
+def run_command_line(argv: Sequence[str] | None = None) -> int:
+    """`python -m quantlab`: `main`, in a child process for a Ray run (`child_run` says why)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except QuantLabError:
+        return main(argv)  # which says the one-line error
+    if not getattr(args, "ray", None):
+        return main(argv)
+    from .child_run import run_in_child
+
+    def explain(child: int, code: int) -> str:
+        try:
+            marked = f"{len(Store(args.db).fail_sweeps_of_process(child))} sweep(s) marked failed"
+        except Exception as exc:  # the last word of the run: a traceback here would hide it
+            marked = f"its sweeps stay running until the next run marks them ({type(exc).__name__})"
+        kept = f"{marked}; rows recorded so far are kept, run it again to finish (finished variants are cached)"
+        if code < 0:
+            return f"the run's process was killed by {signal.Signals(-code).name} (out of memory?); {kept}"
+        head = "the Ray QuantLab started here" if args.ray == "local" else f"the Ray head at {args.ray!r}"
+        return (f"lost the connection to {head}: the Ray node on this machine stopped and Ray's client "
+                f"ended the run (exit status {code}); {kept}")
+
+    return run_in_child(lambda: main(argv), explain)
+

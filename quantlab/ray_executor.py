@@ -335,6 +335,29 @@ def _port_answers(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
+LISTENING = "00010000"  # /proc/net/unix flags of a socket that accepts connections
+
+
+def _local_node_answers() -> bool:
+    """Whether the Ray node under this driver (its raylet's object store) still listens. Once it is
+    gone, Ray's client ends the whole process at its next object-store call, so the driver looks
+    first: in /proc/net/unix, which lists a Unix socket while its server holds it open (a test
+    connection instead would log a warning in the raylet's log each time)."""
+    import ray
+
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    path = getattr(node, "plasma_store_socket_name", None)
+    if not path:
+        return True  # Ray's internals changed: the head check still sees a lost head
+    try:
+        table = Path("/proc/net/unix").read_text()
+    except OSError:  # not Linux: connect to it
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(1.0)
+            return probe.connect_ex(path) == 0
+    return any(line.endswith(" " + path) and line.split()[3] == LISTENING for line in table.splitlines())
+
+
 def _check_reachable(target: str) -> None:
     """Refuse at once an address whose head's port does not answer."""
     text = target.removeprefix("ray://")
@@ -894,15 +917,14 @@ class RayExecutor:
                     return
                 if self._head and time.monotonic() >= next_check:
                     next_check = time.monotonic() + HEAD_CHECK_SECONDS
+                    if not _local_node_answers():
+                        self._lose(running, "the Ray node on this machine stopped")
                     misses = 0 if _port_answers(self._head) else misses + 1
                     if misses >= HEAD_MISSES:
-                        running.clear()  # nothing left to cancel on a cluster that is gone
-                        self._abandon()
-                        raise RayConnectionError(
-                            f"lost the connection to the Ray head at {self._head} (it stopped "
-                            f"answering); rows recorded so far are kept, run the sweep again to "
-                            f"finish it (finished variants are cached)")
+                        self._lose(running, "it stopped answering")
                 done, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
+                if done and not _local_node_answers():  # ray.get would end this process
+                    self._lose(running, "the Ray node on this machine stopped")
                 passed = self._forward_events(emit, finished)
                 for ref in [r for r, (task_id, _) in running.items() if task_id in passed and r not in done]:
                     ray.cancel(ref, force=True)  # kills the worker; a cancelled task is not retried
@@ -920,7 +942,7 @@ class RayExecutor:
                         continue
                     except RayError as exc:  # the worker or its node died, twice (retried once)
                         if not _head_reachable():
-                            raise _lost(self.address, exc) from None
+                            raise _lost(self._where(), exc) from None
                         yield TaskOutcome(task_id, error=(
                             f"the Ray worker or node running this variant died and its one retry "
                             f"failed too ({type(exc).__name__}: {_first_line(exc)}); no QuantLab "
@@ -941,9 +963,9 @@ class RayExecutor:
                         yield TaskOutcome(task_id, error=outcome["error"],
                                           user_error=outcome["status"] == "user-error")
         except (ConnectionError, OSError) as exc:
-            raise _lost(self.address, exc) from None
+            raise _lost(self._where(), exc) from None
         except RayError as exc:
-            raise _lost(self.address, exc) from None
+            raise _lost(self._where(), exc) from None
         finally:
             if self.stopped_tasks or running:
                 for ref in running:
@@ -951,6 +973,16 @@ class RayExecutor:
                         ray.cancel(ref, force=True)
                     except Exception:
                         pass
+
+    def _lose(self, running: dict, why: str) -> None:
+        running.clear()  # nothing left to cancel on a cluster that is gone
+        self._abandon()
+        raise _lost(self._where(), why)
+
+    def _where(self) -> str:
+        """The head as the user named it, and its address when that was `auto` or `local`."""
+        named = repr(self.address)
+        return f"{named} ({self._head})" if self._head and self.address in ("auto", "local") else named
 
     def _abandon(self) -> None:
         self._events = None
@@ -983,7 +1015,8 @@ def _head_reachable() -> bool:
         return False
 
 
-def _lost(address: str, exc: BaseException) -> RayConnectionError:
-    return RayConnectionError(f"lost the connection to the Ray head at {address!r} "
-                              f"({type(exc).__name__}: {_first_line(exc)}); rows recorded so far are "
-                              f"kept, run the sweep again to finish it (finished variants are cached)")
+def _lost(where: str, why: BaseException | str) -> RayConnectionError:
+    reason = why if isinstance(why, str) else f"{type(why).__name__}: {_first_line(why)}"
+    return RayConnectionError(f"lost the connection to the Ray head at {where} ({reason}); rows recorded "
+                              f"so far are kept, run the sweep again to finish it (finished variants are "
+                              f"cached)")

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import StoreError
 
@@ -324,6 +324,18 @@ class Store:
         The app and the CLI call this when they start. Sweeps of another host are left alone (their
         process cannot be seen from here); a read-only store, or a file this user cannot write, is
         not changed (`sweeps()` still shows such sweeps as interrupted)."""
+        return self._end_running_sweeps(
+            "interrupted", lambda pid, host, started: process_alive(pid, host, started) is False)
+
+    def fail_sweeps_of_process(self, pid: int) -> list[str]:
+        """Mark `failed` the running sweeps of process `pid` on this host, which has ended and whose
+        parent knows why (the CLI's Ray runs: `child_run`); returns their ids."""
+        host = socket.gethostname()
+        return self._end_running_sweeps("failed", lambda row_pid, row_host, started: (
+            row_pid == pid and row_host == host and process_alive(row_pid, row_host, started) is False))
+
+    def _end_running_sweeps(self, status: str, ended: Callable[[int | None, str | None, str | None], bool]
+                            ) -> list[str]:
         if self.read_only or not self.exists() or not os.access(self.path, os.W_OK):
             return []
         with self.connect() as con:
@@ -334,11 +346,10 @@ class Store:
             _migrate(con)
             running = con.execute("SELECT sweep_id, pid, hostname, process_started FROM sweeps "
                                   "WHERE status = 'running'").fetchall()
-            gone = [sweep_id for sweep_id, pid, host, started in running
-                    if process_alive(pid, host, started) is False]
+            gone = [sweep_id for sweep_id, pid, host, started in running if ended(pid, host, started)]
             for sweep_id in gone:  # finish_sweep of a sweep that lives on after all sets its status
-                con.execute("UPDATE sweeps SET status = 'interrupted', finished_at = ? "
-                            "WHERE sweep_id = ? AND status = 'running'", [now_utc(), sweep_id])
+                con.execute("UPDATE sweeps SET status = ?, finished_at = ? "
+                            "WHERE sweep_id = ? AND status = 'running'", [status, now_utc(), sweep_id])
         return gone
 
     def insert_result(self, row: dict[str, Any]) -> str:

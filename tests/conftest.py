@@ -33,3 +33,12 @@ def tiny_sweep(tmp_path_factory) -> dict:
     result = run_cli("sweep", *TINY_ARGS, "--techniques", TINY_TECHNIQUES, "--db", str(db),
                      "--cache", str(cache), "--json", check=True)
     return {"db": db, "cache": cache, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan waits for its reaper as one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+

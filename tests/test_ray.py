@@ -210,3 +210,24 @@ def test_a_limit_that_passed_holds_when_the_task_finishes_before_the_cancel():
     assert reason and reason.startswith("stopped at ") and "(the limit is 1 MB)" in reason
     assert events == [{"stage": "limit", "error": reason, "message": reason}]
     assert _LimitWatch(PoolLimits(), events.append).stop() is None   # no limits: nothing watched
+
+
+def test_the_driver_sees_whether_the_ray_node_under_it_still_listens(ray_local, tmp_path):
+    """Before each object-store call the driver looks for its node's socket (Ray's client would
+    end the process on a dead one); a socket nobody holds open is not taken for a live node."""
+    import socket
+
+    from quantlab.ray_executor import _local_node_answers
+
+    assert _local_node_answers()  # found in /proc/net/unix as Ray names it today
+    stale = tmp_path / "plasma_store"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(stale))  # the file exists but nothing listens: what a killed raylet leaves
+    node = ray._private.worker.global_worker.node
+    real = node._plasma_store_socket_name
+    node._plasma_store_socket_name = str(stale)
+    try:
+        assert not _local_node_answers()
+    finally:
+        node._plasma_store_socket_name = real
+    assert _local_node_answers()

@@ -1,4 +1,5 @@
-"""The Ray head dies mid-sweep: one `error:` line, the rows so far kept, the sweep failed, no partial row."""
+"""The Ray head, or the sweep's own process, dies mid-sweep: one `error:` line, the rows so far kept,
+the sweep failed, no partial row, no process left behind."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from conftest import ROOT, TINY_ARGS
+from conftest import ROOT, TINY_ARGS, process_running
 from quantlab.ray_executor import TIMING_RESOURCE
 
 TECHNIQUES = "float32,dynamic,float16,int8-fallback,int8-only,uint8-only,int16x8"
@@ -87,3 +88,53 @@ def test_a_head_killed_mid_sweep_is_one_error_line_and_loses_no_finished_row(hea
     assert len({row[0] for row in rows}) == len(rows)  # one row per variant at most
     for technique, model_bytes, accuracy, artifact, error in rows:  # every row whole
         assert error is None and model_bytes > 0 and accuracy is not None and Path(artifact).exists(), technique
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_a_ray_runs_process_killed_mid_sweep_is_one_error_line_and_leaves_no_ray_behind(tmp_path):
+    """The CLI runs a Ray sweep in a child process (Ray's client may end its process with no
+    word); here the kernel's out-of-memory killer is played by a SIGKILL to that child."""
+    db = tmp_path / "q.duckdb"
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "quantlab", "sweep", *TINY_ARGS, "--techniques", TECHNIQUES, "--db", str(db),
+         "--cache", str(tmp_path / "cache"), "--ray", "local"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    before_kill: list[str] = []
+    for line in cli.stderr:
+        before_kill.append(line)
+        if line.startswith("[1/7]"):
+            break
+    else:
+        pytest.fail("the sweep ended before its first row:\n" + "".join(before_kill))
+    started = descendants(cli.pid)  # the child, the Ray it started, Ray's workers
+    (child,) = [int(pid) for pid in Path(f"/proc/{cli.pid}/task/{cli.pid}/children").read_text().split()]
+    os.kill(child, signal.SIGKILL)
+    after_kill = cli.stderr.read().splitlines()
+    cli.wait(timeout=60)
+
+    assert cli.returncode == 2, after_kill
+    assert [line for line in after_kill if line.startswith("error:")] == after_kill[-1:]
+    assert after_kill[-1] == (
+        "error: the run's process was killed by SIGKILL (out of memory?); 1 sweep(s) marked failed; rows "
+        "recorded so far are kept, run it again to finish (finished variants are cached)")
+    assert len(started) > 3 and not [pid for pid in started if process_running(pid)]
+    with duckdb.connect(str(db), read_only=True) as store:
+        assert store.sql("SELECT status FROM sweeps").fetchall() == [("failed",)]
+        rows = store.sql("SELECT technique, model_bytes, error FROM results").fetchall()
+    assert 1 <= len(rows) < 7 and all(size > 0 and error is None for _, size, error in rows)

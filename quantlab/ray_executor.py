@@ -833,7 +833,8 @@ class RayExecutor:
         same_disk = _STARTED_HERE  # the Ray this process started runs on this machine: no files to ship
         inputs, externals = ({}, {}) if same_disk else self._inputs(payload)
         remote = _remote_functions()
-        return remote.remote(payload, ray.put(inputs), str(self.cache_root), self.driver_key, externals,
+        shipped = ray.put(inputs) if inputs else inputs  # nothing to ship: no object-store call
+        return remote.remote(payload, shipped, str(self.cache_root), self.driver_key, externals,
                              task_id, (self._events, self._channel), self.limits, same_disk)
 
     def _submit_waiting(self, payload: dict, running: dict[Any, tuple[str, dict]]) -> None:

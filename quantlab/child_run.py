@@ -50,7 +50,11 @@ def run_in_child(body: Callable[[], int], explain: Callable[[int, int], str]) ->
         return code
     os.close(said_write)
     status = _wait_passing_signals(pid)
-    said = os.read(said_read, 1)
+    os.set_blocking(said_read, False)  # a grandchild that kept the pipe open must not hold this up
+    try:
+        said = os.read(said_read, 1)
+    except BlockingIOError:
+        said = b""
     os.close(said_read)
     _end_orphans()
     if said:

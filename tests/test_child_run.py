@@ -144,3 +144,16 @@ def test_no_process_the_child_started_outlives_its_end(tmp_path):
     out, err = script.communicate(timeout=60)
     assert script.returncode == 2 and len(daemons) == 2
     assert not [pid for pid in daemons if process_running(pid)]
+
+
+def test_a_forked_grandchild_holding_the_childs_pipe_does_not_hold_up_the_error_line(tmp_path):
+    script = run_script("""
+        def body():
+            if os.fork() == 0:  # no exec: it keeps every descriptor of the child
+                time.sleep(60)
+                os._exit(0)
+            os._exit(1)
+        sys.exit(run_in_child(body, explain))
+    """, tmp_path)
+    out, err = script.communicate(timeout=30)
+    assert script.returncode == 2 and err.startswith("error: child "), err

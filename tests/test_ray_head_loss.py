@@ -138,3 +138,39 @@ def test_a_ray_runs_process_killed_mid_sweep_is_one_error_line_and_leaves_no_ray
         assert store.sql("SELECT status FROM sweeps").fetchall() == [("failed",)]
         rows = store.sql("SELECT technique, model_bytes, error FROM results").fetchall()
     assert 1 <= len(rows) < 7 and all(size > 0 and error is None for _, size, error in rows)
+
+
+def test_the_dashboards_cluster_sweep_whose_head_dies_fails_in_one_line_and_the_server_lives_on(head, tmp_path):
+    """The dashboard runs a cluster sweep in a child process: when Ray's client ends that process,
+    the server (this test's process) is still there to say so."""
+    from quantlab import sweeps
+    from quantlab.cache import ArtifactCache
+    from quantlab.config import MeasureSettings, SweepSpec, TrainSettings
+    from quantlab.runner import SweepOptions
+    from quantlab.store import Store
+    from quantlab.techniques import parse_technique_list
+
+    process, port = head
+    store = Store(tmp_path / "q.duckdb")
+    spec = SweepSpec("seed-cnn", "digits-28", parse_technique_list(TECHNIQUES), train=TrainSettings(epochs=3),
+                     measure=MeasureSettings(min_runs=5, min_seconds=0.05))
+    manager = sweeps.SweepManager()
+    handle = manager.start(spec, store, ArtifactCache(tmp_path / "cache"),
+                           SweepOptions(source="app", ray=f"127.0.0.1:{port}"))
+    deadline = time.monotonic() + 240
+    while not handle.snapshot().rows and not handle.finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert handle.snapshot().rows and not handle.finished, handle.snapshot()
+    os.killpg(process.pid, signal.SIGKILL)
+    assert handle.wait(60), handle.snapshot()
+
+    snapshot = handle.snapshot()
+    assert snapshot.status == "failed", snapshot
+    assert snapshot.error.startswith("lost the connection to the Ray head at "), snapshot.error
+    assert "\n" not in snapshot.error
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # the server never joined Ray
+    with duckdb.connect(str(tmp_path / "q.duckdb"), read_only=True) as db:
+        assert db.sql("SELECT status FROM sweeps").fetchall() == [("failed",)]
+        rows = db.sql("SELECT technique, model_bytes, error FROM results").fetchall()
+    assert 1 <= len(rows) < 7 and len({row[0] for row in rows}) == len(rows)
+    assert all(size > 0 and error is None for _, size, error in rows)

@@ -6,11 +6,10 @@ browser tab reloaded, and the handle (found again with `get_sweep` or `list_swee
 whole event log, the progress counts and every finished row. When `max_concurrent` sweeps are
 running, a new one waits in a queue (its status says "queued" and how many are ahead).
 
-A sweep on a Ray cluster (`auto` or `host:port`) runs in a child process: Ray's client ends its
-whole process, with no exception, when the Ray node under it dies, and that process must not be the
-server. The child's events come back through a queue; if it ends without its last word, the sweep
-fails with one line saying so. A Ray the server starts itself (`local`) is run in the server, which
-keeps it for the next sweep.
+A sweep on a Ray cluster (`auto` or `host:port`) runs in the long-lived child process of
+`cluster_driver`, never in the server: Ray's client ends its whole process when the Ray node under
+it dies. A Ray the server starts itself (`local`) is run in the server, which keeps it for the next
+sweep.
 
 No Streamlit here: the pages poll `SweepHandle.snapshot()`.
 """
@@ -18,8 +17,6 @@ No Streamlit here: the pages poll `SweepHandle.snapshot()`.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import queue
 import threading
 import time
 import uuid
@@ -29,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .cache import ArtifactCache
+from .cluster_driver import driver_for
 from .config import SweepSpec
 from .errors import QuantLabError
 from . import runner
@@ -288,8 +286,9 @@ class SweepHandle:
             if self._cancel.is_set():
                 self._end_unstarted()
                 return
-            if self.options.ray and self.options.ray != "local":
-                finished_rows = self._run_in_child()
+            if self.options.ray and self.options.ray != "local":  # a cluster: in the driver process
+                finished_rows = driver_for(self.options.ray).run(
+                    self.spec, self.store, self.cache, self.options, self._cancel, self._log)
             else:
                 finished_rows = len(run_sweep(self.spec, store=self.store, cache=self.cache, on_event=self._log,
                                               options=self.options, cancel=self._cancel).rows)
@@ -311,45 +310,6 @@ class SweepHandle:
             self._end()
             on_finish(self)
 
-    def _run_in_child(self) -> int:
-        """`run_sweep` in a spawned child process (a cluster sweep); returns how many rows it made."""
-        from .pool import neutral_main
-
-        context = multiprocessing.get_context("spawn")
-        events, cancel = context.Queue(), context.Event()
-        child = context.Process(target=_sweep_in_child, name="quantlab-cluster-sweep",
-                                args=(self.spec, self.store, self.cache, self.options, events, cancel))
-        with neutral_main():
-            child.start()
-        last: dict | None = None
-        while last is None:
-            if self._cancel.is_set():
-                cancel.set()
-            try:
-                event = events.get(timeout=0.2)
-            except queue.Empty:
-                if child.is_alive():
-                    continue
-                try:
-                    event = events.get(timeout=1.0)  # what it sent just before it ended
-                except queue.Empty:
-                    break
-            if event.get("type") == CHILD_END:
-                last = event
-            else:
-                self._log(event)
-        child.join(timeout=60)
-        if last is None:
-            marked = len(self.store.fail_sweeps_of_process(child.pid)) if child.pid else 0
-            raise QuantLabError(
-                f"lost the connection to the Ray head at {self.options.ray!r}: the Ray node under this "
-                f"sweep stopped and Ray's client ended the sweep's process (exit status {child.exitcode}, "
-                f"{marked} sweep(s) marked failed); rows recorded so far are kept, run the sweep again to "
-                f"finish it (finished variants are cached)")
-        if last.get("error"):
-            raise (QuantLabError if last.get("user_error") else RuntimeError)(last["error"])
-        return int(last["rows"])
-
     def _end(self) -> None:
         with self._lock:
             self.finished_at, self.queue_position = time.time(), None
@@ -370,25 +330,6 @@ class SweepHandle:
             for variant in self.variants:
                 if not variant.finished:
                     variant.state, variant.message = "skipped", "not run: the sweep failed"
-
-
-CHILD_END = "child-end"  # the last event of a sweep run in a child process
-
-
-def _sweep_in_child(spec: SweepSpec, store: Store, cache: ArtifactCache, options: SweepOptions,
-                    events: Any, cancel: Any) -> None:
-    """The child's side of `SweepHandle._run_in_child`: events out, then one CHILD_END."""
-    try:
-        report = run_sweep(spec, store=store, cache=cache, on_event=events.put, options=options, cancel=cancel)
-        events.put({"type": CHILD_END, "rows": len(report.rows)})
-    except QuantLabError as exc:
-        events.put({"type": CHILD_END, "error": first_line(exc) or type(exc).__name__, "user_error": True})
-    except Exception as exc:  # a bug: the server's log gets the child's traceback
-        LOG.exception("cluster sweep crashed")
-        events.put({"type": CHILD_END, "error": f"{type(exc).__name__}: {first_line(exc)}"})
-    finally:
-        events.close()
-        events.join_thread()  # everything sent before the process ends
 
 
 def _progress_text(event: dict) -> str:

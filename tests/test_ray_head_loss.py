@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ROOT, TINY_ARGS, process_running
 from quantlab.ray_executor import TIMING_RESOURCE
+from quantlab.techniques import parse_technique_list
 
 TECHNIQUES = "float32,dynamic,float16,int8-fallback,int8-only,uint8-only,int16x8"
 RAY = Path(sys.executable).with_name("ray")
@@ -140,37 +141,74 @@ def test_a_ray_runs_process_killed_mid_sweep_is_one_error_line_and_leaves_no_ray
     assert 1 <= len(rows) < 7 and all(size > 0 and error is None for _, size, error in rows)
 
 
-def test_the_dashboards_cluster_sweep_whose_head_dies_fails_in_one_line_and_the_server_lives_on(head, tmp_path):
-    """The dashboard runs a cluster sweep in a child process: when Ray's client ends that process,
-    the server (this test's process) is still there to say so."""
+def dashboard_sweep(address: str, folder: Path, techniques: str = TECHNIQUES):
     from quantlab import sweeps
     from quantlab.cache import ArtifactCache
     from quantlab.config import MeasureSettings, SweepSpec, TrainSettings
     from quantlab.runner import SweepOptions
     from quantlab.store import Store
-    from quantlab.techniques import parse_technique_list
 
-    process, port = head
-    store = Store(tmp_path / "q.duckdb")
-    spec = SweepSpec("seed-cnn", "digits-28", parse_technique_list(TECHNIQUES), train=TrainSettings(epochs=3),
+    spec = SweepSpec("seed-cnn", "digits-28", parse_technique_list(techniques), train=TrainSettings(epochs=3),
                      measure=MeasureSettings(min_runs=5, min_seconds=0.05))
-    manager = sweeps.SweepManager()
-    handle = manager.start(spec, store, ArtifactCache(tmp_path / "cache"),
-                           SweepOptions(source="app", ray=f"127.0.0.1:{port}"))
+    return sweeps.SweepManager().start(spec, Store(folder / "q.duckdb"), ArtifactCache(folder / "cache"),
+                                       SweepOptions(source="app", ray=address))
+
+
+def wait_for_a_row(handle) -> None:
     deadline = time.monotonic() + 240
     while not handle.snapshot().rows and not handle.finished and time.monotonic() < deadline:
         time.sleep(0.1)
     assert handle.snapshot().rows and not handle.finished, handle.snapshot()
-    os.killpg(process.pid, signal.SIGKILL)
-    assert handle.wait(60), handle.snapshot()
 
+
+def stored(folder: Path) -> tuple[list[tuple], list[tuple]]:
+    with duckdb.connect(str(folder / "q.duckdb"), read_only=True) as db:
+        return (db.sql("SELECT status, pid FROM sweeps ORDER BY started_at").fetchall(),
+                db.sql("SELECT technique, model_bytes, error FROM results").fetchall())
+
+
+def assert_failed_in_one_line_with_whole_rows(handle, folder: Path) -> None:
     snapshot = handle.snapshot()
     assert snapshot.status == "failed", snapshot
-    assert snapshot.error.startswith("lost the connection to the Ray head at "), snapshot.error
-    assert "\n" not in snapshot.error
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # the server never joined Ray
-    with duckdb.connect(str(tmp_path / "q.duckdb"), read_only=True) as db:
-        assert db.sql("SELECT status FROM sweeps").fetchall() == [("failed",)]
-        rows = db.sql("SELECT technique, model_bytes, error FROM results").fetchall()
+    assert snapshot.error.startswith("lost the connection to the Ray head at ") and "\n" not in snapshot.error
+    sweeps_rows, rows = stored(folder)
+    assert [status for status, _ in sweeps_rows] == ["failed"]
     assert 1 <= len(rows) < 7 and len({row[0] for row in rows}) == len(rows)
     assert all(size > 0 and error is None for _, size, error in rows)
+
+
+def test_the_dashboards_cluster_sweeps_share_one_driver_and_a_head_lost_fails_in_one_line(head, tmp_path):
+    """The dashboard runs cluster sweeps in one long-lived child process: when Ray's client ends it,
+    the server (this test's process) is still there to say so."""
+    process, port = head
+    address = f"127.0.0.1:{port}"
+    first = dashboard_sweep(address, tmp_path / "first", "float32")
+    assert first.wait(240) and first.snapshot().status == "done", first.snapshot()
+    second = dashboard_sweep(address, tmp_path / "second")
+    wait_for_a_row(second)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert second.wait(60), second.snapshot()
+
+    assert_failed_in_one_line_with_whole_rows(second, tmp_path / "second")
+    [(_, first_pid)] = stored(tmp_path / "first")[0]
+    [(_, second_pid)] = stored(tmp_path / "second")[0]
+    assert first_pid == second_pid != os.getpid()  # the same driver process, not the server
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # the server never joined
+
+
+def test_a_cluster_driver_killed_mid_sweep_fails_that_sweep_and_the_next_gets_a_new_one(head, tmp_path):
+    from quantlab.cluster_driver import driver_for
+
+    _, port = head
+    address = f"127.0.0.1:{port}"
+    doomed = dashboard_sweep(address, tmp_path / "doomed")
+    wait_for_a_row(doomed)
+    killed = driver_for(address).pid
+    os.kill(killed, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    assert doomed.wait(60), doomed.snapshot()
+    assert_failed_in_one_line_with_whole_rows(doomed, tmp_path / "doomed")
+
+    after = dashboard_sweep(address, tmp_path / "after", "float32")
+    assert after.wait(240) and after.snapshot().status == "done", after.snapshot()
+    [(status, pid)] = stored(tmp_path / "after")[0]
+    assert status == "done" and pid not in (killed, os.getpid())

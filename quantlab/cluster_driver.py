@@ -10,8 +10,10 @@ fails with one line, and the next sweep starts a new child.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import threading
+import time
 import uuid
 from typing import Any, Callable
 
@@ -109,8 +111,12 @@ class ClusterDriver:
                     continue
                 try:
                     key, event = self._events.get(timeout=1.0)  # what it sent just before it ended
-                except queue.Empty:
+                except Exception:  # nothing more, or half an event cut off by the child's end
                     break
+            except Exception:  # half an event: the child ended while it wrote
+                if self._process.is_alive():
+                    continue
+                break
             with self._lock:
                 listener = self._listeners.get(key)
             if listener is not None:
@@ -141,7 +147,9 @@ def first_line(exc: BaseException) -> str:
 
 
 def _serve(requests: Any, events: Any) -> None:
-    """The child: run each sweep asked for in a thread; cancel on request; stop when told."""
+    """The child: run each sweep asked for in a thread; cancel on request; stop when told (or when
+    the server dies: nothing else would end a child waiting for requests)."""
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
     cancels: dict[str, threading.Event] = {}
     while True:
         kind, key, *details = requests.get()
@@ -152,6 +160,14 @@ def _serve(requests: Any, events: Any) -> None:
         elif kind == "sweep":
             cancels[key] = threading.Event()
             threading.Thread(target=_run_one, args=(key, *details, cancels[key], events), daemon=True).start()
+
+
+def _end_with_parent(parent: int) -> None:
+    """The kernel's parent-death signal would follow the server's thread that started this child,
+    not the server: watch the parent instead."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _run_one(key: str, spec: SweepSpec, store: Store, cache: ArtifactCache, options: SweepOptions,

@@ -86,13 +86,6 @@ class ClusterDriver:
             with self._lock:
                 self._listeners.pop(key, None)
 
-    def stop(self) -> None:
-        if self._process.is_alive():
-            self._requests.put(("stop", ""))
-            self._process.join(timeout=30)
-        if self._process.is_alive():
-            self._process.kill()
-
     def _lost(self, store: Store) -> QuantLabError:
         marked = len(store.fail_sweeps_of_process(self.pid)) if self.pid else 0
         return QuantLabError(
@@ -147,14 +140,12 @@ def first_line(exc: BaseException) -> str:
 
 
 def _serve(requests: Any, events: Any) -> None:
-    """The child: run each sweep asked for in a thread; cancel on request; stop when told (or when
-    the server dies: nothing else would end a child waiting for requests)."""
+    """The child: run each sweep asked for in a thread, cancel on request, end with the server (a
+    daemon process: multiprocessing ends it when the server exits; the watch, when it is killed)."""
     threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
     cancels: dict[str, threading.Event] = {}
     while True:
         kind, key, *details = requests.get()
-        if kind == "stop":
-            return
         if kind == "cancel" and key in cancels:
             cancels[key].set()
         elif kind == "sweep":

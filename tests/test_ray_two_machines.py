@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,12 +44,24 @@ def wait_for_line(process: subprocess.Popen, text: str, seconds: float = 90) -> 
     pytest.fail(f"no {text!r} from {process.args[:3]}:\n" + "".join(seen[-20:]))
 
 
+def own_tmp_keeping(installed: list[tuple[Path, Path]]) -> str:
+    """Shell that gives the node a /tmp of its own, keeping what every node has installed (the
+    checkout and its environment) where it was, when that lives in /tmp (a CI clone)."""
+    steps = [f"mkdir -p {aside} && mount --bind {folder} {aside}" for folder, aside in installed]
+    steps.append("mount -t tmpfs tmpfs /tmp")
+    steps += [f"mkdir -p {folder} && mount --bind {aside} {folder}" for folder, aside in installed]
+    return " && ".join(steps)
+
+
 @pytest.fixture
 def two_machines():
     """(head address, the worker machine's IP); everything is removed afterwards."""
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
         pytest.skip("making a second machine needs root, `ip` and `unshare` (network and mount namespaces)")
     tag = os.getpid() % 200 + 20
+    keep = Path(tempfile.mkdtemp(prefix="quantlab-keep-", dir="/var/tmp"))
+    installed = [(folder, keep / str(index)) for index, folder in enumerate(
+        {ROOT.resolve(), Path(sys.prefix).resolve()}) if folder.is_relative_to("/tmp")]
     namespace, here, there = f"quantlab{tag}", f"qla{tag}", f"qlb{tag}"
     head_ip, node_ip = f"10.78.{tag}.1", f"10.78.{tag}.2"
     ip("link", "add", here, "type", "veth", "peer", "name", there)
@@ -74,7 +87,7 @@ def two_machines():
         resources = json.dumps({TIMING_RESOURCE: 1})
         node = subprocess.Popen(
             ["ip", "netns", "exec", namespace, "unshare", "--mount", "--propagation", "private", "sh", "-c",
-             f"mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /dev/shm && exec {RAY} start --address "
+             f"{own_tmp_keeping(installed)} && mount -t tmpfs tmpfs /dev/shm && exec {RAY} start --address "
              f"{head_ip}:{port} --node-ip-address {node_ip} --num-cpus 2 --resources '{resources}' --block"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
         processes.append(node)
@@ -89,6 +102,7 @@ def two_machines():
             process.wait(timeout=30)
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
         subprocess.run(["ip", "link", "del", here], capture_output=True)  # gone with the namespace, mostly
+        shutil.rmtree(keep, ignore_errors=True)
         current = Path("/tmp/ray/ray_current_cluster")  # `--ray auto` must not find this head later
         if current.exists() and current.read_text().strip().startswith(head_ip):
             current.unlink()

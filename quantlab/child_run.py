@@ -27,9 +27,10 @@ def run_in_child(body: Callable[[], int], explain: Callable[[int, int], str]) ->
 
     If the child ends without returning from `body` (native code ended its process, or a signal
     killed it), `explain(child_pid, exit_code)` gives the one-line reason printed after `error:`
-    (exit_code is minus the signal's number for a signal), and the status is 2. Signals sent to this process with kill() are passed on to the child (a
-    terminal's Ctrl-C reaches both already); if this process is killed, the child is too. No
-    process the child started outlives it (a local Ray's daemons, which its end orphaned).
+    (exit_code is minus the signal's number for a signal), and the status is 2. Signals sent to
+    this process with kill() are passed on to the child (a terminal's Ctrl-C reaches both already);
+    if this process is killed, the child is too. No process the child started outlives it (a local
+    Ray's daemons, which its end orphaned).
     """
     if not hasattr(os, "fork"):
         return body()

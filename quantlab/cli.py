@@ -356,4 +356,3 @@ def run_command_line(argv: Sequence[str] | None = None) -> int:
                 f"ended the run (exit status {code}); {kept}")
 
     return run_in_child(lambda: main(argv), explain)
-

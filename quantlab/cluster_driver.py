@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from .cache import ArtifactCache
 from .config import SweepSpec
-from .errors import QuantLabError
+from .errors import QuantLabError, first_line
+from .ray_executor import RERUN_HINT
 from .runner import SweepOptions, run_sweep
 from .store import Store
 
@@ -91,8 +92,7 @@ class ClusterDriver:
         return QuantLabError(
             f"lost the connection to the Ray head at {self.address!r}: the Ray node under this server's "
             f"sweeps stopped and Ray's client ended their process (exit status {self._process.exitcode}, "
-            f"{marked} sweep(s) marked failed); rows recorded so far are kept, run the sweep again to "
-            f"finish it (finished variants are cached)")
+            f"{marked} sweep(s) marked failed); {RERUN_HINT}")
 
     def _read(self) -> None:
         """Hand each event to its sweep; when the child has ended, tell every sweep still waiting."""
@@ -122,6 +122,10 @@ class ClusterDriver:
             listener.put(_GONE)
 
 
+_DRIVERS: dict[str, ClusterDriver] = {}
+_DRIVERS_LOCK = threading.Lock()
+
+
 def driver_for(address: str) -> ClusterDriver:
     """This process's driver for `address`: the running one, or a new one if there is none or it ended."""
     with _DRIVERS_LOCK:
@@ -129,14 +133,6 @@ def driver_for(address: str) -> ClusterDriver:
         if driver is None or not driver.alive:
             driver = _DRIVERS[address] = ClusterDriver(address)
         return driver
-
-
-_DRIVERS: dict[str, ClusterDriver] = {}
-_DRIVERS_LOCK = threading.Lock()
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:400]
 
 
 def _serve(requests: Any, events: Any) -> None:

@@ -1,5 +1,13 @@
 """Errors a user can act on: each message names the problem and the fix, on one line."""
 
+from typing import Any
+
+
+def first_line(text: Any, limit: int = 400) -> str:
+    """The first line of an error's text, at most `limit` characters: what a user is shown."""
+    lines = str(text).strip().splitlines()
+    return (lines[0] if lines else "")[:limit]
+
 
 class QuantLabError(Exception):
     """A problem with the user's input or environment; shown as one line, never as a traceback."""

@@ -336,6 +336,7 @@ def _port_answers(address: str, timeout: float = 1.0) -> bool:
 
 
 LISTENING = "00010000"  # /proc/net/unix flags of a socket that accepts connections
+NODE_STOPPED = "the Ray node on this machine stopped"
 
 
 def _local_node_answers() -> bool:
@@ -919,13 +920,13 @@ class RayExecutor:
                 if self._head and time.monotonic() >= next_check:
                     next_check = time.monotonic() + HEAD_CHECK_SECONDS
                     if not _local_node_answers():
-                        self._lose(running, "the Ray node on this machine stopped")
+                        self._lose(running, NODE_STOPPED)
                     misses = 0 if _port_answers(self._head) else misses + 1
                     if misses >= HEAD_MISSES:
                         self._lose(running, "it stopped answering")
                 done, _ = ray.wait(list(running), num_returns=1, timeout=0.25)
                 if done and not _local_node_answers():  # ray.get would end this process
-                    self._lose(running, "the Ray node on this machine stopped")
+                    self._lose(running, NODE_STOPPED)
                 passed = self._forward_events(emit, finished)
                 for ref in [r for r, (task_id, _) in running.items() if task_id in passed and r not in done]:
                     ray.cancel(ref, force=True)  # kills the worker; a cancelled task is not retried
@@ -1016,8 +1017,9 @@ def _head_reachable() -> bool:
         return False
 
 
+RERUN_HINT = "rows recorded so far are kept, run the sweep again to finish it (finished variants are cached)"
+
+
 def _lost(where: str, why: BaseException | str) -> RayConnectionError:
     reason = why if isinstance(why, str) else f"{type(why).__name__}: {_first_line(why)}"
-    return RayConnectionError(f"lost the connection to the Ray head at {where} ({reason}); rows recorded "
-                              f"so far are kept, run the sweep again to finish it (finished variants are "
-                              f"cached)")
+    return RayConnectionError(f"lost the connection to the Ray head at {where} ({reason}); {RERUN_HINT}")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from .cache import ArtifactCache
 from .cluster_driver import driver_for
 from .config import SweepSpec
-from .errors import QuantLabError
+from .errors import QuantLabError, first_line
 from . import runner
 from .runner import SweepOptions, run_sweep
 from .store import Store
@@ -46,11 +46,6 @@ PREPARING = "preparing the dataset and the baseline model"   # runner's "prepare
 
 # What a variant is doing, as shown next to it.
 VARIANT_STATES = ("waiting", "running", "done", "cached", "failed", "skipped")
-
-
-def first_line(text: Any, limit: int = 400) -> str:
-    lines = str(text).strip().splitlines()
-    return (lines[0] if lines else "")[:limit]
 
 
 @dataclass

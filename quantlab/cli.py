@@ -133,6 +133,15 @@ def with_uncertainty(row: dict[str, Any], store: Store, memo: dict[tuple, dict] 
     return {**row, **uncertainty.json_fields(row, uncertainty.change_fields(row, memo[key]))}
 
 
+def _quality(row: dict) -> str:
+    """Accuracy where the dataset has labels, else agreement with the float model."""
+    if row.get("accuracy") is not None:
+        return f"accuracy {row['accuracy']:.4f}"
+    if row.get("agreement") is not None:
+        return f"no labels: top-1 agreement with float {row['agreement']:.4f}"
+    return "no labels and no float model to agree with"
+
+
 def _format_progress(event: dict) -> str | None:
     kind = event.get("type")
     if kind in ("variant-done", "variant-failed"):
@@ -140,9 +149,11 @@ def _format_progress(event: dict) -> str | None:
         head = f"[{event['done']}/{event['total']}] {variant_label(row['technique'], row.get('params'))}"
         if row.get("error"):
             return f"{head}: failed: {row['error']}"
-        accuracy = row.get("accuracy")
-        return (f"{head}: {row['model_bytes']:,} bytes, accuracy {accuracy:.4f}, "
-                f"p50 {row['latency_p50_ms']:.3f} ms{' (cached)' if row['cached'] else ''}")
+        parts = [f"{row['model_bytes']:,} bytes" if row.get("model_bytes") is not None else "size not measured",
+                 _quality(row)]
+        if row.get("latency_p50_ms") is not None:
+            parts.append(f"p50 {row['latency_p50_ms']:.3f} ms")
+        return f"{head}: {', '.join(parts)}{' (cached)' if row.get('cached') else ''}"
     if kind == "progress":
         where = event.get("technique") or "prepare"
         if "epoch" in event:

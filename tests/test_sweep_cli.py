@@ -230,3 +230,17 @@ def test_the_run_page_estimate_comes_from_the_stores_measured_rows(tiny_sweep):
     assert estimate.seconds >= conversion * 0.5 > 0        # medians of at least the conversion times
     assert "not timed before: qat-int8" in estimate.text()
     assert estimate_sweep(store, ["prune"]).text().startswith("No earlier rows")
+
+
+def test_a_dataset_without_labels_prints_agreement_where_accuracy_would_be(tmp_path):
+    """Progress lines of an unlabelled sweep: each row in one line, fidelity instead of accuracy."""
+    from tests import model_zoo as zoo
+
+    model = zoo.save_keras(zoo.keras3_model(functional=True), tmp_path, "k3")
+    data = zoo.save_dataset(tmp_path, "nolabels", zoo.images(40, seed=3)[0], x_calib=zoo.images(40, seed=4)[0])
+    result = run_cli("sweep", "--model", str(model), "--dataset", str(data), "--techniques", "baseline,float32",
+                     "--min-runs", "5", "--min-seconds", "0.02", "--db", str(tmp_path / "q.duckdb"),
+                     "--cache", str(tmp_path / "cache"))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and all("no labels: top-1 agreement with float" in line for line in lines), lines

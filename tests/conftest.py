@@ -25,6 +25,20 @@ def run_cli(*args: str, check: bool = False, timeout: float = 900) -> subprocess
     return result
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray of two CPUs started in the test process (not by QuantLab): its tasks get
+    their files shipped to a node cache, as on a cluster, though they run on this machine."""
+    import ray
+
+    from quantlab.ray_executor import TIMING_RESOURCE
+
+    ray.init(address="local", num_cpus=2, resources={TIMING_RESOURCE: 1}, include_dashboard=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> dict:
     """A real cold sweep of every post-training technique on seed-cnn / digits-28, via the CLI."""

@@ -14,7 +14,6 @@ import ray
 from conftest import ROOT, run_cli
 from quantlab.cache import ArtifactCache
 from quantlab.config import MeasureSettings, SweepSpec, TrainSettings
-from quantlab.ray_executor import TIMING_RESOURCE
 from quantlab.runner import SweepOptions, run_sweep
 from quantlab.store import Store
 from quantlab.techniques import parse_technique_list
@@ -26,14 +25,6 @@ MEASURE = MeasureSettings(min_runs=5, min_seconds=0.05)
 def spec(techniques: str = TECHNIQUES) -> SweepSpec:
     return SweepSpec("seed-cnn", "digits-28", parse_technique_list(techniques),
                      train=TrainSettings(epochs=3), measure=MEASURE)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, resources={TIMING_RESOURCE: 1}, include_dashboard=False,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

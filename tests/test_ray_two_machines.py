@@ -22,6 +22,7 @@ import duckdb
 import pytest
 
 from conftest import ROOT, TINY_ARGS
+from tests import model_zoo as zoo
 from quantlab.ray_executor import TIMING_RESOURCE
 
 RAY = Path(sys.executable).with_name("ray")
@@ -53,7 +54,7 @@ def own_tmp_keeping(installed: list[tuple[Path, Path]]) -> str:
     return " && ".join(steps)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_machines():
     """(head address, the worker machine's IP); everything is removed afterwards."""
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
@@ -108,9 +109,9 @@ def two_machines():
             current.unlink()
 
 
-def sweep(folder: Path, *extra: str) -> list[dict]:
+def sweep(folder: Path, *extra: str, workload: list[str] = TINY_ARGS, techniques: str = TECHNIQUES) -> list[dict]:
     done = subprocess.run(
-        [sys.executable, "-m", "quantlab", "sweep", *TINY_ARGS, "--techniques", TECHNIQUES, "--json",
+        [sys.executable, "-m", "quantlab", "sweep", *workload, "--techniques", techniques, "--json",
          "--db", str(folder / "q.duckdb"), "--cache", str(folder / "cache"), *extra],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -134,3 +135,26 @@ def test_a_sweep_on_another_machine_gives_the_pools_rows_and_its_files_come_home
     for provenance, artifact in found:
         assert json.loads(provenance)["node"]["ip"] == node_ip  # measured over there
         assert Path(artifact).is_relative_to(tmp_path / "ray" / "cache") and Path(artifact).stat().st_size > 0
+
+
+def test_a_users_keras3_model_and_unlabelled_data_travel_to_the_other_machine(two_machines, tmp_path):
+    """The user's files live on the driver's /tmp, which the other machine cannot see."""
+    address, node_ip = two_machines
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    model = zoo.save_keras(zoo.keras3_model(functional=True), mine, "k3")
+    data = zoo.save_dataset(mine, "nolabels", zoo.images(40, seed=3)[0], x_calib=zoo.images(40, seed=4)[0])
+    workload = ["--model", str(model), "--dataset", str(data), "--min-runs", "5", "--min-seconds", "0.02"]
+    techniques = "baseline,dynamic,int8-only"
+    on_ray = {row["technique"]: row for row in sweep(tmp_path / "ray", "--ray", address, workload=workload,
+                                                     techniques=techniques)}
+    on_pool = {row["technique"]: row for row in sweep(tmp_path / "pool", workload=workload, techniques=techniques)}
+
+    assert sorted(on_ray) == sorted(on_pool) == sorted(techniques.split(","))
+    for technique, row in on_ray.items():
+        assert row["error"] is None and row["accuracy"] is None, row  # no labels: fidelity only
+        assert (row["model_bytes"], row["agreement"], row["sqnr_db"]) == (
+            on_pool[technique]["model_bytes"], on_pool[technique]["agreement"], on_pool[technique]["sqnr_db"])
+    with duckdb.connect(str(tmp_path / "ray" / "q.duckdb"), read_only=True) as store:
+        nodes = [json.loads(p)["node"]["ip"] for (p,) in store.sql("SELECT provenance FROM results").fetchall()]
+    assert nodes == [node_ip] * 3

@@ -63,6 +63,7 @@ _USERS = 0             # executors (and plans) using the connection now
 _STARTED_HERE = False  # this process started Ray (--ray local): the last user shuts it down
 _KEEP_STARTED = False  # ...unless this is a long-lived process (the dashboard) that keeps it
 _KEEPER_DONE: threading.Event | None = None  # set to end the thread that started a kept Ray
+_LOST_WHY = "the connection was closed"  # why the last connection was left (a sweep lost the head)
 
 
 def connect(address: str) -> None:
@@ -81,13 +82,15 @@ def connect(address: str) -> None:
         _USERS += 1
 
 
-def abandon_connection() -> None:
+def abandon_connection(why: str) -> None:
     """Leave a Ray whose head is gone. Without this, Ray's client kept retrying the head for 60 s
-    and then ended the whole process (the CLI, or the dashboard's server) with no word from us."""
-    global _USERS, _STARTED_HERE
+    and then ended the whole process (the CLI, or the dashboard's server) with no word from us.
+    Other sweeps on the same connection (a plan's) then fail with `why`."""
+    global _USERS, _STARTED_HERE, _LOST_WHY
     with _GUARD:
         import ray
 
+        _LOST_WHY = why
         with _core_logs_aside():
             ray.shutdown()  # about 5 s with the head gone
         _USERS = 0
@@ -187,6 +190,8 @@ def shared_connection() -> Iterator[None]:
 def _init(address: str) -> bool:
     import ray
 
+    _no_automatic_init()
+
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     # On a cluster, the quantlab package travels with the job (nodes need only the requirements).
     cluster_env = {"runtime_env": {"py_modules": [_PACKAGE_DIR], "env_vars": TASK_ENV}}
@@ -210,6 +215,8 @@ def _init(address: str) -> bool:
         target = address if address != "auto" else (os.environ.get("RAY_ADDRESS") or "auto")
         if target != "auto":
             _check_reachable(target)  # ray.init would retry an unreachable head for minutes
+        elif last_head := _last_started_head():
+            _check_reachable(last_head)  # the head `ray start` made here last may have died since
         # `ray start` turns on token authentication when ~/.ray/auth_token exists, but a client
         # joining it does not by itself (Ray 2.60): send the token when there is one.
         _use_token_if_any()
@@ -221,6 +228,29 @@ def _init(address: str) -> bool:
             f"cannot connect to Ray at {address!r} ({first}); start a head with `ray start --head "
             f"--port 6379 --resources '{{\"{TIMING_RESOURCE}\": 1}}'`, or pass --ray local") from None
     return False
+
+
+def _no_automatic_init() -> None:
+    """Turn off Ray's automatic `ray.init` at the first Ray call without a connection. After one
+    sweep left a lost head, another sweep's next call would otherwise connect again, to the same
+    dead head, retrying for minutes. Ray's own internals; if they change, Ray behaves as before."""
+    try:
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+    except (ImportError, AttributeError):
+        pass
+
+
+def _last_started_head() -> str | None:
+    """The head `--ray auto` would join when RAY_ADDRESS is unset: the last `ray start --head` on
+    this machine (None if there is none, or Ray keeps it elsewhere)."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - Ray's own internals; ray.init finds it its own way
+        return None
 
 
 @contextmanager
@@ -912,6 +942,9 @@ class RayExecutor:
                 emit(task_id, {"stage": "queued", "message": "queued on Ray"})
             self._warm_spare_workers(len(ready))
             while running:
+                if not ray.is_initialized():  # another sweep of this connection lost the head
+                    running.clear()
+                    raise _lost(self._where(), _LOST_WHY)
                 if stop is not None and stop():
                     for ref, (task_id, _) in running.items():
                         ray.cancel(ref, force=True)
@@ -964,10 +997,8 @@ class RayExecutor:
                     else:
                         yield TaskOutcome(task_id, error=outcome["error"],
                                           user_error=outcome["status"] == "user-error")
-        except (ConnectionError, OSError) as exc:
-            raise _lost(self._where(), exc) from None
-        except RayError as exc:
-            raise _lost(self._where(), exc) from None
+        except (ConnectionError, OSError, RayError) as exc:  # the connection itself, or its head
+            raise _lost(self._where(), exc if ray.is_initialized() else _LOST_WHY) from None
         finally:
             if self.stopped_tasks or running:
                 for ref in running:
@@ -978,7 +1009,7 @@ class RayExecutor:
 
     def _lose(self, running: dict, why: str) -> None:
         running.clear()  # nothing left to cancel on a cluster that is gone
-        self._abandon()
+        self._abandon(why)
         raise _lost(self._where(), why)
 
     def _where(self) -> str:
@@ -986,10 +1017,10 @@ class RayExecutor:
         named = repr(self.address)
         return f"{named} ({self._head})" if self._head and self.address in ("auto", "local") else named
 
-    def _abandon(self) -> None:
+    def _abandon(self, why: str) -> None:
         self._events = None
         self._started = False
-        abandon_connection()
+        abandon_connection(why)
 
     def close(self) -> None:
         if self._events is not None:  # the connection's event log stays for its next executor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -111,6 +112,25 @@ def test_an_unreachable_head_is_one_error_line(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot connect to Ray"), result.stderr
+
+
+def test_auto_on_a_machine_whose_last_head_died_is_one_error_line_at_once(tmp_path):
+    """`--ray auto` joins the last `ray start --head` here (Ray's ray_current_cluster file); when that
+    head has died since, Ray's client retried it for minutes (2 min here before the test gave up)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(dead)  # Ray looks under $TMPDIR/ray
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "quantlab", "sweep", "--model", "seed-cnn", "--dataset", "digits-28",
+         "--techniques", "float32", "--db", str(tmp_path / "q.duckdb"), "--cache", str(tmp_path / "cache"),
+         "--ray", "auto"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={**env, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot connect to Ray at '{dead}'"), result.stderr
 
 
 PLAN = """

@@ -212,3 +212,43 @@ def test_a_cluster_driver_killed_mid_sweep_fails_that_sweep_and_the_next_gets_a_
     assert after.wait(240) and after.snapshot().status == "done", after.snapshot()
     [(status, pid)] = stored(tmp_path / "after")[0]
     assert status == "done" and pid not in (killed, os.getpid())
+
+
+def test_a_head_killed_mid_plan_ends_every_sweep_in_one_line_and_the_plan_ends(head, tmp_path):
+    """A plan's sweeps share one connection: when one sweep leaves the lost head, the others fail
+    with the same line. Before, one of them called Ray again, which reconnected to the dead head by
+    itself and retried it for minutes: the plan hung in 4 runs of 5."""
+    process, port = head
+    plan = tmp_path / "plan.toml"
+    plan.write_text('name = "lost"\nmodels = ["seed-cnn", "mlp"]\ndatasets = ["digits-28", "digits"]\n'
+                    'techniques = ["float32", "dynamic", "int8-only"]\nmin_runs = 5\nmin_seconds = 0.05\n')
+    db, results = tmp_path / "q.duckdb", tmp_path / "cache" / "results"
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "quantlab", "plan", str(plan), "--db", str(db), "--cache", str(tmp_path / "cache"),
+         "--ray", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 240
+    while not (results.exists() and any(results.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the first variant is finished
+    os.killpg(process.pid, signal.SIGKILL)
+    try:
+        output, _ = cli.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        cli.kill()
+        pytest.fail("the plan did not end within 90 s of the head's loss")
+
+    lines = output.splitlines()
+    assert cli.returncode in (1, 2) and not any("Traceback" in line for line in lines), output
+    ended = [line for line in lines if line.startswith(("[1/4] ", "[2/4] ", "[3/4] ", "[4/4] "))]
+    cut_short = [line for line in ended if ": failed: " in line]
+    run_ended = [line for line in lines if line.startswith("error: lost the connection to the Ray head")]
+    # Each sweep says how it ended (one not started yet cannot reach the head), or Ray's client ended
+    # the whole run and its one line says so.
+    assert (len(ended) == 4 and cut_short) or run_ended, output
+    assert all("lost the connection" in line or "cannot connect" in line for line in cut_short), output
+    with duckdb.connect(str(db), read_only=True) as store:
+        statuses = [status for (status,) in store.sql("SELECT status FROM sweeps").fetchall()]
+        rows = store.sql("SELECT sweep_id, technique, model_bytes, error FROM results").fetchall()
+    assert "failed" in statuses and "running" not in statuses, (statuses, output)
+    assert len({(sweep, technique) for sweep, technique, _, _ in rows}) == len(rows)  # one row per variant
+    assert all(size > 0 and error is None for _, _, size, error in rows)  # none partial

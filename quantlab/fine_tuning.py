@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import TechniqueError
+from .keras_convert import representative_dataset, representative_inputs
 from .ptq import conversion_details, convert_model
 from .techniques import BuildContext, Param, Produced, Technique
 
@@ -51,6 +52,13 @@ def _quantize_scope(technique_id: str) -> Any:
     return tfmot.quantization.keras.quantize_scope()
 
 
+def fine_tuned_suffix(technique_id: str) -> str:
+    """How a fine-tuned model is kept in the cache. A quantization-aware model saved as .keras did not
+    load back ("Layer 'quantize_layer' expected 5 variables, but received 3"), so the next variant
+    sharing it failed; as HDF5, as tfmot's own guide saves it, it loads with the same outputs."""
+    return ".h5" if _is_qat(technique_id) else ".keras"
+
+
 def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict) -> tuple[Any, dict]:
     """The fine-tuned Keras model and its stats, from the cache when this exact run was done before."""
     from .config import ENGINE_VERSION, content_hash
@@ -63,7 +71,7 @@ def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict)
                              f"is not one: upload the tf_keras model or use post-training techniques")
     key = content_hash({"engine": ENGINE_VERSION, "model": manifest["model_hash"],
                         "dataset": manifest["dataset_hash"], "technique": technique_id, "params": fit_params})
-    model_path = context.cache.path("models", f"ft-{key}", ".keras")
+    model_path = context.cache.path("models", f"ft-{key}", fine_tuned_suffix(technique_id))
     cached_stats = context.cache.read_json("models", f"ft-{key}")
     _, tf_keras = import_tensorflow()
     if model_path.exists() and cached_stats is not None:
@@ -84,7 +92,7 @@ def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict)
         on_progress=context.on_progress)
     stats = {**result.stats, "validation_split": "calibration" if has_labels else None}
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_name(f".{model_path.stem}.tmp.keras")
+    tmp = model_path.with_name(f".{model_path.stem}.tmp{model_path.suffix}")
     with _quantize_scope(technique_id):
         result.model.save(tmp)
     tmp.replace(model_path)
@@ -113,14 +121,27 @@ def keras_arrays(model: Any, x: Any, y: Any, io: dict | None) -> tuple[Any, Any]
     return x, y
 
 
-def convert_qat_model(model: Any, io: str) -> bytes:
-    """Convert a quantization-aware model: its learned ranges make it int8 without calibration."""
+def convert_qat_model(model: Any, io: str, context: BuildContext) -> bytes:
+    """Convert a quantization-aware model: its learned ranges make it int8 without calibration.
+
+    Integer I/O needs the input's range too, which the converter takes from a representative
+    dataset (without one it refused: "For full integer quantization, a `representative_dataset`
+    must be specified"); the calibration split serves, and the learned ranges inside stay as they are.
+    """
     from .tfcompat import import_tensorflow
 
     tf, _ = import_tensorflow()
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if io == "int8":
+        calibration = context.dataset.x_calib
+        if calibration is None or len(calibration) == 0:
+            raise TechniqueError("io=int8 needs calibration samples for the input's range; provide "
+                                 "x_calib or x_train in the dataset, or use io=float")
+        inputs = (context.manifest.get("io") or {}).get("inputs")
+        converter.representative_dataset = (
+            representative_inputs(calibration, inputs) if inputs
+            else representative_dataset(calibration, context.manifest.get("input_dtype") or "float32"))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
@@ -133,7 +154,7 @@ def _fine_tune(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
         model, stats = fine_tuned_model(context, technique_id, fit_params)
         extra: dict[str, Any] = {}
         if _is_qat(technique_id):
-            tflite = convert_qat_model(model, params["io"])
+            tflite = convert_qat_model(model, params["io"], context)
             conversion = f"quantization-aware int8 ({params['io']} I/O)"
         else:
             tflite, notes = convert_model(context, model, params["then"])

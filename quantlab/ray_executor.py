@@ -841,7 +841,7 @@ class RayExecutor:
             paths.add(Path(manifest["reference_path"]).with_suffix(".all.npz"))
         shared = shared_step_key(payload)
         if shared:
-            for suffix in (".keras", ".json"):
+            for suffix in (".keras", ".h5", ".json"):  # the model as fine_tuned_suffix keeps it
                 paths.add(self.cache_root / "models" / f"ft-{shared}{suffix}")
         inputs: dict[str, bytes] = {}
         for path in paths:

@@ -61,6 +61,20 @@ def test_a_rerun_reuses_the_fine_tuned_models(tiny_sweep, training_rows):
     assert row["details"]["fine_tune"]["fine_tune_cached"] is True
 
 
+def test_a_cached_qat_fine_tune_serves_a_variant_with_integer_io(tiny_sweep, training_rows):
+    """The io=float variant's fine-tuned model, loaded back from the cache, converted with int8 I/O.
+    Both failed before: the quantization-aware model did not load back from its .keras file, and
+    integer I/O had no representative data for the input's range."""
+    rows, _ = training_rows
+    result = run_cli("sweep", *TINY_ARGS, "--techniques", "qat-int8:io=int8", "--db", str(tiny_sweep["db"]),
+                     "--cache", str(tiny_sweep["cache"]), "--json", check=True)
+    row = json.loads(result.stdout)
+    assert row["error"] is None, row["error"]
+    assert row["details"]["fine_tune"]["fine_tune_cached"] is True
+    assert (row["input_dtype"], row["output_dtype"]) == ("int8", "int8")
+    assert abs(row["accuracy"] - rows["qat-int8"]["accuracy"]) < 0.05  # the same fine-tuned model
+
+
 def test_conversion_parameters_are_checked_before_any_work():
     with pytest.raises(Exception, match="then"):
         parse_technique_list("prune:then=int4")

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from .errors import QuantLabError
+
 # Bump when a change in QuantLab alters what an artifact or a measurement would be.
 ENGINE_VERSION = "3"  # 3: recurrent and int-input conversions, baselines in their own framework, oneDNN off
 
@@ -50,6 +52,12 @@ class TechniqueSpec:
         return content_hash(self.to_dict())
 
 
+def _at_least(name: str, value: Any, lowest: int) -> None:
+    """Settings come from the CLI, a plan file or the dashboard: refuse a value no run can use."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise QuantLabError(f"{name} must be a whole number of at least {lowest}, not {value!r}")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How a built-in baseline is trained; part of the baseline's cache key."""
@@ -58,6 +66,12 @@ class TrainSettings:
     batch_size: int = 32
     learning_rate: float = 0.002
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("epochs", self.epochs, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        if not self.learning_rate > 0:
+            raise QuantLabError(f"learning_rate must be above 0, not {self.learning_rate}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +89,13 @@ class MeasureSettings:
     warmup_runs: int = 10
     min_runs: int = 50
     min_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        _at_least("num_threads", self.num_threads, 1)
+        _at_least("warmup_runs", self.warmup_runs, 0)
+        _at_least("min_runs", self.min_runs, 1)
+        if not self.min_seconds >= 0:
+            raise QuantLabError(f"min_seconds must be 0 or more, not {self.min_seconds}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

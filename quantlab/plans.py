@@ -9,6 +9,9 @@
     min_runs = 20                                 # optional latency settings
     min_seconds = 0.5
 
+A model or dataset that is not a built-in name is a path; a relative one is looked for next to the
+plan file first, then from the current folder.
+
 On Ray the sweeps run side by side (each one's variants are Ray tasks); on the pool, one after the
 other. Every sweep is stored with the plan id, so a plan re-run (all cached) and the Compare page's
 plan filter find them.
@@ -80,6 +83,16 @@ def _strings(data: dict, key: str, path: Path) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _next_to(plan_path: Path, entries: tuple[str, ...], builtins: Any) -> tuple[str, ...]:
+    """Relative paths found next to the plan file, as such; built-in names and the rest unchanged."""
+    def place(entry: str) -> str:
+        beside = Path(plan_path).parent / entry
+        if entry in builtins or Path(entry).is_absolute() or not beside.exists():
+            return entry
+        return str(beside)
+    return tuple(place(entry) for entry in entries)
+
+
 def load_plan(path: Path) -> Plan:
     """Read and check a plan file; errors name the file and the key to fix."""
     try:
@@ -100,12 +113,24 @@ def load_plan(path: Path) -> Plan:
     threads = [threads] if isinstance(threads, int) else threads
     if not isinstance(threads, list) or not threads or not all(isinstance(t, int) and t >= 1 for t in threads):
         raise QuantLabError(f"{path}: `threads` must be a list of thread counts of at least 1, e.g. [1, 2, 4]")
-    plan = Plan(name=str(data.get("name") or Path(path).stem), models=_strings(data, "models", path),
-                datasets=_strings(data, "datasets", path), techniques=techniques, threads=tuple(threads),
-                epochs=int(data.get("epochs", TrainSettings.epochs)),
-                min_runs=int(data.get("min_runs", MeasureSettings.min_runs)),
-                min_seconds=float(data.get("min_seconds", MeasureSettings.min_seconds)))
-    return plan
+    settings = {key: data.get(key, default) for key, default in (
+        ("epochs", TrainSettings.epochs), ("min_runs", MeasureSettings.min_runs),
+        ("min_seconds", MeasureSettings.min_seconds))}
+    try:  # checked here, where the file can be named, not when its sweeps start
+        TrainSettings(epochs=settings["epochs"])
+        MeasureSettings(min_runs=settings["min_runs"], min_seconds=float(settings["min_seconds"]))
+    except QuantLabError as exc:
+        raise QuantLabError(f"{path}: {exc}") from None
+    except (TypeError, ValueError):  # float() of something else
+        raise QuantLabError(f"{path}: min_seconds must be a number, not {settings['min_seconds']!r}") from None
+    from .workloads import BUILTIN_DATASETS, BUILTIN_MODELS
+
+    return Plan(name=str(data.get("name") or Path(path).stem),
+                models=_next_to(path, _strings(data, "models", path), BUILTIN_MODELS),
+                datasets=_next_to(path, _strings(data, "datasets", path), BUILTIN_DATASETS),
+                techniques=techniques, threads=tuple(threads),
+                epochs=settings["epochs"], min_runs=settings["min_runs"],
+                min_seconds=float(settings["min_seconds"]))
 
 
 @dataclass

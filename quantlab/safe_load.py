@@ -1381,16 +1381,18 @@ def load_npz_dataset(path: str | os.PathLike, limits: UploadLimits = DEFAULT_LIM
 
 @_user_errors(DatasetError)
 def validate_dataset_for_model(arrays: dict[str, np.ndarray], input_shape: Iterable[int],
-                               num_classes: int) -> dict[str, np.ndarray]:
+                               num_classes: int, label_output: str | None = None) -> dict[str, np.ndarray]:
     """Check a loaded dataset against a model; return the arrays ready to feed it.
 
     Each x_* sample must have exactly the model's per-sample input shape. One difference is
     accepted: a missing trailing channel of size 1 (e.g. (N, 28, 28) for a (28, 28, 1) model),
-    which is added. Every label must be below `num_classes`.
+    which is added. Every label must be below `num_classes` (the units of `label_output`, the
+    output the labels belong to, when the model has several).
     """
     expected = tuple(int(d) for d in input_shape)
     result = dict(arrays)
-    for name in sorted(k for k in arrays if k.startswith("x_")):
+    # x_test first: it is always the user's own, while x_calib may have been drawn from it.
+    for name in sorted((k for k in arrays if k.startswith("x_")), key=lambda k: (k != "x_test", k)):
         found = tuple(arrays[name].shape[1:])
         if found == expected:
             continue
@@ -1401,6 +1403,11 @@ def validate_dataset_for_model(arrays: dict[str, np.ndarray], input_shape: Itera
                     f"{expected}; reshape the array to (N, {', '.join(map(str, expected))})")
     for name in sorted(k for k in arrays if k.startswith("y_")):
         labels = arrays[name]
+        if labels.size and int(labels.max()) >= num_classes and label_output:
+            raise _fail(DatasetError, f"{name} has label {int(labels.max())} but the model's output "
+                        f"{label_output!r}, which the labels were matched to, has {num_classes} units "
+                        f"(classes 0..{num_classes - 1}); if they belong to another output, choose it "
+                        f"as the label output")
         if labels.size and int(labels.max()) >= num_classes:
             raise _fail(DatasetError, f"{name} has label {int(labels.max())} but the model has "
                         f"{num_classes} outputs (classes 0..{num_classes - 1}); use the dataset "

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .cache import ArtifactCache, write_atomically
-from .errors import DatasetError
+from .errors import DatasetError, ModelError
 from .safe_load import (PER_INPUT_ARRAY, load_keras_model, load_npz_dataset, load_tflite_bytes,
                         validate_dataset_for_model)
 from .workloads import CALIBRATION_SIZE, SPLIT_SEED, Dataset
@@ -93,18 +93,20 @@ def load_uploaded_dataset(path: Path) -> Dataset:
     return dataset_from_arrays(path.stem, arrays, tuple(notes), layout)
 
 
-def fit_dataset_to_model(dataset: Dataset, input_shape: tuple[int, ...], num_classes: int) -> Dataset:
-    """The dataset reshaped for the model's input (a missing channel of 1 added), labels checked."""
+def fit_dataset_to_model(dataset: Dataset, input_shape: tuple[int, ...], num_classes: int,
+                         label_output: str | None = None) -> Dataset:
+    """The dataset reshaped for the model's input (a missing channel of 1 added), labels checked
+    (against `label_output`'s units when the model has several outputs)."""
     if dataset.layout:  # several inputs, packed: their sizes were checked against the model's inputs
         arrays = {"y_test": dataset.y_test, "y_train": dataset.y_train}
-        validate_dataset_for_model(arrays, (), num_classes)
+        validate_dataset_for_model(arrays, (), num_classes, label_output)
         return Dataset(name=dataset.name, source=dataset.source, num_classes=num_classes,
                        x_train=dataset.x_train, y_train=dataset.y_train, x_calib=dataset.x_calib,
                        y_calib=dataset.y_calib, x_test=dataset.x_test, y_test=dataset.y_test,
                        layout=dataset.layout)
     arrays = {k: getattr(dataset, k) for k in ("x_train", "x_calib", "x_test")}
     arrays.update(y_test=dataset.y_test, y_train=dataset.y_train)
-    fitted = validate_dataset_for_model(arrays, input_shape, num_classes)
+    fitted = validate_dataset_for_model(arrays, input_shape, num_classes, label_output)
     return Dataset(name=dataset.name, source=dataset.source, num_classes=num_classes,
                    x_train=fitted["x_train"], y_train=dataset.y_train, x_calib=fitted["x_calib"],
                    y_calib=dataset.y_calib, x_test=fitted["x_test"], y_test=dataset.y_test)
@@ -114,6 +116,9 @@ def check_dataset_for_builtin_model(dataset: Dataset) -> None:
     if not dataset.has_labels:
         raise DatasetError(f"{dataset.name} has no labels (no y_test), and built-in models are "
                            f"trained on your data; add y_test and y_train, or upload your own model")
+    if len(dataset.x_train) == 0:
+        raise DatasetError(f"{dataset.name} has no train split (x_train, y_train), and built-in models are "
+                           f"trained on your data; add x_train and y_train, or upload your own model")
     if len(dataset.input_shape) != 2:
         raise DatasetError(f"{dataset.name}: built-in models take grayscale images of shape (N, H, W), "
                            f"not samples of shape {dataset.input_shape}; reshape the arrays or "
@@ -193,6 +198,7 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
         from .measure import inspect_tflite
 
         inspection = inspect_tflite(data)
+        _check_tflite_io(path.name, len(inspection.inputs), len(inspection.outputs), dataset, label_output)
         shape = tuple(inspection.inputs[0]["shape"][1:])
         classes = int(inspection.outputs[0]["shape"][-1])
         target = cache.path("models", f"upload-{file_hash}", ".tflite")
@@ -203,7 +209,7 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
     loaded = load_keras_model(path, workdir)
     io, classes = model_io_plan(loaded, dataset, label_output)
     shape = (int(dataset.x_test.shape[1]),) if io and io["inputs"] else loaded.input_shape
-    fitted = fit_dataset_to_model(dataset, shape, classes)
+    fitted = fit_dataset_to_model(dataset, shape, classes, io["label_output"] if io else None)
     from .tasks import copy_into_cache
 
     keras3_path = None
@@ -225,6 +231,21 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
         raise DatasetError(f"{loaded.source_name}: a SavedModel with several inputs or outputs is "
                            f"not measured yet; upload it as a tf_keras or Keras 3 model")
     return PreparedModel(target, "savedmodel", fitted, notes, keras3_path)
+
+
+def _check_tflite_io(name: str, inputs: int, outputs: int, dataset: Dataset, label_output: str | None) -> None:
+    """What a .tflite upload can be measured with, checked before any work: one input and one output
+    (several are matched by name only for Keras models), data for one input, no label output to pick."""
+    if inputs > 1 or outputs > 1:
+        raise ModelError(f"{name} has {inputs} inputs and {outputs} outputs; a .tflite is measured with "
+                         f"one of each so far: upload the Keras model, whose inputs and outputs QuantLab "
+                         f"matches by name")
+    if dataset.layout:
+        raise DatasetError(f"{dataset.name} has arrays for several inputs but {name} has one input; "
+                           f"save x_test for it")
+    if label_output:
+        raise ModelError(f"{name} has one output, so there is no label output to choose; leave the "
+                         f"label output ({label_output!r}) empty")
 
 
 def _save_model(model: Any, target: Path) -> None:

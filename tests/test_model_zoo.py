@@ -265,3 +265,51 @@ def test_label_output_picks_the_head_the_labels_belong_to(tmp_path):
         run_sweep(spec, store=Store(tmp_path / "q.duckdb"), cache=ArtifactCache(tmp_path / "cache"),
                   options=SweepOptions(workers=1, source="test"))
     assert "no_such_head" in str(error.value) and "label_head" in str(error.value)
+
+
+def test_labels_that_do_not_fit_the_chosen_output_name_that_output(tmp_path):
+    from quantlab.errors import QuantLabError
+
+    model = zoo.save_h5(zoo.two_input_two_output_model(), tmp_path, "m")
+    data = zoo.save_multi_input_dataset(tmp_path, "d")  # class ids 0..2: the 3-unit head's labels
+    spec = SweepSpec(str(model), str(data), (resolve_spec(TechniqueSpec("float32")),),
+                     TrainSettings(epochs=1), FAST, label_output="aux_head")  # 2 units
+    with pytest.raises(QuantLabError) as error:
+        run_sweep(spec, store=Store(tmp_path / "q.duckdb"), cache=ArtifactCache(tmp_path / "cache"),
+                  options=SweepOptions(workers=1, source="test"))
+    assert "output 'aux_head'" in str(error.value) and "choose it as the label output" in str(error.value)
+
+
+def save_tflite(model, folder: Path, name: str) -> Path:
+    from quantlab.tfcompat import import_tensorflow
+
+    path = folder / f"{name}.tflite"
+    path.write_bytes(import_tensorflow()[0].lite.TFLiteConverter.from_keras_model(model).convert())
+    return path
+
+
+@pytest.mark.parametrize("case, said", [
+    ("two inputs and two outputs", "has 2 inputs and 2 outputs"),
+    ("data for two inputs", "has arrays for several inputs but one.tflite has one input"),
+    ("a label output to pick", "no label output to choose"),
+])
+def test_a_tflite_it_cannot_measure_is_refused_before_any_variant(tmp_path, case, said):
+    """Several inputs and outputs are matched by name for Keras models only; a .tflite with them,
+    or data or a label output meant for them, got as far as every variant failing on its own."""
+    from quantlab.errors import QuantLabError
+
+    if case == "two inputs and two outputs":
+        model = save_tflite(zoo.two_input_two_output_model(), tmp_path, "two")
+        data = zoo.save_multi_input_dataset(tmp_path, "d")
+    else:
+        model = save_tflite(zoo.conv1d_model(), tmp_path, "one")
+        data = (zoo.save_multi_input_dataset(tmp_path, "d") if case == "data for two inputs"
+                else zoo.save_dataset(tmp_path, "d", *zoo.sequences(40)))
+    spec = SweepSpec(str(model), str(data), (resolve_spec(TechniqueSpec("as-uploaded")),),
+                     TrainSettings(epochs=1), FAST, label_output="label_head" if "label" in case else None)
+    store = Store(tmp_path / "q.duckdb")
+    with pytest.raises(QuantLabError) as error:
+        run_sweep(spec, store=store, cache=ArtifactCache(tmp_path / "cache"),
+                  options=SweepOptions(workers=1, source="test"))
+    assert said in str(error.value)
+    assert store.count() == 0

@@ -173,12 +173,30 @@ def test_a_plan_runs_its_sweeps_on_ray_and_a_rerun_is_all_cached(ray_local, tmp_
     assert len(rows) == 8 and set(rows["technique"]) == {"float32", "dynamic"}
 
 
-def test_a_plan_file_with_a_mistake_is_refused_by_key(tmp_path):
+def test_a_plans_relative_paths_are_found_next_to_the_plan_file(tmp_path, monkeypatch):
+    from quantlab.plans import load_plan
+
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.keras").write_bytes(b"not read here")
+    (tmp_path / "plans" / "p.toml").write_text('models = ["seed-cnn", "../models/mine.keras", "gone.keras"]\n'
+                                               'datasets = ["digits"]\n')
+    monkeypatch.chdir(ROOT)  # not the plan's folder
+    plan = load_plan(tmp_path / "plans" / "p.toml")
+    assert plan.models == ("seed-cnn", str(tmp_path / "plans" / "../models/mine.keras"), "gone.keras")
+    assert plan.datasets == ("digits",)
+
+
+@pytest.mark.parametrize("line, said", [
+    ("threads = [0]", "`threads` must be a list of thread counts of at least 1, e.g. [1, 2, 4]"),
+    ("epochs = 0", "epochs must be a whole number of at least 1, not 0"),
+    ('min_seconds = "one"', "min_seconds must be a number, not 'one'"),
+])
+def test_a_plan_file_with_a_mistake_is_refused_by_key(tmp_path, line, said):
     path = tmp_path / "bad.toml"
-    path.write_text('models = ["seed-cnn"]\ndatasets = ["digits-28"]\nthreads = [0]\n')
+    path.write_text(f'models = ["seed-cnn"]\ndatasets = ["digits-28"]\n{line}\n')
     result = run_cli("plan", str(path), "--db", str(tmp_path / "q.duckdb"), timeout=120)
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        f"error: {path}: `threads` must be a list of thread counts of at least 1, e.g. [1, 2, 4]"]
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {path}: {said}"]
 
 
 def test_a_demos_memory_limit_stops_a_ray_task_on_its_node(both):

@@ -149,7 +149,8 @@ def write_pickled_npz(path):
 
 
 @pytest.mark.parametrize("case", ["unknown-model", "unknown-dataset", "unknown-technique", "bad-param",
-                                  "pickled-npz", "garbage-h5", "bad-threads", "missing-option"])
+                                  "pickled-npz", "garbage-h5", "bad-threads", "zero-epochs", "no-train-split",
+                                  "missing-option"])
 def test_bad_input_is_refused_in_one_line_and_the_store_is_unchanged(tiny_sweep, tmp_path, case):
     before = Store(tiny_sweep["db"]).count()
     base = ["sweep", "--db", str(tiny_sweep["db"]), "--cache", str(tiny_sweep["cache"])]
@@ -179,6 +180,15 @@ def test_bad_input_is_refused_in_one_line_and_the_store_is_unchanged(tiny_sweep,
     elif case == "bad-threads":
         result = run_cli(*base, "--model", "seed-cnn", "--dataset", "digits", "--threads", "0")
         assert_refused(result, "--threads")
+    elif case == "zero-epochs":
+        result = run_cli(*base, "--model", "seed-cnn", "--dataset", "digits", "--epochs", "0")
+        assert_refused(result, "epochs", "at least 1")
+    elif case == "no-train-split":  # a built-in model trains on the user's data: it needs x_train
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "test_only.npz", x_test=rng.random((40, 16, 16), dtype=np.float32),
+                 y_test=rng.integers(0, 3, 40))
+        result = run_cli(*base, "--model", "seed-cnn", "--dataset", str(tmp_path / "test_only.npz"))
+        assert_refused(result, "test_only", "x_train")
     else:
         result = run_cli("sweep", "--model", "seed-cnn")
         assert_refused(result, "--dataset")

@@ -90,8 +90,8 @@ def _worker_main(connection: Any, task_function: TaskFunction, shared_lock: Any,
     warnings.filterwarnings("ignore")
     if warm:
         try:
-            from .tfcompat import import_tensorflow
-            import_tensorflow()
+            from .tfcompat import import_for_tasks
+            import_for_tasks()
         except Exception:  # the task itself will report a broken install
             pass
     while True:

@@ -742,9 +742,9 @@ def execute_on_node(payload: dict, inputs: dict[str, bytes], driver_root: str, d
 def warm_worker() -> int:
     """Import what every task needs (TensorFlow above all, about 2.5 s) in a worker ahead of its tasks."""
     from . import tasks  # noqa: F401
-    from .tfcompat import import_tensorflow
+    from .tfcompat import import_for_tasks
 
-    import_tensorflow()
+    import_for_tasks()
     return os.getpid()
 
 

@@ -41,3 +41,14 @@ def library_versions() -> dict[str, str]:
             continue
     versions["onednn"] = "on" if os.environ.get(ONEDNN_ENV, "0") not in ("0", "false") else "off"
     return versions
+
+
+def import_for_tasks() -> None:
+    """What a worker imports before its first task: TensorFlow, and Keras 3, which TFLiteConverter
+    imports at its first conversion to tell a Keras 3 model from a tf_keras one (about 1 s, most of
+    it scikit-learn, which Keras 3 imports)."""
+    import_tensorflow()
+    try:
+        import keras  # noqa: F401
+    except ImportError:  # no Keras 3 installed: the converter's check fails as fast
+        pass

@@ -133,7 +133,7 @@ def with_uncertainty(row: dict[str, Any], store: Store, memo: dict[tuple, dict] 
     return {**row, **uncertainty.json_fields(row, uncertainty.change_fields(row, memo[key]))}
 
 
-def _quality(row: dict) -> str:
+def _describe_quality(row: dict) -> str:
     """Accuracy where the dataset has labels, else agreement with the float model."""
     if row.get("accuracy") is not None:
         return f"accuracy {row['accuracy']:.4f}"
@@ -150,7 +150,7 @@ def _format_progress(event: dict) -> str | None:
         if row.get("error"):
             return f"{head}: failed: {row['error']}"
         parts = [f"{row['model_bytes']:,} bytes" if row.get("model_bytes") is not None else "size not measured",
-                 _quality(row)]
+                 _describe_quality(row)]
         if row.get("latency_p50_ms") is not None:
             parts.append(f"p50 {row['latency_p50_ms']:.3f} ms")
         return f"{head}: {', '.join(parts)}{' (cached)' if row.get('cached') else ''}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -52,10 +53,18 @@ class TechniqueSpec:
         return content_hash(self.to_dict())
 
 
-def _at_least(name: str, value: Any, lowest: int) -> None:
+def _check_at_least(name: str, value: Any, lowest: int) -> None:
     """Settings come from the CLI, a plan file or the dashboard: refuse a value no run can use."""
     if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
         raise QuantLabError(f"{name} must be a whole number of at least {lowest}, not {value!r}")
+
+
+def _check_finite(name: str, value: Any, lowest: float, strictly: bool = False) -> None:
+    """A finite number above `lowest` (or at least `lowest`)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < lowest or (strictly and value == lowest):
+        raise QuantLabError(f"{name} must be a finite number {'above' if strictly else 'of at least'} "
+                            f"{lowest:g}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -68,10 +77,9 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _at_least("epochs", self.epochs, 1)
-        _at_least("batch_size", self.batch_size, 1)
-        if not self.learning_rate > 0:
-            raise QuantLabError(f"learning_rate must be above 0, not {self.learning_rate}")
+        _check_at_least("epochs", self.epochs, 1)
+        _check_at_least("batch_size", self.batch_size, 1)
+        _check_finite("learning_rate", self.learning_rate, 0, strictly=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,11 +99,10 @@ class MeasureSettings:
     min_seconds: float = 1.0
 
     def __post_init__(self) -> None:
-        _at_least("num_threads", self.num_threads, 1)
-        _at_least("warmup_runs", self.warmup_runs, 0)
-        _at_least("min_runs", self.min_runs, 1)
-        if not self.min_seconds >= 0:
-            raise QuantLabError(f"min_seconds must be 0 or more, not {self.min_seconds}")
+        _check_at_least("num_threads", self.num_threads, 1)
+        _check_at_least("warmup_runs", self.warmup_runs, 0)
+        _check_at_least("min_runs", self.min_runs, 1)
+        _check_finite("min_seconds", self.min_seconds, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

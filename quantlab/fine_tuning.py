@@ -3,6 +3,8 @@ their combinations; the training itself is in quantlab.finetune."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from typing import Any, Callable
 
 import numpy as np
@@ -92,7 +94,9 @@ def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict)
         on_progress=context.on_progress)
     stats = {**result.stats, "validation_split": "calibration" if has_labels else None}
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_name(f".{model_path.stem}.tmp{model_path.suffix}")
+    # Sweeps that differ only in thread count share the fine-tune and may train it side by side.
+    unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = model_path.with_name(f".{model_path.stem}.{unique}.tmp{model_path.suffix}")
     with _quantize_scope(technique_id):
         result.model.save(tmp)
     tmp.replace(model_path)

@@ -25,7 +25,7 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .cache import ArtifactCache
 from .config import MeasureSettings, SweepSpec, TrainSettings, content_hash
@@ -83,7 +83,7 @@ def _strings(data: dict, key: str, path: Path) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _next_to(plan_path: Path, entries: tuple[str, ...], builtins: Any) -> tuple[str, ...]:
+def _resolve_next_to(plan_path: Path, entries: tuple[str, ...], builtins: Mapping[str, Any]) -> tuple[str, ...]:
     """Relative paths found next to the plan file, as such; built-in names and the rest unchanged."""
     def place(entry: str) -> str:
         beside = Path(plan_path).parent / entry
@@ -126,8 +126,8 @@ def load_plan(path: Path) -> Plan:
     from .workloads import BUILTIN_DATASETS, BUILTIN_MODELS
 
     return Plan(name=str(data.get("name") or Path(path).stem),
-                models=_next_to(path, _strings(data, "models", path), BUILTIN_MODELS),
-                datasets=_next_to(path, _strings(data, "datasets", path), BUILTIN_DATASETS),
+                models=_resolve_next_to(path, _strings(data, "models", path), BUILTIN_MODELS),
+                datasets=_resolve_next_to(path, _strings(data, "datasets", path), BUILTIN_DATASETS),
                 techniques=techniques, threads=tuple(threads),
                 epochs=settings["epochs"], min_runs=settings["min_runs"],
                 min_seconds=float(settings["min_seconds"]))

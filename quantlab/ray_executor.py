@@ -64,33 +64,37 @@ _STARTED_HERE = False  # this process started Ray (--ray local): the last user s
 _KEEP_STARTED = False  # ...unless this is a long-lived process (the dashboard) that keeps it
 _KEEPER_DONE: threading.Event | None = None  # set to end the thread that started a kept Ray
 _LOST_WHY = "the connection was closed"  # why the last connection was left (a sweep lost the head)
+_GENERATION = 0  # goes up when this process connects or leaves a lost head: executors of an older one stop
 
 
-def connect(address: str) -> None:
-    """Connect this process to Ray at `address` (once; later calls share it). Pair with `disconnect`.
+def connect(address: str) -> int:
+    """Connect this process to Ray at `address` (once; later calls share it); returns the
+    connection's generation, to pass to `disconnect`.
 
     `local` starts a Ray instance with this machine's cores and one timing unit; `auto` joins the
     cluster named by RAY_ADDRESS or started here with `ray start`; `host:port` joins that head.
     A process already connected (a test fixture, a dashboard) keeps its connection.
     """
-    global _USERS, _STARTED_HERE
+    global _USERS, _STARTED_HERE, _GENERATION
     with _GUARD:
         import ray
 
         if not ray.is_initialized():
             _STARTED_HERE = _init_in_lasting_thread(address) if _KEEP_STARTED else _init(address)
+            _GENERATION += 1
         _USERS += 1
+        return _GENERATION
 
 
 def abandon_connection(why: str) -> None:
     """Leave a Ray whose head is gone. Without this, Ray's client kept retrying the head for 60 s
     and then ended the whole process (the CLI, or the dashboard's server) with no word from us.
-    Other sweeps on the same connection (a plan's) then fail with `why`."""
-    global _USERS, _STARTED_HERE, _LOST_WHY
+    Other sweeps on the same connection (a plan's) then fail with `why`, at their next step."""
+    global _USERS, _STARTED_HERE, _LOST_WHY, _GENERATION
+    _LOST_WHY, _GENERATION = why, _GENERATION + 1  # before the wait for the guard and the shutdown
     with _GUARD:
         import ray
 
-        _LOST_WHY = why
         with _core_logs_aside():
             ray.shutdown()  # about 5 s with the head gone
         _USERS = 0
@@ -166,9 +170,12 @@ def _init_in_lasting_thread(address: str) -> bool:
     return outcome["started"]
 
 
-def disconnect() -> None:
+def disconnect(generation: int | None = None) -> None:
+    """One user less; an executor of a connection left since (`generation` older) counts no more."""
     global _USERS
     with _GUARD:
+        if generation is not None and generation != _GENERATION:
+            return
         _USERS = max(0, _USERS - 1)
         if _USERS == 0 and _STARTED_HERE and not _KEEP_STARTED:
             _shutdown_started()
@@ -215,8 +222,8 @@ def _init(address: str) -> bool:
         target = address if address != "auto" else (os.environ.get("RAY_ADDRESS") or "auto")
         if target != "auto":
             _check_reachable(target)  # ray.init would retry an unreachable head for minutes
-        elif last_head := _last_started_head():
-            _check_reachable(last_head)  # the head `ray start` made here last may have died since
+        elif last_head := _find_last_started_head():
+            _check_last_started_head(last_head)
         # `ray start` turns on token authentication when ~/.ray/auth_token exists, but a client
         # joining it does not by itself (Ray 2.60): send the token when there is one.
         _use_token_if_any()
@@ -234,15 +241,16 @@ def _no_automatic_init() -> None:
     """Turn off Ray's automatic `ray.init` at the first Ray call without a connection. After one
     sweep left a lost head, another sweep's next call would otherwise connect again, to the same
     dead head, retrying for minutes. Ray's own internals; if they change, Ray behaves as before."""
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"  # read when Ray is imported: for the processes started here
     try:
         from ray._private import auto_init_hook
 
-        auto_init_hook.enable_auto_connect = False
+        auto_init_hook.enable_auto_connect = False  # Ray is imported already in this one
     except (ImportError, AttributeError):
         pass
 
 
-def _last_started_head() -> str | None:
+def _find_last_started_head() -> str | None:
     """The head `--ray auto` would join when RAY_ADDRESS is unset: the last `ray start --head` on
     this machine (None if there is none, or Ray keeps it elsewhere)."""
     try:
@@ -387,6 +395,17 @@ def _local_node_answers() -> bool:
             probe.settimeout(1.0)
             return probe.connect_ex(path) == 0
     return any(line.endswith(" " + path) and line.split()[3] == LISTENING for line in table.splitlines())
+
+
+def _check_last_started_head(address: str) -> None:
+    """`auto` without RAY_ADDRESS joins the head `ray start` made here last, which may have died."""
+    try:
+        _check_reachable(address)
+    except RayConnectionError:
+        raise RayConnectionError(
+            f"cannot connect to Ray at 'auto': the last head `ray start` made on this machine ({address}) "
+            f"does not answer; start it again (or `ray stop` to forget it), set RAY_ADDRESS, or pass "
+            f"--ray local") from None
 
 
 def _check_reachable(target: str) -> None:
@@ -800,6 +819,7 @@ class RayExecutor:
         self.expected_tasks = expected_tasks  # how many tasks this executor will run in all
         self.stopped_tasks: list[str] = []
         self._started = False
+        self._generation = 0  # of the connection this executor uses
         self._warmed = False
         self._head: str | None = None  # the head's GCS address, checked while tasks run
         self._waiting: dict[str, list[tuple[str, dict]]] = {}
@@ -810,13 +830,17 @@ class RayExecutor:
 
     def start(self) -> None:
         if not self._started:
-            connect(self.address)
+            self._generation = connect(self.address)
             self._started = True
             import ray
+            from ray.exceptions import RayError
 
-            self._head = ray.get_runtime_context().gcs_address
-            _remote_functions()
-            self._events = _shared_event_log()
+            try:
+                self._head = ray.get_runtime_context().gcs_address
+                _remote_functions()
+                self._events = _shared_event_log()
+            except (ConnectionError, OSError, RayError) as exc:  # another sweep left a lost head
+                raise _lost(self._where(), exc if self._generation == _GENERATION else _LOST_WHY) from None
 
     # What a task needs from the driver's cache (or the user's files), as relative paths.
     def _inputs(self, payload: dict) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -942,7 +966,7 @@ class RayExecutor:
                 emit(task_id, {"stage": "queued", "message": "queued on Ray"})
             self._warm_spare_workers(len(ready))
             while running:
-                if not ray.is_initialized():  # another sweep of this connection lost the head
+                if self._generation != _GENERATION:  # another sweep of this connection lost the head
                     running.clear()
                     raise _lost(self._where(), _LOST_WHY)
                 if stop is not None and stop():
@@ -998,7 +1022,7 @@ class RayExecutor:
                         yield TaskOutcome(task_id, error=outcome["error"],
                                           user_error=outcome["status"] == "user-error")
         except (ConnectionError, OSError, RayError) as exc:  # the connection itself, or its head
-            raise _lost(self._where(), exc if ray.is_initialized() else _LOST_WHY) from None
+            raise _lost(self._where(), exc if self._generation == _GENERATION else _LOST_WHY) from None
         finally:
             if self.stopped_tasks or running:
                 for ref in running:
@@ -1031,7 +1055,7 @@ class RayExecutor:
             self._events = None
         if self._started:
             self._started = False
-            disconnect()
+            disconnect(self._generation)
 
 
 def _first_line(exc: BaseException) -> str:

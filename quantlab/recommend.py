@@ -644,4 +644,5 @@ def follow_up_spec(previous: Mapping[str, Any] | None, model: str, dataset: str,
     return SweepSpec(model=str(previous.get("model") or model),
                      dataset=str(previous.get("dataset") or dataset), techniques=techniques,
                      train=TrainSettings.from_dict(previous.get("train") or {}),
-                     measure=MeasureSettings.from_dict(previous.get("measure") or {}))
+                     measure=MeasureSettings.from_dict(previous.get("measure") or {}),
+                     label_output=previous.get("label_output"))  # a model with several outputs

@@ -1391,8 +1391,9 @@ def validate_dataset_for_model(arrays: dict[str, np.ndarray], input_shape: Itera
     """
     expected = tuple(int(d) for d in input_shape)
     result = dict(arrays)
-    # x_test first: it is always the user's own, while x_calib may have been drawn from it.
-    for name in sorted((k for k in arrays if k.startswith("x_")), key=lambda k: (k != "x_test", k)):
+    # x_test, then x_train: the user's own, while x_calib may have been drawn from one of them.
+    order = {"x_test": 0, "x_train": 1}
+    for name in sorted((k for k in arrays if k.startswith("x_")), key=lambda k: (order.get(k, 2), k)):
         found = tuple(arrays[name].shape[1:])
         if found == expected:
             continue

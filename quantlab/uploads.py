@@ -209,7 +209,8 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
     loaded = load_keras_model(path, workdir)
     io, classes = model_io_plan(loaded, dataset, label_output)
     shape = (int(dataset.x_test.shape[1]),) if io and io["inputs"] else loaded.input_shape
-    fitted = fit_dataset_to_model(dataset, shape, classes, io["label_output"] if io else None)
+    several_outputs = bool(io) and len(io["outputs"]) > 1  # only then is there an output to choose
+    fitted = fit_dataset_to_model(dataset, shape, classes, io["label_output"] if several_outputs else None)
     from .tasks import copy_into_cache
 
     keras3_path = None
@@ -233,13 +234,17 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
     return PreparedModel(target, "savedmodel", fitted, notes, keras3_path)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _check_tflite_io(name: str, inputs: int, outputs: int, dataset: Dataset, label_output: str | None) -> None:
     """What a .tflite upload can be measured with, checked before any work: one input and one output
     (several are matched by name only for Keras models), data for one input, no label output to pick."""
     if inputs > 1 or outputs > 1:
-        raise ModelError(f"{name} has {inputs} inputs and {outputs} outputs; a .tflite is measured with "
-                         f"one of each so far: upload the Keras model, whose inputs and outputs QuantLab "
-                         f"matches by name")
+        raise ModelError(f"{name} has {_count(inputs, 'input')} and {_count(outputs, 'output')}; a .tflite "
+                         f"is measured with one of each so far: upload the Keras model, whose inputs and "
+                         f"outputs QuantLab matches by name")
     if dataset.layout:
         raise DatasetError(f"{dataset.name} has arrays for several inputs but {name} has one input; "
                            f"save x_test for it")

@@ -130,7 +130,9 @@ def test_auto_on_a_machine_whose_last_head_died_is_one_error_line_at_once(tmp_pa
         env={**env, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot connect to Ray at '{dead}'"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: cannot connect to Ray at 'auto': the last head `ray start` made on this machine ({dead}) "
+        f"does not answer"), result.stderr
 
 
 PLAN = """

@@ -225,10 +225,11 @@ def test_runnable_splits_registered_from_unknown_ids():
 
 
 def test_follow_up_spec_keeps_the_previous_sweeps_files_and_settings():
-    previous = {"model": "/uploads/abc/model.keras", "dataset": "digits-28",
+    previous = {"model": "/uploads/abc/model.keras", "dataset": "digits-28", "label_output": "label_head",
                 "train": {"epochs": 3}, "measure": {"num_threads": 2, "min_runs": 20}}
     spec = recommend.follow_up_spec(previous, "model.keras", "digits-28", ["int8-only"])
     assert spec.model == "/uploads/abc/model.keras" and spec.train.epochs == 3
+    assert spec.label_output == "label_head"  # the labels stay on the head they belong to
     assert spec.measure.num_threads == 2 and spec.measure.min_runs == 20
     assert [t.id for t in spec.techniques] == ["int8-only"]
     fresh = recommend.follow_up_spec(None, "seed-cnn", "digits", ["dynamic"])

@@ -149,7 +149,7 @@ def write_pickled_npz(path):
 
 
 @pytest.mark.parametrize("case", ["unknown-model", "unknown-dataset", "unknown-technique", "bad-param",
-                                  "pickled-npz", "garbage-h5", "bad-threads", "zero-epochs", "no-train-split",
+                                  "pickled-npz", "garbage-h5", "bad-threads", "zero-epochs", "endless-timing", "no-train-split",
                                   "missing-option"])
 def test_bad_input_is_refused_in_one_line_and_the_store_is_unchanged(tiny_sweep, tmp_path, case):
     before = Store(tiny_sweep["db"]).count()
@@ -183,6 +183,9 @@ def test_bad_input_is_refused_in_one_line_and_the_store_is_unchanged(tiny_sweep,
     elif case == "zero-epochs":
         result = run_cli(*base, "--model", "seed-cnn", "--dataset", "digits", "--epochs", "0")
         assert_refused(result, "epochs", "at least 1")
+    elif case == "endless-timing":
+        result = run_cli(*base, "--model", "seed-cnn", "--dataset", "digits", "--min-seconds", "inf")
+        assert_refused(result, "min_seconds", "finite")
     elif case == "no-train-split":  # a built-in model trains on the user's data: it needs x_train
         rng = np.random.default_rng(0)
         np.savez(tmp_path / "test_only.npz", x_test=rng.random((40, 16, 16), dtype=np.float32),

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import TechniqueError
-from .keras_convert import representative_dataset, representative_inputs
+from .keras_convert import set_representative_data
 from .ptq import conversion_details, convert_model
 from .techniques import BuildContext, Param, Produced, Technique
 
@@ -138,14 +138,11 @@ def convert_qat_model(model: Any, io: str, context: BuildContext) -> bytes:
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if io == "int8":
-        calibration = context.dataset.x_calib
-        if calibration is None or len(calibration) == 0:
-            raise TechniqueError("io=int8 needs calibration samples for the input's range; provide "
-                                 "x_calib or x_train in the dataset, or use io=float")
-        inputs = (context.manifest.get("io") or {}).get("inputs")
-        converter.representative_dataset = (
-            representative_inputs(calibration, inputs) if inputs
-            else representative_dataset(calibration, context.manifest.get("input_dtype") or "float32"))
+        set_representative_data(converter, context.dataset.x_calib,
+                                input_dtype=context.manifest.get("input_dtype") or "float32",
+                                inputs=(context.manifest.get("io") or {}).get("inputs"),
+                                refusal="io=int8 needs calibration samples for the input's range; provide "
+                                        "x_calib or x_train in the dataset, or use io=float")
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8

@@ -167,6 +167,16 @@ def representative_inputs(x: np.ndarray, inputs: list[dict]) -> Callable[[], Any
     return generate
 
 
+def set_representative_data(converter: Any, calibration: np.ndarray | None, *, input_dtype: str,
+                            inputs: list[dict] | None, refusal: str) -> None:
+    """Give the converter the calibration samples (one dict by input name for several inputs), or
+    refuse with `refusal` when there are none."""
+    if calibration is None or len(calibration) == 0:
+        raise TechniqueError(refusal)
+    converter.representative_dataset = (representative_inputs(calibration, inputs) if inputs
+                                         else representative_dataset(calibration, input_dtype))
+
+
 def configure_converter(converter: Any, mode: str, calibration: np.ndarray | None, *,
                         weights: str = "per-channel", input_dtype: str = "float32",
                         inputs: list[dict] | None = None) -> Any:
@@ -186,11 +196,9 @@ def configure_converter(converter: Any, mode: str, calibration: np.ndarray | Non
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if mode in ("int8-fallback", "int8-only", "uint8-only", "int16x8"):
-        if calibration is None or len(calibration) == 0:
-            raise TechniqueError(f"{mode} needs representative (calibration) data; "
-                                 f"provide x_calib or x_train in the dataset")
-        converter.representative_dataset = (representative_inputs(calibration, inputs) if inputs
-                                             else representative_dataset(calibration, input_dtype))
+        set_representative_data(converter, calibration, input_dtype=input_dtype, inputs=inputs,
+                                refusal=f"{mode} needs representative (calibration) data; "
+                                        f"provide x_calib or x_train in the dataset")
     if weights not in WEIGHT_GRANULARITIES:
         raise TechniqueError(f"weights must be one of {', '.join(WEIGHT_GRANULARITIES)}, not {weights!r}")
     if weights == "per-tensor":

@@ -184,8 +184,7 @@ def model_io_plan(loaded: Any, dataset: Dataset, label_output: str | None) -> tu
                                    f"({expected} values); reshape the array")
             plan["inputs"].append({**spec, "offset": start, "size": size})
     elif dataset.layout:
-        raise DatasetError(f"{dataset.name} has arrays for several inputs but "
-                           f"{loaded.source_name} has one input; save x_test for it")
+        raise _several_inputs_for_one(dataset, loaded.source_name)
     classes = int(classifiers[label]["shape"][0])
     return plan, classes
 
@@ -234,6 +233,11 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
     return PreparedModel(target, "savedmodel", fitted, notes, keras3_path)
 
 
+def _several_inputs_for_one(dataset: Dataset, model_name: str) -> DatasetError:
+    return DatasetError(f"{dataset.name} has arrays for several inputs but {model_name} has one input; "
+                        f"save x_test for it")
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
@@ -246,8 +250,7 @@ def _check_tflite_io(name: str, inputs: int, outputs: int, dataset: Dataset, lab
                          f"is measured with one of each so far: upload the Keras model, whose inputs and "
                          f"outputs QuantLab matches by name")
     if dataset.layout:
-        raise DatasetError(f"{dataset.name} has arrays for several inputs but {name} has one input; "
-                           f"save x_test for it")
+        raise _several_inputs_for_one(dataset, name)
     if label_output:
         raise ModelError(f"{name} has one output, so there is no label output to choose; leave the "
                          f"label output ({label_output!r}) empty")

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from .errors import DatasetError, ModelError, TechniqueError
+from .keras_copy import clone_with_weights
 from .tfcompat import import_tensorflow
 
 CENTROID_INITS = ("linear", "kmeans++", "density-based", "random")
@@ -450,8 +451,7 @@ def _fresh_copy(keras: Any, model: Any) -> Any:
     """The model rebuilt from its config with a copy of its weights: new layer objects and variables,
     no optimizer or compile state, so tfmot's wrappers never reach the caller's layers."""
     try:
-        copy = keras.models.clone_model(model)
-        copy.set_weights(model.get_weights())
+        copy = clone_with_weights(keras, model)
     except (ValueError, TypeError, NotImplementedError) as error:
         raise ModelError(f"cannot copy the model to fine-tune it ({_first_line(error)}); make sure it "
                          f"is a Sequential or Functional tf_keras model of built-in layers") from None
@@ -696,10 +696,25 @@ def _quantize_boundary_outputs(model: Any, configs: dict[str, Any], untouched: l
         layer = by_name[entry["layer"]]
         feeds = [node.outbound_layer.name for node in getattr(layer, "_outbound_nodes", [])]
         floats = all(d.is_floating for d in _input_dtypes(layer)) and layer.dtype.startswith("float")
-        if floats and any(name in configs for name in feeds):
+        if not (floats and any(name in configs for name in feeds)):
+            continue
+        if _wrapper_can_shape(layer):
             configs[layer.name] = quantize_configs.Default8BitOutputQuantizeConfig()
             entry["reason"] += "; it runs in float and its output is quantized for the next layer"
             entry["output_quantized"] = True
+        else:
+            entry["reason"] += "; tfmot cannot wrap it to quantize its output either, so it runs in float"
+
+
+def _wrapper_can_shape(layer: Any) -> bool:
+    """Whether tfmot's QuantizeWrapper can build around `layer`: it asks the layer for its output
+    shape from one input shape, which a layer of several call arguments (MultiHeadAttention's query
+    and value) cannot answer ("compute_output_shape() missing ... 'value_shape'")."""
+    try:
+        layer.compute_output_shape(layer.input_shape)
+    except (TypeError, NotImplementedError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def _precheck_qat(technique: str, model: Any, first_stage: str | None = None) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import TechniqueError
+from .keras_copy import clone_with_weights
 
 RECURRENT_CLASSES = frozenset({"LSTM", "GRU", "SimpleRNN", "RNN", "Bidirectional", "ConvLSTM1D",
                                "ConvLSTM2D", "ConvLSTM3D"})
@@ -78,9 +79,7 @@ def unrolled_copy(model: Any, names: set[str]) -> Any:
             return layer.__class__.from_config(layer.get_config())
         return layer.__class__.from_config(_set_unroll(layer.get_config()))
 
-    copy = keras.models.clone_model(model, clone_function=clone)
-    copy.set_weights(model.get_weights())
-    return copy
+    return clone_with_weights(keras, model, clone)
 
 
 def _check_fixed_steps(model: Any, layers: list[dict[str, str]]) -> None:

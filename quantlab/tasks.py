@@ -19,6 +19,7 @@ import numpy as np
 from .cache import ArtifactCache
 from .config import MeasureSettings, TechniqueSpec, TrainSettings
 from .errors import ModelError, TechniqueError
+from .keras_copy import clone_with_weights
 from .tfcompat import library_versions
 from .workloads import Dataset, baseline_key, load_builtin_dataset, train_baseline
 
@@ -206,8 +207,7 @@ def _save_keras(model: Any, path: Path) -> None:
     from .tfcompat import import_tensorflow
 
     _, tf_keras = import_tensorflow()
-    deployable = tf_keras.models.clone_model(model)  # uncompiled: no optimizer state in the file
-    deployable.set_weights(model.get_weights())
+    deployable = clone_with_weights(tf_keras, model)  # uncompiled: no optimizer state in the file
     deployable.save(tmp)
     tmp.replace(path)
 

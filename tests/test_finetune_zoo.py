@@ -400,3 +400,58 @@ def test_mini_xception_qat_prune_cluster_and_pqat(xception_h5):
     both = ft.sparsity_preserving_cluster(model, x, y, prune_epochs=1, number_of_clusters=CLUSTERS, **FIT)
     assert_sparse(both.model, both.stats["stages"]["prune"]["optimized_layers"])
     to_tflite(both.model)
+
+
+# --- attention and Keras's own applications -----------------------------------------------------
+
+
+def build_transformer_encoder() -> keras.Model:
+    """A text classifier's encoder block: tokens, Embedding, MultiHeadAttention, residual Add,
+    LayerNormalization, a GELU feed-forward."""
+    inputs = keras.Input((10,), dtype="int32")
+    embedded = L.Embedding(50, 16, name="embed")(inputs)
+    attended = L.MultiHeadAttention(num_heads=2, key_dim=8, name="attention")(embedded, embedded)
+    x = L.LayerNormalization(name="norm_a")(L.Add(name="residual_a")([embedded, attended]))
+    forward = L.Dense(16, name="ff_out")(L.Dense(32, activation="gelu", name="ff_in")(x))
+    x = L.LayerNormalization(name="norm_b")(L.Add(name="residual_b")([x, forward]))
+    return keras.Model(inputs, L.Dense(4, name="head")(L.GlobalAveragePooling1D(name="gap")(x)))
+
+
+def test_attention_stays_float_in_qat_and_the_dense_layers_are_int8():
+    """tfmot has no quantize config for MultiHeadAttention, and its QuantizeWrapper cannot wrap it
+    even for its output (it asks for an output shape from one input shape): it stays float, unwrapped."""
+    model = build_transformer_encoder()
+    x, y = data_for(model)
+    qat = ft.quantization_aware_train(model, x, y, **FIT)
+    untouched = reasons(qat.stats["untouched_layers"])
+    assert "no quantize config for MultiHeadAttention" in untouched["attention"]
+    assert "output is quantized" not in untouched["attention"]
+    assert {"ff_in", "ff_out", "head"} <= set(names(qat.stats["optimized_layers"]))
+    assert_int8_kernels(to_tflite(qat.model, optimize=True), model, ["ff_in", "ff_out", "head"])
+
+
+def test_cluster_preserving_qat_copies_attention_weights_by_name():
+    """strip_clustering rebuilds MultiHeadAttention with its kernels first, then its biases; the copy
+    QAT starts from must still give each weight its own value."""
+    model = build_transformer_encoder()
+    x, y = data_for(model)
+    cqat = ft.cluster_preserving_qat(model, x, y, number_of_clusters=CLUSTERS, **FIT)
+    assert "attention" in names(cqat.stats["untouched_layers"])
+    assert_int8_kernels(to_tflite(cqat.model, optimize=True), model, ["ff_in", "ff_out", "head"])
+
+
+def test_keras_mobilenet_v3_small_is_quantization_aware_trained():
+    """Keras's own MobileNetV3Small (as a user's fine-tuned copy would be, without downloaded weights):
+    its hard-swish is TF ops (TFOpLambda: x + 3, x * 1/6) that tfmot cannot wrap even for their
+    output; they stay float and the convolutions are int8."""
+    keras.backend.clear_session()
+    model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=4)
+    x, y = data_for(model)
+    qat = ft.quantization_aware_train(model, x, y, **FIT)
+    untouched = {e["layer"]: e for e in qat.stats["untouched_layers"]}
+    lambdas = [e for e in untouched.values() if e["class"] == "TFOpLambda"]
+    assert lambdas and not any(e.get("output_quantized") for e in lambdas)
+    convolutions = [layer.name for layer in model.layers if isinstance(layer, L.Conv2D)
+                    and not isinstance(layer, L.DepthwiseConv2D) and "squeeze_excite" not in layer.name]
+    assert set(convolutions) <= set(names(qat.stats["optimized_layers"]))
+    assert_int8_kernels(to_tflite(qat.model, optimize=True), model, convolutions[:4])

@@ -1,0 +1,38 @@
+"""Copies of a tf_keras model: new layers from the config, the weights matched by name.
+
+`model.get_weights()` lists a layer's weights in the order they were created, and that order is not
+a property of the layer: a MultiHeadAttention built by `strip_clustering` lists its four kernels,
+then its four biases; the same layer built from its config lists each kernel with its bias. Copying
+by position then fails on a shape, or, where shapes agree (query and key kernels), swaps weights
+silently. Matching each layer's weights by name avoids both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+def weight_name(weight: Any) -> str:
+    """"query/kernel" for "multi_head_attention/query/kernel:0": the name inside its layer."""
+    return weight.name.split(":")[0].split("/", 1)[-1]
+
+
+def copy_weights(source: Any, target: Any) -> None:
+    """Set each layer of `target` to the weights of the `source` layer of the same name."""
+    for layer in target.layers:
+        if not layer.weights:
+            continue
+        original = source.get_layer(layer.name)
+        by_name = {weight_name(w): w for w in original.weights}
+        names = [weight_name(w) for w in layer.weights]
+        if len(by_name) == len(original.weights) == len(names) and set(names) == set(by_name):
+            layer.set_weights([by_name[name].numpy() for name in names])
+        else:  # names that do not pair up one to one (e.g. repeated): the creation order
+            layer.set_weights(original.get_weights())
+
+
+def clone_with_weights(keras: Any, model: Any, clone_function: Callable[[Any], Any] | None = None) -> Any:
+    """`keras.models.clone_model` (new layers, no compile state) with the model's own weights."""
+    copy = keras.models.clone_model(model, clone_function=clone_function)
+    copy_weights(model, copy)
+    return copy

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from datetime import datetime
@@ -142,6 +143,17 @@ def _describe_quality(row: dict) -> str:
     return "no labels and no float model to agree with"
 
 
+def _describe_training_step(event: dict) -> str:
+    """"fine-tune (part 1 of 2) epoch 1/2, step 4/7, loss 1.0986": each event of an epoch says how far."""
+    part = f" (part {event['part']} of {event['parts']})" if "part" in event else ""
+    line = f"{event.get('stage', '')}{part} epoch {event['epoch']}/{event.get('epochs', '?')}"
+    if "step" in event:
+        line += f", step {event['step']}/{event.get('steps', '?')}"
+    if isinstance(event.get("loss"), float) and math.isfinite(event["loss"]):
+        line += f", loss {event['loss']:.4f}"
+    return line
+
+
 def _format_progress(event: dict) -> str | None:
     kind = event.get("type")
     if kind in ("variant-done", "variant-failed"):
@@ -157,7 +169,7 @@ def _format_progress(event: dict) -> str | None:
     if kind == "progress":
         where = event.get("technique") or "prepare"
         if "epoch" in event:
-            return f"  {where}: {event.get('stage', '')} epoch {event['epoch']}/{event.get('epochs', '?')}"
+            return f"  {where}: {_describe_training_step(event)}"
         return f"  {where}: {event.get('message', event.get('stage', ''))}"
     if kind == "sweep-start":
         return f"sweep {event['sweep_id']}: {event['total']} variants"

@@ -257,3 +257,16 @@ def test_a_dataset_without_labels_prints_agreement_where_accuracy_would_be(tmp_p
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
     assert len(lines) == 2 and all("no labels: top-1 agreement with float" in line for line in lines), lines
+
+
+def test_each_training_progress_line_says_how_far_the_epoch_is():
+    """Several events per epoch: each line names its step (and part of a two-stage technique), so the
+    CLI never prints the same line twice in a row."""
+    from quantlab.cli import _format_progress
+
+    events = [{"type": "progress", "technique": "pqat-int8", "stage": "fine-tune", "epoch": 1, "epochs": 2,
+               "step": step, "steps": 7, "loss": 1.25, "part": 1, "parts": 2} for step in (3, 6, 7)]
+    lines = [_format_progress(event) for event in events]
+    assert len(set(lines)) == 3
+    assert lines[0] == "  pqat-int8: fine-tune (part 1 of 2) epoch 1/2, step 3/7, loss 1.2500"
+    assert _format_progress({**events[0], "loss": float("nan")}).endswith("step 3/7")

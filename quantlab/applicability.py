@@ -83,7 +83,7 @@ def describe_model_file(path: Any) -> dict:
     """What the Run page can know of an uploaded Keras file before any worker starts, read from its
     config alone (no TensorFlow, nothing deserialized): a manifest-like dict for `refusal`.
 
-    A SavedModel zip or a .tflite gives only its kind; a file that cannot be read gives {}.
+    A SavedModel (zip or folder) or a .tflite gives only its kind; a file that cannot be read gives {}.
     """
     from pathlib import Path
 
@@ -100,12 +100,28 @@ def describe_model_file(path: Any) -> dict:
         elif suffix == ".keras":
             info = inspect_keras_archive(path)
         else:
-            return {"model_kind": "keras", "model_name": path.name}
+            return {"model_kind": _saved_model_kind(path), "model_name": path.name}
     except QuantLabError:
         return {}
     kind = "keras"  # a Keras 3 file is rebuilt in tf_keras when it prepares (or refused then, by layer)
     return {"model_kind": kind, "model_name": path.name, "layers": _config_layers(info["config"]),
             "output_names": _config_outputs(info["config"])}
+
+
+def _saved_model_kind(path: Any) -> str:
+    """"keras" for a SavedModel tf_keras wrote (its keras_metadata.pb lets tf_keras rebuild the
+    layers, so every technique may run), "savedmodel" for a plain one (post-training only). A
+    rebuild that still fails when the model is prepared is refused then, by the technique."""
+    import zipfile
+
+    if path.is_dir():
+        return "keras" if (path / "keras_metadata.pb").is_file() else "savedmodel"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return "keras"  # not readable here: the upload checks say why
+    return "keras" if any(name.rsplit("/", 1)[-1] == "keras_metadata.pb" for name in names) else "savedmodel"
 
 
 def _config_outputs(config: dict) -> list[str]:

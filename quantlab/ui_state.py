@@ -259,7 +259,8 @@ def dataset_facts(path: str | None) -> tuple[bool | None, bool | None]:
         arrays = load_npz_dataset(path)
     except QuantLabError:
         return None, None
-    return "y_test" in arrays, "x_train" in arrays
+    has_train = "x_train" in arrays or any(name.startswith("x_train_") for name in arrays)  # per input
+    return "y_test" in arrays, has_train
 
 
 def unavailable_techniques() -> dict[str, str]:
@@ -507,6 +508,12 @@ def format_bytes(value: Any) -> str:
     return ""
 
 
+def error_text(record: Mapping[str, Any]) -> str | None:
+    """A row's error, or None: a row read from a results frame holds NaN, not None, for "no error"."""
+    error = record.get("error")
+    return error if isinstance(error, str) and error else None
+
+
 def _number(value: Any) -> float | None:
     if value is None:
         return None
@@ -541,7 +548,7 @@ def results_table(rows: Iterable[Mapping[str, Any]], details_link: str | None = 
 
     lines = []
     for row in rows:
-        error = row.get("error")
+        error = error_text(row)
         lines.append({
             "technique": row.get("technique"),
             "params": params_text(row.get("params")),
@@ -578,7 +585,7 @@ def row_label(record: Mapping[str, Any]) -> str:
     if params:
         parts[0] += f" ({params})"
     parts.append(f"{record.get('model_name')} on {record.get('dataset_name')}")
-    if record.get("error"):
+    if error_text(record):
         parts.append("failed")
     elif _number(record.get("accuracy")) is not None:
         parts.append(f"acc {float(record['accuracy']):.3f}")
@@ -909,7 +916,7 @@ def reference_lines(store: Store, row: Mapping[str, Any]) -> list[str]:
     same samples, in the quality the workload is judged by."""
     from .uncertainty import change_test, stored_references
 
-    if row.get("error"):
+    if error_text(row):
         return []
     metric = quality_metric(row)
     against, noun = ("labels", "accuracy") if metric == "accuracy" else ("float", "agreement")

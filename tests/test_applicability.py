@@ -75,3 +75,26 @@ def test_output_names_of_an_uploaded_model_come_from_its_config(tmp_path):
     spec = make_sweep_spec(str(path), "d.npz", (), label_output="aux_head")
     assert spec.label_output == "aux_head" and spec.to_dict()["label_output"] == "aux_head"
     assert "label_output" not in make_sweep_spec(str(path), "d.npz", ()).to_dict()
+
+
+def test_a_zipped_savedmodel_is_told_apart_before_any_worker(tmp_path):
+    """A plain SavedModel gets post-training techniques only; one tf_keras saved (keras_metadata.pb)
+    can be rebuilt, so fine-tuning stays offered."""
+    plain = zoo.save_saved_model_zip(zoo.conv1d_model(), tmp_path, "plain")
+    assert describe_model_file(plain)["model_kind"] == "savedmodel"
+    refused = upload_refusals(str(plain), dataset_has_labels=True, dataset_has_train=True)
+    assert {"qat-int8", "prune", "cluster"} <= set(refused) and "dynamic" not in refused
+    assert "tf_keras model" in refused["qat-int8"]
+    keras_saved = tmp_path / "keras-saved"
+    zoo.conv1d_model().save(keras_saved, save_format="tf")
+    assert describe_model_file(keras_saved)["model_kind"] == "keras"
+    import shutil
+    zipped = shutil.make_archive(str(tmp_path / "keras-saved"), "zip", root_dir=keras_saved)
+    assert describe_model_file(zipped)["model_kind"] == "keras"
+
+
+def test_a_train_split_packed_per_input_counts_as_a_train_split(tmp_path):
+    from quantlab.ui_state import dataset_facts
+
+    path = zoo.save_multi_input_dataset(tmp_path, "two", n_train=20)
+    assert dataset_facts(str(path)) == (True, True)

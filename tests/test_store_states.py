@@ -241,6 +241,16 @@ def test_details_of_the_failed_variant_says_why(env):
     assert {m.label: m.value for m in app.metric}["Accuracy"] == "n/a"
 
 
+def test_details_lists_only_the_failed_variant_as_failed(env):
+    """A results frame holds NaN for "no error": the measured rows must not read "failed"."""
+    stored(env, "c-failed-variant")
+    app = open_page("details")
+    labels = {option.split(" · ")[0]: option for option in app.selectbox[0].options}
+    assert " · failed · " in labels["int8-only"]
+    assert [t for t, label in labels.items() if " · failed · " in label] == ["int8-only"]
+    assert " · acc " in labels["float32"]
+
+
 # --- (d) a labelled and an unlabelled model side by side -------------------------------------------
 
 

@@ -114,7 +114,11 @@ class Workload:
 
     @property
     def usable(self) -> bool:
-        return self.manifest.get("model_kind") == "keras"
+        return self.manifest.get("model_kind") == "keras" and self.input_count <= 1
+
+    @property
+    def input_count(self) -> int:
+        return len((self.manifest.get("io") or {}).get("inputs") or []) or 1
 
     @property
     def reason(self) -> str:
@@ -122,6 +126,9 @@ class Workload:
         if self.usable:
             return ""
         kind = self.manifest.get("model_kind")
+        if kind == "keras":
+            return (f"{self.manifest.get('model_name')} has {self.input_count} inputs: the Lab handles "
+                    f"one-input models (sweeps, Compare and Recommend take several)")
         return (f"{self.manifest.get('model_name')} is {'a TensorFlow Lite file' if kind == 'tflite' else 'a SavedModel'}"
                 f": the Lab reads layers and weights from tf_keras models only")
 

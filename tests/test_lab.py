@@ -195,6 +195,15 @@ def test_the_selective_sweep_repeats_the_workloads_settings():
     assert "tf_keras" in lab.Workload({"model_name": "x.tflite", "model_kind": "tflite"}).reason
 
 
+def test_a_model_of_several_inputs_is_refused_before_the_lab_offers_extraction():
+    two = {"model_name": "two.keras", "model_kind": "keras",
+           "io": {"inputs": [{"name": "features", "shape": [8]}, {"name": "tokens", "shape": [10]}]}}
+    workload = lab.Workload(two)
+    assert not workload.usable and "has 2 inputs" in workload.reason and "one-input" in workload.reason
+    assert lab.Workload({**two, "io": {"inputs": [{"name": "x", "shape": [8]}]}}).usable
+    assert lab.Workload({"model_name": "m.h5", "model_kind": "keras"}).usable  # one input: no io block
+
+
 def test_the_model_views_bit_widths_become_a_recipe_with_the_widest_share_as_default():
     request = lab.FakeQuantRequest({"conv": 4, "dense": 8, "dense_1": 8, "head": 32})
     recipe = lab.mixed_precision_recipe(request)

@@ -123,6 +123,22 @@ def test_fake_quantized_weights_cost_little_at_8_bits_and_more_at_2(workload):
     assert eight["quantized_layers"] == ["conv2d", "dense"]
 
 
+def test_without_labels_the_evaluation_gives_agreement_and_no_accuracy(workload, tmp_path):
+    """y_test of an unlabelled dataset is a placeholder (-1): scoring it gave an accuracy of 0."""
+    import dataclasses
+
+    dataset = workload["dataset"]
+    unlabelled = dataclasses.replace(dataset, y_test=np.full_like(dataset.y_test, -1))
+    assert not unlabelled.has_labels
+    unlabelled.save(tmp_path / "unlabelled.npz")
+    manifest = {**workload["manifest"], "dataset_path": str(tmp_path / "unlabelled.npz"),
+                "dataset_hash": "unlabelled000001"}
+    request = lab.FakeQuantRequest({"conv2d": 8, "dense": 8})
+    result = sensitivity.evaluate_fake_quant({"manifest": manifest, "request": request.to_dict()}, NO_EVENTS)
+    assert result["accuracy"] is None and result["float_accuracy"] is None
+    assert result["agreement"] >= 0.95
+
+
 def test_float_layers_and_fake_quantized_activations(workload):
     untouched = evaluate(workload, 32)
     assert untouched["accuracy"] == untouched["float_accuracy"] and untouched["quantized_layers"] == []

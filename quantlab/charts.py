@@ -284,12 +284,18 @@ def quality_range(frame: pd.DataFrame, max_accuracy_drop_points: float | None,
     if frame is not None and not frame.empty and metric in frame.columns:
         rows = frame[frame["error"].isna()] if "error" in frame.columns else frame
         values = (pd.to_numeric(rows[metric], errors="coerce") * 100).dropna()
+        # the 95% interval bars drawn on the points: inside the axis, not cut at its edge
+        bounds = [pd.to_numeric(rows[c], errors="coerce") * 100 for c in (f"{metric}_ci_low", f"{metric}_ci_high")
+                  if c in rows.columns]
+        values = pd.concat([values, *bounds]).dropna() if not values.empty else values
     if values.empty:
         return 0.0, 100.0
     floor = accuracy_floor(frame if "error" not in frame.columns else frame[frame["error"].isna()],
                            max_accuracy_drop_points, metric)
     low, high = min(values.min(), floor if floor is not None else math.inf), values.max()
-    low = min(low, high - MIN_QUALITY_SPAN)
+    # at least MIN_QUALITY_SPAN points tall, within 0-100 %: a model at 0 % extends upwards
+    low = max(0.0, min(low, high - MIN_QUALITY_SPAN))
+    high = min(100.0, max(high, low + MIN_QUALITY_SPAN))
     pad = (high - low) * 0.08
     return float(low - pad), float(high + pad)
 

@@ -202,6 +202,22 @@ def test_the_quality_axis_keeps_a_minimum_span_and_both_charts_share_it():
     assert traces(size, "accuracy floor (no drop)")  # not "(-0 points)"
 
 
+def test_the_quality_axis_stays_within_0_and_100_percent():
+    """A model scoring 0 % (an untrained upload): the axis grows upwards, not to -5 %."""
+    zero = synthetic_frame()[lambda f: f.technique.isin(["baseline", "float32"])].assign(accuracy=0.0)
+    low, high = charts.accuracy_vs_size(zero).layout.yaxis.range
+    assert -1.0 < low < 0.0 and high >= charts.MIN_QUALITY_SPAN
+    perfect = zero.assign(accuracy=1.0)
+    low, high = charts.accuracy_vs_size(perfect).layout.yaxis.range
+    assert 100.0 < high < 101.0 and low <= 100.0 - charts.MIN_QUALITY_SPAN
+
+
+def test_the_quality_axis_holds_the_interval_bars():
+    frame = with_intervals()
+    low, high = charts.accuracy_vs_size(frame).layout.yaxis.range
+    assert low < 90.0 and high > 96.0  # the intervals run from 90 % to 96 %
+
+
 # --- uncertainty: error bars and the busy-CPU marker ------------------------------------------------
 
 

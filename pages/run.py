@@ -11,7 +11,8 @@ from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
                                estimate_sweep,
-                               NO_LABELS_UPLOAD, dataset_facts, file_stamp, keras3_note, make_sweep_spec,
+                               NO_LABELS_UPLOAD, dataset_facts, file_stamp, is_keras3_file, keras3_note,
+                               make_sweep_spec,
                                model_kind_of, model_output_names, param_input, results_table,
                                RECENT_SWEEPS, interrupted_notes, save_upload, stored_name,
                                stored_sweeps_table, technique_groups, technique_tags,
@@ -241,7 +242,7 @@ def draw_sweep(snapshot):
             "accuracy": st.column_config.TextColumn() if (table["accuracy"] == NO_LABELS).any()
             else st.column_config.NumberColumn(format="%.4f"),
             "agreement": st.column_config.NumberColumn(format="%.4f"),
-            "p50 latency (ms)": st.column_config.NumberColumn(format="%.3f"),
+            "p50 latency (ms)": st.column_config.NumberColumn(format="%.3g"),  # 0.000557 ms, 31.1 ms
             "row": st.column_config.LinkColumn("details", display_text="open", help="Variant details")})
     for row in snapshot.rows:
         if row.get("error"):
@@ -325,7 +326,7 @@ with left:
         "model", BUILTIN_MODELS, DEFAULT_MODEL, (".keras", ".h5", ".hdf5", ".zip", ".tflite"),
         "A tf_keras/Keras .keras or .h5 file, a SavedModel folder as .zip, or a ready .tflite file. "
         "Nothing in the file is executed: unknown layers and custom code are refused.")
-    if form.get("model_source") == UPLOAD and model_kind_of(model_name or "") != "tflite":
+    if form.get("model_source") == UPLOAD and model_ok and is_keras3_file(model):
         st.caption(keras3_note())
 with right:
     dataset, dataset_name, dataset_ok = choose_input(

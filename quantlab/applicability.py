@@ -105,7 +105,7 @@ def describe_model_file(path: Any) -> dict:
         return {}
     kind = "keras"  # a Keras 3 file is rebuilt in tf_keras when it prepares (or refused then, by layer)
     return {"model_kind": kind, "model_name": path.name, "layers": _config_layers(info["config"]),
-            "output_names": _config_outputs(info["config"])}
+            "output_names": _config_outputs(info["config"]), "keras_major": info.get("keras_major")}
 
 
 def _saved_model_kind(path: Any) -> str:

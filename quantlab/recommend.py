@@ -440,6 +440,14 @@ def _judged_by(metric: str) -> str:
     return "" if metric == "accuracy" else f" ({NO_LABELS_NOTE}, so the tolerance applies to it)"
 
 
+def _noise_aside(noise: str | None) -> str:
+    """` (measured; within noise on 120 samples, so not proven)`: a loss beyond the tolerance that the
+    test cannot tell from noise is still the measured loss, and the sentence says both."""
+    if not noise:
+        return ""
+    return f" (measured; {noise}, so not proven)" if noise.startswith("within noise") else f" ({noise})"
+
+
 def _exceeded_words(exceeded: list[tuple[str, float, str | None]], tolerance: float,
                     words: Any = None) -> str:
     """Each option's loss, with how it stands against the noise when the predictions are kept
@@ -447,8 +455,8 @@ def _exceeded_words(exceeded: list[tuple[str, float, str | None]], tolerance: fl
     from .analysis import QUALITY
 
     words = words or QUALITY["accuracy"]
-    parts = [f"{technique_label(t)} loses {-change:.1f} points{words.points_suffix}"
-             + (f" ({noise})" if noise else "") for t, change, noise in exceeded]
+    parts = [f"{technique_label(t)} loses {-change:.1f} points{words.points_suffix}" + _noise_aside(noise)
+             for t, change, noise in exceeded]
     return (f"On this model{_judged_by(words.metric)}, {', and '.join(parts)}, more than your "
             f"{tolerance:g}-point tolerance")
 
@@ -610,7 +618,7 @@ def int4_offer(recommendation: Recommendation, frame: pd.DataFrame | None) -> Si
                          row_id=str(row["row_id"]))
     noise = change_noise(row, metric)
     return SizeOffer("exceeds", f"{label} was measured and loses {-float(change):.1f} points"
-                                f"{words.points_suffix}" + (f" ({noise})" if noise else "") +
+                                f"{words.points_suffix}" + _noise_aside(noise) +
                      f", more than your {answers.tolerance_points:g}-point tolerance.",
                      row_id=str(row["row_id"]))
 

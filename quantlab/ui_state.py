@@ -402,6 +402,13 @@ def model_kind_of(model: str) -> str:
     return "tflite" if str(model).lower().endswith(".tflite") else "keras"
 
 
+def is_keras3_file(model_path: str | None) -> bool:
+    """Whether an uploaded .keras file was written by Keras 3 (read from its config, nothing loaded)."""
+    from .applicability import describe_model_file
+
+    return bool(model_path) and describe_model_file(model_path).get("keras_major") == 3
+
+
 def keras3_note() -> str:
     """What a Keras 3 upload can do (see quantlab.keras3_rebuild)."""
     return ("A Keras 3 .keras file is checked, then rebuilt in tf_keras (its outputs must match): "

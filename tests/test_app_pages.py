@@ -205,6 +205,20 @@ def test_a_good_dataset_upload_is_ready_to_run(env):
     assert list((env / "cache" / "uploads").glob("*/my data.npz"))
 
 
+@pytest.mark.parametrize("keras3", [True, False])
+def test_the_keras3_note_shows_for_a_keras3_file_only(env, tmp_path, keras3):
+    from tests import model_zoo as zoo
+
+    path = (zoo.save_keras(zoo.keras3_model(False), tmp_path, "k3") if keras3
+            else zoo.save_h5(zoo.conv1d_model(), tmp_path, "tf_keras"))
+    at = run_app()
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_model_file").set_value((path.name, path.read_bytes(), "application/octet-stream"))
+    at.run()
+    assert not at.exception and f"Using **{path.name}**" in texts(at.caption)
+    assert ("rebuilt in tf_keras" in texts(at.caption)) is keras3
+
+
 def test_read_only_mode_says_so_and_runs_nothing(env, monkeypatch):
     monkeypatch.setenv("QUANTLAB_READ_ONLY", "1")
     at = run_app()

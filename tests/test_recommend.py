@@ -341,3 +341,13 @@ def test_int4_is_offered_for_measuring_on_a_cpu_only_and_only_when_a_drop_is_acc
     for answers in (dict(hardware="gpu"), dict(hardware="edgetpu"), dict(integer_io=True),
                     dict(accuracy_drop_ok=False)):
         assert recommend.int4_offer(advise(**answers), CPU_MODEL) is None, answers
+
+
+def test_a_loss_beyond_the_tolerance_but_within_noise_says_both_without_contradiction():
+    from quantlab.recommend import _exceeded_words
+
+    text = _exceeded_words([("int8-only", -2.5, "within noise on 120 samples")], 1.0)
+    assert "loses 2.5 points (measured; within noise on 120 samples, so not proven)" in text
+    assert text.endswith("more than your 1-point tolerance")
+    assert "(95% CI -4.0 to -1.0 points, p = 0.01 on 450 samples)" in _exceeded_words(
+        [("int8-only", -2.5, "95% CI -4.0 to -1.0 points, p = 0.01 on 450 samples")], 1.0)

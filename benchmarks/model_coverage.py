@@ -40,6 +40,9 @@ def build_kinds(folder: Path) -> dict[str, tuple[Path, Path]]:
     img_xt, img_yt = zoo.images(120, seed=3)
     img = zoo.save_dataset(folder, "img", img_xt, img_yt, x_train=img_x, y_train=img_y)
     unlabelled = zoo.save_dataset(folder, "img-nolabels", img_xt, x_calib=img_x[:64])
+    rgb_x, rgb_y = zoo.rgb_images(160)
+    rgb = zoo.save_dataset(folder, "rgb", *zoo.rgb_images(60, seed=3), x_train=rgb_x, y_train=rgb_y)
+    tok_plain = zoo.save_dataset(folder, "tok", tok_xt, tok_yt, x_train=tok_x, y_train=tok_y)
     k = zoo.keras2()
     plain = k.Sequential([k.Input((16, 16, 1)), k.layers.Conv2D(4, 3), k.layers.Flatten(),
                           k.layers.Dense(zoo.CLASSES)])
@@ -56,6 +59,9 @@ def build_kinds(folder: Path) -> dict[str, tuple[Path, Path]]:
         "unlabelled data (mini-Xception)": (folder / "xception.h5", unlabelled),
         "two inputs, two outputs (.h5)": (zoo.save_h5(zoo.two_input_two_output_model(), folder, "multi"),
                                           zoo.save_multi_input_dataset(folder, "multi", n_train=160)),
+        "Transformer encoder, MultiHeadAttention (.h5)": (zoo.save_h5(zoo.transformer_model(), folder,
+                                                                      "transformer"), tok_plain),
+        "Keras MobileNetV3Small (.h5)": (zoo.save_h5(zoo.keras_mobilenet_v3(), folder, "mnv3"), rgb),
     }
 
 

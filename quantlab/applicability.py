@@ -16,6 +16,9 @@ _KIND_WORDS = {"keras": "a tf_keras model", "savedmodel": "a SavedModel (or a Ke
                "exported to one)", "tflite": "a TensorFlow Lite file"}
 QAT_TECHNIQUES = frozenset({"qat-int8", "cqat-int8", "pqat-int8"})
 UNROLLED_CLASSES = frozenset({"GRU", "SimpleRNN"})   # no fused kernel: a rolled loop, or unrolled cells
+# Layers whose int16x8 conversion kills the process at its first invoke() (SIGABRT, no message),
+# measured with ai-edge-litert 2.3 on a model of that layer alone and in a Transformer encoder.
+INT16X8_ABORTS = frozenset({"LayerNormalization"})
 
 
 def _recurrent(manifest: dict) -> list[dict[str, str]]:
@@ -37,6 +40,12 @@ def refusal(technique: Technique | str, manifest: dict) -> str | None:
                         f"calibrated by the LiteRT Quantizer 0.11 (its XNNPACK calibration leaves a "
                         f"tensor of the unrolled cell unallocated: \"Tensor data is null\"); use "
                         f"int8-fallback or int8-only, or lq-int4-dynamic / a weight-only lq technique")
+    if technique.id == "int16x8":
+        for layer in manifest.get("layers") or []:
+            if layer.get("class") in INT16X8_ABORTS:
+                return (f"int16x8: layer {layer['layer']!r} ({layer['class']}) converts to ops whose "
+                        f"16-bit kernels abort LiteRT at the first invoke (SIGABRT); use int8-fallback "
+                        f"or int8-only, or lq-w8a16 (the LiteRT Quantizer's 16-bit activations)")
     if not technique.fine_tunes:
         return None
     if manifest.get("has_labels") is False:

@@ -108,6 +108,35 @@ def mini_xception(size: int = 32, classes: int = CLASSES):
     return k.Model(inputs, L.Activation("softmax")(x), name="mini_xception")
 
 
+def transformer_model():
+    """int32 tokens -> Embedding -> a Transformer encoder block (MultiHeadAttention, residual Add,
+    LayerNormalization, a GELU feed-forward) -> pooling -> Dense: a text classifier (tf_keras)."""
+    k = keras2()
+    L = k.layers
+    inputs = k.Input((TOKENS,), dtype="int32")
+    embedded = L.Embedding(VOCAB, 16)(inputs)
+    attended = L.MultiHeadAttention(num_heads=2, key_dim=8)(embedded, embedded)
+    x = L.LayerNormalization()(L.Add()([embedded, attended]))
+    forward = L.Dense(16)(L.Dense(32, activation="gelu")(x))
+    x = L.LayerNormalization()(L.Add()([x, forward]))
+    return k.Model(inputs, L.Dense(CLASSES)(L.GlobalAveragePooling1D()(x)), name="transformer")
+
+
+def keras_mobilenet_v3(size: int = 32):
+    """Keras's own MobileNetV3Small (tf_keras applications, no downloaded weights): a real pretrained
+    architecture's graph, with its Rescaling, hard-swish as TF ops and squeeze-excite blocks."""
+    k = keras2()
+    k.backend.clear_session()  # its layer names, as in a user's fresh process
+    return k.applications.MobileNetV3Small(input_shape=(size, size, 3), weights=None, classes=CLASSES)
+
+
+def rgb_images(n: int, size: int = 32, seed: int = RNG_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """0-255 RGB images (what MobileNetV3's built-in Rescaling expects); class from the red mean."""
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, size, size, 3)) * 255).astype(np.float32)
+    return x, (x[..., 0].mean(axis=(1, 2)) / 255 * CLASSES * 0.999).astype(np.int64) % CLASSES
+
+
 def keras3_model(functional: bool, input_shape=(16, 16, 1)):
     """A Keras 3 CNN, Sequential or Functional (what model.save('m.keras') writes on TF 2.16+)."""
     k = keras3()

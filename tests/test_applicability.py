@@ -98,3 +98,12 @@ def test_a_train_split_packed_per_input_counts_as_a_train_split(tmp_path):
 
     path = zoo.save_multi_input_dataset(tmp_path, "two", n_train=20)
     assert dataset_facts(str(path)) == (True, True)
+
+
+def test_int16x8_is_refused_on_a_layer_normalization_naming_it(tmp_path):
+    """Measured: int16x8 of a LayerNormalization aborts LiteRT at its first invoke (the worker dies
+    with SIGABRT and no message), so it is refused before any work."""
+    described = describe_model_file(zoo.save_h5(zoo.transformer_model(), tmp_path, "encoder"))
+    reason = refusal("int16x8", {**described, "has_labels": True, "split_sizes": {"train": 1}})
+    assert reason.startswith("int16x8: layer 'layer_normalization") and "(LayerNormalization)" in reason
+    assert refusal("int8-only", described) is None and refusal("lq-w8a16", described) is None

@@ -468,6 +468,14 @@ def check_uploaded_model(path: Path, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB)
     if path.suffix.lower() in (".h5", ".hdf5") and not head.startswith(b"\x89HDF"):
         raise QuantLabError(f"{path.name} is not an HDF5 file; save the model again with "
                             f"model.save('model.h5') and upload that")
+    # the file's config, read without TensorFlow: a truncated file or a config QuantLab refuses is said
+    # next to the uploader now, not after Run and the sweep's preparation
+    from .safe_load import UploadLimits, inspect_h5_config, inspect_keras_archive
+
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        inspect_h5_config(path)
+    elif path.suffix.lower() == ".keras":
+        inspect_keras_archive(path, UploadLimits(max_bytes=max_upload_mb * 1024 * 1024))
 
 
 def check_uploaded_dataset(path: Path, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB) -> None:

@@ -170,6 +170,20 @@ def test_any_refused_model_upload_says_why_next_to_the_uploader_once(env, name, 
     assert at.button(key="run_start").disabled
 
 
+def test_a_truncated_h5_is_refused_at_upload_not_after_run(env, tmp_path):
+    from tests import model_zoo as zoo
+
+    whole = zoo.save_h5(zoo.conv1d_model(), tmp_path, "conv1d").read_bytes()
+    at = run_app()
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_model_file").set_value(("half.h5", whole[: len(whole) // 2],
+                                                       "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    assert texts(at.error).startswith("half.h5 is a damaged or truncated HDF5 file")
+    assert at.button(key="run_start").disabled
+
+
 def test_a_dataset_of_the_wrong_kind_is_refused_in_words(env):
     at = run_app()
     at.radio(key="run_dataset_source").set_value("Upload a file").run()

@@ -913,8 +913,9 @@ def busy_cpu_warning(row: Mapping[str, Any]) -> str | None:
         return None
     return (f"Other processes used {share:.0%} of the CPU while this variant was timed (more than "
             f"{BUSY_CPU_SHARE:.0%}): its latency is not comparable with rows timed on a quiet "
-            f"machine. Measure latency again when the machine is idle (run the sweep again with a "
-            f"fresh cache folder, or another --min-runs so the cached result is not reused).")
+            f"machine. Measure it again when the machine is idle: tick \"Measure again\" on the Run "
+            f"page, or pass --remeasure to the command line (with --workers 1, so that no other "
+            f"variant of the sweep is converted beside the timing).")
 
 
 def latency_shape(row: Mapping[str, Any]) -> str | None:

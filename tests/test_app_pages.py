@@ -578,5 +578,5 @@ def test_details_shows_intervals_the_busy_cpu_the_two_speeds_and_the_baseline_te
     assert "**Differs from the Keras baseline in accuracy?** Yes: -6.67 points" in texts(at.markdown)
     assert "30 samples lost, 0 gained of 450" in texts(at.markdown)
     warnings = texts(at.warning)
-    assert "Other processes used 80% of the CPU" in warnings and "Measure latency again" in warnings
+    assert "Other processes used 80% of the CPU" in warnings and "tick \"Measure again\" on the Run page" in warnings
     assert "bimodal: 60% of runs near 0.1 ms and 40% near 0.15 ms" in warnings

@@ -13,7 +13,7 @@ from streamlit.errors import StreamlitPageNotFoundError
 from quantlab import analysis, charts, recommend, sweeps
 from quantlab.errors import QuantLabError
 from quantlab.techniques import unsupported_techniques
-from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings
+from quantlab.ui_state import DEFAULT_DATASET, DEFAULT_MODEL, AppSettings, model_kind_of
 from ui import store_reads
 from ui.layout import scroll_to, sideways_scroll
 from ui.share import share_controls, sync_view, update_view, write_view
@@ -184,12 +184,17 @@ if to_run:
         reasons = unsupported_techniques()
         st.caption("Not available in this QuantLab install: " + "; ".join(
             f"{t} ({reasons[t]})" if t in reasons else f"{t} (not registered yet)" for t in unknown) + ".")
+    previous = analysis.last_sweep_spec(store, model, dataset)
+    model_file = (previous or {}).get("model") or model
+    runnable, other_kind = recommend.split_by_model_kind(runnable, model_kind_of(model_file))
+    if other_kind:
+        st.caption(f"{', '.join(other_kind)} cannot run on **{model}**, a ready TensorFlow Lite file "
+                   f"measured as it is: upload its Keras model to measure the techniques the tree names.")
     if runnable and settings.can_run:
         if st.button(f"Measure {', '.join(runnable)} on {model}", key="recommend_run", type="primary",
                      icon=":material/play_arrow:"):
             try:
-                spec = recommend.follow_up_spec(analysis.last_sweep_spec(store, model, dataset), model,
-                                                dataset, runnable)
+                spec = recommend.follow_up_spec(previous, model, dataset, runnable)
                 sweeps.check_spec(spec, store)
                 handle = sweeps.start_sweep(spec, store, settings.cache(), settings.sweep_options(),
                                             label=f"{', '.join(runnable)} on {model}")

@@ -354,6 +354,10 @@ def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
                            errors="coerce")
     fast = latency <= latency_budget_ms if latency_budget_ms is not None else pd.Series(True, usable.index)
     if max_accuracy_drop_points is not None:
+        if change.isna().all() and set(usable["technique"]) == {"as-uploaded"}:
+            return SweetSpot(None, f"a ready .tflite is measured as it is, with no float model to "
+                                   f"measure its {words.noun} drop against; upload its Keras model to "
+                                   f"compare techniques", **spot)
         if change.isna().all():
             return SweetSpot(None, f"there is no baseline or float32 row to measure the {words.noun} "
                                    f"drop against; add the baseline technique to the sweep", **spot)

@@ -640,6 +640,18 @@ def runnable_techniques(technique_ids: tuple[str, ...] | list[str]) -> tuple[lis
     return known, unknown
 
 
+def split_by_model_kind(technique_ids: tuple[str, ...] | list[str],
+                        model_kind: str) -> tuple[list[str], list[str]]:
+    """(can run, cannot run) on a model of `model_kind` (keras, savedmodel, tflite), order kept: a
+    ready .tflite is measured as it is, so nothing a recommendation names can run on it."""
+    from .techniques import get_technique
+
+    can, cannot = [], []
+    for technique_id in technique_ids:
+        (can if model_kind in get_technique(technique_id).sources else cannot).append(technique_id)
+    return can, cannot
+
+
 def follow_up_spec(previous: Mapping[str, Any] | None, model: str, dataset: str,
                    technique_ids: tuple[str, ...] | list[str]) -> Any:
     """A SweepSpec for `technique_ids` with the previous sweep's model file, dataset file and

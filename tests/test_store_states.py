@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = {name: str(ROOT / "pages" / f"{name}.py") for name in ("run", "compare", "recommend", "details", "lab")}
 TIMEOUT = 60
 LABELLED, UNLABELLED, CANCELLED, FAILING = "labelled-cnn", "x-only-cnn", "cancelled-cnn", "failing-cnn"
+READY_TFLITE = "ready.tflite"
 DATASET = "synthetic-digits"
 NO_LABEL_DETAILS = {"labels": False, "label_note": "the dataset has x_test only"}
 # technique, family, bytes, accuracy, agreement, p50 ms
@@ -70,6 +71,9 @@ STATES = {
     "b-baseline-only": lambda: workload(LABELLED) + workload(CANCELLED, seconds=20)[:1],
     "c-failed-variant": lambda: failing(),
     "d-labelled-and-not": lambda: workload(LABELLED) + workload(UNLABELLED, labels=False, seconds=20),
+    "e-ready-tflite": lambda: [make_row("as-uploaded", "uploaded", 25_000, 0.93, 0.5, model_name=READY_TFLITE,
+                                        model_hash="tflite-hash", agreement=None, sqnr_db=None,
+                                        result_key="tflite-as-uploaded")],
 }
 
 
@@ -128,13 +132,32 @@ def row_id_of(store: Store, model: str, technique: str) -> str:
 def test_every_page_opens_in_every_store_state(env, state, page):
     store = stored(env, state)
     model = {"a-no-labels": UNLABELLED, "b-baseline-only": CANCELLED, "c-failed-variant": FAILING,
-             "d-labelled-and-not": UNLABELLED}[state]
+             "d-labelled-and-not": UNLABELLED, "e-ready-tflite": READY_TFLITE}[state]
     query = {"model": model, "dataset": DATASET}
     if page == "details":
-        query = {"row": row_id_of(store, model, "baseline")}
+        query = {"row": row_id_of(store, model, "as-uploaded" if model == READY_TFLITE else "baseline")}
     app = open_page(page, **query)
     if page == "lab":
         assert "Nothing to open yet" in words(app)
+
+
+# --- (e) a ready .tflite, measured as it is ---------------------------------------------------------
+
+
+def test_compare_of_a_ready_tflite_says_there_is_no_float_model_to_compare_with(env):
+    stored(env, "e-ready-tflite")
+    app = open_page("compare", model=READY_TFLITE, dataset=DATASET)
+    text = words(app)
+    assert "a ready .tflite is measured as it is" in text and "upload its Keras model" in text
+    assert "add the baseline technique" not in text and "relative columns are empty" not in text
+
+
+def test_recommend_offers_nothing_a_ready_tflite_cannot_run(env):
+    stored(env, "e-ready-tflite")
+    app = open_page("recommend", model=READY_TFLITE, dataset=DATASET)
+    # the tree's techniques convert a Keras model; the LiteRT Quantizer's int4 also takes a .tflite
+    assert [b.label for b in app.button if b.key == "recommend_run"] == ["Measure lq-int4-dynamic on ready.tflite"]
+    assert "baseline, int8-fallback, dynamic, float16 cannot run on **ready.tflite**" in words(app)
 
 
 # --- (a) no labels ---------------------------------------------------------------------------------

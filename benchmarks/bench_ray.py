@@ -13,8 +13,11 @@ a plan of 4 sweeps on two nodes <= 0.6x the same plan on one node (nodes of the 
 3. The sweep of part 1 against a Ray head already running on this machine (`ray start --head`
    with the settings README recommends), pool vs `--ray HOST:PORT`: what a team that keeps a
    cluster up pays per sweep (no Ray start or stop in the sweep's time).
+4. The plan of part 2 on one node with both cores (2 CPUs, unpinned) against two nodes of one core
+   each: the same total cores, split. What two nodes gain there is what one node serializes
+   (latency timing takes a node's one timing slot), less each node's own start-up.
 
-Run: .venv/bin/python benchmarks/bench_ray.py [--repeats N] [--part 1|2|3]
+Run: .venv/bin/python benchmarks/bench_ray.py [--repeats N] [--part 1|2|3|4]
 """
 
 from __future__ import annotations
@@ -90,7 +93,9 @@ def part_three(repeats: int) -> None:
         head.wait()
 
 
-def run_plan_on(nodes: int) -> float:
+def run_plan_on(nodes: int, cpus_per_node: int = 1) -> float:
+    """Wall time of the cold plan on a `Cluster` of `nodes` nodes; nodes of 1 CPU are each pinned to
+    a core of their own, a node of more CPUs is left on every core."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -108,9 +113,11 @@ def run_plan_on(nodes: int) -> float:
     everything = os.sched_getaffinity(0)
     cores = sorted(everything)
     try:
-        os.sched_setaffinity(0, {cores[0]})
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {TIMING_RESOURCE: 1},
-                                                                "_system_config": local_system_config(1)})
+        if cpus_per_node == 1:
+            os.sched_setaffinity(0, {cores[0]})
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": cpus_per_node, "resources": {TIMING_RESOURCE: 1},
+            "_system_config": local_system_config(cpus_per_node)})
         for index in range(1, nodes):
             os.sched_setaffinity(0, {cores[index % len(cores)]})
             cluster.add_node(num_cpus=1, resources={TIMING_RESOURCE: 1})
@@ -140,10 +147,18 @@ def part_two(repeats: int) -> None:
     print("goal: 2 nodes / 1 node <= 0.6")
 
 
+def part_four(repeats: int) -> None:
+    rows = [(run_plan_on(1, cpus_per_node=2), run_plan_on(2)) for _ in range(repeats)]
+    print("plan of 4 sweeps x 3 variants (cold), the same 2 cores as one node or as two nodes of 1 CPU")
+    print(f"{'1 node of 2 s':>14} {'2 nodes of 1 s':>15} {'2/1':>6}")
+    for one, two in rows:
+        print(f"{one:>14.1f} {two:>15.1f} {two / one:>6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--part", choices=("1", "2", "3", "both", "all"), default="all")
+    parser.add_argument("--part", choices=("1", "2", "3", "4", "both", "all"), default="all")
     args = parser.parse_args()
     if args.part in ("1", "both", "all"):
         part_one(args.repeats)
@@ -151,6 +166,8 @@ def main() -> None:
         part_two(args.repeats)
     if args.part in ("3", "all"):
         part_three(args.repeats)
+    if args.part in ("4", "all"):
+        part_four(args.repeats)
 
 
 if __name__ == "__main__":

@@ -589,11 +589,18 @@ def sensitivity_frame(result: Mapping[str, Any], keep_float: int = 0) -> Any:
     """Layers in graph order with rmse/scale, rank (1 = most sensitive) and whether N would keep them float."""
     import pandas as pd
 
+    from collections import Counter
+
     ranking = {name: index + 1 for index, name in enumerate(result.get("ranking", []))}
+    layers = result.get("layers", [])
+    # one Keras layer may become several ops (Conv1D: EXPAND_DIMS, CONV_2D, RESHAPE): name the op then
+    repeated = Counter(short_layer_name(layer["tensor_name"]) for layer in layers)
     lines = []
-    for index, layer in enumerate(result.get("layers", [])):
+    for index, layer in enumerate(layers):
         rank = ranking.get(layer["tensor_name"])
-        lines.append({"#": index, "layer": f"{index}: {short_layer_name(layer['tensor_name'])}",
+        name = short_layer_name(layer["tensor_name"])
+        label = f"{index}: {name}" + (f" · {layer['op_name']}" if repeated[name] > 1 else "")
+        lines.append({"#": index, "layer": label,
                       "op": layer["op_name"], "rmse/scale": layer["rmse_scale"], "rank": rank,
                       "kept float": rank is not None and rank <= keep_float,
                       "scale": layer["scale"], "tensor": layer["tensor_name"]})

@@ -182,6 +182,16 @@ def test_sensitivity_names_frame_and_chart():
     assert list(figure.data[0].marker.color) == ["#4C78A8", "#4C78A8", "#E45756"]
 
 
+def test_a_layer_that_became_several_ops_names_each_op():
+    """Conv1D converts to EXPAND_DIMS, CONV_2D and RESHAPE, all named after the layer."""
+    ops = ("EXPAND_DIMS", "CONV_2D", "RESHAPE")
+    result = {"layers": [{"op_name": op, "tensor_name": f"m/conv1d/{op.lower()}", "rmse_scale": 0.3, "scale": 0.1}
+                         for op in ops] + [{"op_name": "FULLY_CONNECTED", "tensor_name": "m/dense/MatMul",
+                                            "rmse_scale": 0.2, "scale": 0.1}], "ranking": []}
+    assert lab.sensitivity_frame(result)["layer"].tolist() == [
+        "0: conv1d · EXPAND_DIMS", "1: conv1d · CONV_2D", "2: conv1d · RESHAPE", "3: dense"]
+
+
 def test_the_selective_sweep_repeats_the_workloads_settings():
     spec = SweepSpec("seed-cnn", "digits", (TechniqueSpec("int8-fallback"),), TrainSettings(epochs=1),
                      MeasureSettings(min_runs=5))

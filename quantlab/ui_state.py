@@ -347,16 +347,24 @@ class SweepEstimate:
     seconds: float                 # conversion + latency timing of the variants timed before
     timed: int                     # chosen techniques with earlier measured rows
     untimed: tuple[str, ...]       # chosen techniques never measured in this store
+    whole_seconds: float | None = None   # median wall time of earlier finished sweeps that measured
+    whole_variants: float | None = None  # ... and their median number of variants
+    whole_count: int = 0
 
     def text(self) -> str:
+        whole = ""
+        if self.whole_count:
+            whole = (f" Whole sweeps here, preparing included, took a median of {self.whole_seconds:.0f} s "
+                     f"for {self.whole_variants:.0f} variant(s) ({self.whole_count} sweep(s)).")
         if not self.timed:
-            return "No earlier rows to estimate the time from: the first sweep of these techniques sets it."
+            return ("No earlier rows of these techniques to estimate the time from: the first sweep of "
+                    "them sets it." + whole)
         words = f"about {self.seconds:.0f} s of conversion and latency timing" if self.seconds >= 1 else \
             "under a second of conversion and latency timing"
         text = f"Estimated from this store's earlier rows: {words} for {self.timed} technique(s)"
         if self.untimed:
             text += f"; not timed before: {', '.join(self.untimed)}"
-        return text + " (cached variants take no time; a new model trains or prepares first)."
+        return text + " (cached variants take no time; a new model trains or prepares first)." + whole
 
 
 def estimate_sweep(store: Store, technique_ids: Sequence[str]) -> SweepEstimate:
@@ -373,7 +381,16 @@ def estimate_sweep(store: Store, technique_ids: Sequence[str]) -> SweepEstimate:
     timed = {} if frame.empty else {
         row["technique"]: float(row["convert_s"] or 0) + float(row["timing_s"] or 0)
         for row in frame.to_dict("records")}
-    return SweepEstimate(sum(timed.values()), len(timed), tuple(t for t in ids if t not in timed))
+    whole = store.query(
+        "SELECT median(epoch(s.finished_at) - epoch(s.started_at)) AS seconds, median(r.n) AS variants, "
+        "count(*) AS sweeps FROM sweeps s JOIN (SELECT sweep_id, count(*) AS n FROM results "
+        "GROUP BY sweep_id HAVING bool_or(NOT cached)) r USING (sweep_id) "
+        "WHERE s.status = 'done' AND s.finished_at IS NOT NULL")
+    found = {} if whole.empty else whole.iloc[0].to_dict()
+    count = int(found.get("sweeps") or 0)
+    return SweepEstimate(sum(timed.values()), len(timed), tuple(t for t in ids if t not in timed),
+                         _number(found.get("seconds")) if count else None,
+                         _number(found.get("variants")) if count else None, count)
 
 
 def make_sweep_spec(model: str, dataset: str, techniques: Sequence[TechniqueSpec], *,

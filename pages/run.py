@@ -10,10 +10,8 @@ from quantlab.share import decode
 from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
-                               estimate_sweep,
-                               NO_LABELS_UPLOAD, dataset_facts, file_stamp, is_keras3_file, keras3_note,
-                               make_sweep_spec,
-                               model_kind_of, model_output_names, param_input, results_table,
+                               estimate_sweep, NO_LABELS_UPLOAD, dataset_facts, dataset_fit_error,
+                               file_stamp, is_keras3_file, keras3_note, make_sweep_spec, model_kind_of, model_output_names, param_input, results_table,
                                RECENT_SWEEPS, interrupted_notes, save_upload, stored_name,
                                stored_sweeps_table, technique_groups, technique_tags,
                                unavailable_techniques, upload_refusals)
@@ -125,6 +123,12 @@ def outputs_for(model_path, _stamp):
 def facts_for(dataset_path, _stamp):
     """(has labels, has a train split) of an uploaded dataset (cached per file)."""
     return dataset_facts(dataset_path)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def fit_error_for(model_path, dataset_path, _stamp):
+    """Why the uploaded dataset cannot feed the uploaded model, or None (cached per pair of files)."""
+    return dataset_fit_error(model_path, dataset_path)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -337,6 +341,11 @@ with right:
     if form.get("dataset_source") == UPLOAD and dataset_ok:
         if facts_for(dataset, file_stamp(dataset))[0] is False:
             st.info(NO_LABELS_UPLOAD, icon=":material/label_off:")
+        if form.get("model_source") == UPLOAD and model_ok:
+            misfit = fit_error_for(model, dataset, file_stamp(model, dataset))
+            if misfit:  # said now, not after Run and the sweep's preparation
+                st.error(misfit, icon=":material/error:")
+                dataset_ok = False
 # Only an accepted choice becomes the current model or dataset (the sidebar never names a refused one).
 view = update_view(**{kind: name for kind, name, ok in (("model", model_name, model_ok),
                                                         ("dataset", dataset_name, dataset_ok)) if ok})

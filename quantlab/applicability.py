@@ -114,7 +114,8 @@ def describe_model_file(path: Any) -> dict:
         return {}
     kind = "keras"  # a Keras 3 file is rebuilt in tf_keras when it prepares (or refused then, by layer)
     return {"model_kind": kind, "model_name": path.name, "layers": _config_layers(info["config"]),
-            "output_names": _config_outputs(info["config"]), "keras_major": info.get("keras_major")}
+            "output_names": _config_outputs(info["config"]), "keras_major": info.get("keras_major"),
+            "input_shape": _config_input_shape(info["config"])}
 
 
 def _saved_model_kind(path: Any) -> str:
@@ -131,6 +132,21 @@ def _saved_model_kind(path: Any) -> str:
     except (OSError, zipfile.BadZipFile):
         return "keras"  # not readable here: the upload checks say why
     return "keras" if any(name.rsplit("/", 1)[-1] == "keras_metadata.pb" for name in names) else "savedmodel"
+
+
+def _config_input_shape(config: dict) -> list[int | None] | None:
+    """The per-sample input shape of a one-input model, from its config (tf_keras writes
+    `batch_input_shape`, Keras 3 `batch_shape`); None for several inputs or when it is not written."""
+    layers = (config.get("config") or {}).get("layers") or []
+    shapes = []
+    for index, layer in enumerate(layers if isinstance(layers, list) else []):
+        inner = (layer.get("config") or {}) if isinstance(layer, dict) else {}
+        if layer.get("class_name") == "InputLayer" or (index == 0 and "batch_input_shape" in inner):
+            shapes.append(inner.get("batch_input_shape") or inner.get("batch_shape"))
+    if len(shapes) != 1 or not isinstance(shapes[0], list) or len(shapes[0]) < 2:
+        return None
+    per_sample = shapes[0][1:]
+    return per_sample if all(d is None or isinstance(d, int) for d in per_sample) else None
 
 
 def _config_outputs(config: dict) -> list[str]:

@@ -263,6 +263,26 @@ def dataset_facts(path: str | None) -> tuple[bool | None, bool | None]:
     return "y_test" in arrays, has_train
 
 
+def dataset_fit_error(model_path: str | None, dataset_path: str | None) -> str | None:
+    """Why an uploaded dataset's samples cannot feed an uploaded one-input Keras model, read from the
+    model's config and the arrays (the check the sweep makes when it prepares), or None."""
+    from .applicability import describe_model_file
+    from .safe_load import load_npz_dataset, validate_dataset_for_model
+
+    if not model_path or not dataset_path or not str(dataset_path).lower().endswith(".npz"):
+        return None
+    shape = describe_model_file(model_path).get("input_shape")
+    if not shape or any(d is None for d in shape):
+        return None  # several inputs, a variable dimension, or not written: the sweep checks it
+    try:
+        arrays = load_npz_dataset(dataset_path)
+        validate_dataset_for_model({k: v for k, v in arrays.items() if k in ("x_test", "x_train", "x_calib")},
+                                   shape, num_classes=1)
+    except QuantLabError as error:
+        return str(error).splitlines()[0]
+    return None
+
+
 def unavailable_techniques() -> dict[str, str]:
     """Techniques QuantLab knows of but cannot run with the installed libraries, with the reason."""
     from .techniques import unsupported_techniques

@@ -184,6 +184,24 @@ def test_a_truncated_h5_is_refused_at_upload_not_after_run(env, tmp_path):
     assert at.button(key="run_start").disabled
 
 
+def test_a_dataset_that_does_not_fit_the_uploaded_model_is_refused_before_run(env, tmp_path):
+    from tests import model_zoo as zoo
+
+    model = zoo.save_h5(zoo.conv1d_model(), tmp_path, "conv1d")  # expects (12, 4)
+    at = run_app()
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    at.file_uploader(key="run_model_file").set_value((model.name, model.read_bytes(), "application/octet-stream"))
+    at.radio(key="run_dataset_source").set_value("Upload a file").run()
+    for images, refused in ((np.zeros((4, 16, 16), np.float32), True), (np.zeros((4, 12, 4), np.float32), False)):
+        buffer = io.BytesIO()
+        np.savez(buffer, x_test=images, y_test=np.arange(4) % 3)
+        at.file_uploader(key="run_dataset_file").set_value(("data.npz", buffer.getvalue(), "application/zip"))
+        at.run()
+        assert not at.exception
+        said = "x_test has samples of shape (16, 16) but the model expects (12, 4)" in texts(at.error)
+        assert said is refused and at.button(key="run_start").disabled is refused
+
+
 def test_a_dataset_of_the_wrong_kind_is_refused_in_words(env):
     at = run_app()
     at.radio(key="run_dataset_source").set_value("Upload a file").run()

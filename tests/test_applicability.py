@@ -107,3 +107,12 @@ def test_int16x8_is_refused_on_a_layer_normalization_naming_it(tmp_path):
     reason = refusal("int16x8", {**described, "has_labels": True, "split_sizes": {"train": 1}})
     assert reason.startswith("int16x8: layer 'layer_normalization") and "(LayerNormalization)" in reason
     assert refusal("int8-only", described) is None and refusal("lq-w8a16", described) is None
+
+
+def test_the_input_shape_is_read_from_the_config_of_each_kind_of_keras_file(tmp_path):
+    assert describe_model_file(zoo.save_h5(zoo.conv1d_model(), tmp_path, "seq"))["input_shape"] == [12, 4]
+    assert describe_model_file(zoo.save_h5(zoo.recurrent_model("lstm"), tmp_path, "f"))["input_shape"] == [12, 4]
+    k3 = zoo.save_keras(zoo.keras3_model(True), tmp_path, "k3")
+    assert describe_model_file(k3)["input_shape"] == [16, 16, 1]
+    two = zoo.save_h5(zoo.two_input_two_output_model(), tmp_path, "two")
+    assert describe_model_file(two)["input_shape"] is None  # several inputs: the sweep checks them

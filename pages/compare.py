@@ -189,7 +189,7 @@ if spot.found:
 else:
     st.warning(spot.headline(), icon=":material/block:")
 
-if not frame.empty and frame["reference_technique"].isna().all() and set(frame["technique"]) != {"as-uploaded"}:
+if not frame.empty and frame["reference_technique"].isna().all() and not analysis.is_ready_tflite(frame):
     st.info("No baseline or float32 row is measured for this model, so the relative columns are empty: "
             "add the baseline technique to a sweep.")
 

@@ -66,11 +66,11 @@ def key_numbers(row):
     columns = st.columns(6)
     columns[0].metric("Size", format_bytes(row.get("model_bytes")) or "n/a")
     columns[1].metric("Gzip size", format_bytes(row.get("gzip_bytes")) or "n/a")
-    for column, name, key, digits in ((columns[2], "Accuracy", "accuracy", 4),
-                                      (columns[3], "Agreement", "agreement", 4),
-                                      (columns[4], "SQNR (dB)", "sqnr_db", 1),
-                                      (columns[5], "p50 latency (ms)", "latency_p50_ms", 3)):
-        column.metric(name, number_text(row, key, digits))
+    for column, name, key, digits, style in ((columns[2], "Accuracy", "accuracy", 4, "f"),
+                                             (columns[3], "Agreement", "agreement", 4, "f"),
+                                             (columns[4], "SQNR (dB)", "sqnr_db", 1, "f"),
+                                             (columns[5], "p50 latency (ms)", "latency_p50_ms", 3, "g")):
+        column.metric(name, number_text(row, key, digits, style))
     for line in uncertainty_lines(row):
         st.caption(line)
     for line in reference_lines(store, row):

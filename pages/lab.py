@@ -247,7 +247,9 @@ def tensor_view() -> None:
 
 def model_view() -> None:
     split = (manifest.get("split_sizes") or {}).get("test", "the")
-    st.markdown(f"Accuracy of the Keras model on the {split} test samples with every kernel fake-quantized "
+    what = ("Accuracy of the Keras model" if manifest.get("has_labels") is not False else
+            "Top-1 agreement of the Keras model with its float self (the dataset has no labels)")
+    st.markdown(f"{what} on the {split} test samples with every kernel fake-quantized "
                 f"by the quantizer above, at each layer's bit width (32 = float). Biases stay float, as "
                 f"in TFLite; a kernel followed by batch norm is folded with it first, as TFLite does.")
     default_bits = bits if bits in WEIGHT_BITS and not (kmeans and bits > KMEANS_MAX_BITS) else 8

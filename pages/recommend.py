@@ -151,6 +151,10 @@ write_view(view, SHARED_FIELDS)
 frame = store_reads.compare_frame(store, model=model, dataset=dataset)
 pick = recommend.measured_pick(advice, frame)
 backing = recommend.back_with_measurements(advice, frame)
+previous = analysis.last_sweep_spec(store, model, dataset)
+model_file = (previous or {}).get("model") or model
+if model_kind_of(model_file) == "tflite":
+    backing = recommend.back_a_ready_tflite(backing, model, advice.chain)
 
 # --- the recommendation: what was measured first, the decision tree as its explanation ------------
 with answer:
@@ -184,8 +188,6 @@ if to_run:
         reasons = unsupported_techniques()
         st.caption("Not available in this QuantLab install: " + "; ".join(
             f"{t} ({reasons[t]})" if t in reasons else f"{t} (not registered yet)" for t in unknown) + ".")
-    previous = analysis.last_sweep_spec(store, model, dataset)
-    model_file = (previous or {}).get("model") or model
     runnable, other_kind = recommend.split_by_model_kind(runnable, model_kind_of(model_file))
     if other_kind:
         st.caption(f"{', '.join(other_kind)} cannot run on **{model}**, a ready TensorFlow Lite file "

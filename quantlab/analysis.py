@@ -327,6 +327,16 @@ SORT_KEYS = {"size": ("model_bytes", "latency_p50_ms", "{quality}"),
              "accuracy": ("{quality}", "model_bytes", "latency_p50_ms")}
 
 
+def is_ready_tflite(frame: pd.DataFrame) -> bool:
+    """Whether every row is of an uploaded .tflite (as-uploaded, or a LiteRT Quantizer recipe applied
+    to it): there is no float model, so no baseline or float32 row can ever be measured."""
+    if frame is None or frame.empty:
+        return False
+    if "model_name" in frame.columns:
+        return bool(frame["model_name"].astype(str).str.lower().str.endswith(".tflite").all())
+    return set(frame["technique"]) == {"as-uploaded"}
+
+
 def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
                max_accuracy_drop_points: float | None, objective: str = "size",
                metric: str | None = None) -> SweetSpot:
@@ -354,7 +364,7 @@ def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
                            errors="coerce")
     fast = latency <= latency_budget_ms if latency_budget_ms is not None else pd.Series(True, usable.index)
     if max_accuracy_drop_points is not None:
-        if change.isna().all() and set(usable["technique"]) == {"as-uploaded"}:
+        if change.isna().all() and is_ready_tflite(usable):
             return SweetSpot(None, f"a ready .tflite is measured as it is, with no float model to "
                                    f"measure its {words.noun} drop against; upload its Keras model to "
                                    f"compare techniques", **spot)

@@ -14,7 +14,7 @@ Pure: no Streamlit, no store access; the page passes a compare frame in.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 import pandas as pd
@@ -431,6 +431,17 @@ def back_with_measurements(recommendation: Recommendation, frame: pd.DataFrame |
                    "; no further option in the chain: relax the tolerance, or try retraining "
                    "techniques (qat-int8) if you can fine-tune.", checked=tuple(checked),
                    metric=metric)
+
+
+def back_a_ready_tflite(backing: Backing, model: str, chain: tuple[str, ...] | list[str]) -> Backing:
+    """The backing for a ready .tflite: the tree's techniques convert a Keras model and can never be
+    measured on it, so "not measured yet: run ..." becomes why (the rows measured are still shown)."""
+    if backing.status not in ("not-measured", "no-reference"):
+        return backing
+    return replace(backing, status="blocked", to_run=(),
+                   text=f"{model} is a ready TensorFlow Lite file, measured as it is: the tree's techniques "
+                        f"({', '.join(chain)}) convert a Keras model; upload that model to check the tree "
+                        f"against measurements.")
 
 
 def _judged_by(metric: str) -> str:

@@ -367,15 +367,17 @@ class SweepEstimate:
     seconds: float                 # conversion + latency timing of the variants timed before
     timed: int                     # chosen techniques with earlier measured rows
     untimed: tuple[str, ...]       # chosen techniques never measured in this store
-    whole_seconds: float | None = None   # median wall time of earlier finished sweeps that measured
+    whole_seconds: float | None = None   # median time of earlier finished sweeps that measured, from
+                                         # their start (after preparing) to their end
     whole_variants: float | None = None  # ... and their median number of variants
     whole_count: int = 0
 
     def text(self) -> str:
         whole = ""
         if self.whole_count:
-            whole = (f" Whole sweeps here, preparing included, took a median of {self.whole_seconds:.0f} s "
-                     f"for {self.whole_variants:.0f} variant(s) ({self.whole_count} sweep(s)).")
+            whole = (f" Earlier sweeps here took a median of {self.whole_seconds:.0f} s from their first "
+                     f"variant to their last, for {self.whole_variants:.0f} variant(s) ({self.whole_count} "
+                     f"sweep(s)); preparing a model not prepared before comes on top.")
         if not self.timed:
             return ("No earlier rows of these techniques to estimate the time from: the first sweep of "
                     "them sets it." + whole)
@@ -581,13 +583,13 @@ def has_no_labels(row: Mapping[str, Any]) -> bool:
     return quality_metric(row) == "agreement"
 
 
-def number_text(row: Mapping[str, Any], key: str, digits: int) -> str:
-    """One figure of a row for a metric tile: `0.9512`, `n/a`, or NO_LABELS for the accuracy of a
-    dataset without labels."""
+def number_text(row: Mapping[str, Any], key: str, digits: int, style: str = "f") -> str:
+    """One figure of a row for a metric tile: `0.9512` (`digits` decimals, or significant digits with
+    style "g": a p50 of 0.00767 ms), `n/a`, or NO_LABELS for the accuracy of a dataset without labels."""
     if key == "accuracy" and has_no_labels(row):
         return NO_LABELS
     value = _number(row.get(key))
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    return "n/a" if value is None else f"{value:.{digits}{style}}"
 
 
 def results_table(rows: Iterable[Mapping[str, Any]], details_link: str | None = None) -> Any:

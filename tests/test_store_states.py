@@ -71,9 +71,12 @@ STATES = {
     "b-baseline-only": lambda: workload(LABELLED) + workload(CANCELLED, seconds=20)[:1],
     "c-failed-variant": lambda: failing(),
     "d-labelled-and-not": lambda: workload(LABELLED) + workload(UNLABELLED, labels=False, seconds=20),
-    "e-ready-tflite": lambda: [make_row("as-uploaded", "uploaded", 25_000, 0.93, 0.5, model_name=READY_TFLITE,
+    "e-ready-tflite": lambda: [make_row(technique, family, size, 0.93, p50, model_name=READY_TFLITE,
                                         model_hash="tflite-hash", agreement=None, sqnr_db=None,
-                                        result_key="tflite-as-uploaded")],
+                                        result_key=f"tflite-{technique}", seconds=index)
+                               for index, (technique, family, size, p50) in enumerate(
+                                   (("as-uploaded", "uploaded", 25_000, 0.5),
+                                    ("lq-int4-dynamic", "litert", 14_000, 0.00767)))],
 }
 
 
@@ -155,9 +158,18 @@ def test_compare_of_a_ready_tflite_says_there_is_no_float_model_to_compare_with(
 def test_recommend_offers_nothing_a_ready_tflite_cannot_run(env):
     stored(env, "e-ready-tflite")
     app = open_page("recommend", model=READY_TFLITE, dataset=DATASET)
-    # the tree's techniques convert a Keras model; the LiteRT Quantizer's int4 also takes a .tflite
-    assert [b.label for b in app.button if b.key == "recommend_run"] == ["Measure lq-int4-dynamic on ready.tflite"]
-    assert "baseline, int8-fallback, dynamic, float16 cannot run on **ready.tflite**" in words(app)
+    # the tree's techniques convert a Keras model and are never offered; int4 (it takes a .tflite) is measured
+    assert not [b for b in app.button if b.key == "recommend_run"]
+    text = words(app)
+    assert "ready.tflite is a ready TensorFlow Lite file, measured as it is: the tree's techniques " \
+           "(int8-fallback, dynamic, float16) convert a Keras model" in text
+    assert "Not measured yet" not in text
+
+
+def test_details_gives_a_small_p50_in_significant_digits(env):
+    store = stored(env, "e-ready-tflite")
+    app = open_page("details", row=row_id_of(store, READY_TFLITE, "lq-int4-dynamic"))
+    assert {m.label: m.value for m in app.metric}["p50 latency (ms)"] == "0.00767"
 
 
 # --- (a) no labels ---------------------------------------------------------------------------------

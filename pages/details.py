@@ -9,12 +9,12 @@ from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
 from quantlab.analysis import NO_LABELS_NOTE
 from quantlab.ui_state import (MISSING, AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
-                               extra_details, float_ops_summary, format_bytes, has_no_labels,
+                               extra_details, float_kernels_summary, float_ops_summary, format_bytes,
+                               has_no_labels,
                                interval_text, is_fine_tuned, latency_histogram, latency_sample_note,
                                latency_shape, latency_summary, number_text, ops_table, provenance_table,
                                quantizer_report, reference_lines, row_frame, row_label, tensor_table,
-                               uncertainty_lines,
-                               weight_granularity_summary)
+                               uncertainty_lines, weight_granularity_summary)
 from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
 from ui.entry import run_through_app
@@ -97,6 +97,8 @@ def tensors_and_ops(row):
     st.caption(float_ops_summary(row, ops))
     if weights := weight_granularity_summary(row["details"]):
         st.caption(weights)
+    if float_kernels := float_kernels_summary(row):
+        st.info(float_kernels, icon=":material/info:")
     if not ops.empty:
         st.dataframe(ops, hide_index=True, placeholder=MISSING)
 

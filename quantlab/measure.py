@@ -682,6 +682,30 @@ def _weight_scales(op: dict[str, Any], tensors: dict[int, dict[str, Any]]) -> tu
     return scales, channels
 
 
+def _stored_kernels(op_details: list[dict], tensors: dict[int, dict[str, Any]]) -> dict[int, tuple[str, int]]:
+    """For each weighted op (by index): its kernel's dtype as stored in the file and its number of values.
+
+    A kernel is a tensor no op computes, or the output of a DEQUANTIZE of such a tensor (weight-only
+    and float16 files store it small and widen it at run time); a kernel some other op computes is
+    an activation, not a weight, and is left out.
+    """
+    made_by = {int(out): op for op in op_details for out in op.get("outputs", [])}
+    kernels = {}
+    for op in op_details:
+        inputs = list(op.get("inputs", []))
+        if str(op["op_name"]) not in _WEIGHTED_OPS or len(inputs) < 2 or inputs[1] not in tensors:
+            continue
+        stored, maker = inputs[1], made_by.get(int(inputs[1]))
+        if maker is not None:
+            maker_inputs = list(maker.get("inputs", []))
+            if str(maker["op_name"]) != "DEQUANTIZE" or not maker_inputs or int(maker_inputs[0]) in made_by:
+                continue
+            stored = maker_inputs[0]
+        tensor = tensors[int(stored)]
+        kernels[int(op["index"])] = (_dtype_name(tensor["dtype"]), int(np.prod(tensor.get("shape", ()))))
+    return kernels
+
+
 def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
     """Inputs, outputs and per-op dtypes of the model's own graph (XNNPACK not applied)."""
     interp = create_interpreter(model_bytes, resolver="plain")
@@ -690,6 +714,7 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
         tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
     except Exception as exc:  # noqa: BLE001 - a private API: any failure means a model it cannot read
         raise _invalid_model(exc) from None
+    kernels = _stored_kernels(op_details, tensors)
     ops = []
     for op in op_details:
         name = str(op["op_name"])
@@ -703,6 +728,8 @@ def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
         weights = _weight_scales({**op, "op_name": name}, tensors)
         ops[-1].update(weight_scales=weights[0] if weights else None,
                        weight_channels=weights[1] if weights else None)
+        if int(op["index"]) in kernels:
+            ops[-1].update(kernel_dtype=kernels[int(op["index"])][0], kernel_values=kernels[int(op["index"])][1])
     return TfliteInspection(
         inputs=tuple(_io_dict(d) for d in interp.get_input_details()),
         outputs=tuple(_io_dict(d) for d in interp.get_output_details()),

@@ -688,6 +688,8 @@ def ops_table(details: Mapping[str, Any]) -> Any:
                 "computes in float": bool(op["computes_in_float"])}
         if op.get("weight_scales"):
             line["weight scales"] = op["weight_scales"]
+        if op.get("kernel_dtype"):
+            line["kernel"] = f"{op['kernel_dtype']}, {op['kernel_values']:,} values"
         lines.append(line)
     return pd.DataFrame(lines)
 
@@ -703,6 +705,32 @@ WEIGHT_GRANULARITY_WORDS = {
 def weight_granularity_summary(details: Mapping[str, Any]) -> str | None:
     """One sentence on how the .tflite's integer kernels are scaled, or None when none are integer."""
     return WEIGHT_GRANULARITY_WORDS.get(_as_dict(details.get("inspection")).get("weight_granularity"))
+
+
+DYNAMIC_MIN_KERNEL_VALUES = 1024  # the converter's dynamic-range mode quantizes no smaller kernel
+KEEPS_FLOAT_KERNELS = frozenset({"baseline", "as-uploaded", "float32", "float16", "cluster", "prune",
+                                 "prune-cluster"})
+
+
+def float_kernels_summary(row: Mapping[str, Any]) -> str | None:
+    """What a quantizing technique left in float32: e.g. "3 of 5 kernels stayed float32 (...)", with
+    the reason where it is known; None when every kernel is integer or the technique keeps float."""
+    if row.get("technique") in KEEPS_FLOAT_KERNELS:
+        return None
+    kernels = [op for op in _as_dict(_as_dict(row.get("details")).get("inspection")).get("ops") or []
+               if op.get("kernel_dtype")]
+    floats = [op for op in kernels if op["kernel_dtype"] == "float32"]
+    if not floats:
+        return None
+    values = sum(op["kernel_values"] for op in floats)
+    share = values / max(1, sum(op["kernel_values"] for op in kernels))
+    text = (f"{len(floats)} of {len(kernels)} kernels stayed float32 ({values:,} weight values, "
+            f"{share:.0%} of the kernels' values)")
+    if row.get("technique") == "dynamic" and max(op["kernel_values"] for op in floats) < DYNAMIC_MIN_KERNEL_VALUES:
+        text += (f": the converter's dynamic-range mode quantizes only kernels of at least "
+                 f"{DYNAMIC_MIN_KERNEL_VALUES:,} values, and "
+                 + ("these are smaller" if len(floats) > 1 else "this one is smaller"))
+    return text + "."
 
 
 def float_ops_summary(row: Mapping[str, Any], ops: Any) -> str:

@@ -243,3 +243,30 @@ def test_measure_does_not_import_tensorflow_or_streamlit():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def two_kernel_variants(tf_and_keras):
+    """Dense 32->64 (2,048 kernel values) then Dense 64->3 (192): float32, dynamic and float16 files."""
+    tf, tf_keras = tf_and_keras
+    inputs = tf_keras.Input((32,))
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(3)(tf_keras.layers.Dense(64)(inputs)))
+    files = {}
+    for name, float16 in (("dynamic", False), ("float16", True)):
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if float16:
+            converter.target_spec.supported_types = [tf.float16]
+        files[name] = converter.convert()
+    return files
+
+
+def kernels_of(tflite: bytes) -> list[tuple[str, int]]:
+    return [(op["kernel_dtype"], op["kernel_values"])
+            for op in measure.inspect_tflite(tflite).ops if "kernel_dtype" in op]
+
+
+def test_inspection_records_each_kernel_as_stored_in_the_file(two_kernel_variants):
+    assert kernels_of(two_kernel_variants["dynamic"]) == [("int8", 2048), ("float32", 192)]
+    # float16 files widen their kernels with a DEQUANTIZE op: the stored kernel is float16
+    assert kernels_of(two_kernel_variants["float16"]) == [("float16", 2048), ("float16", 192)]

@@ -385,7 +385,9 @@ with run_bar:
                           help="The same sweep is already running" if twin is not None else
                           None if settings.can_run else "This dashboard is read-only")
     with right:
-        if not techniques:
+        if not (model_ok and dataset_ok):
+            st.caption(f"Run waits for a {'model' if not model_ok else 'dataset'} the checks above accept.")
+        elif not techniques:
             st.caption("Pick at least one technique below.")
         elif twin is not None:
             st.caption(f"This very sweep is already {'running' if twin.status == 'running' else 'waiting'} "

@@ -261,7 +261,7 @@ def _prepared_manifest(spec: SweepSpec, cache: ArtifactCache, prepare_key: str, 
         return manifest, None
     pool = _make_pool(options, len(spec.techniques), cache)
     try:
-        emit({"type": "prepare", "message": "preparing the dataset and the baseline model"})
+        emit({"type": "prepare", "message": "preparing the model and the dataset"})
         payload = {"kind": "prepare", "cache_dir": str(cache.root), "model": model_ref.to_dict(),
                    "dataset": dataset_ref.to_dict(), "train": spec.train.to_dict(),
                    "label_output": spec.label_output}

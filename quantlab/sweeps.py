@@ -42,7 +42,7 @@ MAX_EVENTS = 5000            # per sweep; progress events beyond this are droppe
 KEEP_FINISHED = 20           # finished handles remembered per process
 DEFAULT_MAX_CONCURRENT = 1
 
-PREPARING = "preparing the dataset and the baseline model"   # runner's "prepare" event says so too
+PREPARING = "preparing the model and the dataset"   # runner's "prepare" event says so too
 
 # What a variant is doing, as shown next to it.
 VARIANT_STATES = ("waiting", "running", "done", "cached", "failed", "skipped")
@@ -93,7 +93,7 @@ class SweepSnapshot:
 
     @property
     def preparing(self) -> bool:
-        """Running, and still preparing the dataset and the baseline model (no variant can finish yet)."""
+        """Running, and still preparing the model and the dataset (no variant can finish yet)."""
         return self.status == "running" and self.prepare_started_at is not None and self.prepared_at is None
 
     @property

@@ -182,6 +182,7 @@ def test_a_truncated_h5_is_refused_at_upload_not_after_run(env, tmp_path):
     assert not at.exception
     assert texts(at.error).startswith("half.h5 is a damaged or truncated HDF5 file")
     assert at.button(key="run_start").disabled
+    assert "Run waits for a model the checks above accept." in texts(at.caption)
 
 
 def test_a_dataset_that_does_not_fit_the_uploaded_model_is_refused_before_run(env, tmp_path):
@@ -200,6 +201,10 @@ def test_a_dataset_that_does_not_fit_the_uploaded_model_is_refused_before_run(en
         assert not at.exception
         said = "x_test has samples of shape (16, 16) but the model expects (12, 4)" in texts(at.error)
         assert said is refused and at.button(key="run_start").disabled is refused
+        # the Run bar waits for the dataset instead of estimating a sweep that cannot start
+        waits = "Run waits for a dataset the checks above accept." in texts(at.caption)
+        assert waits is refused and ("Estimated from" in texts(at.caption)
+                                     or "No earlier rows" in texts(at.caption)) is not refused
 
 
 def test_a_dataset_of_the_wrong_kind_is_refused_in_words(env):
@@ -328,11 +333,11 @@ def test_progress_says_running_everywhere_while_it_runs_and_counts_seconds_while
     at.run()
     status = at.status[0]
     assert status.state == "running", status.label          # not the done check
-    assert "preparing the dataset and the baseline model (train epoch 1/8)" in status.label
+    assert "preparing the model and the dataset (train epoch 1/8)" in status.label
     assert not at.get("progress")                              # no empty bar while preparing
     assert re.search(r"[1-9]\d* s so far \(then 1 variant\)", texts(at.info))
     assert "No results yet" not in texts(at.info)
-    assert "preparing the dataset" in texts(run_app().sidebar.caption)   # another visitor's sidebar
+    assert "preparing the model and the dataset" in texts(run_app().sidebar.caption)   # another visitor's sidebar
 
     at.switch_page("pages/compare.py").run()                # nothing stored yet: it says a sweep runs
     assert "The first sweep is running" in texts(at.info)

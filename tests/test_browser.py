@@ -64,7 +64,7 @@ def swept(server, browser, shots):
     assert running, f"the sweep was never seen running: {notes[:3]}"
     assert not [n["box"] for n in running if n["box"].split()[0] == "check"]
     assert not [n for n in running if "No results yet" in n["main"]]
-    assert any(re.search(r"[Pp]reparing the dataset and the baseline model.*: \d+ s so far", n["main"])
+    assert any(re.search(r"[Pp]reparing the model and the dataset.*: \d+ s so far", n["main"])
                for n in running), [n["box"] for n in running]
     # The sidebar redraws itself while the sweep runs (it used to stay at "0 of N"). How far it
     # trails the page depends on timing (two workers can finish within one of its 1 s redraws), so

@@ -76,9 +76,9 @@ def test_while_preparing_the_progress_says_the_step_and_its_seconds_not_0_of_n(r
     snapshot = ran.while_preparing
     assert snapshot is not None, "the first sweep was never seen preparing for a second"
     assert snapshot.done == 0 and snapshot.status == "running"
-    assert snapshot.progress_text().startswith("Preparing the dataset and the baseline model")
+    assert snapshot.progress_text().startswith("Preparing the model and the dataset")
     assert re.search(r": [1-9]\d* s so far \(then 2 variants\)$", snapshot.progress_text())
-    assert snapshot.summary().startswith("running: preparing the dataset")
+    assert snapshot.summary().startswith("running: preparing the model and the dataset")
     assert "0 of 2" not in snapshot.summary()
 
 

@@ -13,7 +13,7 @@ import signal
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .cache import DEFAULT_CACHE_DIR, ArtifactCache
 from .config import MeasureSettings, SweepSpec, TrainSettings
@@ -178,6 +178,21 @@ def _format_progress(event: dict) -> str | None:
     return None
 
 
+FLAG_OF_SETTING = {"epochs": "--epochs", "num_threads": "--threads", "min_runs": "--min-runs",
+                   "min_seconds": "--min-seconds"}
+
+
+def settings_from_flags(make: Callable[[], Any]) -> Any:
+    """Build settings from command-line flags; a refused value is named by its flag, not its field."""
+    try:
+        return make()
+    except QuantLabError as error:
+        name, _, rest = str(error).partition(" ")
+        if name not in FLAG_OF_SETTING:
+            raise
+        raise QuantLabError(f"{FLAG_OF_SETTING[name]} {rest}") from None
+
+
 def command_sweep(args: argparse.Namespace) -> int:
     from .runner import SweepOptions, guess_model_kind, resolve_model, run_sweep
     from .techniques import parse_technique_list
@@ -187,9 +202,9 @@ def command_sweep(args: argparse.Namespace) -> int:
     kind = guess_model_kind(resolve_model(args.model))
     spec = SweepSpec(model=args.model, dataset=args.dataset,
                      techniques=parse_technique_list(args.techniques, kind),
-                     train=TrainSettings(epochs=args.epochs),
-                     measure=MeasureSettings(num_threads=args.threads, min_runs=args.min_runs,
-                                             min_seconds=args.min_seconds),
+                     train=settings_from_flags(lambda: TrainSettings(epochs=args.epochs)),
+                     measure=settings_from_flags(lambda: MeasureSettings(
+                         num_threads=args.threads, min_runs=args.min_runs, min_seconds=args.min_seconds)),
                      label_output=args.label_output)
 
     # Checking the inputs happens in a worker; until it passes (training starts or the sweep does),

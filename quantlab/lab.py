@@ -585,6 +585,16 @@ def short_layer_name(tensor_name: str) -> str:
     return parts[1] if len(parts) > 2 else parts[-1]
 
 
+def sublayer_name(tensor_name: str) -> str:
+    """The layer and its sublayer where Keras named one: 'm/multi_head_attention/key/einsum/Einsum1' ->
+    'multi_head_attention/key' (a TensorFlow op's name, capitalised as 'Tensordot', is not a sublayer)."""
+    parts = str(tensor_name).split(";")[0].split("/")
+    if len(parts) > 3 and parts[2][:1].islower() and not parts[0].startswith(("StatefulPartitionedCall",
+                                                                               "PartitionedCall")):
+        return f"{parts[1]}/{parts[2]}"
+    return short_layer_name(tensor_name)
+
+
 def sensitivity_frame(result: Mapping[str, Any], keep_float: int = 0) -> Any:
     """Layers in graph order with rmse/scale, rank (1 = most sensitive) and whether N would keep them float."""
     import pandas as pd
@@ -593,13 +603,15 @@ def sensitivity_frame(result: Mapping[str, Any], keep_float: int = 0) -> Any:
 
     ranking = {name: index + 1 for index, name in enumerate(result.get("ranking", []))}
     layers = result.get("layers", [])
-    # one Keras layer may become several ops (Conv1D: EXPAND_DIMS, CONV_2D, RESHAPE): name the op then
-    repeated = Counter(short_layer_name(layer["tensor_name"]) for layer in layers)
+    # one Keras layer may become several ops (Conv1D: EXPAND_DIMS, CONV_2D, RESHAPE; MultiHeadAttention:
+    # its query, key, value and output projections): name the sublayer, then the op
+    short = [short_layer_name(layer["tensor_name"]) for layer in layers]
+    repeated = Counter(short)
     lines = []
-    for index, layer in enumerate(layers):
+    for index, (layer, name) in enumerate(zip(layers, short)):
         rank = ranking.get(layer["tensor_name"])
-        name = short_layer_name(layer["tensor_name"])
-        label = f"{index}: {name}" + (f" · {layer['op_name']}" if repeated[name] > 1 else "")
+        label = (f"{index}: {name}" if repeated[name] < 2 else
+                 f"{index}: {sublayer_name(layer['tensor_name'])} · {layer['op_name']}")
         lines.append({"#": index, "layer": label,
                       "op": layer["op_name"], "rmse/scale": layer["rmse_scale"], "rank": rank,
                       "kept float": rank is not None and rank <= keep_float,

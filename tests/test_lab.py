@@ -192,6 +192,20 @@ def test_a_layer_that_became_several_ops_names_each_op():
         "0: conv1d · EXPAND_DIMS", "1: conv1d · CONV_2D", "2: conv1d · RESHAPE", "3: dense"]
 
 
+def test_attentions_projections_are_named_by_their_sublayer():
+    """MultiHeadAttention's query, key, value and output projections are all FULLY_CONNECTED ops of one
+    layer; the sublayer in the tensor name tells them apart (a TensorFlow op name such as Tensordot does not)."""
+    names = ["t/multi_head_attention/query/einsum/Einsum;t/multi_head_attention/Mul",
+             "t/multi_head_attention/key/einsum/Einsum1", "t/multi_head_attention/softmax/Softmax",
+             "t/dense/Tensordot/MatMul1", "t/dense/Tensordot"]
+    ops = ["FULLY_CONNECTED", "FULLY_CONNECTED", "SOFTMAX", "FULLY_CONNECTED", "RESHAPE"]
+    result = {"layers": [{"op_name": op, "tensor_name": name, "rmse_scale": 0.3, "scale": 0.1}
+                         for op, name in zip(ops, names)], "ranking": []}
+    assert lab.sensitivity_frame(result)["layer"].tolist() == [
+        "0: multi_head_attention/query · FULLY_CONNECTED", "1: multi_head_attention/key · FULLY_CONNECTED",
+        "2: multi_head_attention/softmax · SOFTMAX", "3: dense · FULLY_CONNECTED", "4: dense · RESHAPE"]
+
+
 def test_the_selective_sweep_repeats_the_workloads_settings():
     spec = SweepSpec("seed-cnn", "digits", (TechniqueSpec("int8-fallback"),), TrainSettings(epochs=1),
                      MeasureSettings(min_runs=5))

@@ -706,6 +706,27 @@ def _stored_kernels(op_details: list[dict], tensors: dict[int, dict[str, Any]]) 
     return kernels
 
 
+def int16_abort_reason(model_bytes: bytes) -> str | None:
+    """Why LiteRT would abort the process at this int16x8 file's first invoke, or None.
+
+    LiteRT 2.3's 16-bit SUB kernel aborts (SIGABRT in QuantizeMultiplierSmallerThanOneExp, no message)
+    when an input's quantization scale is 0: a constant of zeros, as tf_keras's LayerNormalization
+    makes, or a zero-initialised weight minus x. Read from the file without invoking it.
+    """
+    interp = create_interpreter(model_bytes, resolver="plain")
+    tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
+    for op in interp._get_ops_details():
+        if str(op["op_name"]) != "SUB":
+            continue
+        for index in op.get("inputs", []):
+            tensor = tensors.get(int(index))
+            if tensor is not None and np.dtype(tensor["dtype"]) == np.int16 and tensor["quantization"][0] == 0:
+                return (f"op SUB has the 16-bit input {str(tensor['name'])[:80]!r} with quantization "
+                        f"scale 0 (a constant of zeros), which aborts LiteRT's 16-bit SUB kernel at the "
+                        f"first invoke (SIGABRT)")
+    return None
+
+
 def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
     """Inputs, outputs and per-op dtypes of the model's own graph (XNNPACK not applied)."""
     interp = create_interpreter(model_bytes, resolver="plain")

@@ -44,6 +44,15 @@ def converter_failure(mode: str, error: BaseException) -> TechniqueError:
                           f"op stay float")
 
 
+def refuse_int16_abort(tflite: bytes) -> None:
+    """Stop an int16x8 file LiteRT would abort on before anything invokes it (the worker would die)."""
+    from .measure import int16_abort_reason
+
+    if reason := int16_abort_reason(tflite):
+        raise TechniqueError(f"int16x8: {reason}; use int8-fallback or int8-only, or lq-w8a16 (the "
+                             f"LiteRT Quantizer's 16-bit activations)")
+
+
 def io_details(mode: str, input_dtype: str | None) -> dict[str, Any]:
     """What integer-only I/O did to an input that is already integer (token ids stay as they are)."""
     if mode in ("int8-only", "uint8-only") and input_dtype and input_dtype.startswith(("int", "uint")):
@@ -65,6 +74,8 @@ def _ptq(mode: str, weights_param: bool = False) -> Callable[[BuildContext, dict
     def produce(context: BuildContext, params: dict) -> Produced:
         weights = params.get("weights", "per-channel")
         tflite, notes = convert_model(context, None, mode, weights=weights)
+        if mode == "int16x8":
+            refuse_int16_abort(tflite)
         return Produced(tflite=tflite, details={"conversion": mode,
                                                 **({"weights": weights} if weights_param else {}),
                                                 **conversion_details(context, mode, notes)})

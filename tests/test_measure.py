@@ -7,7 +7,7 @@ import pytest
 
 from quantlab import measure
 from quantlab.config import MeasureSettings
-from quantlab.errors import DatasetError, ModelError
+from quantlab.errors import DatasetError, ModelError, TechniqueError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 
@@ -270,3 +270,31 @@ def test_inspection_records_each_kernel_as_stored_in_the_file(two_kernel_variant
     assert kernels_of(two_kernel_variants["dynamic"]) == [("int8", 2048), ("float32", 192)]
     # float16 files widen their kernels with a DEQUANTIZE op: the stored kernel is float16
     assert kernels_of(two_kernel_variants["float16"]) == [("float16", 2048), ("float16", 192)]
+
+
+def test_an_int16x8_file_litert_would_abort_on_is_refused_before_any_invoke(tf_and_keras, keras_model, data):
+    """tf_keras's LayerNormalization makes a SUB from a constant of zeros; under int16x8 that input has
+    quantization scale 0 and LiteRT 2.3 aborts the process at the first invoke. Read, never invoked."""
+    from types import SimpleNamespace
+
+    from quantlab.keras_convert import keras_converter
+    from quantlab.techniques import BuildContext, get_technique
+
+    _, tf_keras = tf_and_keras
+    inputs = tf_keras.Input((6, 8))
+    normalized = tf_keras.Model(inputs, tf_keras.layers.LayerNormalization()(inputs))
+    rng = np.random.default_rng(0)
+    outcomes = {}
+    for name, model, calib in (("layer norm", normalized, rng.random((16, 6, 8), np.float32)),
+                               ("conv", keras_model, data["calib"])):
+        context = BuildContext(load_keras_model=lambda m=model: m,
+                               make_converter=lambda m=None, mode="float32", model=model: keras_converter(m or model, mode),
+                               dataset=SimpleNamespace(x_calib=calib), manifest={})
+        try:
+            produced = get_technique("int16x8").produce(context, {})
+            outcomes[name] = measure.int16_abort_reason(produced.tflite)
+        except TechniqueError as error:
+            outcomes[name] = str(error)
+    assert outcomes["layer norm"].startswith("int16x8: op SUB has the 16-bit input")
+    assert "quantization scale 0" in outcomes["layer norm"] and "lq-w8a16" in outcomes["layer norm"]
+    assert outcomes["conv"] is None

@@ -386,7 +386,8 @@ with run_bar:
                           None if settings.can_run else "This dashboard is read-only")
     with right:
         if not (model_ok and dataset_ok):
-            st.caption(f"Run waits for a {'model' if not model_ok else 'dataset'} the checks above accept.")
+            missing = " and ".join(what for what, ok in (("a model", model_ok), ("a dataset", dataset_ok)) if not ok)
+            st.caption(f"Run waits for {missing} the checks above accept.")
         elif not techniques:
             st.caption("Pick at least one technique below.")
         elif twin is not None:

@@ -714,13 +714,19 @@ def int16_abort_reason(model_bytes: bytes) -> str | None:
     makes, or a zero-initialised weight minus x. Read from the file without invoking it.
     """
     interp = create_interpreter(model_bytes, resolver="plain")
-    tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
-    for op in interp._get_ops_details():
+    try:
+        tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
+        op_details = interp._get_ops_details()
+    except Exception as exc:  # noqa: BLE001 - a private API: any failure means a model it cannot read
+        raise _invalid_model(exc) from None
+    for op in op_details:
         if str(op["op_name"]) != "SUB":
             continue
         for index in op.get("inputs", []):
             tensor = tensors.get(int(index))
-            if tensor is not None and np.dtype(tensor["dtype"]) == np.int16 and tensor["quantization"][0] == 0:
+            scales = (tensor or {}).get("quantization_parameters", {}).get("scales", ())
+            if tensor is not None and np.dtype(tensor["dtype"]) == np.int16 and len(scales) \
+                    and not np.any(scales):
                 return (f"op SUB has the 16-bit input {str(tensor['name'])[:80]!r} with quantization "
                         f"scale 0 (a constant of zeros), which aborts LiteRT's 16-bit SUB kernel at the "
                         f"first invoke (SIGABRT)")

@@ -84,7 +84,7 @@ class SweepSnapshot:
     created_at: float
     started_at: float | None
     finished_at: float | None
-    prepare_started_at: float | None = None   # the first "prepare" event (dataset, baseline model)
+    prepare_started_at: float | None = None   # the first "prepare" event (model, dataset)
     prepared_at: float | None = None          # "sweep-start": preparation over, variants begin
 
     @property

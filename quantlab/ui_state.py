@@ -708,25 +708,31 @@ def weight_granularity_summary(details: Mapping[str, Any]) -> str | None:
 
 
 DYNAMIC_MIN_KERNEL_VALUES = 1024  # the converter's dynamic-range mode quantizes no smaller kernel
-KEEPS_FLOAT_KERNELS = frozenset({"baseline", "as-uploaded", "float32", "float16", "cluster", "prune",
-                                 "prune-cluster"})
+FLOAT_CONVERSIONS = frozenset({"float32", "float16"})   # the converter modes that keep float kernels
+KEEPS_FLOAT_ON_PURPOSE = {"int8-selective": "int8-selective keeps its most sensitive layers float by design",
+                          "lq-recipe": "the recipe decides which ops are quantized"}
 
 
 def float_kernels_summary(row: Mapping[str, Any]) -> str | None:
-    """What a quantizing technique left in float32: e.g. "3 of 5 kernels stayed float32 (...)", with
-    the reason where it is known; None when every kernel is integer or the technique keeps float."""
-    if row.get("technique") in KEEPS_FLOAT_KERNELS:
+    """What a quantizing conversion left in float32: e.g. "3 of 5 conv and dense kernels stayed
+    float32 (...)", with the reason where it is known; None when every kernel is integer or the
+    conversion keeps float (baseline, float32, float16, a prune or cluster variant converted so)."""
+    details = _as_dict(row.get("details"))
+    technique = row.get("technique")
+    conversion = details.get("conversion") or technique
+    if technique in ("baseline", "as-uploaded") or conversion in FLOAT_CONVERSIONS:
         return None
-    kernels = [op for op in _as_dict(_as_dict(row.get("details")).get("inspection")).get("ops") or []
-               if op.get("kernel_dtype")]
+    kernels = [op for op in _as_dict(details.get("inspection")).get("ops") or [] if op.get("kernel_dtype")]
     floats = [op for op in kernels if op["kernel_dtype"] == "float32"]
     if not floats:
         return None
     values = sum(op["kernel_values"] for op in floats)
     share = values / max(1, sum(op["kernel_values"] for op in kernels))
-    text = (f"{len(floats)} of {len(kernels)} kernels stayed float32 ({values:,} weight values, "
-            f"{share:.0%} of the kernels' values)")
-    if row.get("technique") == "dynamic" and max(op["kernel_values"] for op in floats) < DYNAMIC_MIN_KERNEL_VALUES:
+    text = (f"{len(floats)} of {len(kernels)} conv and dense kernels stayed float32 ({values:,} weight "
+            f"values, {share:.0%} of those kernels' values)")
+    if technique in KEEPS_FLOAT_ON_PURPOSE:
+        return f"{text}: {KEEPS_FLOAT_ON_PURPOSE[technique]}."
+    if conversion == "dynamic" and max(op["kernel_values"] for op in floats) < DYNAMIC_MIN_KERNEL_VALUES:
         text += (f": the converter's dynamic-range mode quantizes only kernels of at least "
                  f"{DYNAMIC_MIN_KERNEL_VALUES:,} values, and "
                  + ("these are smaller" if len(floats) > 1 else "this one is smaller"))

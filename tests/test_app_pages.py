@@ -519,29 +519,36 @@ def test_what_a_float16_row_recorded_never_shows_a_weights_granularity():
     assert extra_details(int8) == {"weights": "per-tensor"}
 
 
-def kernel_row(technique, *kernels):
+def kernel_row(technique, *kernels, conversion=None):
     ops = [{"index": i, "op_name": "FULLY_CONNECTED", "kernel_dtype": dtype, "kernel_values": values}
            for i, (dtype, values) in enumerate(kernels)]
-    return {"technique": technique, "details": {"inspection": {"ops": ops}}}
+    return {"technique": technique, "details": {"inspection": {"ops": ops}, "conversion": conversion or technique}}
 
 
 def test_kernels_a_quantizing_technique_left_in_float_are_counted_with_the_known_reason():
     from quantlab.ui_state import float_kernels_summary
 
     tiny = float_kernels_summary(kernel_row("dynamic", ("float32", 256), ("float32", 512)))
-    assert tiny == ("2 of 2 kernels stayed float32 (768 weight values, 100% of the kernels' values): the "
-                    "converter's dynamic-range mode quantizes only kernels of at least 1,024 values, and "
-                    "these are smaller.")
+    assert tiny == ("2 of 2 conv and dense kernels stayed float32 (768 weight values, 100% of those "
+                    "kernels' values): the converter's dynamic-range mode quantizes only kernels of at "
+                    "least 1,024 values, and these are smaller.")
     mixed = float_kernels_summary(kernel_row("dynamic", ("int8", 2048), ("float32", 192)))
-    assert mixed.startswith("1 of 2 kernels stayed float32 (192 weight values, 9% of") and "1,024" in mixed
+    assert mixed.startswith("1 of 2 conv and dense kernels stayed float32 (192 weight values, 9% of")
+    assert mixed.endswith("and this one is smaller.")
+    # a pruned or clustered model converted with dynamic range is judged by its conversion
+    pruned = float_kernels_summary(kernel_row("prune", ("float32", 256), conversion="dynamic"))
+    assert pruned is not None and "1,024" in pruned
     # a large float kernel is not explained by the size rule; other techniques get the count alone
     assert "1,024" not in float_kernels_summary(kernel_row("dynamic", ("float32", 4096)))
     assert float_kernels_summary(kernel_row("int8-fallback", ("int8", 2048), ("float32", 4096))) == (
-        "1 of 2 kernels stayed float32 (4,096 weight values, 67% of the kernels' values).")
-    # nothing to say: every kernel integer, a technique that keeps float, or a row without kernels
+        "1 of 2 conv and dense kernels stayed float32 (4,096 weight values, 67% of those kernels' values).")
+    assert float_kernels_summary(kernel_row("int8-selective", ("int8", 2048), ("float32", 4096),
+                                            conversion="int8-fallback with 1 layer kept float")).endswith(
+        "keeps its most sensitive layers float by design.")
+    # nothing to say: every kernel integer, a conversion that keeps float, or a row without kernels
     assert float_kernels_summary(kernel_row("int8-only", ("int8", 2048))) is None
     assert float_kernels_summary(kernel_row("float32", ("float32", 2048))) is None
-    assert float_kernels_summary(kernel_row("cluster", ("float32", 2048))) is None
+    assert float_kernels_summary(kernel_row("cluster", ("float32", 2048), conversion="float32")) is None
     assert float_kernels_summary({"technique": "dynamic", "details": {}}) is None
 
 
@@ -549,10 +556,11 @@ def test_details_say_when_dynamic_left_every_kernel_float(env):
     ops = kernel_row("dynamic", ("float32", 256))["details"]["inspection"]["ops"]
     for op in ops:
         op.update(input_dtypes=["float32"], output_dtypes=["float32"], computes_in_float=True)
-    add_row(env, technique="dynamic", details={"inspection": {"ops": ops}, "latency_samples_ms": [0.1] * 50})
+    add_row(env, technique="dynamic", details={"inspection": {"ops": ops}, "conversion": "dynamic",
+                                               "latency_samples_ms": [0.1] * 50})
     at = run_app(page="details")
     assert not at.exception
-    assert "1 of 1 kernels stayed float32 (256 weight values" in texts(at.info)
+    assert "1 of 1 conv and dense kernels stayed float32 (256 weight values" in texts(at.info)
     ops_shown = next(frame.value for frame in at.dataframe if "op" in frame.value)
     assert list(ops_shown["kernel"]) == ["float32, 256 values"]
 

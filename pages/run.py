@@ -11,7 +11,8 @@ from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
                                estimate_sweep, NO_LABELS_UPLOAD, dataset_facts, dataset_fit_error,
-                               file_stamp, is_keras3_file, keras3_note, make_sweep_spec, model_kind_of, model_output_names, param_input, results_table,
+                               file_stamp, is_keras3_file, keras3_note, make_sweep_spec, model_kind_of,
+                               model_output_names, param_input, results_table,
                                RECENT_SWEEPS, interrupted_notes, save_upload, stored_name,
                                stored_sweeps_table, technique_groups, technique_tags,
                                unavailable_techniques, upload_refusals)
@@ -123,6 +124,12 @@ def outputs_for(model_path, _stamp):
 def facts_for(dataset_path, _stamp):
     """(has labels, has a train split) of an uploaded dataset (cached per file)."""
     return dataset_facts(dataset_path)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def keras3_for(model_path, _stamp):
+    """Whether the uploaded file was written by Keras 3 (its config read once per file, not per rerun)."""
+    return is_keras3_file(model_path)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -330,7 +337,7 @@ with left:
         "model", BUILTIN_MODELS, DEFAULT_MODEL, (".keras", ".h5", ".hdf5", ".zip", ".tflite"),
         "A tf_keras/Keras .keras or .h5 file, a SavedModel folder as .zip, or a ready .tflite file. "
         "Nothing in the file is executed: unknown layers and custom code are refused.")
-    if form.get("model_source") == UPLOAD and model_ok and is_keras3_file(model):
+    if form.get("model_source") == UPLOAD and model_ok and keras3_for(model, file_stamp(model)):
         st.caption(keras3_note())
 with right:
     dataset, dataset_name, dataset_ok = choose_input(

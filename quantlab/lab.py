@@ -20,6 +20,7 @@ import json
 import math
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -598,8 +599,6 @@ def sublayer_name(tensor_name: str) -> str:
 def sensitivity_frame(result: Mapping[str, Any], keep_float: int = 0) -> Any:
     """Layers in graph order with rmse/scale, rank (1 = most sensitive) and whether N would keep them float."""
     import pandas as pd
-
-    from collections import Counter
 
     ranking = {name: index + 1 for index, name in enumerate(result.get("ranking", []))}
     layers = result.get("layers", [])

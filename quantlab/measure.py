@@ -706,6 +706,17 @@ def _stored_kernels(op_details: list[dict], tensors: dict[int, dict[str, Any]]) 
     return kernels
 
 
+def _read_graph(model_bytes: bytes) -> tuple[Any, list[dict], dict[int, dict[str, Any]]]:
+    """The file's interpreter (no delegate), its ops and its tensors by index, without invoking it."""
+    interp = create_interpreter(model_bytes, resolver="plain")
+    try:
+        op_details = interp._get_ops_details()  # LiteRT 2.x: index, op_name, operand/result types
+        tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
+    except Exception as exc:  # noqa: BLE001 - a private API: any failure means a model it cannot read
+        raise _invalid_model(exc) from None
+    return interp, op_details, tensors
+
+
 def int16_abort_reason(model_bytes: bytes) -> str | None:
     """Why LiteRT would abort the process at this int16x8 file's first invoke, or None.
 
@@ -713,12 +724,7 @@ def int16_abort_reason(model_bytes: bytes) -> str | None:
     when an input's quantization scale is 0: a constant of zeros, as tf_keras's LayerNormalization
     makes, or a zero-initialised weight minus x. Read from the file without invoking it.
     """
-    interp = create_interpreter(model_bytes, resolver="plain")
-    try:
-        tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
-        op_details = interp._get_ops_details()
-    except Exception as exc:  # noqa: BLE001 - a private API: any failure means a model it cannot read
-        raise _invalid_model(exc) from None
+    _, op_details, tensors = _read_graph(model_bytes)
     for op in op_details:
         if str(op["op_name"]) != "SUB":
             continue
@@ -735,12 +741,7 @@ def int16_abort_reason(model_bytes: bytes) -> str | None:
 
 def inspect_tflite(model_bytes: bytes) -> TfliteInspection:
     """Inputs, outputs and per-op dtypes of the model's own graph (XNNPACK not applied)."""
-    interp = create_interpreter(model_bytes, resolver="plain")
-    try:
-        op_details = interp._get_ops_details()  # LiteRT 2.x: index, op_name, operand/result types
-        tensors = {int(d["index"]): d for d in interp.get_tensor_details()}
-    except Exception as exc:  # noqa: BLE001 - a private API: any failure means a model it cannot read
-        raise _invalid_model(exc) from None
+    interp, op_details, tensors = _read_graph(model_bytes)
     kernels = _stored_kernels(op_details, tensors)
     ops = []
     for op in op_details:

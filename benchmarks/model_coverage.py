@@ -43,6 +43,8 @@ def build_kinds(folder: Path) -> dict[str, tuple[Path, Path]]:
     rgb_x, rgb_y = zoo.rgb_images(160)
     rgb = zoo.save_dataset(folder, "rgb", *zoo.rgb_images(60, seed=3), x_train=rgb_x, y_train=rgb_y)
     tok_plain = zoo.save_dataset(folder, "tok", tok_xt, tok_yt, x_train=tok_x, y_train=tok_y)
+    pad_x, pad_y = zoo.padded_tokens(320)
+    padded = zoo.save_dataset(folder, "padded", *zoo.padded_tokens(120, seed=3), x_train=pad_x, y_train=pad_y)
     k = zoo.keras2()
     plain = k.Sequential([k.Input((16, 16, 1)), k.layers.Conv2D(4, 3), k.layers.Flatten(),
                           k.layers.Dense(zoo.CLASSES)])
@@ -62,6 +64,12 @@ def build_kinds(folder: Path) -> dict[str, tuple[Path, Path]]:
         "Transformer encoder, MultiHeadAttention (.h5)": (zoo.save_h5(zoo.transformer_model(), folder,
                                                                       "transformer"), tok_plain),
         "Keras MobileNetV3Small (.h5)": (zoo.save_h5(zoo.keras_mobilenet_v3(), folder, "mnv3"), rgb),
+        "transfer learning: a backbone inside a classifier (.h5)": (
+            zoo.save_h5(zoo.transfer_model(), folder, "transfer"), img),
+        "mixed precision, mixed_float16 (.h5)": (zoo.save_h5(zoo.mixed_precision_model(), folder, "mixed"), img),
+        "GroupNormalization (.h5)": (zoo.save_h5(zoo.group_norm_model(), folder, "groupnorm"), img),
+        "LSTM fed a mask, padded tokens (.h5)": (zoo.save_h5(zoo.masked_lstm_model(), folder, "masked"),
+                                                 padded),
     }
 
 

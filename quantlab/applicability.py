@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .keras_convert import RECURRENT_CLASSES
+from .keras_convert import CALIBRATED_MODES, RECURRENT_CLASSES, conv_recurrent_refusal
 from .techniques import Technique, get_technique
 
 _KIND_WORDS = {"keras": "a tf_keras model", "savedmodel": "a SavedModel (or a Keras 3 model "
                "exported to one)", "tflite": "a TensorFlow Lite file"}
 QAT_TECHNIQUES = frozenset({"qat-int8", "cqat-int8", "pqat-int8"})
+# The converter modes each technique calibrates (int8-selective calibrates as int8-fallback does).
+CALIBRATED_TECHNIQUES = {mode: mode for mode in CALIBRATED_MODES} | {"int8-selective": "int8-fallback"}
 UNROLLED_CLASSES = frozenset({"GRU", "SimpleRNN"})   # no fused kernel: a rolled loop, or unrolled cells
 # Layers whose int16x8 conversion kills the process at its first invoke() (SIGABRT, no message),
 # measured with ai-edge-litert 2.3 on a model of that layer alone and in a Transformer encoder: refused
@@ -35,12 +37,18 @@ def refusal(technique: Technique | str, manifest: dict) -> str | None:
         needs = " or ".join(_KIND_WORDS[k] for k in technique.sources)
         return f"{technique.id} cannot run on {name} ({_KIND_WORDS[kind]}); it needs {needs}"
     if technique.family == "litert" and technique.needs_calibration:
+        # the quantizer calibrates the float32 .tflite made for calibration (int8-fallback's graph)
+        if reason := conv_recurrent_refusal(_recurrent(manifest), "int8-fallback", technique.id):
+            return reason
         for layer in _recurrent(manifest):
             if layer.get("class") in UNROLLED_CLASSES:
                 return (f"{technique.id}: layer {layer['layer']!r} ({layer['class']}) cannot be "
                         f"calibrated by the LiteRT Quantizer 0.11 (its XNNPACK calibration leaves a "
                         f"tensor of the unrolled cell unallocated: \"Tensor data is null\"); use "
                         f"int8-fallback or int8-only, or lq-int4-dynamic / a weight-only lq technique")
+    mode = CALIBRATED_TECHNIQUES.get(technique.id, "")
+    if reason := conv_recurrent_refusal(_recurrent(manifest), mode, technique.id):
+        return reason
     if technique.id == "int16x8":
         for layer in manifest.get("layers") or []:
             if layer.get("class") in INT16X8_ABORTS:

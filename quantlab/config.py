@@ -12,6 +12,9 @@ from .errors import QuantLabError
 
 # Bump when a change in QuantLab alters what an artifact or a measurement would be.
 ENGINE_VERSION = "3"  # 3: recurrent and int-input conversions, baselines in their own framework, oneDNN off
+# Bump when preparing an uploaded model (the checked copy every variant starts from) changes; cached
+# results stay, the workload is prepared again. 2: mixed-precision models are prepared as float32.
+PREPARE_VERSION = "2"
 
 
 def canonical_json(value: Any) -> str:

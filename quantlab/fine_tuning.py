@@ -10,7 +10,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import TechniqueError
-from .keras_convert import set_representative_data
+from .keras_convert import keras_converter, set_representative_data
+from .keras_flatten import inline_nested_models
 from .ptq import conversion_details, convert_model
 from .techniques import BuildContext, Param, Produced, Technique
 
@@ -85,14 +86,15 @@ def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict)
         raise TechniqueError(f"{technique_id} fine-tunes on a train split and the dataset has none; "
                              f"add x_train and y_train to the .npz")
     has_labels = len(dataset.y_calib) and int(dataset.y_calib.min()) >= 0
-    model = context.load_keras_model()
+    model, inlined = inline_nested_models(tf_keras, context.load_keras_model())
     io = manifest.get("io")
     result = TECHNIQUES[technique_id](
         model, *keras_arrays(model, dataset.x_train, dataset.y_train, io), **fit_params,
         **(dict(zip(("x_val", "y_val"), keras_arrays(model, dataset.x_calib, dataset.y_calib, io)))
            if has_labels else {"x_val": None, "y_val": None}),
         on_progress=context.on_progress)
-    stats = {**result.stats, "validation_split": "calibration" if has_labels else None}
+    stats = {**result.stats, "validation_split": "calibration" if has_labels else None,
+             **({"inlined": inlined} if inlined else {})}
     model_path.parent.mkdir(parents=True, exist_ok=True)
     # Sweeps that differ only in thread count share the fine-tune and may train it side by side.
     unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -125,17 +127,18 @@ def keras_arrays(model: Any, x: Any, y: Any, io: dict | None) -> tuple[Any, Any]
     return x, y
 
 
-def convert_qat_model(model: Any, io: str, context: BuildContext) -> bytes:
+def convert_qat_model(model: Any, io: str, context: BuildContext) -> tuple[bytes, list[str]]:
     """Convert a quantization-aware model: its learned ranges make it int8 without calibration.
 
     Integer I/O needs the input's range too, which the converter takes from a representative
     dataset (without one it refused: "For full integer quantization, a `representative_dataset`
     must be specified"); the calibration split serves, and the learned ranges inside stay as they are.
+    Returns the .tflite and the conversion's notes (a layer that needs batch 1, see keras_convert).
     """
     from .tfcompat import import_tensorflow
 
     tf, _ = import_tensorflow()
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter, notes = keras_converter(model, "qat")
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if io == "int8":
         set_representative_data(converter, context.dataset.x_calib,
@@ -146,7 +149,7 @@ def convert_qat_model(model: Any, io: str, context: BuildContext) -> bytes:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    return converter.convert()
+    return converter.convert(), notes
 
 
 def _fine_tune(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
@@ -155,8 +158,9 @@ def _fine_tune(technique_id: str) -> Callable[[BuildContext, dict], Produced]:
         model, stats = fine_tuned_model(context, technique_id, fit_params)
         extra: dict[str, Any] = {}
         if _is_qat(technique_id):
-            tflite = convert_qat_model(model, params["io"], context)
+            tflite, notes = convert_qat_model(model, params["io"], context)
             conversion = f"quantization-aware int8 ({params['io']} I/O)"
+            extra = {"conversion_notes": notes} if notes else {}
         else:
             tflite, notes = convert_model(context, model, params["then"])
             conversion = params["then"]

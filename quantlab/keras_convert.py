@@ -9,8 +9,18 @@ Runs in worker processes (imports TensorFlow). Measured with TF 2.21 on small us
 - A GRU or SimpleRNN has no fused kernel: it converts to a WHILE loop, and the converter's
   calibration (every int8 and 16x8 mode) crashed the process (segmentation fault) on that loop.
   Unrolled over its time steps (`unroll=True`, same weights) it calibrates and converts.
+- An LSTM fed a mask (padded tokens from `Embedding(mask_zero=True)`, a `Masking` layer) is not
+  fused: it too is a WHILE loop, and int8 calibration crashed on it; unrolled, it converts.
 - 16x8 refuses the fused LSTM ("Quantization to 16x8-bit not yet supported for op:
   'UNIDIRECTIONAL_SEQUENCE_LSTM'"); the unrolled LSTM converts.
+- A GroupNormalization converted with a dynamic batch gives a BROADCAST_TO that LiteRT cannot
+  prepare ("Output shape must be broadcastable from input shape"), in float32 and while
+  calibrating; with the batch fixed at 1 it converts, calibrates and matches Keras.
+- Conv1DTranspose with a dynamic batch aborted LiteRT (SIGABRT) at the first int16x8 invoke; with
+  the batch fixed at 1 it runs in every mode.
+- A ConvLSTM2D cannot be unrolled ("Unrolling is not possible with convolutional RNNs") and
+  calibrating its loop crashed the converter (segmentation fault): the calibrated modes refuse it,
+  naming the layer; dynamic and float16 convert it.
 - An integer input (token ids into an Embedding) must be calibrated with samples of its own dtype;
   integer-only I/O keeps it int32 (only float inputs become int8 / uint8).
 """
@@ -29,6 +39,11 @@ RECURRENT_CLASSES = frozenset({"LSTM", "GRU", "SimpleRNN", "RNN", "Bidirectional
 # Recurrent layers TFLite fuses into one op (calibration works on the rolled layer).
 FUSED_RECURRENT_CLASSES = frozenset({"LSTM"})
 CALIBRATED_MODES = frozenset({"int8-fallback", "int8-only", "uint8-only", "int16x8"})
+# Layers whose dynamic-batch conversion LiteRT cannot run (see the module docstring): batch 1.
+FIXED_BATCH_CLASSES = frozenset({"GroupNormalization", "Conv1DTranspose"})
+# Convolutional recurrent layers: Keras cannot unroll them, and calibrating their loop crashed the
+# converter (segmentation fault), so no calibrated mode can convert them.
+CONV_RECURRENT_CLASSES = frozenset({"ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D"})
 
 
 def _inner_class(layer: Any) -> str:
@@ -44,8 +59,36 @@ def recurrent_layers(model: Any) -> list[dict[str, str]]:
     for layer in getattr(model, "layers", []):
         kind = type(layer).__name__
         if kind in RECURRENT_CLASSES:
-            found.append({"layer": layer.name, "class": kind, "cell": _inner_class(layer)})
+            masked = {"masked": True} if _input_mask(layer) is not None else {}
+            found.append({"layer": layer.name, "class": kind, "cell": _inner_class(layer), **masked})
     return found
+
+
+def _input_mask(layer: Any) -> Any:
+    """The mask a layer receives (padded tokens from Embedding(mask_zero=True), Masking), or None."""
+    try:
+        return layer.input_mask
+    except (AttributeError, RuntimeError, ValueError):  # a layer called on several inputs
+        return None
+
+
+def _all_layers(model: Any) -> list[Any]:
+    """Every layer, with the layers of nested models (a backbone inside a classifier) and the layer
+    inside a wrapper (tfmot's QuantizeWrapper, PruneLowMagnitude) in place."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        inner = getattr(layer, "layer", None)
+        if inner is not None and not isinstance(inner, str):
+            found.append(inner)
+        if hasattr(layer, "layers"):
+            found.extend(_all_layers(layer))
+    return found
+
+
+def fixed_batch_layers(model: Any) -> list[str]:
+    """The layers (nested ones too) that convert only with the batch fixed at 1."""
+    return [layer.name for layer in _all_layers(model) if type(layer).__name__ in FIXED_BATCH_CLASSES]
 
 
 def layers_to_unroll(model: Any, mode: str) -> list[dict[str, str]]:
@@ -53,7 +96,8 @@ def layers_to_unroll(model: Any, mode: str) -> list[dict[str, str]]:
     if mode not in CALIBRATED_MODES:
         return []
     return [layer for layer in recurrent_layers(model)
-            if mode == "int16x8" or layer["cell"] not in FUSED_RECURRENT_CLASSES]
+            if mode == "int16x8" or layer["cell"] not in FUSED_RECURRENT_CLASSES
+            or layer.get("masked")]
 
 
 def _set_unroll(config: dict) -> dict:
@@ -80,6 +124,22 @@ def unrolled_copy(model: Any, names: set[str]) -> Any:
         return layer.__class__.from_config(_set_unroll(layer.get_config()))
 
     return clone_with_weights(keras, model, clone)
+
+
+def conv_recurrent_refusal(layers: list[dict[str, str]], mode: str, technique: str = "") -> str | None:
+    """Why `mode` (converting for `technique`) cannot calibrate the first convolutional recurrent
+    layer of `layers`, or None."""
+    for layer in layers:
+        if layer.get("class") in CONV_RECURRENT_CLASSES and mode in CALIBRATED_MODES:
+            return (f"{technique or mode}: layer {layer['layer']!r} ({layer['class']}) cannot be calibrated: Keras "
+                    f"cannot unroll a convolutional RNN and calibrating its loop crashes the TFLite "
+                    f"converter; use dynamic or float16, which need no calibration")
+    return None
+
+
+def refuse_conv_recurrent(layers: list[dict[str, str]], mode: str) -> None:
+    if reason := conv_recurrent_refusal(layers, mode):
+        raise TechniqueError(reason)
 
 
 def _check_fixed_steps(model: Any, layers: list[dict[str, str]]) -> None:
@@ -109,25 +169,32 @@ def fixed_batch_function(model: Any) -> Any:
 def keras_converter(model: Any, mode: str) -> tuple[Any, list[str]]:
     """A TFLiteConverter for `model` converted in `mode`, and notes on what was done to it.
 
-    Models without recurrent layers use `from_keras_model` (dynamic batch, so evaluation can batch);
-    models with them go through a fixed-batch concrete function, unrolled where `mode` needs it.
+    Models use `from_keras_model` (dynamic batch, so evaluation can batch), except those with
+    recurrent layers or FIXED_BATCH_CLASSES: they go through a fixed-batch concrete function,
+    recurrent layers unrolled where `mode` needs it.
     """
     from .tfcompat import import_tensorflow
 
     tf, _ = import_tensorflow()
-    recurrent = recurrent_layers(model)
-    if not recurrent:
+    recurrent, fixed = recurrent_layers(model), fixed_batch_layers(model)
+    if not recurrent and not fixed:
         return tf.lite.TFLiteConverter.from_keras_model(model), []
-    notes = [f"converted through a concrete function with batch 1 (recurrent layer(s): "
-             f"{', '.join(layer['layer'] for layer in recurrent)}); the .tflite takes one sample "
-             f"per invoke"]
+    why = []
+    if recurrent:
+        why.append(f"recurrent layer(s): {', '.join(layer['layer'] for layer in recurrent)}")
+    if fixed:
+        why.append(f"LiteRT cannot run {', '.join(fixed)} with a dynamic batch")
+    notes = [f"converted through a concrete function with batch 1 ({'; '.join(why)}); the .tflite "
+             f"takes one sample per invoke"]
     unroll = layers_to_unroll(model, mode)
+    refuse_conv_recurrent(unroll, mode)
     _check_fixed_steps(model, unroll)
     if unroll:
         model = unrolled_copy(model, {layer["layer"] for layer in unroll})
         steps = model.inputs[0].shape[1]
         why = ("16x8 has no fused LSTM kernel" if mode == "int16x8"
-               else "calibrating a rolled GRU/SimpleRNN loop crashes the converter")
+               else "calibrating a rolled loop (GRU, SimpleRNN, or an LSTM fed a mask, which "
+                    "is not fused) crashes the converter")
         notes.append(f"unrolled over {steps} time steps for {mode} ({why}): "
                      f"{', '.join(layer['layer'] for layer in unroll)}")
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fixed_batch_function(model)], model)

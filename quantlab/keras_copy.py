@@ -36,3 +36,26 @@ def clone_with_weights(keras: Any, model: Any, clone_function: Callable[[Any], A
     copy = keras.models.clone_model(model, clone_function=clone_function)
     copy_weights(model, copy)
     return copy
+
+
+def reduced_precision_layers(model: Any) -> list[str]:
+    """Names of the layers that compute in float16 or bfloat16 (a mixed-precision policy)."""
+    return [layer.name for layer in model.layers
+            if str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16")]
+
+
+def float32_copy(keras: Any, model: Any) -> Any:
+    """The model with every layer computing in float32 and the same weights.
+
+    A mixed-precision model (`mixed_float16`, `mixed_bfloat16`) keeps float32 variables and casts
+    activations to 16 bits; the TFLite converter cannot lower those casts around a convolution
+    ("'tf.Conv2D' op is neither a custom op nor a flex op") and tfmot's wrappers fail on them.
+    The float32 copy computes what the converter's float32 model computes.
+    """
+    def as_float32(layer: Any) -> Any:
+        config = layer.get_config()
+        if "dtype" in config and not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    return clone_with_weights(keras, model, clone_function=as_float32)

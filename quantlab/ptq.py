@@ -39,6 +39,10 @@ def converter_failure(mode: str, error: BaseException) -> TechniqueError:
     op = next((g for g in match.groups() if g), None) if match else None
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     where = f" on op {op}" if op else ""
+    if "neither a custom op nor a flex op" in text:  # no TFLite kernel at all: no mode helps
+        return TechniqueError(f"{mode}: the TFLite converter failed{where}: TensorFlow Lite has no "
+                              f"kernel for it in any mode; do that step outside the model (e.g. in "
+                              f"your preprocessing) or replace the layer that makes it")
     return TechniqueError(f"{mode}: the TFLite converter failed{where} ({first}); try dynamic or "
                           f"float16, which keep float kernels, or int8-fallback, which lets such an "
                           f"op stay float")

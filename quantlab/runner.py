@@ -17,7 +17,7 @@ from typing import Any, Callable
 from . import predictions, uncertainty
 from .applicability import refusal
 from .cache import ArtifactCache
-from .config import ENGINE_VERSION, SweepSpec, TechniqueSpec, content_hash
+from .config import ENGINE_VERSION, PREPARE_VERSION, SweepSpec, TechniqueSpec, content_hash
 from .errors import QuantLabError
 from .pool import PoolLimits, WorkerPool, default_worker_count
 from .store import Store, new_id
@@ -143,7 +143,7 @@ def run_sweep(spec: SweepSpec, *, store: Store, cache: ArtifactCache, on_event: 
     measure_settings = spec.measure.to_dict()
     report: SweepReport | None = None
     try:
-        identity = {"engine": ENGINE_VERSION, "model": model_ref.identity,
+        identity = {"engine": ENGINE_VERSION, "prepare": PREPARE_VERSION, "model": model_ref.identity,
                     "dataset": dataset_ref.identity, "train": spec.train.to_dict()}
         if spec.label_output:
             identity["label_output"] = spec.label_output
@@ -342,6 +342,8 @@ def _make_row(sweep_id: str | None, manifest: dict, technique: TechniqueSpec, ke
     provenance.update({"result_key": key, "model_hash": manifest["model_hash"],
                        "dataset_hash": manifest["dataset_hash"], "technique": technique.to_dict(),
                        "engine_version": ENGINE_VERSION})
+    if manifest.get("notes"):
+        provenance["model_notes"] = list(manifest["notes"])
     row["provenance"] = provenance
     if error is None and body and not set(uncertainty.INTERVAL_COLUMNS) <= set(body):
         row.update(uncertainty.row_intervals(row))  # a body cached before its worker computed them

@@ -1032,9 +1032,24 @@ def _load_tf_keras(path: Path, source: str, version: str | None, **kwargs: Any) 
     except Exception as exc:
         raise _load_error(source, exc) from None
     input_shape, num_classes = _keras_model_shapes(model, source)
+    model, notes = _computing_in_float32(tf_keras, model)
     inputs, outputs = model_io(model, source)
     return LoadedModel("tf_keras", source, input_shape, num_classes, keras_model=model,
-                       keras_version=version, inputs=inputs, outputs=outputs)
+                       keras_version=version, inputs=inputs, outputs=outputs, notes=notes)
+
+
+def _computing_in_float32(tf_keras: Any, model: Any) -> tuple[Any, tuple[str, ...]]:
+    """A mixed-precision model as its float32 copy (same weights), and the note saying so."""
+    from quantlab.keras_copy import float32_copy, reduced_precision_layers
+
+    reduced = reduced_precision_layers(model)
+    if not reduced:
+        return model, ()
+    policy = str(model.get_layer(reduced[0]).dtype_policy.name)
+    return float32_copy(tf_keras, model), (
+        f"mixed precision ({policy} in {len(reduced)} of {len(model.layers)} layers): measured, "
+        "converted and fine-tuned as float32 with the same weights (the TFLite converter cannot "
+        "lower the 16-bit casts; its float32 model computes in float32 anyway)",)
 
 
 def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) -> LoadedModel:
@@ -1058,11 +1073,12 @@ def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) ->
     except QuantLabError as refusal:
         why = str(refusal)
     else:
-        inputs, outputs = model_io(rebuilt.model, source)
+        tf_keras_model, float32_notes = _computing_in_float32(import_tensorflow()[1], rebuilt.model)
+        inputs, outputs = model_io(tf_keras_model, source)
         return LoadedModel(
-            "tf_keras", source, input_shape, num_classes, keras_model=rebuilt.model,
+            "tf_keras", source, input_shape, num_classes, keras_model=tf_keras_model,
             keras_version=version, keras3_file=path, inputs=inputs, outputs=outputs,
-            notes=(*rebuilt.notes, "Keras 3 model: the baseline and the float reference run in "
+            notes=(*rebuilt.notes, *float32_notes, "Keras 3 model: the baseline and the float reference run in "
                    "Keras 3 itself; conversions and fine-tuning start from the tf_keras rebuild."))
     export_dir = Path(tempfile.mkdtemp(prefix="keras3-", dir=workdir)) / "saved_model"
     try:

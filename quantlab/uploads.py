@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .cache import ArtifactCache, write_atomically
+from .config import PREPARE_VERSION
 from .errors import DatasetError, ModelError
 from .safe_load import (PER_INPUT_ARRAY, load_keras_model, load_npz_dataset, load_tflite_bytes,
                         validate_dataset_for_model)
@@ -218,7 +219,8 @@ def prepare_uploaded_model(path: Path, file_hash: str, dataset: Dataset, cache: 
         if not keras3_path.exists():
             copy_into_cache(loaded.keras3_file, keras3_path)
     if loaded.kind == "tf_keras":
-        target = cache.path("models", f"upload-{file_hash}", ".keras")
+        # The prepared copy depends on how QuantLab prepares (a mixed-precision model becomes float32).
+        target = cache.path("models", f"upload-{file_hash}-p{PREPARE_VERSION}", ".keras")
         _save_model(loaded.keras_model, target)
         return PreparedModel(target, "keras", fitted, tuple(loaded.notes), keras3_path, io)
 

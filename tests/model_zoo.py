@@ -137,6 +137,57 @@ def rgb_images(n: int, size: int = 32, seed: int = RNG_SEED) -> tuple[np.ndarray
     return x, (x[..., 0].mean(axis=(1, 2)) / 255 * CLASSES * 0.999).astype(np.int64) % CLASSES
 
 
+def transfer_model(keras=None, input_shape=(16, 16, 1)):
+    """Transfer learning as users write it: a Functional backbone (conv, batch norm, residual Add)
+    called with `training=False` inside a classifier, one of its layers named like the head's."""
+    k = keras or keras2()
+    L = k.layers
+    inputs = k.Input(input_shape)
+    x = L.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = L.Activation("relu")(L.BatchNormalization()(x))
+    x = L.Add()([x, L.Conv2D(8, 3, padding="same", name="head")(inputs)])
+    backbone = k.Model(inputs, x, name="backbone")
+    outer = k.Input(input_shape)
+    features = L.GlobalAveragePooling2D()(backbone(outer, training=False))
+    return k.Model(outer, L.Dense(CLASSES, name="head")(features), name="classifier")
+
+
+def mixed_precision_model(keras=None, policy: str = "mixed_float16"):
+    """A CNN built under a mixed-precision policy (float16 compute, float32 variables), as GPU
+    training saves it; its last layer computes in float32, as Keras's guide says."""
+    k = keras or keras2()
+    k.mixed_precision.set_global_policy(policy)
+    try:
+        return k.Sequential([k.Input((16, 16, 1)), k.layers.Conv2D(8, 3, activation="relu"),
+                             k.layers.Flatten(), k.layers.Dense(CLASSES, dtype="float32")])
+    finally:
+        k.mixed_precision.set_global_policy("float32")
+
+
+def group_norm_model():
+    """Conv2D -> GroupNormalization -> DepthwiseConv2D: a dynamic batch makes LiteRT's BROADCAST_TO fail."""
+    k = keras2()
+    L = k.layers
+    return k.Sequential([k.Input((16, 16, 1)), L.Conv2D(8, 3), L.GroupNormalization(groups=4),
+                         L.DepthwiseConv2D(3), L.ReLU(), L.GlobalAveragePooling2D(), L.Dense(CLASSES)])
+
+
+def masked_lstm_model():
+    """Padded token ids -> Embedding(mask_zero=True) -> LSTM: the mask keeps the LSTM from fusing."""
+    k = keras2()
+    return k.Sequential([k.Input((TOKENS,), dtype="int32"), k.layers.Embedding(VOCAB, 8, mask_zero=True),
+                         k.layers.LSTM(8), k.layers.Dense(CLASSES)])
+
+
+def padded_tokens(n: int, seed: int = RNG_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids with a zero padding tail of random length (at least 3 real tokens)."""
+    x, y = tokens(n, seed)
+    x = np.where(x == 0, 1, x)
+    lengths = np.random.default_rng(seed + 1).integers(3, TOKENS + 1, size=n)
+    x[np.arange(TOKENS)[None, :] >= lengths[:, None]] = 0
+    return x, y
+
+
 def keras3_model(functional: bool, input_shape=(16, 16, 1)):
     """A Keras 3 CNN, Sequential or Functional (what model.save('m.keras') writes on TF 2.16+)."""
     k = keras3()

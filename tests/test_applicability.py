@@ -33,6 +33,18 @@ def test_the_quantizers_calibrated_recipes_are_refused_on_a_gru_and_kept_on_an_l
         assert refusal(technique, gru) is None
 
 
+def test_every_calibrated_mode_is_refused_on_a_conv_lstm_naming_it():
+    """Keras cannot unroll a ConvLSTM2D ("Unrolling is not possible with convolutional RNNs", a bare
+    TypeError in the row) and calibrating its loop crashed the converter (segmentation fault)."""
+    conv_lstm = {**LSTM_MANIFEST, "layers": [{"layer": "clstm", "class": "ConvLSTM2D", "cell": "ConvLSTM2D"}]}
+    for technique in ("int8-fallback", "int8-only", "uint8-only", "int16x8", "int8-selective", "lq-w8a8"):
+        reason = refusal(technique, conv_lstm)
+        assert reason.startswith(f"{technique}: layer 'clstm' (ConvLSTM2D) cannot be calibrated"), reason
+        assert "dynamic or float16" in reason
+    for technique in ("float32", "dynamic", "float16", "lq-int8-weight-only", "prune"):
+        assert refusal(technique, conv_lstm) is None
+
+
 def test_fine_tuning_needs_labels_and_a_train_split():
     unlabelled = {**LSTM_MANIFEST, "has_labels": False, "layers": []}
     assert "no labels" in refusal("prune", unlabelled)

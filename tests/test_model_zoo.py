@@ -313,3 +313,113 @@ def test_a_tflite_it_cannot_measure_is_refused_before_any_variant(tmp_path, case
                   options=SweepOptions(workers=1, source="test"))
     assert said in str(error.value)
     assert store.count() == 0
+
+
+# --- transfer learning, mixed precision, GroupNormalization, a masked LSTM -------------------------
+
+
+def save_in(framework: str, build, folder: Path, name: str) -> Path:
+    """A zoo model built and saved by tf_keras (.h5) or Keras 3 (.keras)."""
+    if framework == "keras3":
+        return zoo.save_keras(build(zoo.keras3()), folder, name)
+    return zoo.save_h5(build(), folder, name)
+
+
+def provenance(row: dict) -> dict:
+    value = row.get("provenance") or {}
+    return json.loads(value) if isinstance(value, str) else value
+
+
+@pytest.mark.parametrize("framework", ["tf_keras", "keras3"])
+def test_a_backbone_inside_a_classifier_is_fine_tuned_layer_by_layer(tmp_path, image_data, framework):
+    """tfmot wraps top-level layers only: QAT, pruning and clustering were refused ("rebuild the model
+    flat"). The backbone is now inlined, so its convolutions are quantized, pruned and clustered."""
+    path = save_in(framework, zoo.transfer_model, tmp_path, "transfer")
+    techniques = ("baseline", "int8-only", "qat-int8", "prune", "cluster")
+    rows = sweep(tmp_path, path, image_data["labelled"], techniques)
+    for technique in techniques:
+        assert_full(rows[technique])
+    for technique in ("qat-int8", "prune", "cluster"):
+        fine_tune = details(rows[technique])["fine_tune"]
+        assert fine_tune["inlined"][0].startswith("nested model 'backbone'")
+        optimized = {entry["layer"] for entry in fine_tune["optimized_layers"]}
+        assert {"backbone_head", "head"} <= optimized, optimized   # a backbone conv and the classifier's head
+    sparsity = details(rows["prune"])["fine_tune"]["sparsity"]["layers"]
+    assert sparsity["backbone_head"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("framework", ["tf_keras", "keras3"])
+def test_a_mixed_precision_model_is_converted_and_fine_tuned_as_float32(tmp_path, image_data, framework):
+    """Every conversion failed on its 16-bit casts ("'tf.Conv2D' op is neither a custom op nor a flex
+    op") and tfmot's wrappers raised a TypeError."""
+    path = save_in(framework, zoo.mixed_precision_model, tmp_path, "mixed")
+    techniques = ("baseline", "float32", "int8-only", "qat-int8")
+    rows = sweep(tmp_path, path, image_data["labelled"], techniques)
+    for technique in techniques:
+        assert_full(rows[technique])
+        assert any("mixed precision (mixed_float16" in note for note in provenance(rows[technique])["model_notes"])
+    assert rows["float32"]["sqnr_db"] > 30   # float32 against the float16-computing original (Keras 3)
+
+
+def test_group_normalization_converts_with_the_batch_fixed_at_one(tmp_path, image_data):
+    """With a dynamic batch its BROADCAST_TO failed in LiteRT, in every mode and after QAT."""
+    techniques = ("float32", "int8-only", "qat-int8")
+    rows = sweep(tmp_path, zoo.save_h5(zoo.group_norm_model(), tmp_path, "gn"), image_data["labelled"],
+                 techniques)
+    for technique in techniques:
+        assert_full(rows[technique])
+        assert "group_normalization with a dynamic batch" in " ".join(details(rows[technique])["conversion_notes"])
+    assert rows["float32"]["agreement"] == 1.0
+
+
+def test_an_lstm_fed_a_mask_is_unrolled_to_calibrate(tmp_path):
+    """The mask keeps the LSTM from fusing: its WHILE loop crashed int8 calibration (segfault)."""
+    x, y = zoo.padded_tokens(200)
+    data = zoo.save_dataset(tmp_path, "padded", *zoo.padded_tokens(80, seed=3), x_train=x, y_train=y)
+    rows = sweep(tmp_path, zoo.save_h5(zoo.masked_lstm_model(), tmp_path, "masked"), data,
+                 ("float32", "int8-only"))
+    assert_full(rows["float32"])
+    assert_full(rows["int8-only"])
+    assert rows["float32"]["agreement"] == 1.0
+    assert "unrolled over 10 time steps for int8-only" in " ".join(details(rows["int8-only"])["conversion_notes"])
+
+
+def test_a_transposed_conv1d_runs_in_16x8_with_the_batch_fixed_at_one(tmp_path):
+    """With a dynamic batch, int16x8's first invoke aborted the worker (SIGABRT): no row, no reason."""
+    k = zoo.keras2()
+    model = k.Sequential([k.Input(zoo.SEQ_SHAPE), k.layers.Conv1DTranspose(8, 3, strides=2, padding="same"),
+                          k.layers.GlobalAveragePooling1D(), k.layers.Dense(zoo.CLASSES)])
+    data = zoo.save_dataset(tmp_path, "seq", *zoo.sequences(80, seed=3))
+    rows = sweep(tmp_path, zoo.save_h5(model, tmp_path, "c1t"), data, ("float32", "int16x8"))
+    for technique in ("float32", "int16x8"):
+        assert_full(rows[technique])
+    assert "conv1d_transpose with a dynamic batch" in " ".join(details(rows["int16x8"])["conversion_notes"])
+
+
+def test_a_layer_tflite_has_no_kernel_for_says_no_mode_helps(tmp_path):
+    """CategoryEncoding becomes tf.DenseBincount, which no TFLite mode has: the row told the user to
+    try dynamic or float16, which fail the same way."""
+    k = zoo.keras2()
+    model = k.Sequential([k.Input((4,), dtype="int32"), k.layers.CategoryEncoding(10, output_mode="multi_hot"),
+                          k.layers.Dense(zoo.CLASSES)])
+    x = np.random.default_rng(0).integers(0, 10, (40, 4)).astype(np.int32)
+    data = zoo.save_dataset(tmp_path, "ids", x, x[:, 0] % zoo.CLASSES)
+    rows = sweep(tmp_path, zoo.save_h5(model, tmp_path, "bincount"), data, ("float32", "dynamic"))
+    for technique in ("float32", "dynamic"):
+        assert rows[technique]["error"] == (
+            f"{technique}: the TFLite converter failed on op tf.DenseBincount: TensorFlow Lite has no kernel "
+            "for it in any mode; do that step outside the model (e.g. in your preprocessing) or replace the "
+            "layer that makes it")
+
+
+def test_a_conv_lstm_converts_without_calibration_and_the_calibrated_modes_say_why_not(tmp_path):
+    k = zoo.keras2()
+    model = k.Sequential([k.Input((4, 8, 8, 1)), k.layers.ConvLSTM2D(4, 3), k.layers.Flatten(),
+                          k.layers.Dense(zoo.CLASSES)])
+    x = np.random.default_rng(0).random((40, 4, 8, 8, 1)).astype(np.float32)
+    data = zoo.save_dataset(tmp_path, "clips", x, np.arange(40) % zoo.CLASSES)
+    rows = sweep(tmp_path, zoo.save_h5(model, tmp_path, "clstm"), data, ("float32", "dynamic", "int8-only"))
+    for technique in ("float32", "dynamic"):
+        assert_full(rows[technique])
+    assert "'conv_lstm2d' (ConvLSTM2D) cannot be calibrated" in rows["int8-only"]["error"]
+    assert details(rows["int8-only"]) == {"error_kind": "refused", "before_work": True}

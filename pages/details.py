@@ -10,11 +10,11 @@ from quantlab.errors import QuantLabError
 from quantlab.analysis import NO_LABELS_NOTE
 from quantlab.ui_state import (MISSING, AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
                                extra_details, float_kernels_summary, float_ops_summary, format_bytes,
-                               has_no_labels,
-                               interval_text, is_fine_tuned, latency_histogram, latency_sample_note,
-                               latency_shape, latency_summary, number_text, ops_table, provenance_table,
-                               quantizer_report, reference_lines, row_frame, row_label, tensor_table,
-                               uncertainty_lines, weight_granularity_summary)
+                               has_no_labels, interval_text, is_fine_tuned, latency_histogram,
+                               latency_sample_note, latency_shape, latency_summary, model_notes,
+                               number_text, ops_table, provenance_table, quantizer_report,
+                               reference_lines, row_frame, row_label, tensor_table, uncertainty_lines,
+                               weight_granularity_summary)
 from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
 from ui.entry import run_through_app
@@ -60,6 +60,8 @@ def headline(row):
                + f"; recorded {row['recorded_at']}" + ("; reused from the cache" if row["cached"] else ""))
     if row.get("error"):
         st.error(f"This variant failed: {row['error']}", icon=":material/error:")
+    for note in model_notes(row):
+        st.caption(f"Model: {note}")
 
 
 def key_numbers(row):

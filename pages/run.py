@@ -242,6 +242,8 @@ def draw_sweep(snapshot):
         box.progress(snapshot.fraction, text=snapshot.progress_text())
     if snapshot.message and not snapshot.preparing:
         box.caption(snapshot.message)
+    for note in snapshot.model_notes:
+        box.caption(f"Model: {note}")
     for variant in snapshot.variants:
         box.markdown(f"{VARIANT_ICONS.get(variant.state, '')} **{variant.label}**: "
                      f"{variant.message or variant.state}")

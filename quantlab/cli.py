@@ -172,7 +172,9 @@ def _format_progress(event: dict) -> str | None:
             return f"  {where}: {_describe_training_step(event)}"
         return f"  {where}: {event.get('message', event.get('stage', ''))}"
     if kind == "sweep-start":
-        return f"sweep {event['sweep_id']}: {event['total']} variants"
+        notes = (event.get("manifest") or {}).get("notes") or []
+        return "\n".join([f"sweep {event['sweep_id']}: {event['total']} variants",
+                          *(f"  note: {note}" for note in notes)])
     if kind == "prepare":
         return event["message"]
     return None

@@ -86,6 +86,7 @@ class SweepSnapshot:
     finished_at: float | None
     prepare_started_at: float | None = None   # the first "prepare" event (model, dataset)
     prepared_at: float | None = None          # "sweep-start": preparation over, variants begin
+    model_notes: tuple[str, ...] = ()         # what preparing the model did to it, in words
 
     @property
     def finished(self) -> bool:
@@ -172,6 +173,7 @@ class SweepHandle:
         self.finished_at: float | None = None
         self.prepare_started_at: float | None = None
         self.prepared_at: float | None = None
+        self.model_notes: tuple[str, ...] = ()
         self.queue_position: int | None = None
         self.variants = [VariantProgress(t.id, dict(t.params), variant_label(t.id, t.params)) for t in spec.techniques]
 
@@ -198,7 +200,8 @@ class SweepHandle:
                 cached=sum(1 for r in rows if r.get("cached") and not r.get("error")),
                 queue_position=self.queue_position, variants=variants, rows=rows,
                 created_at=self.created_at, started_at=self.started_at, finished_at=self.finished_at,
-                prepare_started_at=self.prepare_started_at, prepared_at=self.prepared_at)
+                prepare_started_at=self.prepare_started_at, prepared_at=self.prepared_at,
+                model_notes=self.model_notes)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the sweep has finished (or `timeout` seconds); True if it has."""
@@ -239,6 +242,7 @@ class SweepHandle:
             self.prepare_started_at = self.prepare_started_at or time.time()
         elif kind == "sweep-start":
             self.prepared_at = time.time()
+            self.model_notes = tuple((event.get("manifest") or {}).get("notes") or ())
             self.sweep_id = event.get("sweep_id")
             self.total = int(event.get("total", self.total))
             self.message = ""

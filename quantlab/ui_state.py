@@ -811,6 +811,11 @@ def latency_histogram(samples: Sequence[float], row: Mapping[str, Any] | None = 
     return figure
 
 
+def model_notes(row: Mapping[str, Any]) -> list[str]:
+    """What preparing the model did to it (a Keras 3 rebuild, mixed precision run as float32, ...)."""
+    return [str(note) for note in _as_dict(row.get("provenance")).get("model_notes") or []]
+
+
 def provenance_table(row: Mapping[str, Any]) -> Any:
     """Where the numbers come from: versions, hashes, CPU, threads and times, as field/value lines."""
     import pandas as pd
@@ -840,7 +845,7 @@ def provenance_table(row: Mapping[str, Any]) -> Any:
     for library, version in sorted(_as_dict(provenance.get("versions")).items()):
         add(f"version: {library}", str(version))
     shown = {"result_key", "model_hash", "dataset_hash", "engine_version", "technique", "cpu_model",
-             "cpu_count", "num_threads", "python", "platform", "versions"}
+             "cpu_count", "num_threads", "python", "platform", "versions", "model_notes"}
     for key, value in sorted(provenance.items()):
         if key not in shown:
             add(key.replace("_", " "), value)

@@ -649,3 +649,14 @@ def test_details_shows_intervals_the_busy_cpu_the_two_speeds_and_the_baseline_te
     warnings = texts(at.warning)
     assert "Other processes used 80% of the CPU" in warnings and "tick \"Measure again\" on the Run page" in warnings
     assert "bimodal: 60% of runs near 0.1 ms and 40% near 0.15 ms" in warnings
+
+
+def test_details_say_what_preparing_the_model_did_and_the_provenance_table_does_not_repeat_it(env):
+    note = "mixed precision (mixed_float16 in 3 of 4 layers): measured, converted and fine-tuned as float32"
+    add_row(env, provenance={"cpu_model": "Test CPU", "num_threads": 1, "engine_version": "3",
+                             "model_notes": [note]})
+    at = run_app(page="details")
+    assert not at.exception
+    assert f"Model: {note}" in texts(at.caption)
+    table = next(frame.value for frame in at.dataframe if "field" in frame.value)
+    assert "model notes" not in set(table["field"])

@@ -276,3 +276,15 @@ def test_each_training_progress_line_says_how_far_the_epoch_is():
     assert len(set(lines)) == 3
     assert lines[0] == "  pqat-int8: fine-tune (part 1 of 2) epoch 1/2, step 3/7, loss 1.2500"
     assert _format_progress({**events[0], "loss": float("nan")}).endswith("step 3/7")
+
+
+def test_what_preparing_the_model_did_is_printed_when_the_sweep_starts():
+    """The notes (a Keras 3 rebuild, a mixed-precision model run as float32, no labels) reached the
+    manifest but no screen."""
+    from quantlab.cli import _format_progress
+
+    event = {"type": "sweep-start", "sweep_id": "s1", "total": 2,
+             "manifest": {"notes": ["mixed precision (mixed_float16 in 3 of 4 layers): as float32"]}}
+    assert _format_progress(event).splitlines() == [
+        "sweep s1: 2 variants", "  note: mixed precision (mixed_float16 in 3 of 4 layers): as float32"]
+    assert _format_progress({**event, "manifest": {"notes": []}}) == "sweep s1: 2 variants"

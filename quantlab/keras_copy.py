@@ -38,10 +38,16 @@ def clone_with_weights(keras: Any, model: Any, clone_function: Callable[[Any], A
     return copy
 
 
-def reduced_precision_layers(model: Any) -> list[str]:
-    """Names of the layers that compute in float16 or bfloat16 (a mixed-precision policy)."""
-    return [layer.name for layer in model.layers
-            if str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16")]
+def reduced_precision_layers(model: Any) -> list[tuple[str, str]]:
+    """(name, dtype policy) of each layer, nested models' layers included, that computes in float16
+    or bfloat16 (a mixed-precision policy)."""
+    found = []
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            found.extend(reduced_precision_layers(layer))
+        elif str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16"):
+            found.append((layer.name, str(layer.dtype_policy.name)))
+    return found
 
 
 def float32_copy(keras: Any, model: Any) -> Any:
@@ -53,6 +59,8 @@ def float32_copy(keras: Any, model: Any) -> Any:
     The float32 copy computes what the converter's float32 model computes.
     """
     def as_float32(layer: Any) -> Any:
+        if isinstance(layer, keras.Model):   # a backbone inside a classifier
+            return float32_copy(keras, layer)
         config = layer.get_config()
         if "dtype" in config and not isinstance(layer, keras.layers.InputLayer):
             config["dtype"] = "float32"

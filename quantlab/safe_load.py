@@ -1045,9 +1045,9 @@ def _computing_in_float32(tf_keras: Any, model: Any) -> tuple[Any, tuple[str, ..
     reduced = reduced_precision_layers(model)
     if not reduced:
         return model, ()
-    policy = str(model.get_layer(reduced[0]).dtype_policy.name)
+    policies = sorted({policy for _, policy in reduced})
     return float32_copy(tf_keras, model), (
-        f"mixed precision ({policy} in {len(reduced)} of {len(model.layers)} layers): measured, "
+        f"mixed precision ({', '.join(policies)} in {len(reduced)} layers): measured, "
         "converted and fine-tuned as float32 with the same weights (the TFLite converter cannot "
         "lower the 16-bit casts; its float32 model computes in float32 anyway)",)
 

@@ -58,10 +58,26 @@ def test_a_model_without_nested_models_comes_back_as_it_is():
 
 def test_a_mixed_precision_model_gets_a_float32_copy_with_the_same_weights(samples):
     model = zoo.mixed_precision_model()
-    assert reduced_precision_layers(model) == [model.layers[0].name, model.layers[1].name]
+    assert reduced_precision_layers(model) == [(model.layers[0].name, "mixed_float16"),
+                                               (model.layers[1].name, "mixed_float16")]
     copy = float32_copy(keras, model)
     assert reduced_precision_layers(copy) == []
     for original, copied in zip(model.get_weights(), copy.get_weights()):
         np.testing.assert_array_equal(original, copied)
     # float16 activations against float32 ones: close, not equal
+    np.testing.assert_allclose(copy(samples), np.asarray(model(samples), np.float32), atol=1e-2)
+
+
+def test_a_mixed_precision_backbone_inside_a_classifier_is_copied_to_float32_too(samples):
+    """The float32 copy of the top-level layers alone left the backbone in float16: every conversion
+    failed as before."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = zoo.transfer_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    inner = {name for name, _ in reduced_precision_layers(model.get_layer("backbone"))}
+    assert inner and inner <= {name for name, _ in reduced_precision_layers(model)}
+    copy = float32_copy(keras, model)
+    assert reduced_precision_layers(copy) == []
     np.testing.assert_allclose(copy(samples), np.asarray(model(samples), np.float32), atol=1e-2)

@@ -41,8 +41,9 @@ def refusal(technique: Technique | str, manifest: dict) -> str | None:
         if reason := conv_recurrent_refusal(_recurrent(manifest), "int8-fallback", technique.id):
             return reason
         for layer in _recurrent(manifest):
-            if layer.get("class") in UNROLLED_CLASSES:
-                return (f"{technique.id}: layer {layer['layer']!r} ({layer['class']}) cannot be "
+            if layer.get("class") in UNROLLED_CLASSES or layer.get("masked"):   # a loop, not one op
+                fed = ", fed a mask" if layer.get("masked") else ""
+                return (f"{technique.id}: layer {layer['layer']!r} ({layer['class']}{fed}) cannot be "
                         f"calibrated by the LiteRT Quantizer 0.11 (its XNNPACK calibration leaves a "
                         f"tensor of the unrolled cell unallocated: \"Tensor data is null\"); use "
                         f"int8-fallback or int8-only, or lq-int4-dynamic / a weight-only lq technique")

@@ -187,9 +187,10 @@ def _layer_list(kind: str, model_path: str) -> list[dict[str, str]]:
     from .keras_convert import recurrent_layers
 
     model = _load_keras(model_path)
-    cells = {layer["layer"]: layer["cell"] for layer in recurrent_layers(model)}
+    recurrent = {layer["layer"]: layer for layer in recurrent_layers(model)}
     return [{"layer": layer.name, "class": type(layer).__name__,
-             **({"cell": cells[layer.name]} if layer.name in cells else {})} for layer in model.layers]
+             **({key: recurrent[layer.name][key] for key in ("cell", "masked") if key in recurrent[layer.name]}
+                if layer.name in recurrent else {})} for layer in model.layers]
 
 
 def _tflite_input_dtype(model_path: Path) -> str | None:

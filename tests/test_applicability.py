@@ -33,6 +33,14 @@ def test_the_quantizers_calibrated_recipes_are_refused_on_a_gru_and_kept_on_an_l
         assert refusal(technique, gru) is None
 
 
+def test_the_quantizers_calibrated_recipes_are_refused_on_an_lstm_fed_a_mask():
+    """A mask keeps the LSTM from fusing: the quantizer failed on it after the work, as on a GRU."""
+    masked = {**LSTM_MANIFEST, "layers": [{"layer": "lstm", "class": "LSTM", "cell": "LSTM", "masked": True}]}
+    for technique in ("lq-w8a8", "lq-w8a16", "lq-w4a8"):
+        assert refusal(technique, masked).startswith(f"{technique}: layer 'lstm' (LSTM, fed a mask) cannot be")
+    assert refusal("lq-int8-weight-only", masked) is None
+
+
 def test_every_calibrated_mode_is_refused_on_a_conv_lstm_naming_it():
     """Keras cannot unroll a ConvLSTM2D ("Unrolling is not possible with convolutional RNNs", a bare
     TypeError in the row) and calibrating its loop crashed the converter (segmentation fault)."""

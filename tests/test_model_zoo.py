@@ -377,10 +377,12 @@ def test_an_lstm_fed_a_mask_is_unrolled_to_calibrate(tmp_path):
     x, y = zoo.padded_tokens(200)
     data = zoo.save_dataset(tmp_path, "padded", *zoo.padded_tokens(80, seed=3), x_train=x, y_train=y)
     rows = sweep(tmp_path, zoo.save_h5(zoo.masked_lstm_model(), tmp_path, "masked"), data,
-                 ("float32", "int8-only"))
+                 ("float32", "int8-only", "lq-w8a8"))
     assert_full(rows["float32"])
     assert_full(rows["int8-only"])
     assert rows["float32"]["agreement"] == 1.0
+    assert "'lstm' (LSTM, fed a mask) cannot be calibrated" in rows["lq-w8a8"]["error"]
+    assert details(rows["lq-w8a8"]) == {"error_kind": "refused", "before_work": True}
     assert "unrolled over 10 time steps for int8-only" in " ".join(details(rows["int8-only"])["conversion_notes"])
 
 

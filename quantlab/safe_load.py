@@ -1038,8 +1038,11 @@ def _load_tf_keras(path: Path, source: str, version: str | None, **kwargs: Any) 
                        keras_version=version, inputs=inputs, outputs=outputs, notes=notes)
 
 
-def _computing_in_float32(tf_keras: Any, model: Any) -> tuple[Any, tuple[str, ...]]:
-    """A mixed-precision model as its float32 copy (same weights), and the note saying so."""
+def _computing_in_float32(tf_keras: Any, model: Any,
+                          baseline: str = "the baseline measures that copy too"
+                          ) -> tuple[Any, tuple[str, ...]]:
+    """A mixed-precision model as its float32 copy (same weights), and the note saying so (and
+    what the baseline row measures)."""
     from quantlab.keras_copy import float32_copy, reduced_precision_layers
 
     reduced = reduced_precision_layers(model)
@@ -1047,9 +1050,9 @@ def _computing_in_float32(tf_keras: Any, model: Any) -> tuple[Any, tuple[str, ..
         return model, ()
     policies = sorted({policy for _, policy in reduced})
     return float32_copy(tf_keras, model), (
-        f"mixed precision ({', '.join(policies)} in {len(reduced)} layers): measured, "
-        "converted and fine-tuned as float32 with the same weights (the TFLite converter cannot "
-        "lower the 16-bit casts; its float32 model computes in float32 anyway)",)
+        f"mixed precision ({', '.join(policies)} in {len(reduced)} layers): converted and "
+        f"fine-tuned as float32 with the same weights (the TFLite converter cannot lower the 16-bit "
+        f"casts); {baseline}",)
 
 
 def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) -> LoadedModel:
@@ -1073,7 +1076,9 @@ def _load_keras3(path: Path, source: str, version: str | None, workdir: Path) ->
     except QuantLabError as refusal:
         why = str(refusal)
     else:
-        tf_keras_model, float32_notes = _computing_in_float32(import_tensorflow()[1], rebuilt.model)
+        tf_keras_model, float32_notes = _computing_in_float32(
+            import_tensorflow()[1], rebuilt.model,
+            baseline="the baseline and the float reference run the uploaded file in mixed precision")
         inputs, outputs = model_io(tf_keras_model, source)
         return LoadedModel(
             "tf_keras", source, input_shape, num_classes, keras_model=tf_keras_model,

@@ -652,7 +652,7 @@ def test_details_shows_intervals_the_busy_cpu_the_two_speeds_and_the_baseline_te
 
 
 def test_details_say_what_preparing_the_model_did_and_the_provenance_table_does_not_repeat_it(env):
-    note = "mixed precision (mixed_float16 in 3 of 4 layers): measured, converted and fine-tuned as float32"
+    note = "mixed precision (mixed_float16 in 3 layers): converted and fine-tuned as float32"
     add_row(env, provenance={"cpu_model": "Test CPU", "num_threads": 1, "engine_version": "3",
                              "model_notes": [note]})
     at = run_app(page="details")

@@ -179,7 +179,7 @@ frame = everything[everything["error"].isna()]
 failed = everything[everything["error"].notna()]
 
 # --- the answer ----------------------------------------------------------------------------------
-spot = analysis.sweet_spot(frame, budget or None, drop, objective, quality.metric)
+spot = analysis.sweet_spot(everything, budget or None, drop, objective, quality.metric)  # picks among successes
 if spot.found:
     tie = spot.tie_note()
     st.success(f"**{spot.headline()}**" + (f"\n\n{tie}" if tie else ""), icon=":material/verified:")

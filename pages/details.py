@@ -8,13 +8,13 @@ from quantlab.charts import quantizer_validation_figure
 from quantlab.techniques import get_technique
 from quantlab.errors import QuantLabError
 from quantlab.analysis import NO_LABELS_NOTE
-from quantlab.ui_state import (MISSING, AppSettings, busy_cpu_warning, declared_params, downloadable_artifact,
-                               extra_details, float_kernels_summary, float_ops_summary, format_bytes,
-                               has_no_labels, interval_text, is_fine_tuned, latency_histogram,
-                               latency_sample_note, latency_shape, latency_summary, model_notes,
-                               number_text, ops_table, provenance_table, quantizer_report,
-                               reference_lines, row_frame, row_label, tensor_table, uncertainty_lines,
-                               weight_granularity_summary)
+from quantlab.ui_state import (MISSING, AppSettings, busy_cpu_warning, declared_params,
+                               downloadable_artifact, error_text, extra_details, float_kernels_summary,
+                               float_ops_summary, format_bytes, has_no_labels, interval_text, is_fine_tuned,
+                               latency_histogram, latency_sample_note, latency_shape, latency_summary,
+                               preparation_notes, number_text, ops_table, provenance_table,
+                               quantizer_report, reference_lines, row_frame, row_label, tensor_table,
+                               uncertainty_lines, weight_granularity_summary)
 from ui import store_reads
 from ui.share import share_controls, sync_view, update_view, write_view
 from ui.entry import run_through_app
@@ -60,8 +60,8 @@ def headline(row):
                + f"; recorded {row['recorded_at']}" + ("; reused from the cache" if row["cached"] else ""))
     if row.get("error"):
         st.error(f"This variant failed: {row['error']}", icon=":material/error:")
-    for note in model_notes(row):
-        st.caption(f"Model: {note}")
+    for note in preparation_notes(row):
+        st.caption(note)
 
 
 def key_numbers(row):
@@ -192,8 +192,9 @@ else:
     headline(record)
     key_numbers(record)
     download(record)
-    tensors_and_ops(record)
-    latency(record)
+    if not error_text(record):  # a failed variant has no file, ops or timings to show
+        tensors_and_ops(record)
+        latency(record)
     fine_tuning(record)
     litert_quantizer(record)
     provenance(record)

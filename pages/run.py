@@ -11,7 +11,7 @@ from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
                                estimate_sweep, NO_LABELS_UPLOAD, dataset_facts, dataset_fit_error,
-                               file_stamp, is_keras3_file, keras3_note, make_sweep_spec, model_kind_of,
+                               failure_text, file_stamp, is_keras3_file, keras3_note, make_sweep_spec, model_kind_of,
                                model_output_names, param_input, results_table,
                                RECENT_SWEEPS, interrupted_notes, save_upload, stored_name,
                                stored_sweeps_table, technique_groups, technique_tags,
@@ -242,11 +242,11 @@ def draw_sweep(snapshot):
         box.progress(snapshot.fraction, text=snapshot.progress_text())
     if snapshot.message and not snapshot.preparing:
         box.caption(snapshot.message)
-    for note in snapshot.model_notes:
-        box.caption(f"Model: {note}")
     for variant in snapshot.variants:
         box.markdown(f"{VARIANT_ICONS.get(variant.state, '')} **{variant.label}**: "
                      f"{variant.message or variant.state}")
+    for note in snapshot.model_notes:  # outside the box, which collapses when the sweep ends
+        st.caption(f"Model: {note}")
     if snapshot.status == "failed":
         st.error(f"The sweep failed: {snapshot.error}", icon=":material/error:")
     if snapshot.rows:
@@ -259,7 +259,7 @@ def draw_sweep(snapshot):
             "row": st.column_config.LinkColumn("details", display_text="open", help="Variant details")})
     for row in snapshot.rows:
         if row.get("error"):
-            st.error(f"{row['technique']} failed: {row['error']}", icon=":material/error:")
+            st.error(failure_text(row), icon=":material/error:")
 
 
 def show_sweep(handle):

@@ -354,7 +354,11 @@ def sweet_spot(frame: pd.DataFrame, latency_budget_ms: float | None,
     spot = {"objective": objective, "metric": metric}
     if frame is None or frame.empty:
         return SweetSpot(None, "nothing is measured for this selection yet; run a sweep first", **spot)
-    usable = frame[(frame["technique"] != BASELINE_TECHNIQUE) & frame["error"].isna()]
+    tflite = frame[frame["technique"] != BASELINE_TECHNIQUE]
+    usable = tflite[tflite["error"].isna()]
+    if usable.empty and not tflite.empty:
+        return SweetSpot(None, f"every TFLite variant here failed ({len(tflite)}); their errors are "
+                               f"under \"variants failed\" below", **spot)
     if usable.empty:
         return SweetSpot(None, "only the Keras baseline is measured here; run some TFLite "
                                "techniques", **spot)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .keras_convert import CALIBRATED_MODES, RECURRENT_CLASSES, conv_recurrent_refusal
+from .keras_convert import (CALIBRATED_MODES, CONV_RECURRENT_CLASSES, RECURRENT_CLASSES,
+                             conv_recurrent_refusal)
 from .techniques import Technique, get_technique
 
 _KIND_WORDS = {"keras": "a tf_keras model", "savedmodel": "a SavedModel (or a Keras 3 model "
@@ -66,9 +67,11 @@ def refusal(technique: Technique | str, manifest: dict) -> str | None:
                 f"and y_train to the .npz")
     if technique.id in QAT_TECHNIQUES:
         for layer in _recurrent(manifest):
+            instead = ("dynamic or float16" if layer.get("class") in CONV_RECURRENT_CLASSES  # no calibration
+                       else "int8-fallback, dynamic")
             return (f"{technique.id}: layer {layer['layer']!r} ({layer['class']}) has no "
                     f"quantization-aware training in tensorflow-model-optimization 0.8.1; use "
-                    f"int8-fallback, dynamic, or prune / cluster for this model")
+                    f"{instead}, or prune / cluster for this model")
     return None
 
 

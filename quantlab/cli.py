@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from .cache import DEFAULT_CACHE_DIR, ArtifactCache
 from .config import MeasureSettings, SweepSpec, TrainSettings
-from .errors import QuantLabError
+from .errors import QuantLabError, without_technique
 from .store import DEFAULT_DB_PATH, Store
 from .techniques import variant_label
 
@@ -160,7 +160,7 @@ def _format_progress(event: dict) -> str | None:
         row = event["row"]
         head = f"[{event['done']}/{event['total']}] {variant_label(row['technique'], row.get('params'))}"
         if row.get("error"):
-            return f"{head}: failed: {row['error']}"
+            return f"{head}: failed: {without_technique(row['technique'], row['error'])}"
         parts = [f"{row['model_bytes']:,} bytes" if row.get("model_bytes") is not None else "size not measured",
                  _describe_quality(row)]
         if row.get("latency_p50_ms") is not None:

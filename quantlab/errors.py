@@ -9,6 +9,12 @@ def first_line(text: Any, limit: int = 400) -> str:
     return (lines[0] if lines else "")[:limit]
 
 
+def without_technique(technique: str, error: str) -> str:
+    """The error without its leading "<technique>: ", where a line already names the technique."""
+    prefix = f"{technique}: "
+    return error[len(prefix):] if error.startswith(prefix) else error
+
+
 class QuantLabError(Exception):
     """A problem with the user's input or environment; shown as one line, never as a traceback."""
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .analysis import MISSING, NO_LABELS, quality_metric
 from .cache import DEFAULT_CACHE_DIR, ArtifactCache
 from .config import MeasureSettings, SweepSpec, TechniqueSpec, TrainSettings
-from .errors import QuantLabError
+from .errors import QuantLabError, without_technique
 from .pool import PoolLimits
 from .runner import SweepOptions, ray_address_from_env
 from .store import DEFAULT_DB_PATH, Store
@@ -811,9 +811,21 @@ def latency_histogram(samples: Sequence[float], row: Mapping[str, Any] | None = 
     return figure
 
 
-def model_notes(row: Mapping[str, Any]) -> list[str]:
-    """What preparing the model did to it (a Keras 3 rebuild, mixed precision run as float32, ...)."""
-    return [str(note) for note in _as_dict(row.get("provenance")).get("model_notes") or []]
+def preparation_notes(row: Mapping[str, Any]) -> list[str]:
+    """What QuantLab did to the model on the way to this row, each line naming its step: preparing
+    it (a Keras 3 rebuild, a float32 copy of a mixed-precision model), fine-tuning it (a backbone
+    inlined) and converting it (batch fixed at 1, recurrent layers unrolled)."""
+    details = _as_dict(row.get("details"))
+    fine_tune = _as_dict(details.get("fine_tune"))
+    return ([f"Model: {note}" for note in _as_dict(row.get("provenance")).get("model_notes") or []]
+            + [f"Fine-tuning: {note}" for note in fine_tune.get("inlined") or []]
+            + [f"Conversion: {note}" for note in details.get("conversion_notes") or []])
+
+
+def failure_text(row: Mapping[str, Any]) -> str:
+    """"<technique> failed: <error>", without naming the technique twice (most errors start with it)."""
+    technique = str(row.get("technique"))
+    return f"{technique} failed: {without_technique(technique, str(row.get('error')))}"
 
 
 def provenance_table(row: Mapping[str, Any]) -> Any:
@@ -853,7 +865,8 @@ def provenance_table(row: Mapping[str, Any]) -> Any:
 
 
 STANDARD_DETAIL_KEYS = ("inspection", "latency_samples_ms", "split_sizes", "conversion", "keras_layers",
-                        "labels", "label_note", "predictions", "latency_others_cpu_share")
+                        "labels", "label_note", "predictions", "latency_others_cpu_share",
+                        "error_kind", "before_work")  # the last two: how a failed row failed
 QUANTIZER_DETAIL_KEYS = ("recipe", "recipe_notes", "quantizer_version", "op_coverage", "tensor_types",
                          "validation", "calibrated", "ranges", "float32_bytes", "warning")
 
@@ -976,7 +989,7 @@ def uncertainty_lines(row: Mapping[str, Any]) -> list[str]:
     if latency:
         lines.append(f"p50 latency {float(row['latency_p50_ms']):.4f} ms, {latency} "
                      f"(bootstrap of the timed runs).")
-    if not lines:
+    if not lines and not error_text(row):  # a failed variant has no numbers to bound
         lines.append("No intervals recorded for this row (it was stored before QuantLab kept them; "
                      "run the sweep again to measure it with intervals).")
     return lines

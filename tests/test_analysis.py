@@ -269,6 +269,14 @@ def test_none_fits_without_rows_or_reference(frame, tmp_path):
     assert "no baseline or float32 row" in analysis.sweet_spot(no_ref, None, 1.0).reason
 
 
+def test_none_fits_when_every_tflite_variant_failed_says_so(frame):
+    """It said "only the Keras baseline is measured here; run some TFLite techniques" after three
+    had been run and failed (a model with an op TFLite has no kernel for)."""
+    failed = frame.assign(error=np.where(frame.technique == "baseline", None, "no kernel"))
+    reason = analysis.sweet_spot(failed, 1, 1).reason
+    assert reason.startswith(f"every TFLite variant here failed ({(frame.technique != 'baseline').sum()})")
+
+
 # --- words, filters, specs ------------------------------------------------------------------------
 
 

@@ -651,12 +651,40 @@ def test_details_shows_intervals_the_busy_cpu_the_two_speeds_and_the_baseline_te
     assert "bimodal: 60% of runs near 0.1 ms and 40% near 0.15 ms" in warnings
 
 
-def test_details_say_what_preparing_the_model_did_and_the_provenance_table_does_not_repeat_it(env):
+def test_details_say_what_quantlab_did_to_the_model_and_the_provenance_table_does_not_repeat_it(env):
     note = "mixed precision (mixed_float16 in 3 layers): converted and fine-tuned as float32"
-    add_row(env, provenance={"cpu_model": "Test CPU", "num_threads": 1, "engine_version": "3",
-                             "model_notes": [note]})
+    add_row(env, technique="qat-int8",
+            provenance={"cpu_model": "Test CPU", "num_threads": 1, "engine_version": "3", "model_notes": [note]},
+            details={"fine_tune": {"inlined": ["nested model 'backbone' (Functional, 5 layers) inlined"]},
+                     "conversion_notes": ["converted through a concrete function with batch 1"],
+                     "latency_samples_ms": [0.1] * 50})
     at = run_app(page="details")
     assert not at.exception
-    assert f"Model: {note}" in texts(at.caption)
+    captions = texts(at.caption)
+    assert f"Model: {note}" in captions
+    assert "Fine-tuning: nested model 'backbone' (Functional, 5 layers) inlined" in captions
+    assert "Conversion: converted through a concrete function with batch 1" in captions
     table = next(frame.value for frame in at.dataframe if "field" in frame.value)
     assert "model notes" not in set(table["field"])
+
+
+def test_a_failed_variant_details_say_it_failed_and_nothing_it_never_measured(env):
+    """It said "No intervals recorded (stored before QuantLab kept them)" and "no tensor inspection:
+    a Keras model is not a .tflite file" for an int16x8 that had just failed."""
+    add_row(env, technique="int16x8", error="int16x8: the TFLite converter failed on op SQUARE",
+            details={"error_kind": "refused"}, model_bytes=None, accuracy=None, agreement=None)
+    at = run_app(page="details")
+    assert not at.exception
+    assert "This variant failed: int16x8: the TFLite converter failed on op SQUARE" in texts(at.error)
+    shown = texts(at.caption) + texts(at.markdown)
+    for said in ("No intervals recorded", "no tensor inspection recorded", "Inputs and outputs",
+                 "What the technique recorded"):
+        assert said not in shown
+
+
+def test_a_failed_variant_is_named_once_in_its_line():
+    from quantlab.ui_state import failure_text
+
+    assert failure_text({"technique": "int16x8", "error": "int16x8: no SQUARE kernel"}) == \
+        "int16x8 failed: no SQUARE kernel"
+    assert failure_text({"technique": "prune", "error": "the worker crashed"}) == "prune failed: the worker crashed"

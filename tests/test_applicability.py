@@ -51,6 +51,8 @@ def test_every_calibrated_mode_is_refused_on_a_conv_lstm_naming_it():
         assert "dynamic or float16" in reason
     for technique in ("float32", "dynamic", "float16", "lq-int8-weight-only", "prune"):
         assert refusal(technique, conv_lstm) is None
+    qat = refusal("qat-int8", conv_lstm)   # it pointed to int8-fallback, refused a line above
+    assert "use dynamic or float16, or prune / cluster" in qat and "int8-fallback" not in qat
 
 
 def test_fine_tuning_needs_labels_and_a_train_split():

@@ -327,9 +327,15 @@ for line in interrupted_notes(recent_sweeps):
     st.warning(line, icon=":material/warning:")
 
 if store_reads.count(store) == 0 and not active_sweeps():
-    st.info(f"No results yet. The default sweep is ready: **{DEFAULT_MODEL}** on **{DEFAULT_DATASET}** "
-            f"with every post-training technique. Press **Run sweep** under the model and dataset.",
-            icon=":material/rocket_launch:")
+    # the radios below are drawn after this banner: their new value is in session state already
+    if UPLOAD in (st.session_state.get(f"run_{kind}_source", form.get(f"{kind}_source"))
+                  for kind in ("model", "dataset")):   # the user's own files
+        st.info("No results yet. Upload your model and dataset below, tick the techniques, then press "
+                "**Run sweep**.", icon=":material/rocket_launch:")
+    else:
+        st.info(f"No results yet. The default sweep is ready: **{DEFAULT_MODEL}** on **{DEFAULT_DATASET}** "
+                f"with every post-training technique. Press **Run sweep** under the model and dataset.",
+                icon=":material/rocket_launch:")
 
 follow_link()
 st.subheader("1. Model and dataset")

@@ -688,3 +688,12 @@ def test_a_failed_variant_is_named_once_in_its_line():
     assert failure_text({"technique": "int16x8", "error": "int16x8: no SQUARE kernel"}) == \
         "int16x8 failed: no SQUARE kernel"
     assert failure_text({"technique": "prune", "error": "the worker crashed"}) == "prune failed: the worker crashed"
+
+
+def test_the_first_run_banner_follows_the_source_the_user_picked(env):
+    at = run_app()
+    assert "The default sweep is ready" in texts(at.info)
+    at.radio(key="run_model_source").set_value("Upload a file").run()
+    assert not at.exception
+    assert "The default sweep is ready" not in texts(at.info)   # it stayed after an upload
+    assert "Upload your model and dataset below" in texts(at.info)

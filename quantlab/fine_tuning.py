@@ -85,7 +85,11 @@ def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict)
     if len(dataset.x_train) == 0:
         raise TechniqueError(f"{technique_id} fine-tunes on a train split and the dataset has none; "
                              f"add x_train and y_train to the .npz")
-    has_labels = len(dataset.y_calib) and int(dataset.y_calib.min()) >= 0
+    # A small train split is also the calibration set (uploads.dataset_from_arrays): scoring on it
+    # would be training accuracy, so there is then no held-out validation.
+    calibration_is_train = len(dataset.x_calib) == len(dataset.x_train) and \
+        np.array_equal(dataset.x_calib, dataset.x_train)
+    has_labels = len(dataset.y_calib) and int(dataset.y_calib.min()) >= 0 and not calibration_is_train
     model, inlined = inline_nested_models(tf_keras, context.load_keras_model())
     io = manifest.get("io")
     result = TECHNIQUES[technique_id](
@@ -94,7 +98,10 @@ def fine_tuned_model(context: BuildContext, technique_id: str, fit_params: dict)
            if has_labels else {"x_val": None, "y_val": None}),
         on_progress=context.on_progress)
     stats = {**result.stats, "validation_split": "calibration" if has_labels else None,
-             **({"inlined": inlined} if inlined else {})}
+             **({"inlined": inlined} if inlined else {}),
+             **({"validation_note": "no held-out validation: the calibration set is the train split "
+                                    "(add x_calib, or 400+ train samples, to validate)"}
+                if calibration_is_train else {})}
     model_path.parent.mkdir(parents=True, exist_ok=True)
     # Sweeps that differ only in thread count share the fine-tune and may train it side by side.
     unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"

@@ -344,6 +344,9 @@ def test_a_backbone_inside_a_classifier_is_fine_tuned_layer_by_layer(tmp_path, i
         assert fine_tune["inlined"][0].startswith("nested model 'backbone'")
         optimized = {entry["layer"] for entry in fine_tune["optimized_layers"]}
         assert {"backbone_head", "head"} <= optimized, optimized   # a backbone conv and the classifier's head
+    # 200 train samples are also the calibration set: no accuracy on them passes for validation
+    assert details(rows["qat-int8"])["fine_tune"]["validation_split"] is None
+    assert "calibration set is the train split" in details(rows["qat-int8"])["fine_tune"]["validation_note"]
     sparsity = details(rows["prune"])["fine_tune"]["sparsity"]["layers"]
     assert sparsity["backbone_head"]["sparsity"] == pytest.approx(0.5, abs=0.02)
 

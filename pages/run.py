@@ -11,8 +11,8 @@ from quantlab.techniques import all_techniques, get_technique
 from quantlab.ui_state import (DEFAULT_DATASET, DEFAULT_MODEL, MISSING, NO_LABELS, AppSettings, blame_upload,
                                build_technique_specs, check_uploaded_dataset, check_uploaded_model,
                                estimate_sweep, NO_LABELS_UPLOAD, dataset_facts, dataset_fit_error,
-                               failure_text, file_stamp, is_keras3_file, keras3_note, make_sweep_spec, model_kind_of,
-                               model_output_names, param_input, results_table,
+                               failure_text, file_stamp, is_keras3_file, keras3_note, make_sweep_spec,
+                               model_kind_of, model_output_names, param_input, results_table,
                                RECENT_SWEEPS, interrupted_notes, save_upload, stored_name,
                                stored_sweeps_table, technique_groups, technique_tags,
                                unavailable_techniques, upload_refusals)

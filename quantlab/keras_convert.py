@@ -131,15 +131,10 @@ def conv_recurrent_refusal(layers: list[dict[str, str]], mode: str, technique: s
     layer of `layers`, or None."""
     for layer in layers:
         if layer.get("class") in CONV_RECURRENT_CLASSES and mode in CALIBRATED_MODES:
-            return (f"{technique or mode}: layer {layer['layer']!r} ({layer['class']}) cannot be calibrated: Keras "
-                    f"cannot unroll a convolutional RNN and calibrating its loop crashes the TFLite "
-                    f"converter; use dynamic or float16, which need no calibration")
+            return (f"{technique or mode}: layer {layer['layer']!r} ({layer['class']}) cannot be "
+                    f"calibrated: Keras cannot unroll a convolutional RNN and calibrating its loop "
+                    f"crashes the TFLite converter; use dynamic or float16, which need no calibration")
     return None
-
-
-def refuse_conv_recurrent(layers: list[dict[str, str]], mode: str) -> None:
-    if reason := conv_recurrent_refusal(layers, mode):
-        raise TechniqueError(reason)
 
 
 def _check_fixed_steps(model: Any, layers: list[dict[str, str]]) -> None:
@@ -187,7 +182,8 @@ def keras_converter(model: Any, mode: str) -> tuple[Any, list[str]]:
     notes = [f"converted through a concrete function with batch 1 ({'; '.join(why)}); the .tflite "
              f"takes one sample per invoke"]
     unroll = layers_to_unroll(model, mode)
-    refuse_conv_recurrent(unroll, mode)
+    if reason := conv_recurrent_refusal(unroll, mode):
+        raise TechniqueError(reason)
     _check_fixed_steps(model, unroll)
     if unroll:
         model = unrolled_copy(model, {layer["layer"] for layer in unroll})

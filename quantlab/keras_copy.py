@@ -41,13 +41,10 @@ def clone_with_weights(keras: Any, model: Any, clone_function: Callable[[Any], A
 def reduced_precision_layers(model: Any) -> list[tuple[str, str]]:
     """(name, dtype policy) of each layer, nested models' layers included, that computes in float16
     or bfloat16 (a mixed-precision policy)."""
-    found = []
-    for layer in model.layers:
-        if hasattr(layer, "layers"):
-            found.extend(reduced_precision_layers(layer))
-        elif str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16"):
-            found.append((layer.name, str(layer.dtype_policy.name)))
-    return found
+    from .keras_flatten import flat_layers
+
+    return [(layer.name, str(layer.dtype_policy.name)) for layer in flat_layers(model)
+            if str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16")]
 
 
 def float32_copy(keras: Any, model: Any) -> Any:

@@ -24,14 +24,15 @@ def nested_models(keras: Any, model: Any) -> list[Any]:
     return [layer for layer in model.layers if isinstance(layer, keras.Model)]
 
 
-def _leaf_layers(keras: Any, model: Any) -> list[Any]:
-    found = []
+def flat_layers(model: Any) -> list[Any]:
+    """The model's layers, with nested models replaced by their own layers (input layers left out)."""
+    layers = []
     for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found.extend(_leaf_layers(keras, layer))
-        elif not isinstance(layer, keras.layers.InputLayer):
-            found.append(layer)
-    return found
+        if hasattr(layer, "layers") and layer.__class__.__name__ in ("Functional", "Sequential", "Model"):
+            layers.extend(flat_layers(layer))
+        elif layer.__class__.__name__ != "InputLayer":
+            layers.append(layer)
+    return layers
 
 
 def _give_unique_names(keras: Any, model: Any) -> list[str]:
@@ -62,8 +63,9 @@ def _give_unique_names(keras: Any, model: Any) -> list[str]:
 def _apply(keras: Any, model: Any, inputs: list[Any], training: bool | None) -> list[Any]:
     """Call `model`'s layers on `inputs` in graph order (tf_keras's own `_run_internal_graph`),
     inlining nested models; returns the flat list of its outputs."""
-    import tensorflow as tf
+    from .tfcompat import import_tensorflow
 
+    tf, _ = import_tensorflow()
     usage = model._tensor_usage_count
     tensors: dict[str, list[Any]] = {}
     for reference, tensor in zip(model.inputs, inputs):
@@ -124,7 +126,7 @@ def inline_nested_models(keras: Any, model: Any) -> tuple[Any, list[str]]:
                          f"compute what the model computes; rebuild it flat, with those layers "
                          f"inline, and upload that")
     notes = [f"nested model {inner.name!r} ({type(inner).__name__}, "
-             f"{len(_leaf_layers(keras, inner))} layers) inlined so that its layers are fine-tuned "
+             f"{len(flat_layers(inner))} layers) inlined so that its layers are fine-tuned "
              f"too (same layers and weights)" for inner in nested]
     if renamed:
         notes.append(f"inner layers renamed to keep layer names unique: {', '.join(renamed)}")

@@ -27,6 +27,7 @@ import numpy as np
 from .cache import ArtifactCache
 from .calibrate import fake_quantize, find_ranges, quantize_rows
 from .errors import ModelError, QuantLabError
+from .keras_flatten import flat_layers
 from .workloads import Dataset
 
 Emit = Callable[[dict], None]
@@ -68,17 +69,6 @@ def load_model(manifest: dict) -> Any:
 
 def load_dataset(manifest: dict) -> Dataset:
     return Dataset.load(Path(manifest["dataset_path"]))
-
-
-def flat_layers(model: Any) -> list[Any]:
-    """The model's layers, with nested models replaced by their own layers (input layers left out)."""
-    layers = []
-    for layer in model.layers:
-        if hasattr(layer, "layers") and layer.__class__.__name__ in ("Functional", "Sequential", "Model"):
-            layers.extend(flat_layers(layer))
-        elif layer.__class__.__name__ != "InputLayer":
-            layers.append(layer)
-    return layers
 
 
 def channel_axis(layer: Any, weight: np.ndarray) -> int:

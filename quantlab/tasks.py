@@ -189,8 +189,9 @@ def _layer_list(kind: str, model_path: str) -> list[dict[str, str]]:
     model = _load_keras(model_path)
     recurrent = {layer["layer"]: layer for layer in recurrent_layers(model)}
     return [{"layer": layer.name, "class": type(layer).__name__,
-             **({key: recurrent[layer.name][key] for key in ("cell", "masked") if key in recurrent[layer.name]}
-                if layer.name in recurrent else {})} for layer in model.layers]
+             **{key: value for key, value in recurrent.get(layer.name, {}).items()
+                if key in ("cell", "masked")}}
+            for layer in model.layers]
 
 
 def _tflite_input_dtype(model_path: Path) -> str | None:
